@@ -1,0 +1,36 @@
+"""gradproj: full-parameter training in the memory of a low-rank method.
+
+Example:
+    >>> import torch, gradproj
+    >>> model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    >>> opt = gradproj.GaLoreAdamW(gradproj.param_groups(model, rank=4), lr=1e-2)
+"""
+
+from .optim import (
+    PRESETS,
+    APOLLOAdamW,
+    FiraAdamW,
+    GaLoreAdafactor,
+    GaLoreAdamW,
+    GaLoreAdamW8bit,
+    ProjectedOptimizer,
+    format_summary,
+    param_groups,
+    state_bytes,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "APOLLOAdamW",
+    "FiraAdamW",
+    "GaLoreAdafactor",
+    "GaLoreAdamW",
+    "GaLoreAdamW8bit",
+    "ProjectedOptimizer",
+    "__version__",
+    "format_summary",
+    "param_groups",
+    "state_bytes",
+]

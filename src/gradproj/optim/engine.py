@@ -1,0 +1,268 @@
+"""The projected optimizer: one ``torch.optim.Optimizer`` that composes a projector, a side,
+an update rule, a residual policy and an ``on_refresh`` policy per parameter group.
+
+A group with ``rank`` is *projected*: every ``update_proj_gap`` steps its basis is refreshed
+from the current gradient ``G``; each step the rule runs on ``R = down(G)`` and the weight moves
+by ``-step_size * combine(G, R, u)`` (see :mod:`gradproj.optim.residual`). A group without
+``rank`` runs the rule in full (Adam rules then follow torch.optim.AdamW bit for bit).
+Weight decay is decoupled and applied in full space: ``p *= 1 - lr * weight_decay``.
+
+Per-parameter state holds tensors, ints and strings only, so ``state_dict()`` loads with
+``torch.load(..., weights_only=True)`` and a loaded optimizer continues in lockstep.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+import zlib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ..projection.bases import Bases, derive_seed
+from ..projection.projectors import Layout, Projector, get_projector
+from ..projection.rotate import change_of_basis, rotate_first, rotate_second
+from ..projection.sides import low_rank_shape, project_down, resolve_side
+from ..rules import make_rule
+from .residual import combine
+from .validate import NONFINITE, _choice, check_common, check_projection
+
+#: Defaults filled into every group that has ``rank`` (and only those).
+PROJECTION_DEFAULTS: dict[str, Any] = {
+    "update_proj_gap": 200,
+    "scale": 0.25,
+    "proj_type": "std",
+    "projector": "svd",
+    "on_refresh": "keep",
+    "residual": "none",
+    "scale_type": "channel",
+    "growth_limit": 1.01,
+    "oversample": 10,
+    "power_iters": 2,
+    "seed": 0,
+}
+
+# Parameters without a name get a process-wide ordinal, so that seeds differ across
+# parameters even when each parameter has its own optimizer (layer-wise training).
+_UNNAMED_PARAMETERS = itertools.count()
+
+
+def _absent(bases: Bases) -> bool:
+    return bases[0] is None and bases[1] is None
+
+
+class ProjectedOptimizer(Optimizer):
+    """The engine behind every preset. Prefer the presets (:class:`gradproj.GaLoreAdamW`, ...).
+
+    Args:
+        params: parameters or groups; groups with ``rank`` are projected.
+        defaults: the rule's hyper-parameters (``lr``, ``betas``, ``eps``, ``weight_decay``...).
+        rule: ``"adam"``, ``"adam8bit"`` or ``"adafactor"``.
+        projection: overrides of :data:`PROJECTION_DEFAULTS` for projected groups.
+        nonfinite: ``"skip"`` (default) drops a step whose gradients contain NaN/Inf, leaving
+            every weight and state untouched, counts it in ``nonfinite_steps`` and warns;
+            ``"raise"`` raises :class:`FloatingPointError` instead, also before any change.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        defaults: dict[str, Any],
+        *,
+        rule: str,
+        projection: dict[str, Any] | None = None,
+        nonfinite: str = "skip",
+    ) -> None:
+        _choice("nonfinite", nonfinite, NONFINITE)
+        unknown = set(projection or {}) - set(PROJECTION_DEFAULTS)
+        if unknown:
+            raise TypeError(f"unknown projection option(s) {sorted(unknown)}; valid: {sorted(PROJECTION_DEFAULTS)}")
+        self.rule = make_rule(rule)
+        self.nonfinite = nonfinite
+        self.nonfinite_steps = 0
+        self._projection_defaults = {**PROJECTION_DEFAULTS, **(projection or {})}
+        self._param_keys: dict[Tensor, int] = {}
+        self._param_names: dict[Tensor, str] = {}
+        self._basis_cache: dict[Tensor, Bases] = {}
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------- groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "rank" in param_group:
+            for key, value in self._projection_defaults.items():
+                param_group.setdefault(key, value)
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        check_common(group)
+        names = group.get("param_names") or [None] * len(group["params"])
+        index = len(self.param_groups) - 1
+        for j, (p, name) in enumerate(zip(group["params"], names, strict=True)):
+            self._param_names[p] = name or f"param_groups[{index}].params[{j}]"
+            self._param_keys[p] = zlib.crc32(name.encode()) if name else (1 << 40) + next(_UNNAMED_PARAMETERS)
+        if "rank" in group:
+            check_projection(group)
+            self._check_matrices(group)
+
+    def _check_matrices(self, group: dict[str, Any]) -> None:
+        for p in group["params"]:
+            if p.dim() != 2:
+                raise ValueError(
+                    f"{self._param_names[p]} has shape {tuple(p.shape)}; a group with 'rank' takes 2-D weight "
+                    "matrices only. Put vectors, embeddings you do not want projected, conv kernels and "
+                    "3-D expert weights in a group without 'rank' (gradproj.param_groups does this for you)."
+                )
+            if group["rank"] > min(p.shape):
+                warnings.warn(
+                    f"rank={group['rank']} exceeds min{tuple(p.shape)} of {self._param_names[p]}; "
+                    f"using rank {min(p.shape)} for it",
+                    UserWarning,
+                    stacklevel=3,
+                )
+
+    def layout(self, p: Tensor, group: dict[str, Any]) -> Layout:
+        """Shape, effective rank, side, dtype and device of a projected parameter."""
+        shape = (int(p.shape[0]), int(p.shape[1]))
+        return Layout(shape, min(group["rank"], *shape), resolve_side(group["proj_type"], shape), p.dtype, p.device)
+
+    # ------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one step; returns the closure's loss if a closure was given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self._gradients_are_finite():
+            return loss
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{self._param_names[p]} has a sparse gradient, which is not supported")
+                if "rank" in group:
+                    self._step_projected(p, group)
+                else:
+                    self._step_full(p, group)
+        return loss
+
+    def _gradients_are_finite(self) -> bool:
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            return True
+        flags = torch.stack([torch.isfinite(p.grad).all().to(params[0].grad.device) for p in params])
+        if bool(flags.all()):
+            return True
+        bad = self._param_names[params[int((~flags).nonzero()[0, 0])]]
+        message = f"non-finite gradient in {bad}; the step was not applied (no weight or state changed)"
+        if self.nonfinite == "raise":
+            raise FloatingPointError(message)
+        self.nonfinite_steps += 1
+        warnings.warn(f"{message}; skipped steps so far: {self.nonfinite_steps}", RuntimeWarning, stacklevel=3)
+        return False
+
+    @staticmethod
+    def _decay(p: Tensor, group: dict[str, Any], step_size: float) -> None:
+        if group["weight_decay"] != 0:
+            lr = group["lr"] if group.get("lr") is not None else step_size
+            p.mul_(1 - lr * group["weight_decay"])
+
+    def _step_full(self, p: Tensor, group: dict[str, Any]) -> None:
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            self.rule.init_state(state, tuple(p.shape), p)
+        if group.get("lr") is not None:
+            self._decay(p, group, 0.0)
+            self.rule.apply_full(p, p.grad, state, group)
+        else:  # relative-step rules: the decay rate depends on the step size
+            u, step_size = self.rule.direction(p.grad, state, group, p)
+            self._decay(p, group, step_size)
+            p.add_(u.to(p.dtype), alpha=-step_size)
+        state["step"] += 1
+
+    def _init_projected(self, p: Tensor, group: dict[str, Any], state: dict[str, Any], layout: Layout) -> None:
+        state["step"] = 0
+        state["last_refresh"] = -1
+        state["proj_seed"] = derive_seed(group["seed"], self._param_keys[p])
+        self.rule.init_state(state, low_rank_shape(layout.shape, layout.rank, layout.side), p)
+
+    def _step_projected(self, p: Tensor, group: dict[str, Any]) -> None:
+        state = self.state[p]
+        layout = self.layout(p, group)
+        if not state:
+            self._init_projected(p, group, state, layout)
+        projector = get_projector(group["projector"])
+        grad = p.grad
+        bases = self._current_bases(p, state, layout, projector)
+        if state["step"] % group["update_proj_gap"] == 0 or _absent(bases):
+            bases = self._refresh(p, grad, group, state, layout, projector, bases)
+        low = project_down(grad, *bases)  # r x n, m x r or r x r
+        u, step_size = self.rule.direction(low, state, group, p)
+        update = combine(grad, low, u, bases, layout.side, group, state)  # m x n
+        self._decay(p, group, step_size)
+        p.add_(update, alpha=-step_size)
+        state["step"] += 1
+
+    def _current_bases(self, p: Tensor, state: dict[str, Any], layout: Layout, projector: Projector) -> Bases:
+        cached = self._basis_cache.get(p) if projector.cache else None
+        if cached is not None:
+            return cached
+        bases = projector.materialize(state, layout)
+        if projector.cache and not _absent(bases):
+            self._basis_cache[p] = bases
+        return bases
+
+    def _refresh(
+        self,
+        p: Tensor,
+        grad: Tensor,
+        group: dict[str, Any],
+        state: dict[str, Any],
+        layout: Layout,
+        projector: Projector,
+        old: Bases,
+    ) -> Bases:
+        first = state["last_refresh"] < 0
+        state["last_refresh"] = state["step"]
+        new = projector.refresh(grad, state, layout, group)
+        if projector.cache:
+            self._basis_cache[p] = new
+        if first or group["on_refresh"] == "keep":
+            return new
+        if group["on_refresh"] == "reset":
+            self.rule.reset(state)
+        else:
+            c_left, c_right = change_of_basis(old, new)
+            moments = self.rule.moments(state)
+            rotated = {"second": rotate_second(moments["second"], c_left, c_right)}
+            if "first" in moments:
+                rotated["first"] = rotate_first(moments["first"], c_left, c_right)
+            self.rule.set_moments(state, rotated)
+        return new
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict plus ``{"gradproj": {"nonfinite_steps": n}}``; plain data only."""
+        state = super().state_dict()
+        state["gradproj"] = {"nonfinite_steps": self.nonfinite_steps}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load like torch does, but keep every saved tensor's dtype (torch would cast
+        floating state to the parameter dtype, e.g. float32 quantization scales to bf16)."""
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("gradproj", {})
+        super().load_state_dict(state_dict)
+        self.nonfinite_steps = int(extra.get("nonfinite_steps", 0))
+        saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+        for saved_id, p in zip(saved_ids, params, strict=True):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if isinstance(value, Tensor):
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+        self._basis_cache.clear()

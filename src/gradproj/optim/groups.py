@@ -1,0 +1,152 @@
+"""``param_groups``: split a model's parameters into projected and full-rank groups.
+
+Example:
+    >>> import torch, gradproj
+    >>> model = torch.nn.Sequential(torch.nn.Embedding(100, 32), torch.nn.Linear(32, 64), torch.nn.Linear(64, 32))
+    >>> groups = gradproj.param_groups(model, target_modules="all-linear", rank=8)
+    >>> [len(g["params"]) for g in groups], groups[0]["rank"]
+    ([2, 3], 8)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..projection.projectors import Layout, get_projector
+from ..projection.sides import low_rank_shape, resolve_side
+from ..rules import make_rule
+from .engine import PROJECTION_DEFAULTS
+
+Target = str | Sequence[str]
+
+
+def _matches(module_name: str, target: Target) -> bool:
+    if isinstance(target, str):
+        if target == "all-linear":
+            return True
+        return re.search(target, module_name) is not None
+    return any(module_name == t or module_name.endswith("." + t) or t in module_name.split(".") for t in target)
+
+
+def _target_weights(model: nn.Module, target: Target, exclude: Sequence[str]) -> dict[str, nn.Parameter]:
+    """2-D ``weight`` of every ``nn.Linear`` whose qualified name matches ``target``."""
+    chosen: dict[str, nn.Parameter] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or not _matches(name, target):
+            continue
+        if any(re.search(pattern, name) for pattern in exclude):
+            continue
+        chosen[f"{name}.weight" if name else "weight"] = module.weight
+    return chosen
+
+
+def param_groups(
+    model: nn.Module,
+    *,
+    target_modules: Target = "all-linear",
+    rank: int = 128,
+    exclude: Sequence[str] = ("lm_head", "classifier", "score"),
+    summary: bool = False,
+    **projection: Any,
+) -> list[dict[str, Any]]:
+    """Groups for any gradproj optimizer: targeted linear weights get ``rank``, the rest is full.
+
+    Args:
+        model: the module to train (only parameters with ``requires_grad`` are included).
+        target_modules: ``"all-linear"``, a regular expression searched in module names, or a
+            list of names/suffixes (``["q_proj", "v_proj", "mlp"]``, as in Hugging Face).
+        rank: projection rank of the targeted weights (clamped per matrix by the optimizer).
+        exclude: regular expressions of module names never projected (output heads by default,
+            as in the GaLore paper).
+        summary: print where each parameter went and the bytes of Adam state each group holds.
+        **projection: any group key (``update_proj_gap``, ``scale``, ``proj_type``, ``projector``...).
+
+    Raises:
+        ValueError: if the targets match no linear layer (the message lists what exists).
+    """
+    unknown = set(projection) - set(PROJECTION_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown projection option(s) {sorted(unknown)}; valid: {sorted(PROJECTION_DEFAULTS)}")
+    targeted = {n: p for n, p in _target_weights(model, target_modules, exclude).items() if p.requires_grad}
+    if not targeted:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        raise ValueError(
+            f"target_modules={target_modules!r} matched no nn.Linear weight (excluding {list(exclude)}); "
+            f"linear modules in this model: {linears[:20]}{' ...' if len(linears) > 20 else ''}"
+        )
+    ids = {id(p) for p in targeted.values()}
+    rest = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in ids]
+    groups: list[dict[str, Any]] = [
+        {"params": list(targeted.values()), "param_names": list(targeted), "rank": rank, **projection},
+    ]
+    if rest:
+        groups.append({"params": [p for _, p in rest], "param_names": [n for n, _ in rest]})
+    if summary:
+        print(format_summary(groups))
+    return groups
+
+
+@dataclass(frozen=True)
+class GroupReport:
+    """Counts, shapes and state bytes of one group."""
+
+    projected: bool
+    count: int
+    numel: int
+    state_bytes: int
+    shapes: tuple[tuple[int, ...], ...]
+
+
+def state_bytes(p: torch.Tensor, group: dict[str, Any], rule: str = "adam") -> int:
+    """Exact bytes of optimizer state ``p`` will hold under ``rule`` in ``group``.
+
+    Counts moment tensors, basis tensors or indices, and the growth limiter's scalar; plain
+    ints are not counted. Matches the tensors a real optimizer allocates (tested).
+    """
+    update_rule = make_rule(rule)
+    if "rank" not in group:
+        return update_rule.state_bytes(tuple(p.shape), p.dtype)
+    options = {**PROJECTION_DEFAULTS, **group}
+    shape = (int(p.shape[0]), int(p.shape[1]))
+    side = resolve_side(options["proj_type"], shape)
+    layout = Layout(shape, min(options["rank"], *shape), side, p.dtype, p.device)
+    floats, ints = get_projector(options["projector"]).state_numel(layout)
+    limiter = 4 if options["residual"] in ("fira", "apollo") else 0
+    return (
+        update_rule.state_bytes(low_rank_shape(shape, layout.rank, side), p.dtype)
+        + floats * p.element_size()
+        + ints * 8
+        + limiter
+    )
+
+
+def summarize(groups: list[dict[str, Any]], rule: str = "adam") -> list[GroupReport]:
+    """One :class:`GroupReport` per group."""
+    return [
+        GroupReport(
+            projected="rank" in g,
+            count=len(g["params"]),
+            numel=sum(p.numel() for p in g["params"]),
+            state_bytes=sum(state_bytes(p, g, rule) for p in g["params"]),
+            shapes=tuple(sorted({tuple(p.shape) for p in g["params"]})),
+        )
+        for g in groups
+    ]
+
+
+def format_summary(groups: list[dict[str, Any]], rule: str = "adam") -> str:
+    """A short table of what went where and the optimizer state each group will hold."""
+    lines = ["group  kind        params  elements      state (MiB)  shapes"]
+    for i, report in enumerate(summarize(groups, rule)):
+        kind = f"rank {groups[i]['rank']}" if report.projected else "full"
+        shapes = ", ".join("x".join(map(str, s)) for s in report.shapes[:4])
+        lines.append(
+            f"{i:<6} {kind:<11} {report.count:>6}  {report.numel:>12,}  {report.state_bytes / 2**20:>11.2f}  {shapes}"
+        )
+    return "\n".join(lines)

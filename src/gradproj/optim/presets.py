@@ -1,0 +1,140 @@
+"""Named presets: each picks an update rule, a residual policy and defaults. None re-implements
+Adam; they all run :class:`~gradproj.optim.engine.ProjectedOptimizer`.
+
+Projection options (``update_proj_gap``, ``scale``, ``proj_type``, ``projector``, ``on_refresh``,
+``scale_type``, ``growth_limit``, ``oversample``, ``power_iters``, ``seed``) may be passed as
+keywords to set the default of every group with ``rank``, or per group.
+
+Example:
+    >>> import torch, gradproj
+    >>> model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32))
+    >>> groups = [{"params": [model[0].weight], "rank": 4, "update_proj_gap": 10, "scale": 0.25},
+    ...           {"params": [model[0].bias, *model[1].parameters()]}]
+    >>> opt = gradproj.GaLoreAdamW(groups, lr=1e-2)
+    >>> model(torch.randn(8, 16)).square().mean().backward()
+    >>> opt.step()
+    >>> opt.state[model[0].weight]["exp_avg"].shape   # rank x n: the low-rank moment
+    torch.Size([4, 16])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from .engine import ProjectedOptimizer
+
+Betas = tuple[float, float]
+
+
+class GaLoreAdamW(ProjectedOptimizer):
+    """GaLore (Zhao et al., 2024): AdamW on ``P^T G``, update ``scale * P u``.
+
+    ``GaLoreAdamW(groups, eps=1e-6, projector="svd", on_refresh="keep")`` with ``weight_decay=0``
+    reproduces ``galore_torch.GaLoreAdamW``; ``weight_decay`` here is decoupled AdamW decay
+    applied before the update (galore-torch applies it after, to the updated weight).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: Betas = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        *,
+        nonfinite: str = "skip",
+        **projection: Any,
+    ) -> None:
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        super().__init__(
+            params, defaults, rule=self._rule, projection=self._projection(projection), nonfinite=nonfinite
+        )
+
+    _rule = "adam"
+
+    @staticmethod
+    def _projection(options: dict[str, Any]) -> dict[str, Any]:
+        return {"residual": "none", **options}
+
+
+class GaLoreAdamW8bit(GaLoreAdamW):
+    """GaLore with block-wise 8-bit Adam moments (bitsandbytes' quantization) in every group;
+    moments under 4096 elements stay float32."""
+
+    _rule = "adam8bit"
+
+
+class FiraAdamW(GaLoreAdamW):
+    """Fira (Chen et al., 2024): GaLore plus the norm-scaled residual ``phi (G - P P^T G)``
+    with the norm-growth limiter. ``scale`` defaults to 1 (the setting where the released
+    ``fira`` package and we coincide; see :mod:`gradproj.optim.residual`)."""
+
+    @staticmethod
+    def _projection(options: dict[str, Any]) -> dict[str, Any]:
+        return {"residual": "fira", "scale": 1.0, **options}
+
+
+class APOLLOAdamW(GaLoreAdamW):
+    """APOLLO (Zhu et al., 2024): the raw gradient scaled channel-wise (or tensor-wise with
+    ``scale_type="tensor"``) by ``||u|| / ||R||`` from a random low-rank Adam, times
+    ``sqrt(scale)``, with the norm-growth limiter. APOLLO-Mini: ``rank=1, scale_type="tensor",
+    scale=128``."""
+
+    @staticmethod
+    def _projection(options: dict[str, Any]) -> dict[str, Any]:
+        return {"residual": "apollo", "projector": "random", "scale": 1.0, **options}
+
+
+class GaLoreAdafactor(ProjectedOptimizer):
+    """GaLore around Adafactor, with ``transformers.Adafactor``'s arguments and defaults
+    (relative step size, parameter scaling, factored second moment, update clipping)."""
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | None = None,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        beta1: float | None = None,
+        weight_decay: float = 0.0,
+        scale_parameter: bool = True,
+        relative_step: bool = True,
+        warmup_init: bool = False,
+        *,
+        nonfinite: str = "skip",
+        **projection: Any,
+    ) -> None:
+        if lr is not None and relative_step:
+            raise ValueError(f"lr={lr!r} cannot be combined with relative_step=True; pass relative_step=False")
+        if lr is None and not relative_step:
+            raise ValueError("lr=None needs relative_step=True; pass a learning rate")
+        if warmup_init and not relative_step:
+            raise ValueError("warmup_init=True requires relative_step=True")
+        if beta1 is not None and not 0.0 <= beta1 < 1.0:
+            raise ValueError(f"beta1={beta1!r} is not valid; expected None or a number in [0, 1)")
+        defaults = {
+            "lr": lr,
+            "eps": eps,
+            "clip_threshold": clip_threshold,
+            "decay_rate": decay_rate,
+            "beta1": beta1,
+            "weight_decay": weight_decay,
+            "scale_parameter": scale_parameter,
+            "relative_step": relative_step,
+            "warmup_init": warmup_init,
+        }
+        super().__init__(
+            params, defaults, rule="adafactor", projection={"residual": "none", **projection}, nonfinite=nonfinite
+        )
+
+
+#: Every preset by the name the CLI and configs use.
+PRESETS: dict[str, type[ProjectedOptimizer]] = {
+    "galore_adamw": GaLoreAdamW,
+    "galore_adamw8bit": GaLoreAdamW8bit,
+    "galore_adafactor": GaLoreAdafactor,
+    "fira_adamw": FiraAdamW,
+    "apollo_adamw": APOLLOAdamW,
+}

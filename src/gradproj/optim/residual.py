@@ -1,0 +1,88 @@
+"""What happens to the part of the gradient the basis does not capture.
+
+``none`` (GaLore)
+    update = scale * up(u)
+
+``fira`` (Chen et al., 2024)
+    update = scale * up(u) + limit(phi * (G - up(R)))
+    with ``phi = ||u|| / ||R||`` per channel of the uncompressed dimension. We ship the exact
+    complement ``G - P P^T G``; the released Fira code subtracts ``scale * P P^T G`` instead,
+    which leaks ``(1 - scale) P P^T G`` of the in-subspace gradient into the residual whenever
+    ``scale != 1``. With ``scale = 1`` the two coincide (tested against ``fira==1.0.2``).
+
+``apollo`` (Zhu et al., 2024)
+    update = sqrt(scale) * limit(phi * G)
+    with ``phi = ||u|| / ||R_jl||`` per channel (``scale_type="channel"``) or for the whole
+    tensor (``"tensor"``; APOLLO-Mini is ``rank=1`` with it). APOLLO defines ``R_jl`` with a
+    norm-preserving Gaussian projection (entries N(0, 1/r)); our bases are orthonormal, so we
+    use ``||R_jl|| = sqrt(d / r) ||R||`` with ``d`` the compressed dimension, which keeps ``phi``
+    and APOLLO's published ``scale`` values meaningful for every projector.
+
+``limit`` is Fira's norm-growth limiter: if ``||x_t|| > gamma ||x_{t-1}||`` then ``x_t`` is
+rescaled to ``gamma ||x_{t-1}||`` (``gamma = growth_limit = 1.01``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..projection.sides import project_up
+
+RESIDUALS = ("none", "fira", "apollo")
+SCALE_TYPES = ("channel", "tensor")
+_TINY = 1e-8
+
+
+def norm_ratio(u: Tensor, low: Tensor, side: str, scale_type: str) -> Tensor:
+    """``||u|| / (||low|| + 1e-8)`` per channel of the uncompressed dimension, or per tensor.
+
+    Left projections (``r x n``) give one factor per column (shape ``n``); right projections
+    (``m x r``) one per row (shape ``m x 1``); ``full`` has no uncompressed dimension and
+    always uses the tensor-wise ratio.
+    """
+    if scale_type == "tensor" or side == "full":
+        return u.norm() / (low.norm() + _TINY)
+    if side == "left":
+        return u.norm(dim=0) / (low.norm(dim=0) + _TINY)
+    return (u.norm(dim=1) / (low.norm(dim=1) + _TINY)).unsqueeze(1)
+
+
+def limit_growth(update: Tensor, state: dict[str, Any], gamma: float) -> Tensor:
+    """Fira's norm-growth limiter; keeps the previous norm in ``state["residual_norm"]``."""
+    norm = update.norm().float()
+    previous = state.get("residual_norm")
+    if previous is None:
+        state["residual_norm"] = norm
+        return update
+    limiter = torch.clamp(norm / (previous + _TINY), min=gamma) / gamma
+    state["residual_norm"] = norm / limiter
+    return update / limiter.to(update.dtype)
+
+
+def combine(
+    grad: Tensor,
+    low: Tensor,
+    u: Tensor,
+    bases: tuple[Tensor | None, Tensor | None],
+    side: str,
+    group: dict[str, Any],
+    state: dict[str, Any],
+) -> Tensor:
+    """The full-space update direction for one projected parameter (before ``-step_size``)."""
+    kind = group["residual"]
+    left, right = bases
+    if kind == "apollo":
+        rank = low.shape[0] if side == "left" else low.shape[-1]
+        compressed = grad.shape[0] if side == "left" else grad.shape[1]
+        jl = (compressed / rank) ** 0.5 if side != "full" else (grad.numel() / low.numel()) ** 0.5
+        phi = norm_ratio(u, low, side, group["scale_type"]) / jl
+        return limit_growth(grad * phi.to(grad.dtype), state, group["growth_limit"]) * group["scale"] ** 0.5
+    update = project_up(u.to(grad.dtype), left, right) * group["scale"]
+    if kind == "fira":
+        phi = norm_ratio(u, low, side, group["scale_type"]).to(grad.dtype)
+        residual = grad - project_up(low, left, right)
+        update = update + limit_growth(residual * phi, state, group["growth_limit"])
+    return update

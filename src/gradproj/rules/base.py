@@ -1,0 +1,52 @@
+"""The interface every update rule implements.
+
+A rule sees only the (possibly projected) gradient. It owns its moment tensors in the
+per-parameter state and returns a *direction* ``u`` and a *step size* ``s``; the optimizer
+applies ``p -= s * up(u)`` (plus any residual term). ``moment_step`` counts the updates the
+moments have seen, so that ``on_refresh="reset"`` restarts bias correction too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class UpdateRule:
+    """Base class; see :class:`gradproj.rules.adam.Adam` for the canonical implementation."""
+
+    name = ""
+
+    def init_state(self, state: dict[str, Any], shape: tuple[int, ...], like: Tensor) -> None:
+        """Create zeroed moments for a gradient of ``shape`` (dtype/device of ``like``)."""
+        raise NotImplementedError
+
+    def direction(
+        self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], param: Tensor
+    ) -> tuple[Tensor, float]:
+        """Advance the moments with ``grad``; return ``(u, step_size)``."""
+        raise NotImplementedError
+
+    def apply_full(self, param: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        """Full-rank update ``param -= step_size * u`` (rules may fuse it)."""
+        u, step_size = self.direction(grad, state, group, param)
+        param.add_(u.to(param.dtype), alpha=-step_size)
+
+    def moments(self, state: dict[str, Any]) -> dict[str, Tensor]:
+        """Dense float views of the moments (``first`` and/or ``second``) for basis rotation."""
+        raise NotImplementedError
+
+    def set_moments(self, state: dict[str, Any], moments: dict[str, Tensor]) -> None:
+        """Store dense moments back (the inverse of :meth:`moments`)."""
+        raise NotImplementedError
+
+    def reset(self, state: dict[str, Any]) -> None:
+        """Zero the moments and restart bias correction."""
+        self.set_moments(state, {k: torch.zeros_like(v) for k, v in self.moments(state).items()})
+        state["moment_step"] = 0
+
+    def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        """Bytes of state :meth:`init_state` creates for ``shape`` (exact)."""
+        raise NotImplementedError
