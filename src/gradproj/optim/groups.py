@@ -117,7 +117,7 @@ def state_bytes(p: torch.Tensor, group: dict[str, Any], rule: str = "adam") -> i
     side = resolve_side(options["proj_type"], shape)
     layout = Layout(shape, min(options["rank"], *shape), side, p.dtype, p.device)
     floats, ints = get_projector(options["projector"]).state_numel(layout)
-    limiter = 4 if options["residual"] in ("fira", "apollo") else 0
+    limiter = torch.promote_types(p.dtype, torch.float32).itemsize if options["residual"] in ("fira", "apollo") else 0
     return (
         update_rule.state_bytes(low_rank_shape(shape, layout.rank, side), p.dtype)
         + floats * p.element_size()

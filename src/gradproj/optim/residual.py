@@ -52,7 +52,7 @@ def norm_ratio(u: Tensor, low: Tensor, side: str, scale_type: str) -> Tensor:
 
 def limit_growth(update: Tensor, state: dict[str, Any], gamma: float) -> Tensor:
     """Fira's norm-growth limiter; keeps the previous norm in ``state["residual_norm"]``."""
-    norm = update.norm().float()
+    norm = update.norm().to(torch.promote_types(update.dtype, torch.float32))
     previous = state.get("residual_norm")
     if previous is None:
         state["residual_norm"] = norm

@@ -59,7 +59,7 @@ class Adafactor(UpdateRule):
         else:
             rho = group["lr"]
         if group["scale_parameter"]:
-            rho *= max(group["eps"][1], float(_rms(param.float())))
+            rho *= max(group["eps"][1], float(_rms(param.to(torch.promote_types(param.dtype, torch.float32)))))
         return rho
 
     def direction(
