@@ -27,7 +27,9 @@ PRESET_SPECS: dict[str, dict[str, Any]] = {
 ALL_COMBINATIONS = list(itertools.product(PRESET_NAMES, PROJECTORS, ON_REFRESH))
 
 
-def make_params(shapes: list[tuple[int, ...]], dtype: torch.dtype = torch.float64, seed: int = 0) -> list[torch.nn.Parameter]:
+def make_params(
+    shapes: list[tuple[int, ...]], dtype: torch.dtype = torch.float64, seed: int = 0
+) -> list[torch.nn.Parameter]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for s in shapes]
 
@@ -49,7 +51,9 @@ def grad_stream(params: list[torch.Tensor], steps: int, seed: int = 1) -> list[l
     return out
 
 
-def build(preset: str, params: list[torch.Tensor], names: list[str] | None = None, **group: Any) -> gradproj.ProjectedOptimizer:
+def build(
+    preset: str, params: list[torch.Tensor], names: list[str] | None = None, **group: Any
+) -> gradproj.ProjectedOptimizer:
     spec = PRESET_SPECS[preset]
     g: dict[str, Any] = {"params": params, **group}
     if names is not None:

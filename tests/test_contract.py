@@ -7,9 +7,9 @@ import warnings
 
 import pytest
 import torch
-from conftest import ALL_COMBINATIONS, PRESET_NAMES, PROJECTORS, build, grad_stream, make_params
 
 import gradproj
+from conftest import ALL_COMBINATIONS, PRESET_NAMES, PROJECTORS, build, grad_stream, make_params
 
 SHAPES = [(72, 64), (64, 80), (16,)]  # large enough for 8-bit quantization to engage
 
@@ -109,7 +109,10 @@ def test_param_group_keys_survive_state_dict() -> None:
 def test_hugging_face_style_groups_work() -> None:
     """transformers' Trainer builds exactly these keys for optim='galore_adamw'."""
     params = make_params(SHAPES, torch.float32)
-    groups = [{"params": params[2:]}, {"params": params[:2], "rank": 4, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}]
+    groups = [
+        {"params": params[2:]},
+        {"params": params[:2], "rank": 4, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"},
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt = gradproj.GaLoreAdamW(groups, lr=1e-3)

@@ -10,9 +10,9 @@ import warnings
 
 import pytest
 import torch
-from conftest import grad_stream, make_params
 
 import gradproj
+from conftest import grad_stream, make_params
 
 galore_torch = pytest.importorskip("galore_torch")
 fira = pytest.importorskip("fira")

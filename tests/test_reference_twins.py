@@ -7,8 +7,8 @@ import zlib
 
 import pytest
 import torch
-from conftest import ALL_COMBINATIONS, PRESET_SPECS, build, grad_stream, make_params
 
+from conftest import ALL_COMBINATIONS, PRESET_SPECS, build, grad_stream, make_params
 from gradproj.optim.reference import ReferenceOptimizer
 from gradproj.projection.bases import derive_seed
 
@@ -23,7 +23,13 @@ def test_engine_matches_reference(preset: str, projector: str, on_refresh: str) 
     dtype = torch.float32 if spec["rule"] == "adam8bit" else torch.float64
     shapes = [(80, 64), (64, 96)] if spec["rule"] == "adam8bit" else SHAPES  # big enough to quantize
     names = [f"layer{i}.weight" for i in range(len(shapes))]
-    group = {"rank": RANK, "update_proj_gap": GAP, "projector": projector, "on_refresh": on_refresh, "weight_decay": 0.01}
+    group = {
+        "rank": RANK,
+        "update_proj_gap": GAP,
+        "projector": projector,
+        "on_refresh": on_refresh,
+        "weight_decay": 0.01,
+    }
     if preset == "apollo_adamw":
         group["scale_type"] = "tensor" if on_refresh == "keep" else "channel"
     engine_params = make_params(shapes, dtype)
@@ -52,7 +58,9 @@ def test_full_rank_group_matches_reference(preset: str) -> None:
     params = make_params(shapes, dtype)
     twin_params = [p.detach().clone() for p in params]
     opt = build(preset, params, weight_decay=0.05)
-    twin = ReferenceOptimizer(twin_params, rule=spec["rule"], residual="none", lr=spec["kwargs"].get("lr"), weight_decay=0.05)
+    twin = ReferenceOptimizer(
+        twin_params, rule=spec["rule"], residual="none", lr=spec["kwargs"].get("lr"), weight_decay=0.05
+    )
     for grads in grad_stream(params, 6):
         for p, g in zip(params, grads, strict=True):
             p.grad = g.clone()

@@ -1,0 +1,90 @@
+"""Bad input gets an error that names the value and what would be valid; no NaN is ever applied."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gradproj
+from conftest import make_params
+
+
+def _groups(**group):  # type: ignore[no-untyped-def]
+    return [{"params": make_params([(16, 8)]), **group}]
+
+
+@pytest.mark.parametrize(
+    ("group", "kwargs", "message"),
+    [
+        ({"rank": 0}, {}, r"rank=0 .* integer >= 1"),
+        ({"rank": 2.5}, {}, r"rank=2.5 .* integer >= 1"),
+        ({"rank": 4, "proj_type": "diagonal"}, {}, r"proj_type='diagonal' .*'std', 'reverse_std'"),
+        ({"rank": 4, "projector": "qr"}, {}, r"projector='qr' .*'svd', 'rsvd', 'dct', 'random'"),
+        ({"rank": 4, "on_refresh": "spin"}, {}, r"on_refresh='spin' .*'keep', 'reset', 'rotate'"),
+        ({"rank": 4, "update_proj_gap": 0}, {}, r"update_proj_gap=0 .* integer >= 1"),
+        ({"rank": 4}, {"betas": (0.9, 1.0)}, r"betas\[1\]=1.0 .* \[0, 1\)"),
+        ({"rank": 4}, {"lr": -1.0}, r"lr=-1.0 .* >= 0"),
+        ({"rank": 4, "scale_type": "row"}, {}, r"scale_type='row'"),
+    ],
+)
+def test_constructor_errors_name_the_value_and_the_valid_range(group, kwargs, message) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match=message):
+        gradproj.GaLoreAdamW(_groups(**group), **kwargs)
+
+
+def test_unknown_projection_keyword_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="projektor"):
+        gradproj.GaLoreAdamW(_groups(rank=2), projektor="svd")
+
+
+def test_rank_larger_than_the_matrix_is_clamped_with_a_warning() -> None:
+    groups = _groups(rank=64)
+    with pytest.warns(UserWarning, match="rank=64 exceeds"):
+        opt = gradproj.GaLoreAdamW(groups)
+    p = groups[0]["params"][0]
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.state[p]["basis_right"].shape == (8, 8)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 3, 3), (2, 8, 8), (16,)])
+def test_non_matrix_weights_are_refused_in_a_rank_group(shape: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError, match=r"takes 2-D weight matrices only"):
+        gradproj.GaLoreAdamW([{"params": make_params([shape]), "rank": 2}])
+
+
+def test_adafactor_lr_conflicts_are_explained() -> None:
+    with pytest.raises(ValueError, match="relative_step"):
+        gradproj.GaLoreAdafactor(_groups(rank=2), lr=1e-3)
+
+
+@pytest.mark.parametrize("preset", list(gradproj.PRESETS))
+def test_nonfinite_gradient_is_skipped_without_touching_weights_or_state(preset: str) -> None:
+    params = make_params([(32, 16), (8,)], torch.float32)
+    kwargs = {} if preset == "galore_adafactor" else {"lr": 1e-2}
+    opt = gradproj.PRESETS[preset]([{"params": params[:1], "rank": 4}, {"params": params[1:]}], **kwargs)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    weights = [p.detach().clone() for p in params]
+    state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[params[0]].items()}
+    params[0].grad = torch.randn_like(params[0])
+    params[1].grad = torch.full_like(params[1], float("nan"))  # one bad tensor poisons the whole step
+    with pytest.warns(RuntimeWarning, match="non-finite gradient in param_groups\\[1\\]"):
+        opt.step()
+    assert opt.nonfinite_steps == 1 and opt.state_dict()["gradproj"]["nonfinite_steps"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(params, weights, strict=True))
+    for key, value in opt.state[params[0]].items():
+        assert torch.equal(value, state[key]) if isinstance(value, torch.Tensor) else value == state[key]
+
+
+def test_nonfinite_gradient_can_raise_instead() -> None:
+    params = make_params([(32, 16)], torch.float32)
+    opt = gradproj.GaLoreAdamW([{"params": params, "rank": 4}], nonfinite="raise")
+    params[0].grad = torch.full_like(params[0], float("inf"))
+    before = params[0].detach().clone()
+    with pytest.raises(FloatingPointError, match="not applied"):
+        opt.step()
+    assert torch.equal(params[0], before)
+    with pytest.raises(ValueError, match="nonfinite='ignore'"):
+        gradproj.GaLoreAdamW([{"params": params, "rank": 4}], nonfinite="ignore")
