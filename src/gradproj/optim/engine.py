@@ -51,6 +51,11 @@ PROJECTION_DEFAULTS: dict[str, Any] = {
 _UNNAMED_PARAMETERS = itertools.count()
 
 
+def _gradient(p: Tensor) -> Tensor:
+    assert p.grad is not None  # step() skips parameters without a gradient
+    return p.grad
+
+
 def _absent(bases: Bases) -> bool:
     return bases[0] is None and bases[1] is None
 
@@ -172,15 +177,16 @@ class ProjectedOptimizer(Optimizer):
             p.mul_(1 - lr * group["weight_decay"])
 
     def _step_full(self, p: Tensor, group: dict[str, Any]) -> None:
+        grad = _gradient(p)
         state = self.state[p]
         if not state:
             state["step"] = 0
             self.rule.init_state(state, tuple(p.shape), p)
         if group.get("lr") is not None:
             self._decay(p, group, 0.0)
-            self.rule.apply_full(p, p.grad, state, group)
+            self.rule.apply_full(p, grad, state, group)
         else:  # relative-step rules: the decay rate depends on the step size
-            u, step_size = self.rule.direction(p.grad, state, group, p)
+            u, step_size = self.rule.direction(grad, state, group, p)
             self._decay(p, group, step_size)
             p.add_(u.to(p.dtype), alpha=-step_size)
         state["step"] += 1
@@ -197,7 +203,7 @@ class ProjectedOptimizer(Optimizer):
         if not state:
             self._init_projected(p, group, state, layout)
         projector = get_projector(group["projector"])
-        grad = p.grad
+        grad = _gradient(p)
         bases = self._current_bases(p, state, layout, projector)
         if state["step"] % group["update_proj_gap"] == 0 or _absent(bases):
             bases = self._refresh(p, grad, group, state, layout, projector, bases)

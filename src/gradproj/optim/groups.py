@@ -34,9 +34,9 @@ def _matches(module_name: str, target: Target) -> bool:
     return any(module_name == t or module_name.endswith("." + t) or t in module_name.split(".") for t in target)
 
 
-def _target_weights(model: nn.Module, target: Target, exclude: Sequence[str]) -> dict[str, nn.Parameter]:
+def _target_weights(model: nn.Module, target: Target, exclude: Sequence[str]) -> dict[str, torch.Tensor]:
     """2-D ``weight`` of every ``nn.Linear`` whose qualified name matches ``target``."""
-    chosen: dict[str, nn.Parameter] = {}
+    chosen: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or not _matches(name, target):
             continue

@@ -108,8 +108,19 @@ def rsvd_basis(matrix: Tensor, rank: int, side: str, *, seed: int, oversample: i
     for _ in range(power_iters):
         z = torch.linalg.qr(work.t() @ q).Q  # (n, l)
         q = torch.linalg.qr(work @ z).Q  # (m, l)
-    u_small, _, vh = torch.linalg.svd(q.t() @ work, full_matrices=False)  # (l, l), (l, n)
+    u_small, vh = _svd_of_wide(q.t() @ work)  # (l, l), (l, n)
     return _split(q @ u_small, vh, rank, side)
+
+
+def _svd_of_wide(b: Tensor) -> tuple[Tensor, Tensor]:
+    """Thin SVD factors ``(U, Vh)`` of a short, wide ``l x n`` matrix via ``B^T = Q R``.
+
+    LAPACK's SVD of a 522 x 5504 matrix takes ~5x longer on CPU than a QR of its transpose
+    followed by the SVD of the small ``l x l`` factor, which gives the same factors.
+    """
+    q2, r2 = torch.linalg.qr(b.t())  # (n, l), (l, l)
+    u, _, vh_small = torch.linalg.svd(r2.t())  # B = R^T Q^T = U S (Q Vh^T)^T
+    return u, vh_small @ q2.t()
 
 
 @lru_cache(maxsize=32)

@@ -42,12 +42,14 @@ class Adafactor(UpdateRule):
     name = "adafactor"
 
     def init_state(self, state: dict[str, Any], shape: tuple[int, ...], like: Tensor) -> None:
-        kw = {"dtype": like.dtype, "device": like.device}
+        def zeros(size: tuple[int, ...]) -> Tensor:
+            return torch.zeros(size, dtype=like.dtype, device=like.device)
+
         if _factored(shape):
-            state["exp_avg_sq_row"] = torch.zeros(shape[:-1], **kw)  # type: ignore[arg-type]
-            state["exp_avg_sq_col"] = torch.zeros(shape[:-2] + shape[-1:], **kw)  # type: ignore[arg-type]
+            state["exp_avg_sq_row"] = zeros(shape[:-1])
+            state["exp_avg_sq_col"] = zeros(shape[:-2] + shape[-1:])
         else:
-            state["exp_avg_sq"] = torch.zeros(shape, **kw)  # type: ignore[arg-type]
+            state["exp_avg_sq"] = zeros(shape)
         state["moment_step"] = 0
 
     @staticmethod

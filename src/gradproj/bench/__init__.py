@@ -1,0 +1,1 @@
+"""Side-by-side measurements: quality on real text, and basis-refresh micro-benchmarks."""
