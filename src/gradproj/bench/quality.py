@@ -144,7 +144,7 @@ def run(method: Method, lr_m: float, lr_o: float, data: Data, cfg: RunConfig) ->
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     elapsed = time.perf_counter() - start
     val_loss = evaluate(model, data.validation, cfg)
     return {

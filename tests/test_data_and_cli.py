@@ -1,0 +1,66 @@
+"""The embedded corpus, its tokenizer, and the command line end to end (real text, tiny runs)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from gradproj.cli import main
+from gradproj.data import encode_corpus, load_corpus, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def corpus():  # type: ignore[no-untyped-def]
+    return load_corpus()
+
+
+def test_corpus_is_split_by_play_without_overlap(corpus) -> None:  # type: ignore[no-untyped-def]
+    assert "hamlet_gut.txt" in corpus.validation_plays
+    assert not set(corpus.train_plays) & set(corpus.validation_plays)
+    assert len(corpus.train) > 10 * len(corpus.validation) > 100_000
+    assert "To be, or not to be" in corpus.validation and "To be, or not to be" not in corpus.train
+    assert not any(name.endswith("_f.txt") for name in corpus.train_plays)  # no First-Folio near-duplicates
+
+
+def test_tokenizer_round_trips_real_text(corpus) -> None:  # type: ignore[no-untyped-def]
+    tokenizer = train_tokenizer(corpus.train, 4096)
+    sample = corpus.validation[:2000]
+    ids = encode_corpus(tokenizer, sample)
+    assert tokenizer.decode(ids.tolist()) == sample + "\n\n"
+    assert ids.numel() < len(sample) / 2.5  # BPE actually compresses English
+
+
+def test_demo_learns_real_text_below_the_unigram_baseline(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "demo.jsonl"
+    assert main(["demo", "--steps", "60", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    final = re.search(r"final held-out perplexity: ([\d.]+) .*unigram baseline ([\d.]+)", text)
+    assert final is not None
+    assert float(final.group(1)) < 0.7 * float(final.group(2))
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["method"] for r in records} == {"adamw", "galore_adamw", "fira_adamw", "apollo_mini"}
+    assert all(r["config"]["seed"] == 0 and r["versions"]["torch"] for r in records)
+    by_method = {r["method"]: r for r in records}
+    assert by_method["galore_adamw"]["state_bytes"] < by_method["adamw"]["state_bytes"]
+    # the same records render as a table
+    assert main(["bench", "table", str(out)]) == 0
+    assert "| galore_adamw |" in capsys.readouterr().out
+
+
+def test_refresh_benchmark_runs_from_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "refresh", "--shape", "96", "128", "--rank", "8", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"| {name} |" in out for name in ("svd", "rsvd", "dct", "random"))
+
+
+def test_cli_errors_are_clear(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["bench", "quality", "--lr-matrix", "fast"])
+    assert "'fast' is not a comma-separated list of numbers" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="unknown method"):
+        main(["bench", "quality", "--methods", "sgd", "--steps", "1"])
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["bench", "table", "no-such-file.jsonl"])
