@@ -30,7 +30,7 @@ def test_tokenizer_round_trips_real_text(corpus) -> None:  # type: ignore[no-unt
     sample = corpus.validation[:2000]
     ids = encode_corpus(tokenizer, sample)
     assert tokenizer.decode(ids.tolist()) == sample + "\n\n"
-    assert ids.numel() < len(sample) / 2.5  # BPE actually compresses English
+    assert ids.numel() < len(sample) / 2  # BPE actually compresses English (bytes would be 1 per char)
 
 
 def test_demo_learns_real_text_below_the_unigram_baseline(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -13,8 +13,8 @@ Example:
     >>> opt = gradproj.GaLoreAdamW(groups, lr=1e-2)
     >>> model(torch.randn(8, 16)).square().mean().backward()
     >>> opt.step()
-    >>> opt.state[model[0].weight]["exp_avg"].shape   # rank x n: the low-rank moment
-    torch.Size([4, 16])
+    >>> opt.state[model[0].weight]["exp_avg"].shape   # m x rank: the low-rank moment of a tall weight
+    torch.Size([32, 4])
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Example:
     >>> g = torch.randn(32, 16)
     >>> left, right = svd_basis(g, 4, "left")
     >>> torch.allclose(left.t() @ left, torch.eye(4), atol=1e-5), right is None
-    (True, None)
+    (True, True)
 """
 
 from __future__ import annotations

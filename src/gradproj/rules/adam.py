@@ -20,7 +20,7 @@ Example:
     >>> rule.init_state(state, (2, 3), torch.zeros(1))
     >>> u, s = rule.direction(torch.ones(2, 3), state, {"lr": 0.1, "betas": (0.9, 0.999), "eps": 0.0}, None)
     >>> round(float(u[0, 0]), 4), round(s, 4)
-    (3.1623, 0.3162)
+    (3.1623, 0.0316)
 """
 
 from __future__ import annotations
