@@ -11,9 +11,9 @@ import io
 
 import pytest
 import torch
-from conftest import PRESET_NAMES, PROJECTORS, grad_stream, make_params
 
 import gradproj
+from conftest import PRESET_NAMES, PROJECTORS, grad_stream, make_params
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 SHAPES = [(96, 64), (64, 128), (32,)]

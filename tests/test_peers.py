@@ -49,35 +49,29 @@ def test_galore_adamw_matches_galore_torch(proj_type: str) -> None:
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
-def test_fira_matches_fira_at_scale_one() -> None:
+def _fira_pair(scale: float, steps: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Run ours and fira.FiraAdamW on the same gradients; return both parameter lists."""
     ours = make_params(SHAPES, torch.float32)
     theirs = make_params(SHAPES, torch.float32)
-    opt = gradproj.FiraAdamW([{"params": ours, "rank": 6, "update_proj_gap": 7, "scale": 1.0}], lr=1e-2, eps=1e-12)
+    opt = gradproj.FiraAdamW([{"params": ours, "rank": 6, "update_proj_gap": 7, "scale": scale}], lr=1e-2, eps=1e-12)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ref = fira.FiraAdamW(
-            [{"params": theirs, "rank": 6, "update_proj_gap": 7, "alpha": 1.0, "proj_type": "std"}], lr=1e-2, eps=1e-12
-        )
-    grads = grad_stream(ours, 30)
+        group = {"params": theirs, "rank": 6, "update_proj_gap": 7, "alpha": scale, "proj_type": "std"}
+        ref = fira.FiraAdamW([group], lr=1e-2, eps=1e-12)
+    grads = grad_stream(ours, steps)
     _run(opt, ours, grads)
     _run(ref, theirs, grads)
-    for a, b in zip(ours, theirs, strict=True):
+    return ours, theirs
+
+
+def test_fira_matches_fira_at_scale_one() -> None:
+    for a, b in zip(*_fira_pair(1.0, 30), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_fira_differs_from_released_code_when_scale_is_not_one() -> None:
     """The released code leaks (1 - scale) P P^T G into the residual; we do not."""
-    ours = make_params(SHAPES, torch.float32)
-    theirs = make_params(SHAPES, torch.float32)
-    opt = gradproj.FiraAdamW([{"params": ours, "rank": 6, "update_proj_gap": 7, "scale": 0.25}], lr=1e-2, eps=1e-12)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref = fira.FiraAdamW(
-            [{"params": theirs, "rank": 6, "update_proj_gap": 7, "alpha": 0.25, "proj_type": "std"}], lr=1e-2, eps=1e-12
-        )
-    grads = grad_stream(ours, 3)
-    _run(opt, ours, grads)
-    _run(ref, theirs, grads)
+    ours, theirs = _fira_pair(0.25, 3)
     assert max((a - b).abs().max().item() for a, b in zip(ours, theirs, strict=True)) > 1e-4
 
 

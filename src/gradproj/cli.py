@@ -1,9 +1,9 @@
 """The ``gradproj`` command.
 
-    gradproj demo                         # GaLore, Fira, APOLLO-Mini vs AdamW on Shakespeare (CPU, minutes)
-    gradproj bench quality --device cuda  # every method and peer, per-group learning-rate sweep
-    gradproj bench table runs/quality.jsonl
-    gradproj bench refresh                # svd vs rsvd vs dct vs random basis refreshes
+gradproj demo                         # GaLore, Fira, APOLLO-Mini vs AdamW on Shakespeare (CPU, minutes)
+gradproj bench quality --device cuda  # every method and peer, per-group learning-rate sweep
+gradproj bench table runs/quality.jsonl
+gradproj bench refresh                # svd vs rsvd vs dct vs random basis refreshes
 """
 
 from __future__ import annotations
@@ -15,7 +15,12 @@ from pathlib import Path
 
 DEMO_METHODS = ("adamw", "galore_adamw", "fira_adamw", "apollo_mini")
 # Learning rates (matrices, rest) for the demo, the best of `gradproj bench quality` on llama-1m.
-DEMO_LRS = {"adamw": (3e-3, 1e-2), "galore_adamw": (1e-2, 1e-2), "fira_adamw": (3e-3, 1e-2), "apollo_mini": (3e-3, 1e-2)}
+DEMO_LRS = {
+    "adamw": (3e-3, 1e-2),
+    "galore_adamw": (1e-2, 1e-2),
+    "fira_adamw": (3e-3, 1e-2),
+    "apollo_mini": (3e-3, 1e-2),
+}
 
 
 def _floats(text: str) -> list[float]:
@@ -35,7 +40,9 @@ def _shard(text: str) -> tuple[int, int]:
     return index, count
 
 
-def _add_run_options(p: argparse.ArgumentParser, *, model: str, steps: int, batch: int, seq: int, rank: int, gap: int) -> None:
+def _add_run_options(
+    p: argparse.ArgumentParser, *, model: str, steps: int, batch: int, seq: int, rank: int, gap: int
+) -> None:
     from .bench.quality import MODELS
 
     p.add_argument("--model", default=model, choices=sorted(MODELS), help=f"model shape (default {model})")
@@ -43,7 +50,9 @@ def _add_run_options(p: argparse.ArgumentParser, *, model: str, steps: int, batc
     p.add_argument("--batch-size", type=int, default=batch, help=f"sequences per step (default {batch})")
     p.add_argument("--seq-len", type=int, default=seq, help=f"tokens per sequence (default {seq})")
     p.add_argument("--rank", type=int, default=rank, help=f"projection rank of attention/MLP matrices (default {rank})")
-    p.add_argument("--gap", type=int, default=gap, help=f"update_proj_gap: steps between basis refreshes (default {gap})")
+    p.add_argument(
+        "--gap", type=int, default=gap, help=f"update_proj_gap: steps between basis refreshes (default {gap})"
+    )
     p.add_argument("--seed", type=int, default=0, help="model and data seed, shared by every method (default 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
     p.add_argument("--out", type=Path, default=None, help="append one JSON record per run to this file")
@@ -76,9 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_options(quality, model="llama-5m", steps=300, batch=32, seq=128, rank=64, gap=50)
     quality.add_argument("--methods", default="", help="comma-separated subset (default: all available)")
-    quality.add_argument("--lr-matrix", type=_floats, default=[1e-3, 3e-3, 1e-2], help="learning rates of attention/MLP matrices")
-    quality.add_argument("--lr-other", type=_floats, default=[3e-3, 1e-2], help="learning rates of embeddings, norms and head")
-    quality.add_argument("--shard", type=_shard, default=(0, 1), help="run only the I-th of N slices of the sweep (I/N)")
+    quality.add_argument(
+        "--lr-matrix", type=_floats, default=[1e-3, 3e-3, 1e-2], help="learning rates of attention/MLP matrices"
+    )
+    quality.add_argument(
+        "--lr-other", type=_floats, default=[3e-3, 1e-2], help="learning rates of embeddings, norms and head"
+    )
+    quality.add_argument(
+        "--shard", type=_shard, default=(0, 1), help="run only the I-th of N slices of the sweep (I/N)"
+    )
 
     table = bench_sub.add_parser("table", help="Markdown table of the best run per method from JSONL records")
     table.add_argument("records", type=Path, nargs="+", help="JSONL files written by --out")
@@ -119,8 +134,11 @@ def _run_grid(args: argparse.Namespace, grid: list[tuple[str, float, float]]) ->
     if unknown:
         raise SystemExit(f"gradproj: unknown method(s) {unknown}; valid: {sorted(registry)}")
     data = prepare_data(cfg.vocab_size)
-    print(f"data: {data.train.numel():,} training tokens, {data.validation.numel():,} held-out tokens; "
-          f"unigram perplexity {data.unigram_ppl:.1f}", flush=True)
+    print(
+        f"data: {data.train.numel():,} training tokens, {data.validation.numel():,} held-out tokens; "
+        f"unigram perplexity {data.unigram_ppl:.1f}",
+        flush=True,
+    )
     records = []
     for name, lr_m, lr_o in grid:
         method = registry[name]
@@ -128,8 +146,11 @@ def _run_grid(args: argparse.Namespace, grid: list[tuple[str, float, float]]) ->
             print(f"skip {name}: {method.needs} is not installed", flush=True)
             continue
         record = run(method, lr_m, lr_o, data, cfg)
-        print(f"{name:22s} lr {lr_m:g}/{lr_o:g}  val ppl {record['val_ppl']:8.2f}  "
-              f"state {record['state_bytes'] / 2**20:6.2f} MiB  {record['seconds']:.0f}s", flush=True)
+        print(
+            f"{name:22s} lr {lr_m:g}/{lr_o:g}  val ppl {record['val_ppl']:8.2f}  "
+            f"state {record['state_bytes'] / 2**20:6.2f} MiB  {record['seconds']:.0f}s",
+            flush=True,
+        )
         records.append(record)
         if args.out:
             write_records([record], args.out)
@@ -145,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         records = _run_grid(args, grid)
         print("\n" + table(records))
         best = min(records, key=lambda r: r["val_loss"])
-        print(f"\nfinal held-out perplexity: {best['val_ppl']:.2f} ({best['method']}); unigram baseline {best['unigram_ppl']:.1f}")
+        print(
+            f"\nfinal held-out perplexity: {best['val_ppl']:.2f} ({best['method']}); "
+            f"unigram baseline {best['unigram_ppl']:.1f}"
+        )
         return 0
     if args.bench == "quality":
         from .bench.methods import methods
@@ -167,10 +191,12 @@ def main(argv: list[str] | None = None) -> int:
         records = [json.loads(line) for path in args.records for line in path.read_text().splitlines() if line.strip()]
         print(table(records))
         return 0
-    from .bench.refresh import format_rows, refresh_benchmark
     from .bench.quality import write_records
+    from .bench.refresh import format_rows, refresh_benchmark
 
-    rows = refresh_benchmark(*args.shape, rank=args.rank, repeats=args.repeats, device=args.device, power_iters=args.power_iters)
+    rows = refresh_benchmark(
+        *args.shape, rank=args.rank, repeats=args.repeats, device=args.device, power_iters=args.power_iters
+    )
     print(format_rows(rows))
     if args.out:
         write_records(rows, args.out)

@@ -32,19 +32,25 @@ class Method:
 
 
 def _ours(preset: str, **options: Any) -> Builder:
-    def build(mats: list[torch.Tensor], rest: list[torch.Tensor], lr_m: float, lr_o: float, rank: int) -> torch.optim.Optimizer:
+    def build(
+        mats: list[torch.Tensor], rest: list[torch.Tensor], lr_m: float, lr_o: float, rank: int
+    ) -> torch.optim.Optimizer:
         groups = [{"params": mats, "rank": rank, "lr": lr_m, **options}, {"params": rest, "lr": lr_o}]
         return gradproj.PRESETS[preset](groups, lr=lr_m)
 
     return build
 
 
-def _adamw(mats: list[torch.Tensor], rest: list[torch.Tensor], lr_m: float, lr_o: float, rank: int) -> torch.optim.Optimizer:
+def _adamw(
+    mats: list[torch.Tensor], rest: list[torch.Tensor], lr_m: float, lr_o: float, rank: int
+) -> torch.optim.Optimizer:
     return torch.optim.AdamW([{"params": mats, "lr": lr_m}, {"params": rest, "lr": lr_o}], lr=lr_m, weight_decay=0.0)
 
 
 def _peer(module: str, cls: str, **group_keys: Any) -> Builder:
-    def build(mats: list[torch.Tensor], rest: list[torch.Tensor], lr_m: float, lr_o: float, rank: int) -> torch.optim.Optimizer:
+    def build(
+        mats: list[torch.Tensor], rest: list[torch.Tensor], lr_m: float, lr_o: float, rank: int
+    ) -> torch.optim.Optimizer:
         optimizer_class = getattr(importlib.import_module(module), cls)
         groups = [{"params": rest, "lr": lr_o}, {"params": mats, "rank": rank, "lr": lr_m, **group_keys}]
         with warnings.catch_warnings():
@@ -59,16 +65,28 @@ def methods(gap: int) -> list[Method]:
     common = {"update_proj_gap": gap}
     return [
         Method("adamw", _adamw, notes="torch.optim.AdamW"),
-        Method("galore-torch", _peer("galore_torch", "GaLoreAdamW", scale=0.25, proj_type="std", **common), "galore_torch"),
+        Method(
+            "galore-torch", _peer("galore_torch", "GaLoreAdamW", scale=0.25, proj_type="std", **common), "galore_torch"
+        ),
         Method("fira", _peer("fira", "FiraAdamW", alpha=1.0, proj_type="std", **common), "fira"),
         Method(
             "apollo-torch",
-            _peer("apollo_torch", "APOLLOAdamW", proj="random", scale_type="channel", scale=1.0, proj_type="std", **common),
+            _peer(
+                "apollo_torch", "APOLLOAdamW", proj="random", scale_type="channel", scale=1.0, proj_type="std", **common
+            ),
             "apollo_torch",
         ),
         Method(
             "apollo-torch-mini",
-            _peer("apollo_torch", "APOLLOAdamW", proj="random", scale_type="tensor", scale=128.0, proj_type="std", **common),
+            _peer(
+                "apollo_torch",
+                "APOLLOAdamW",
+                proj="random",
+                scale_type="tensor",
+                scale=128.0,
+                proj_type="std",
+                **common,
+            ),
             "apollo_torch",
             options={"rank": 1},
         ),

