@@ -194,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     from .bench.quality import write_records
     from .bench.refresh import format_rows, refresh_benchmark
 
+    m, n = args.shape
     rows = refresh_benchmark(
-        *args.shape, rank=args.rank, repeats=args.repeats, device=args.device, power_iters=args.power_iters
+        m, n, rank=args.rank, repeats=args.repeats, device=args.device, power_iters=args.power_iters
     )
     print(format_rows(rows))
     if args.out:

@@ -21,7 +21,7 @@ from ..data import encode_corpus, load_corpus, train_tokenizer
 from .methods import Method
 
 #: Small LLaMA shapes that learn real text quickly.
-MODELS: dict[str, dict[str, int]] = {
+MODELS: dict[str, dict[str, Any]] = {
     "llama-1m": {"hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 2, "num_attention_heads": 4},
     "llama-5m": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4},
 }
@@ -67,12 +67,15 @@ def build_model(cfg: RunConfig) -> torch.nn.Module:
 
     torch.manual_seed(cfg.seed)
     config = LlamaConfig(vocab_size=cfg.vocab_size, max_position_embeddings=cfg.seq_len, **MODELS[cfg.model])
-    return LlamaForCausalLM(config).to(cfg.device)
+    model: torch.nn.Module = LlamaForCausalLM(config)
+    return model.to(cfg.device)
 
 
 def split_parameters(model: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Attention and MLP matrices (the paper's targets) vs. embeddings, norms and head."""
-    mats = [p for n, p in model.named_parameters() if p.dim() == 2 and ("self_attn" in n or "mlp" in n)]
+    mats: list[torch.Tensor] = [
+        p for n, p in model.named_parameters() if p.dim() == 2 and ("self_attn" in n or "mlp" in n)
+    ]
     ids = {id(p) for p in mats}
     return mats, [p for p in model.parameters() if id(p) not in ids]
 

@@ -58,7 +58,7 @@ def refresh_benchmark(
         "dct": lambda: dct_matrix(m, g.dtype, g.device)[:, dct_indices(g, rank, "left")[0]],
         "random": lambda: random_orthonormal(m, rank, 0, g.dtype).to(g.device),
     }
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, fn in fns.items():
         seconds, left = _timed(fn, repeats, device)
         rows.append({"projector": name, "seconds": seconds, "energy": energy(g, left)})

@@ -19,7 +19,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .engine import ProjectedOptimizer
@@ -131,7 +131,7 @@ class GaLoreAdafactor(ProjectedOptimizer):
 
 
 #: Every preset by the name the CLI and configs use.
-PRESETS: dict[str, type[ProjectedOptimizer]] = {
+PRESETS: dict[str, Callable[..., ProjectedOptimizer]] = {
     "galore_adamw": GaLoreAdamW,
     "galore_adamw8bit": GaLoreAdamW8bit,
     "galore_adafactor": GaLoreAdafactor,
