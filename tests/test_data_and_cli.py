@@ -50,6 +50,17 @@ def test_demo_learns_real_text_below_the_unigram_baseline(capsys: pytest.Capture
     assert "| galore_adamw |" in capsys.readouterr().out
 
 
+def test_same_seed_gives_the_same_losses() -> None:
+    from gradproj.bench.methods import methods
+    from gradproj.bench.quality import RunConfig, prepare_data, run
+
+    cfg = RunConfig(model="llama-1m", steps=4, batch_size=4, seq_len=32, warmup=1, rank=8, gap=2, eval_windows=8)
+    data = prepare_data(cfg.vocab_size)
+    galore = next(m for m in methods(cfg.gap) if m.name == "fira_adamw")
+    first, second = run(galore, 1e-2, 1e-2, data, cfg), run(galore, 1e-2, 1e-2, data, cfg)
+    assert first["val_loss"] == second["val_loss"] and first["train_loss_last10"] == second["train_loss_last10"]
+
+
 def test_refresh_benchmark_runs_from_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "refresh", "--shape", "96", "128", "--rank", "8", "--repeats", "1"]) == 0
     out = capsys.readouterr().out

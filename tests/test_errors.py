@@ -32,6 +32,14 @@ def test_constructor_errors_name_the_value_and_the_valid_range(group, kwargs, me
         gradproj.GaLoreAdamW(_groups(**group), **kwargs)
 
 
+def test_a_rejected_group_leaves_the_optimizer_unchanged() -> None:
+    opt = gradproj.GaLoreAdamW(_groups(rank=2))
+    for bad in ({"params": make_params([(8, 8)]), "rank": 0}, {"params": make_params([(2, 3, 4)]), "rank": 2}):
+        with pytest.raises(ValueError):
+            opt.add_param_group(bad)
+    assert len(opt.param_groups) == 1
+
+
 def test_unknown_projection_keyword_is_a_type_error() -> None:
     with pytest.raises(TypeError, match="projektor"):
         gradproj.GaLoreAdamW(_groups(rank=2), projektor="svd")

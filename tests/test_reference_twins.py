@@ -50,6 +50,35 @@ def test_engine_matches_reference(preset: str, projector: str, on_refresh: str) 
             torch.testing.assert_close(a.detach(), b, rtol=tol, atol=tol, msg=f"step {t}")
 
 
+@pytest.mark.parametrize("preset", ["galore_adamw", "fira_adamw", "apollo_adamw"])
+@pytest.mark.parametrize("proj_type", ["reverse_std", "left", "right", "full"])
+def test_every_side_matches_reference(preset: str, proj_type: str) -> None:
+    spec = PRESET_SPECS[preset]
+    params = make_params(SHAPES)
+    twin_params = [p.detach().clone() for p in params]
+    names = [f"w{i}" for i in range(len(params))]
+    projector = "random" if preset == "apollo_adamw" else "svd"
+    group = {
+        "rank": RANK,
+        "update_proj_gap": GAP,
+        "proj_type": proj_type,
+        "on_refresh": "rotate",
+        "projector": projector,
+    }
+    opt = build(preset, params, names, **group)
+    seeds = [derive_seed(0, zlib.crc32(n.encode())) for n in names]
+    twin = ReferenceOptimizer(
+        twin_params, rule="adam", residual=spec["residual"], lr=1e-2, seeds=seeds, scale=spec["scale"], **group
+    )
+    for grads in grad_stream(params, STEPS):
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+        twin.step(grads)
+    for a, b in zip(params, twin_params, strict=True):
+        torch.testing.assert_close(a.detach(), b, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("preset", ["galore_adamw", "galore_adafactor", "galore_adamw8bit"])
 def test_full_rank_group_matches_reference(preset: str) -> None:
     spec = PRESET_SPECS[preset]

@@ -100,17 +100,23 @@ class ProjectedOptimizer(Optimizer):
         if "rank" in param_group:
             for key, value in self._projection_defaults.items():
                 param_group.setdefault(key, value)
+        merged = {**self.defaults, **param_group}
+        check_common(merged)  # before torch appends the group, so a bad group leaves no trace
+        if "rank" in merged:
+            check_projection(merged)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        check_common(group)
         names = group.get("param_names") or [None] * len(group["params"])
         index = len(self.param_groups) - 1
         for j, (p, name) in enumerate(zip(group["params"], names, strict=True)):
             self._param_names[p] = name or f"param_groups[{index}].params[{j}]"
             self._param_keys[p] = zlib.crc32(name.encode()) if name else (1 << 40) + next(_UNNAMED_PARAMETERS)
         if "rank" in group:
-            check_projection(group)
-            self._check_matrices(group)
+            try:
+                self._check_matrices(group)
+            except ValueError:
+                self.param_groups.pop()
+                raise
 
     def _check_matrices(self, group: dict[str, Any]) -> None:
         for p in group["params"]:

@@ -158,7 +158,8 @@ class ReferenceOptimizer:
         r = _mm(None if left is None else left.T, g, None if right is None else right.T)
         u, alpha = self._direction(s, r, w, full_rank=False)
         if self.residual == "apollo":
-            phi = self._ratio(u, r, side) / math.sqrt((g.shape[0] if side == "left" else g.shape[1]) / rank)
+            compressed = {"left": g.shape[0] / rank, "right": g.shape[1] / rank, "full": g.numel() / rank**2}[side]
+            phi = self._ratio(u, r, side) / math.sqrt(compressed)
             return math.sqrt(c["scale"]) * self._limit(s, phi * g), alpha
         delta = c["scale"] * _mm(left, u, right)
         if self.residual == "fira":
