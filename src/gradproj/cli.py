@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 DEMO_METHODS = ("adamw", "galore_adamw", "fira_adamw", "apollo_mini")
-# Learning rates (matrices, rest) for the demo, the best of `gradproj bench quality` on llama-1m.
+# Learning rates (matrices, rest) for the demo: the best of the llama-1m sweep in docs/BENCHMARKS.md.
 DEMO_LRS = {
-    "adamw": (3e-3, 1e-2),
+    "adamw": (1e-3, 1e-2),
     "galore_adamw": (1e-2, 1e-2),
     "fira_adamw": (3e-3, 1e-2),
     "apollo_mini": (3e-3, 1e-2),
