@@ -35,7 +35,11 @@ def _ours(preset: str, **options: Any) -> Builder:
     def build(
         mats: list[torch.Tensor], rest: list[torch.Tensor], lr_m: float, lr_o: float, rank: int
     ) -> torch.optim.Optimizer:
-        groups = [{"params": mats, "rank": rank, "lr": lr_m, **options}, {"params": rest, "lr": lr_o}]
+        # Named parameters give seeds that do not depend on how many optimizers this process built.
+        # (torch wants every group named or none).
+        named = [(f"matrix.{i}", p) for i, p in enumerate(mats)]
+        others = [(f"other.{i}", p) for i, p in enumerate(rest)]
+        groups = [{"params": named, "rank": rank, "lr": lr_m, **options}, {"params": others, "lr": lr_o}]
         return gradproj.PRESETS[preset](groups, lr=lr_m)
 
     return build
