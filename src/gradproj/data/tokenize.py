@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .shakespeare import cache_dir
+from .fetch import cache_dir
 
 
 def train_tokenizer(text: str, vocab_size: int = 4096, cache: Path | None = None) -> Any:

@@ -1,0 +1,87 @@
+"""Run logs: every row to ``metrics.jsonl``, per-kind CSV (``train.csv``, ``eval.csv``) and
+TensorBoard events; metric names carry their units. A resumed run first drops rows written after
+its checkpoint, so the logs read as one uninterrupted run.
+
+Example:
+    >>> import tempfile
+    >>> run = Path(tempfile.mkdtemp())
+    >>> log = RunLogger(run, tensorboard=False)
+    >>> log.write("train", 1, {"loss": 2.5}); log.close()
+    >>> (run / "train.csv").read_text().splitlines()
+    ['step,loss', '1,2.5']
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def environment(device: str = "cpu") -> dict[str, str]:
+    """Package versions and the device, recorded with every run and benchmark."""
+    import gradproj
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "gradproj": gradproj.__version__}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        out["device"] = torch.cuda.get_device_name(torch.device(device))
+    else:
+        out["device"] = f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    for name in ("transformers", "tokenizers", "safetensors", "bitsandbytes", "galore-torch", "fira", "apollo-torch"):
+        try:
+            out[name] = metadata.version(name)  # installed metadata: importing peers is slow and noisy
+        except metadata.PackageNotFoundError:
+            out[name] = "missing"
+    return out
+
+
+class RunLogger:
+    """Appends metric rows for one run folder."""
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool = True, resume_step: int | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            self._truncate_after(resume_step)
+        self.writer: Any = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional; CSV/JSONL always work
+                pass
+            else:
+                self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=resume_step)
+
+    def write(self, kind: str, step: int, metrics: dict[str, float]) -> None:
+        row = {"step": step, **metrics}
+        with (self.run_dir / "metrics.jsonl").open("a") as handle:
+            handle.write(json.dumps({"kind": kind, **row}) + "\n")
+        path = self.run_dir / f"{kind}.csv"
+        new = not path.exists()
+        with path.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(row), extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        if self.writer is not None:
+            for name, value in metrics.items():
+                self.writer.add_scalar(f"{kind}/{name}", value, step)
+
+    def _truncate_after(self, step: int) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():
+            rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            path.write_text("".join(r + "\n" for r in rows))
+        for csv_path in self.run_dir.glob("*.csv"):
+            lines = csv_path.read_text().splitlines()
+            kept = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) <= step]
+            csv_path.write_text("".join(line + "\n" for line in kept))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,285 @@
+"""The training loop, shared by pre-training and fine-tuning: a task supplies the model, batches,
+loss and evaluation; the loop owns the optimizer, schedule, clipping, non-finite steps, logs,
+checkpoints, resume and signals. It reads top to bottom in :meth:`Trainer.run`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from .checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    read_meta,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from .config import TrainConfig
+from .logs import RunLogger, environment
+from .optimizers import build_optimizer
+
+
+class Task(Protocol):
+    """What a kind of training supplies to the loop."""
+
+    kind: str  # "pretrain" | "finetune": the run folder's prefix
+    unit: str  # what a batch is counted in for throughput: "tokens" | "examples"
+
+    def build_model(self) -> nn.Module: ...
+    def default_rank(self, model: nn.Module) -> int: ...
+    def check_rank(self, model: nn.Module, rank: int) -> None: ...
+    def batch(self, position: int, size: int) -> dict[str, torch.Tensor]: ...
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+    def count(self, batch: dict[str, torch.Tensor]) -> int: ...
+    def evaluate(self, model: nn.Module) -> dict[str, float]: ...
+    def describe(self) -> dict[str, Any]: ...
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint was saved. ``code`` is the conventional exit status."""
+
+    def __init__(self, signum: int, checkpoint: Path) -> None:
+        super().__init__(f"stopped by signal {signal.Signals(signum).name}; checkpoint {checkpoint}")
+        self.code, self.checkpoint = 128 + signum, checkpoint
+
+
+def lr_factor(step: int, total: int, warmup: int, floor: float) -> float:
+    """Linear warmup then cosine decay to ``floor`` (the GaLore paper's schedule), a pure function.
+
+    >>> [round(lr_factor(s, 10, 2, 0.1), 3) for s in (0, 1, 2, 10)]
+    [0.5, 1.0, 1.0, 0.1]
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class Progress:
+    """What a checkpoint stores about the loop (besides model, optimizer, scheduler and RNG)."""
+
+    step: int = 0
+    position: int = 0  # examples or windows consumed
+    skipped: int = 0  # steps skipped for a non-finite loss or gradient
+    consecutive: int = 0
+    seen: int = 0  # tokens or examples trained on
+    history: list[dict[str, float]] = field(default_factory=list)  # evaluations
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    progress: Progress
+    final_eval: dict[str, float]
+    losses: list[float]
+    summary: dict[str, Any]
+
+
+class Trainer:
+    """Train ``task`` under ``config``; ``resume`` is a run or checkpoint folder to continue."""
+
+    def __init__(self, config: TrainConfig, task: Task, *, resume: str | Path | None = None) -> None:
+        self.config, self.task = config, task
+        self.checkpoint = resolve_checkpoint(Path(resume)) if resume is not None else None
+        if self.checkpoint is not None:
+            changed = config.changed_on_resume(read_meta(self.checkpoint).get("config", {}))
+            if changed:
+                raise CheckpointError(
+                    f"--resume {resume}: the run's settings differ from the checkpoint's ({'; '.join(changed)}); "
+                    "resume with the original settings (only steps, eval/save/log intervals and outputs may change)"
+                )
+        self.run_dir = self._run_dir(resume)
+        self._signal: int | None = None
+
+    def _run_dir(self, resume: str | Path | None) -> Path:
+        if self.config.out:
+            return Path(self.config.out)
+        if self.checkpoint is not None:
+            return self.checkpoint.parent.parent
+        return Path("runs") / f"{self.task.kind}-{self.config.optimizer}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        cfg, task = self.config, self.task
+        torch.manual_seed(cfg.seed)
+        model = task.build_model().to(cfg.device)
+        rank = cfg.rank if cfg.rank is not None else task.default_rank(model)
+        task.check_rank(model, rank)
+        optimizer = build_optimizer(model, cfg.optimizer_spec(rank))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
+        )
+        progress = Progress()
+        if self.checkpoint is not None:
+            progress = Progress(**load_checkpoint(self.checkpoint, model, optimizer, scheduler))
+        self._write_run_files(rank)
+        self._rank, self._parameters, started = rank, sum(p.numel() for p in model.parameters()), time.perf_counter()
+        logger = RunLogger(self.run_dir, tensorboard=cfg.tensorboard, resume_step=progress.step or None)
+        losses: list[float] = []
+        bar = _progress_bar(cfg, progress.step)
+        window_start, window_units = time.perf_counter(), 0
+        try:
+            with self._signals():
+                while progress.step < cfg.steps:
+                    loss, grad_norm, units = self._step(model, optimizer, progress)
+                    scheduler.step()
+                    progress.step += 1
+                    window_units += units
+                    losses.append(loss)
+                    lr = optimizer.param_groups[0]["lr"]
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
+                    if progress.step % cfg.log_every == 0 or progress.step == cfg.steps:
+                        elapsed = time.perf_counter() - window_start
+                        row = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped_steps": progress.skipped}
+                        row[f"{task.unit}_per_s"] = window_units / max(elapsed, 1e-9)
+                        logger.write("train", progress.step, row)
+                        bar.set_postfix(
+                            loss=f"{loss:.3f}",
+                            lr=f"{lr:.2e}",
+                            **{f"{task.unit[:3]}/s": f"{row[f'{task.unit}_per_s']:.0f}"},
+                        )
+                        window_start, window_units = time.perf_counter(), 0
+                    if cfg.eval_every and progress.step % cfg.eval_every == 0 and progress.step < cfg.steps:
+                        self._evaluate(model, progress, logger)
+                        window_start = time.perf_counter()
+                    if self._signal is not None:
+                        path = self._save(model, optimizer, scheduler, progress)
+                        raise Interrupted(self._signal, path)
+                    if cfg.save_every and progress.step % cfg.save_every == 0 and progress.step < cfg.steps:
+                        self._save(model, optimizer, scheduler, progress)
+            final = self._evaluate(model, progress, logger)
+            self._save(model, optimizer, scheduler, progress)
+        finally:
+            bar.close()
+            logger.close()
+        summary = self._summary(progress, final, losses, optimizer)
+        summary["seconds"] = time.perf_counter() - started
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return RunResult(self.run_dir, progress, final, losses, summary)
+
+    def _step(self, model: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress) -> tuple[float, float, int]:
+        """One optimizer step over ``grad_accum`` micro-batches; a non-finite loss or gradient
+        norm skips it (weights and optimizer state untouched). Returns loss, grad norm, units."""
+        cfg, task = self.config, self.task
+        total_loss, units, finite = 0.0, 0, True
+        for _ in range(cfg.grad_accum):
+            batch = {k: v.to(cfg.device) for k, v in task.batch(progress.position, cfg.batch_size).items()}
+            progress.position += cfg.batch_size
+            units += task.count(batch)
+            with self._autocast():
+                loss = task.loss(model, batch) / cfg.grad_accum
+            if not torch.isfinite(loss):
+                finite = False
+                continue
+            loss.backward()
+            total_loss += float(loss.detach())
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else math.inf))
+        if finite and math.isfinite(norm):
+            optimizer.step()
+            progress.consecutive = 0
+            progress.seen += units
+        else:
+            progress.skipped += 1
+            progress.consecutive += 1
+            print(f"gradproj: step {progress.step + 1} skipped: non-finite loss or gradient norm ({norm})", flush=True)
+            if progress.consecutive >= cfg.max_nonfinite:
+                last = latest_checkpoint(self.run_dir)
+                raise NonFiniteError(
+                    f"{progress.consecutive} consecutive non-finite steps (up to step {progress.step + 1}); "
+                    f"stopped without saving. Last good checkpoint: {last or 'none'}; lower --lr or check the data"
+                )
+            total_loss = math.nan
+        optimizer.zero_grad(set_to_none=True)
+        return total_loss, norm, units
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def _evaluate(self, model: nn.Module, progress: Progress, logger: RunLogger) -> dict[str, float]:
+        model.eval()
+        with torch.no_grad(), self._autocast():
+            metrics = self.task.evaluate(model)
+        model.train()
+        logger.write("eval", progress.step, metrics)
+        progress.history.append({"step": progress.step, **metrics})
+        return metrics
+
+    def _save(self, model: nn.Module, optimizer: Any, scheduler: Any, progress: Progress) -> Path:
+        state = {k: v for k, v in progress.__dict__.items()}
+        meta = {"config": self.config.to_dict(), "task": self.task.describe()}
+        return save_checkpoint(
+            self.run_dir, progress.step, model, optimizer, scheduler, state, keep=self.config.keep, meta=meta
+        )
+
+    def _write_run_files(self, rank: int) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        config = {**self.config.to_dict(), "resolved_rank": rank, "task": self.task.describe()}
+        (self.run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        (self.run_dir / "environment.json").write_text(json.dumps(environment(self.config.device), indent=2))
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        device = torch.device(self.config.device).type
+        wanted = self.config.autocast == "bf16" or (self.config.autocast == "auto" and device == "cuda")
+        return torch.autocast(device, dtype=torch.bfloat16) if wanted else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _signals(self) -> Iterator[None]:
+        """SIGINT/SIGTERM set a flag; the loop saves after the current step and stops."""
+
+        def handler(signum: int, _frame: Any) -> None:
+            self._signal = signum
+
+        previous = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[signum] = signal.signal(signum, handler)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        try:
+            yield
+        finally:
+            for signum, old in previous.items():
+                signal.signal(signum, old)
+
+    def _summary(
+        self, progress: Progress, final: dict[str, float], losses: list[float], optimizer: torch.optim.Optimizer
+    ) -> dict[str, Any]:
+        from ..bench.quality import state_bytes
+
+        finite = [x for x in losses[-10:] if math.isfinite(x)]
+        return {
+            "run_dir": str(self.run_dir),
+            "model_name": str(getattr(self.config, "model", None) or ""),
+            "parameters": self._parameters,
+            "rank": self._rank,
+            "steps": progress.step,
+            f"{self.task.unit}_seen": progress.seen,
+            "skipped_steps": progress.skipped,
+            "final_train_loss": sum(finite) / len(finite) if finite else math.nan,
+            "eval": final,
+            "optimizer_state_bytes": state_bytes(optimizer),
+            **self.task.describe(),
+        }
+
+
+def _progress_bar(cfg: TrainConfig, start: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, unit="step", dynamic_ncols=True)

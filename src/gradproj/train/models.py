@@ -1,0 +1,88 @@
+"""Causal language models by name: the GaLore paper's LLaMA shapes, small ones that learn on a CPU,
+or any Hugging Face config.
+
+Example:
+    >>> model = build_causal_lm("llama-tiny", vocab_size=256, seq_len=32)
+    >>> sum(p.numel() for p in model.parameters()) < 200_000
+    True
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+#: hidden / intermediate / heads / layers. The paper's five (Zhao et al., 2024, Table 9) and small
+#: shapes for CPUs: ``llama-tiny`` trains in seconds (tests, smoke runs); ``llama-1m`` ...
+#: ``llama-20m`` learn real text in minutes.
+LLAMA_SHAPES: dict[str, tuple[int, int, int, int]] = {
+    "llama-tiny": (64, 172, 4, 2),
+    "llama-1m": (128, 344, 4, 2),
+    "llama-5m": (256, 688, 4, 4),
+    "llama-20m": (384, 1024, 6, 6),
+    "llama-60m": (512, 1376, 8, 8),
+    "llama-130m": (768, 2048, 12, 12),
+    "llama-350m": (1024, 2736, 16, 24),
+    "llama-1b": (2048, 5461, 32, 24),
+    "llama-7b": (4096, 11008, 32, 32),
+}
+
+#: The paper's modules: attention and MLP linears (embeddings, norms and the head stay full rank).
+ATTENTION_AND_MLP = r"(self_attn|attention|mlp|intermediate|output\.dense)"
+
+
+def llama_config(name: str, *, vocab_size: int, seq_len: int) -> Any:
+    """A ``transformers.LlamaConfig`` for one of :data:`LLAMA_SHAPES`."""
+    from transformers import LlamaConfig
+
+    if name not in LLAMA_SHAPES:
+        raise ValueError(
+            f"unknown model {name!r}; valid: {', '.join(LLAMA_SHAPES)}, or a Hugging Face config path/name"
+        )
+    hidden, intermediate, heads, layers = LLAMA_SHAPES[name]
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        num_hidden_layers=layers,
+        max_position_embeddings=seq_len,
+        tie_word_embeddings=False,
+    )
+
+
+def model_config(name: str, *, vocab_size: int, seq_len: int) -> Any:
+    """The config for a registered name, or ``AutoConfig`` of a local path / hub name (vocab resized)."""
+    if name in LLAMA_SHAPES:
+        return llama_config(name, vocab_size=vocab_size, seq_len=seq_len)
+    if name.startswith("llama-") or not (Path(name).exists() or "/" in name):
+        raise ValueError(
+            f"unknown model {name!r}; valid: {', '.join(LLAMA_SHAPES)}, or a Hugging Face config path/name"
+        )
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name)
+    config.vocab_size = vocab_size
+    return config
+
+
+def build_causal_lm(name: str, *, vocab_size: int, seq_len: int) -> nn.Module:
+    """A freshly initialised causal LM (pre-training starts from random weights, as in the paper)."""
+    from transformers import AutoModelForCausalLM
+
+    model: nn.Module = AutoModelForCausalLM.from_config(model_config(name, vocab_size=vocab_size, seq_len=seq_len))
+    return model
+
+
+def smallest_target_dim(model: nn.Module, target: str) -> tuple[int, str]:
+    """``min(m, n)`` over the target linears and the name of the weight that has it."""
+    from ..optim.groups import _target_weights
+
+    weights = _target_weights(model, target, ("lm_head", "classifier", "score"))
+    if not weights:
+        raise ValueError(f"--target-modules {target!r} matches no linear layer of the model")
+    name, weight = min(weights.items(), key=lambda item: min(item[1].shape))
+    return min(weight.shape), name

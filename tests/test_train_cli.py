@@ -1,0 +1,139 @@
+"""`gradproj pretrain/finetune` from the command line: bad input gets one clear line and exit 2;
+text sources split without overlap; the Hugging Face Trainer runs and resumes a gradproj optimizer."""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from gradproj.cli import main
+from gradproj.train.text import load_text
+
+TINY = ["--model", "llama-tiny", "--batch-size", "2", "--seq-len", "16", "--no-progress", "--no-tensorboard"]
+
+
+def _error(capsys: pytest.CaptureFixture[str], args: list[str]) -> str:
+    assert main(["pretrain", *TINY, *args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines  # one line, no traceback
+    return lines[0]
+
+
+@pytest.fixture()
+def text_file(tmp_path: Path) -> Path:
+    path = tmp_path / "story.txt"
+    path.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog." * 3 for i in range(60)))
+    return path
+
+
+def test_bad_input_is_one_line_naming_the_value(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text_file: Path
+) -> None:
+    missing = tmp_path / "nope.txt"
+    assert f"--data {missing}: no such file" in _error(capsys, ["--data", str(missing)])
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    assert "0 paragraph(s)" in _error(capsys, ["--data", str(empty)])
+    binary = tmp_path / "blob.txt"
+    binary.write_bytes(b"\x00\x01\x02" * 100)
+    assert "looks binary" in _error(capsys, ["--data", str(binary)])
+    assert "unknown model 'llama-3m'; valid: llama-tiny" in _error(
+        capsys, ["--data", str(text_file), "--model", "llama-3m"]
+    )
+    message = _error(capsys, ["--data", str(text_file), "--rank", "500"])
+    assert "--rank 500 is larger than the model's matrices" in message and "use --rank <= 64" in message
+    assert "steps=0 is not valid" in _error(capsys, ["--data", str(text_file), "--steps", "0"])
+    assert "no checkpoint found" in _error(capsys, ["--resume", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:  # argparse: the choices are listed
+        main(["pretrain", "--optimizer", "adam"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'adam'" in capsys.readouterr().err
+
+
+def test_resume_with_changed_model_flag_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text_file: Path
+) -> None:
+    run = tmp_path / "run"
+    assert main(["pretrain", *TINY, "--data", str(text_file), "--steps", "2", "--out", str(run)]) == 0
+    capsys.readouterr()
+    message = _error(capsys, ["--resume", str(run), "--model", "llama-1m"])
+    assert "model: 'llama-tiny' -> 'llama-1m'" in message
+    (run / "checkpoints/step-00000002/optimizer.pt").write_bytes(b"not a checkpoint")
+    assert "optimizer state does not load" in _error(capsys, ["--resume", str(run), "--steps", "3"])
+
+
+def test_local_text_sources_hold_out_without_overlap(tmp_path: Path, text_file: Path) -> None:
+    single = load_text(str(text_file))
+    assert len(single.validation) == 3 and not set(single.train) & set(single.validation)
+    assert single.validation[-1].startswith("Paragraph 59")  # the end of the file is held out
+    folder = tmp_path / "books"
+    for i in range(30):
+        (folder / f"sub{i % 3}").mkdir(parents=True, exist_ok=True)
+        (folder / f"sub{i % 3}" / f"book{i}.txt").write_text(f"Book {i} first.\n\nBook {i} second.")
+    (folder / "image.png").write_bytes(b"\x89PNG")  # ignored: not a text suffix
+    split = load_text(str(folder))
+    held = {d.split()[1] for d in split.validation}
+    assert held and not held & {d.split()[1] for d in split.train}  # whole books held out
+    assert len(split.train) + len(split.validation) == 60
+
+
+def test_hugging_face_dataset_source_streams_train_and_validation(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def load_dataset(name, config, split, streaming):  # type: ignore[no-untyped-def]
+        calls.append((name, config, split, streaming))
+        return iter([{"text": f"{split} document {i}"} for i in range(1000)])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    split = load_text("hf:allenai/c4:en", max_hub_docs=40)
+    assert calls == [("allenai/c4", "en", "train", True), ("allenai/c4", "en", "validation", True)]
+    assert len(split.train) == 40 and len(split.validation) == 2 and split.validation[0].startswith("validation")
+
+
+def test_hf_trainer_runs_and_resumes_a_gradproj_optimizer(tmp_path: Path) -> None:
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    from gradproj import GaLoreAdamW
+    from gradproj.integrations.hf import create_optimizer
+    from gradproj.train.models import build_causal_lm
+
+    torch.manual_seed(0)
+    rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 128, (48, 17)).tolist()]
+
+    def train(out: Path, resume: str | None = None) -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = build_causal_lm("llama-tiny", vocab_size=128, seq_len=16)
+        args = TrainingArguments(
+            str(out),
+            max_steps=8,
+            per_device_train_batch_size=4,
+            learning_rate=1e-2,
+            save_steps=4,
+            optim_target_modules=["self_attn", "mlp"],
+            optim_args="rank=8,update_proj_gap=3,scale=0.25",
+            report_to=[],
+            use_cpu=True,
+            seed=0,
+            data_seed=0,
+            logging_steps=100,
+            disable_tqdm=True,
+        )
+        optimizer, scheduler = create_optimizer(model, args, optimizer="galore_adamw")
+        assert isinstance(optimizer, GaLoreAdamW) and optimizer.param_groups[0]["rank"] == 8
+        Trainer(model=model, args=args, train_dataset=rows, optimizers=(optimizer, scheduler)).train(
+            resume_from_checkpoint=resume
+        )
+        return model
+
+    full = train(tmp_path / "full")
+    assert (tmp_path / "full/checkpoint-4/optimizer.pt").exists()
+    state = torch.load(tmp_path / "full/checkpoint-4/optimizer.pt", weights_only=True)
+    assert any("basis_left" in s or "basis_right" in s for s in state["state"].values())
+    resumed = train(tmp_path / "full", resume=str(tmp_path / "full/checkpoint-4"))
+    for a, b in zip(full.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
