@@ -36,8 +36,9 @@ def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
 
 
 def test_pretrain_learns_and_logs(data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    cfg = PretrainConfig(**TINY, steps=40, eval_every=20, log_every=5, out=str(tmp_path))
+    cfg = PretrainConfig(**{**TINY, "tensorboard": True}, steps=40, eval_every=20, log_every=5, out=str(tmp_path))
     result = pretrain(cfg, data=data)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert sum(result.losses[-5:]) < sum(result.losses[:5]) - 5 * 0.5
     assert result.final_eval["ppl"] < data.unigram_ppl
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

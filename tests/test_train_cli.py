@@ -3,6 +3,7 @@ text sources split without overlap; the Hugging Face Trainer runs and resumes a 
 
 from __future__ import annotations
 
+import json
 import sys
 import types
 from pathlib import Path
@@ -137,3 +138,40 @@ def test_hf_trainer_runs_and_resumes_a_gradproj_optimizer(tmp_path: Path) -> Non
     resumed = train(tmp_path / "full", resume=str(tmp_path / "full/checkpoint-4"))
     for a, b in zip(full.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_hugging_face_tokenizer_source(tmp_path: Path, text_file: Path) -> None:
+    from gradproj.data.embedded import minilm_path
+
+    run = tmp_path / "run"
+    args = ["pretrain", *TINY, "--data", str(text_file), "--tokenizer", str(minilm_path()), "--steps", "2"]
+    assert main([*args, "--out", str(run)]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["task"]["vocab_size"] == 30522  # the BERT WordPiece vocabulary, not a trained BPE
+
+
+class _FakeSplit(list):  # type: ignore[type-arg]
+    """Just enough of a datasets.Dataset: rows, a column by name, and the label names."""
+
+    def __init__(self, rows: list[dict[str, object]]) -> None:
+        super().__init__(rows)
+        self.features = {"label": types.SimpleNamespace(names=["not_equivalent", "equivalent"])}
+
+    def __getitem__(self, key):  # type: ignore[no-untyped-def]
+        return [row[key] for row in self] if isinstance(key, str) else super().__getitem__(key)
+
+
+def test_glue_pair_task_through_datasets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def load_dataset(name, task, split):  # type: ignore[no-untyped-def]
+        assert (name, task) == ("nyu-mll/glue", "mrpc")
+        rows = [{"sentence1": f"The cat sat {i}.", "sentence2": f"A cat sat {i}.", "label": i % 2} for i in range(24)]
+        return _FakeSplit(rows)
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    run = tmp_path / "run"
+    flags = ["--task", "mrpc", "--steps", "2", "--batch-size", "4", "--max-length", "16", "--no-progress"]
+    assert main(["finetune", *flags, "--no-tensorboard", "--out", str(run)]) == 0
+    evaluation = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert evaluation["kind"] == "eval" and 0 <= evaluation["f1"] <= 1
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["labels"] == ["not_equivalent", "equivalent"] and summary["heldout_examples"] == 24

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,13 +17,15 @@ from typing import Any
 import torch
 
 from ..data import encode_corpus, load_corpus, train_tokenizer
+from ..train.logs import environment, optimizer_state_bytes
+from ..train.loop import lr_factor
+from ..train.models import build_causal_lm
+from ..train.pretrain import heldout_loss, next_token_loss
+from ..train.text import unigram_perplexity
 from .methods import Method
 
-#: Small LLaMA shapes that learn real text quickly.
-MODELS: dict[str, dict[str, Any]] = {
-    "llama-1m": {"hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 2, "num_attention_heads": 4},
-    "llama-5m": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4},
-}
+#: Small LLaMA shapes that learn real text quickly (see ``gradproj.train.models.LLAMA_SHAPES``).
+MODELS = ("llama-1m", "llama-5m", "llama-20m")
 
 
 @dataclass(frozen=True)
@@ -57,18 +58,12 @@ def prepare_data(vocab_size: int) -> Data:
     corpus = load_corpus()
     tokenizer = train_tokenizer(corpus.train, vocab_size)
     train, validation = encode_corpus(tokenizer, corpus.train), encode_corpus(tokenizer, corpus.validation)
-    counts = torch.bincount(train, minlength=vocab_size).double() + 1.0  # add-one smoothing
-    log_p = (counts / counts.sum()).log()
-    return Data(train, validation, math.exp(-float(log_p[validation].mean())))
+    return Data(train, validation, unigram_perplexity(train, validation, vocab_size))
 
 
 def build_model(cfg: RunConfig) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(cfg.seed)
-    config = LlamaConfig(vocab_size=cfg.vocab_size, max_position_embeddings=cfg.seq_len, **MODELS[cfg.model])
-    model: torch.nn.Module = LlamaForCausalLM(config)
-    return model.to(cfg.device)
+    return build_causal_lm(cfg.model, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len).to(cfg.device)
 
 
 def split_parameters(model: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -93,37 +88,9 @@ def evaluate(model: torch.nn.Module, validation: torch.Tensor, cfg: RunConfig) -
     model.eval()
     width = cfg.seq_len + 1
     count = min(cfg.eval_windows, validation.numel() // width)
-    windows = validation[: count * width].view(count, width).to(cfg.device)
-    total, tokens = 0.0, 0
-    for chunk in windows.split(32):
-        logits = model(chunk[:, :-1]).logits.float()  # batch x seq x vocab
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum")
-        total, tokens = total + float(loss), tokens + chunk[:, 1:].numel()
+    loss, _ = heldout_loss(model, validation[: count * width].view(count, width))
     model.train()
-    return total / tokens
-
-
-def lr_factor(step: int, cfg: RunConfig) -> float:
-    """Linear warmup then cosine decay to 10% (the GaLore paper's schedule)."""
-    if step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
-
-
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor held in the optimizer's state (what a checkpoint would store)."""
-    return sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in _tensors(state))
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    return [t for v in getattr(value, "__dict__", {}).values() for t in _tensors(v)]  # peers' projector objects
+    return loss
 
 
 def run(method: Method, lr_m: float, lr_o: float, data: Data, cfg: RunConfig) -> dict[str, Any]:
@@ -131,13 +98,13 @@ def run(method: Method, lr_m: float, lr_o: float, data: Data, cfg: RunConfig) ->
     model = build_model(cfg)
     mats, rest = split_parameters(model)
     optimizer = method.build(mats, rest, lr_m, lr_o, int(method.options.get("rank", cfg.rank)))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup, 0.1))
     windows = batches(data.train, cfg)
     losses: list[float] = []
     start = time.perf_counter()
     for step in range(cfg.steps):
         batch = windows[step].to(cfg.device)
-        loss = _loss(model, batch)
+        loss = next_token_loss(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         optimizer.step()
@@ -153,36 +120,14 @@ def run(method: Method, lr_m: float, lr_o: float, data: Data, cfg: RunConfig) ->
         "val_loss": val_loss,
         "val_ppl": math.exp(val_loss),
         "train_loss_last10": sum(losses[-10:]) / 10,
-        "state_bytes": state_bytes(optimizer),
+        "state_bytes": optimizer_state_bytes(optimizer),
         "seconds": elapsed,
         "diverged": not math.isfinite(val_loss),
         "config": asdict(cfg),
         "options": method.options,
-        "versions": versions(),
+        "versions": environment(cfg.device),
         "unigram_ppl": data.unigram_ppl,
     }
-
-
-def _loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    logits = model(batch[:, :-1]).logits  # batch x seq x vocab
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
-
-
-def versions() -> dict[str, str]:
-    """Versions and device, recorded with every result."""
-    import gradproj
-
-    out = {"python": platform.python_version(), "torch": torch.__version__, "gradproj": gradproj.__version__}
-    out["device"] = (
-        torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
-    )
-    for name in ("transformers", "galore_torch", "fira", "apollo_torch", "bitsandbytes"):
-        try:
-            module = __import__(name)
-            out[name] = str(getattr(module, "__version__", "installed"))
-        except Exception:
-            out[name] = "missing"
-    return out
 
 
 def best_per_method(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

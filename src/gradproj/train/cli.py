@@ -91,10 +91,18 @@ def _add_common(p: argparse.ArgumentParser, config: TrainConfig) -> None:
     r.add_argument("--out", default=S, help="run folder (default runs/<command>-<optimizer>-<time>)")
     r.add_argument("--resume", default=None, metavar="DIR", help="continue a run folder (or one checkpoint) exactly")
     r.add_argument(
-        "--eval-every", dest="eval_every", type=int, default=S, help="steps between evaluations (0: at the end)"
+        "--eval-every",
+        dest="eval_every",
+        type=int,
+        default=S,
+        help=f"steps between evaluations, 0 = at the end only (default {config.eval_every})",
     )
     r.add_argument(
-        "--save-every", dest="save_every", type=int, default=S, help="steps between checkpoints (0: at the end)"
+        "--save-every",
+        dest="save_every",
+        type=int,
+        default=S,
+        help=f"steps between checkpoints, 0 = at the end only (default {config.save_every})",
     )
     r.add_argument("--keep", type=int, default=S, help="checkpoints kept (default 3)")
     r.add_argument("--log-every", dest="log_every", type=int, default=S, help="steps between log rows (default 10)")
@@ -216,14 +224,13 @@ def run(args: argparse.Namespace) -> int:
 def format_summary(summary: dict[str, Any], config: TrainConfig) -> str:
     """The final table printed after a run (the same numbers are in RUN/summary.json)."""
     ev = summary["eval"]
+    rank = f", rank {summary['rank']}" if summary["rank"] is not None else ""
+    state = f"state {summary['optimizer_state_bytes'] / 2**20:.1f} MiB"
     rows = [
         ("run", summary["run_dir"]),
         ("model", f"{summary.get('model_name', '')} ({summary['parameters'] / 1e6:.1f}M parameters)"),
         ("data", summary["data"]),
-        (
-            "optimizer",
-            f"{config.optimizer}, rank {summary['rank']}, state {summary['optimizer_state_bytes'] / 2**20:.1f} MiB",
-        ),
+        ("optimizer", f"{config.optimizer}{rank}, {state}"),
         ("steps", f"{summary['steps']} ({summary['skipped_steps']} skipped) in {summary['seconds']:.0f} s"),
         ("train loss", f"{summary['final_train_loss']:.3f} (mean of the last 10 steps)"),
     ]

@@ -56,7 +56,7 @@ class TrainConfig:
     on_refresh: str = "keep"  #: what happens to the moments when the basis changes
     weight_decay: float = 0.0
     target_modules: str = ATTENTION_AND_MLP  #: regex of module names to project, or "all-linear"
-    steps: int = 300  #: optimizer steps
+    steps: int = 600  #: optimizer steps
     warmup: int | None = None  #: linear warmup steps (None: 10% of steps)
     min_lr_ratio: float = 0.1  #: the cosine decays to this fraction of the peak
     clip: float = 1.0  #: global gradient-norm clip (0: no clipping, the norm is still logged)
@@ -65,8 +65,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     autocast: str = "auto"  #: auto (bf16 on CUDA, off on CPU) | bf16 | off
-    eval_every: int = 0  #: steps between evaluations (0: only at the end)
-    save_every: int = 0  #: steps between checkpoints (0: only at the end / on a signal)
+    eval_every: int = 200  #: steps between evaluations (0: only at the end)
+    save_every: int = 200  #: steps between checkpoints (0: only at the end / on a signal)
     keep: int = 3  #: checkpoints kept
     log_every: int = 10  #: steps between log rows
     out: str | None = None  #: run folder (None: runs/<task>-<optimizer>-<time>)
@@ -163,6 +163,8 @@ class FinetuneConfig(TrainConfig):
     OTHER_LR: ClassVar[float | None] = 3e-4
 
     steps: int = 100
+    eval_every: int = 50
+    save_every: int = 50
     model: str | None = None  #: None (embedded all-MiniLM-L6-v2) or a Hugging Face model path/name
     task: str = "bbc-news"  #: bbc-news (embedded) or a GLUE task name (needs the network)
     max_length: int = 128  #: tokens per example (truncated)

@@ -130,6 +130,7 @@ class FinetuneTask:
 
         verbosity = logging.get_verbosity()
         logging.set_verbosity_error()  # "some weights are newly initialized": the classifier head, expected
+        logging.disable_progress_bar()  # a bar for loading 103 tensors is noise in the run's output
         try:
             model: nn.Module = AutoModelForSequenceClassification.from_pretrained(
                 self.model_path, num_labels=len(self.labels)
@@ -138,6 +139,7 @@ class FinetuneTask:
             raise ValueError(f"--model {self.model_path}: could not load ({type(error).__name__}: {error})") from None
         finally:
             logging.set_verbosity(verbosity)
+            logging.enable_progress_bar()
         return model
 
     def default_rank(self, model: nn.Module) -> int:
@@ -188,7 +190,8 @@ class FinetuneTask:
     def describe(self) -> dict[str, Any]:
         return {
             "data": self.source,
-            "model": self.model_path,
+            "model": self.config.model or "all-MiniLM-L6-v2 (from PyPI)",
+            "model_path": self.model_path,
             "labels": self.labels,
             "train_examples": len(self.train),
             "heldout_examples": len(self.held_out),

@@ -40,6 +40,22 @@ def environment(device: str = "cpu") -> dict[str, str]:
     return out
 
 
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor an optimizer holds in its state (what a checkpoint stores), including
+    tensors inside peers' projector objects."""
+    return sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in _tensors(state))
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return [t for v in getattr(value, "__dict__", {}).values() for t in _tensors(v)]  # peers' projector objects
+
+
 class RunLogger:
     """Appends metric rows for one run folder."""
 

@@ -27,7 +27,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig
-from .logs import RunLogger, environment
+from .logs import RunLogger, environment, optimizer_state_bytes
 from .optimizers import build_optimizer
 
 
@@ -107,6 +107,7 @@ class Trainer:
                 )
         self.run_dir = self._run_dir(resume)
         self._signal: int | None = None
+        self.rank = 0  # resolved in _setup (the default depends on the model)
 
     def _run_dir(self, resume: str | Path | None) -> Path:
         if self.config.out:
@@ -117,63 +118,62 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> RunResult:
-        cfg, task = self.config, self.task
-        torch.manual_seed(cfg.seed)
-        model = task.build_model().to(cfg.device)
-        rank = cfg.rank if cfg.rank is not None else task.default_rank(model)
-        task.check_rank(model, rank)
-        optimizer = build_optimizer(model, cfg.optimizer_spec(rank))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
-        )
-        progress = Progress()
-        if self.checkpoint is not None:
-            progress = Progress(**load_checkpoint(self.checkpoint, model, optimizer, scheduler))
-        self._write_run_files(rank)
-        self._rank, self._parameters, started = rank, sum(p.numel() for p in model.parameters()), time.perf_counter()
+        cfg = self.config
+        started = time.perf_counter()
+        model, optimizer, scheduler, progress = self._setup()
         logger = RunLogger(self.run_dir, tensorboard=cfg.tensorboard, resume_step=progress.step or None)
+        meter = _Throughput(self.task.unit)
         losses: list[float] = []
         bar = _progress_bar(cfg, progress.step)
-        window_start, window_units = time.perf_counter(), 0
         try:
             with self._signals():
                 while progress.step < cfg.steps:
                     loss, grad_norm, units = self._step(model, optimizer, progress)
                     scheduler.step()
                     progress.step += 1
-                    window_units += units
                     losses.append(loss)
+                    meter.add(units)
                     lr = optimizer.param_groups[0]["lr"]
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
+                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", **meter.postfix, refresh=False)
                     if progress.step % cfg.log_every == 0 or progress.step == cfg.steps:
-                        elapsed = time.perf_counter() - window_start
                         row = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped_steps": progress.skipped}
-                        row[f"{task.unit}_per_s"] = window_units / max(elapsed, 1e-9)
-                        logger.write("train", progress.step, row)
-                        bar.set_postfix(
-                            loss=f"{loss:.3f}",
-                            lr=f"{lr:.2e}",
-                            **{f"{task.unit[:3]}/s": f"{row[f'{task.unit}_per_s']:.0f}"},
-                        )
-                        window_start, window_units = time.perf_counter(), 0
-                    if cfg.eval_every and progress.step % cfg.eval_every == 0 and progress.step < cfg.steps:
-                        self._evaluate(model, progress, logger)
-                        window_start = time.perf_counter()
+                        logger.write("train", progress.step, {**row, **meter.rate()})
                     if self._signal is not None:
-                        path = self._save(model, optimizer, scheduler, progress)
-                        raise Interrupted(self._signal, path)
-                    if cfg.save_every and progress.step % cfg.save_every == 0 and progress.step < cfg.steps:
-                        self._save(model, optimizer, scheduler, progress)
+                        raise Interrupted(self._signal, self._save(model, optimizer, scheduler, progress))
+                    if progress.step < cfg.steps:
+                        paused = time.perf_counter()
+                        if cfg.eval_every and progress.step % cfg.eval_every == 0:
+                            self._evaluate(model, progress, logger)
+                        if cfg.save_every and progress.step % cfg.save_every == 0:
+                            self._save(model, optimizer, scheduler, progress)
+                        meter.exclude(time.perf_counter() - paused)
             final = self._evaluate(model, progress, logger)
             self._save(model, optimizer, scheduler, progress)
         finally:
             bar.close()
             logger.close()
-        summary = self._summary(progress, final, losses, optimizer)
+        summary = self._summary(model, progress, final, losses, optimizer)
         summary["seconds"] = time.perf_counter() - started
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return RunResult(self.run_dir, progress, final, losses, summary)
+
+    def _setup(self) -> tuple[nn.Module, torch.optim.Optimizer, Any, Progress]:
+        """Model, optimizer and schedule from the config; their state from the checkpoint if resuming."""
+        cfg, task = self.config, self.task
+        torch.manual_seed(cfg.seed)
+        model = task.build_model().to(cfg.device)
+        self.rank = cfg.rank if cfg.rank is not None else task.default_rank(model)
+        task.check_rank(model, self.rank)
+        optimizer = build_optimizer(model, cfg.optimizer_spec(self.rank))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
+        )
+        progress = Progress()
+        if self.checkpoint is not None:
+            progress = Progress(**load_checkpoint(self.checkpoint, model, optimizer, scheduler))
+        self._write_run_files()
+        return model, optimizer, scheduler, progress
 
     def _step(self, model: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress) -> tuple[float, float, int]:
         """One optimizer step over ``grad_accum`` micro-batches; a non-finite loss or gradient
@@ -228,9 +228,9 @@ class Trainer:
             self.run_dir, progress.step, model, optimizer, scheduler, state, keep=self.config.keep, meta=meta
         )
 
-    def _write_run_files(self, rank: int) -> None:
+    def _write_run_files(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        config = {**self.config.to_dict(), "resolved_rank": rank, "task": self.task.describe()}
+        config = {**self.config.to_dict(), "resolved_rank": self.rank, "task": self.task.describe()}
         (self.run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
         (self.run_dir / "environment.json").write_text(json.dumps(environment(self.config.device), indent=2))
 
@@ -244,7 +244,10 @@ class Trainer:
         """SIGINT/SIGTERM set a flag; the loop saves after the current step and stops."""
 
         def handler(signum: int, _frame: Any) -> None:
+            if self._signal is not None:  # asked twice: stop now (the last checkpoint is whole: saves are atomic)
+                raise KeyboardInterrupt
             self._signal = signum
+            print(f"\ngradproj: {signal.Signals(signum).name}: saving after this step (again to stop now)", flush=True)
 
         previous = {}
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -259,24 +262,52 @@ class Trainer:
                 signal.signal(signum, old)
 
     def _summary(
-        self, progress: Progress, final: dict[str, float], losses: list[float], optimizer: torch.optim.Optimizer
+        self,
+        model: nn.Module,
+        progress: Progress,
+        final: dict[str, float],
+        losses: list[float],
+        optimizer: torch.optim.Optimizer,
     ) -> dict[str, Any]:
-        from ..bench.quality import state_bytes
-
         finite = [x for x in losses[-10:] if math.isfinite(x)]
         return {
             "run_dir": str(self.run_dir),
-            "model_name": str(getattr(self.config, "model", None) or ""),
-            "parameters": self._parameters,
-            "rank": self._rank,
+            "model_name": str(getattr(self.config, "model", None) or self.task.describe().get("model", "")),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "rank": optimizer.param_groups[0].get("rank"),  # None for the full-rank baselines
             "steps": progress.step,
             f"{self.task.unit}_seen": progress.seen,
             "skipped_steps": progress.skipped,
             "final_train_loss": sum(finite) / len(finite) if finite else math.nan,
             "eval": final,
-            "optimizer_state_bytes": state_bytes(optimizer),
+            "optimizer_state_bytes": optimizer_state_bytes(optimizer),
             **self.task.describe(),
         }
+
+
+class _Throughput:
+    """Units (tokens or examples) per second of training, evaluation and checkpoint time excluded."""
+
+    def __init__(self, unit: str) -> None:
+        self.unit, self.units, self.start, self.last = unit, 0, time.perf_counter(), 0.0
+
+    def add(self, units: int) -> None:
+        self.units += units
+        self.last = self.units / max(time.perf_counter() - self.start, 1e-9)
+
+    def rate(self) -> dict[str, float]:
+        """The rate since the previous call (the log row's value), then a new window."""
+        rate = {f"{self.unit}_per_s": self.last}
+        self.units, self.start = 0, time.perf_counter()
+        return rate
+
+    def exclude(self, seconds: float) -> None:
+        """Leave out time spent evaluating or saving (it is not training time)."""
+        self.start += seconds
+
+    @property
+    def postfix(self) -> dict[str, str]:
+        return {f"{self.unit[:3]}/s": f"{self.last:.0f}"}
 
 
 def _progress_bar(cfg: TrainConfig, start: int) -> Any:

@@ -52,23 +52,13 @@ class PretrainTask:
         return {"tokens": self.data.train.batch(position, size, self.config.seed)}  # batch x (seq_len + 1)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        tokens = batch["tokens"]
-        logits = model(tokens[:, :-1]).logits  # batch x seq x vocab: position t predicts token t + 1
-        return nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        return next_token_loss(model, batch["tokens"])
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["tokens"][:, 1:].numel())
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Token-weighted mean loss over every target token of the fixed held-out windows."""
-        device = next(model.parameters()).device
-        total, tokens = 0.0, 0
-        for chunk in self.eval_windows.split(32):
-            chunk = chunk.to(device)
-            logits = model(chunk[:, :-1]).logits.float()  # batch x seq x vocab
-            loss = nn.functional.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum")
-            total, tokens = total + float(loss), tokens + chunk[:, 1:].numel()
-        mean = total / tokens
+        mean, tokens = heldout_loss(model, self.eval_windows)
         return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": float(tokens)}
 
     def describe(self) -> dict[str, Any]:
@@ -79,6 +69,25 @@ class PretrainTask:
             "vocab_size": self.data.tokenizer.vocab_size,
             "unigram_ppl": round(self.data.unigram_ppl, 2),
         }
+
+
+def next_token_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``tokens`` (batch x (L + 1)): position t predicts token t + 1."""
+    logits = model(tokens[:, :-1]).logits  # batch x L x vocab
+    return nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+
+
+def heldout_loss(model: nn.Module, windows: torch.Tensor, chunk_size: int = 32) -> tuple[float, int]:
+    """Token-weighted mean next-token loss over every target of ``windows`` (n x (L + 1)), and the
+    number of targets: position t predicts token t + 1, so each window has L targets."""
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    for chunk in windows.split(chunk_size):
+        chunk = chunk.to(device)
+        logits = model(chunk[:, :-1]).logits.float()  # batch x seq x vocab
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum")
+        total, tokens = total + float(loss), tokens + chunk[:, 1:].numel()
+    return total / tokens, tokens
 
 
 def pretrain(

@@ -195,7 +195,17 @@ def prepare_pretrain_data(spec: str | None, tokenizer: str | None, vocab_size: i
                 f"--data {spec or 'shakespeare'}: the {label} split has {ids.numel()} tokens, fewer than one "
                 f"window of --seq-len {seq_len} + 1; give more text or a smaller --seq-len"
             )
-    counts = torch.bincount(train, minlength=tok.vocab_size).double() + 1.0  # add-one smoothing
-    log_p = (counts / counts.sum()).log()
-    unigram = math.exp(-float(log_p[validation].mean()))
+    unigram = unigram_perplexity(train, validation, tok.vocab_size)
     return PretrainData(TokenStream(train, seq_len), TokenStream(validation, seq_len), tok, splits.source, unigram)
+
+
+def unigram_perplexity(train: torch.Tensor, heldout: torch.Tensor, vocab_size: int) -> float:
+    """Perplexity of the held-out tokens under add-one-smoothed training token frequencies: the
+    baseline a model that ignores context reaches.
+
+    >>> round(unigram_perplexity(torch.tensor([0, 0, 1]), torch.tensor([0, 1]), 2), 3)
+    2.041
+    """
+    counts = torch.bincount(train, minlength=vocab_size).double() + 1.0
+    log_p = (counts / counts.sum()).log()
+    return math.exp(-float(log_p[heldout].mean()))
