@@ -175,3 +175,21 @@ def test_glue_pair_task_through_datasets(tmp_path: Path, monkeypatch: pytest.Mon
     assert evaluation["kind"] == "eval" and 0 <= evaluation["f1"] <= 1
     summary = json.loads((run / "summary.json").read_text())
     assert summary["labels"] == ["not_equivalent", "equivalent"] and summary["heldout_examples"] == 24
+
+
+def test_any_hugging_face_causal_lm_config(tmp_path: Path, text_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from transformers import Qwen2Config
+
+    Qwen2Config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
+    ).save_pretrained(tmp_path / "qwen")
+    run = tmp_path / "run"
+    args = ["pretrain", "--model", str(tmp_path / "qwen"), "--data", str(text_file), "--steps", "2", "--seq-len", "16"]
+    assert main([*args, "--no-progress", "--no-tensorboard", "--out", str(run), "--rank", "4"]) == 0
+    from safetensors.torch import load_file
+
+    weights = load_file(run / "checkpoints/step-00000002/model.safetensors")
+    assert "model.layers.0.self_attn.q_proj.bias" in weights  # Qwen2's biased projections: not a LLaMA
+    assert "not a loadable Hugging Face config" in _error(
+        capsys, ["--data", str(text_file), "--model", str(tmp_path / "run")]
+    )

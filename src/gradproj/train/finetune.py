@@ -22,7 +22,6 @@ from torch import nn
 from ..data.embedded import LabelledTexts, load_bbc_news, minilm_path
 from .config import FinetuneConfig
 from .loop import RunResult, Trainer
-from .models import smallest_target_dim
 from .text import _permutation
 
 #: GLUE task -> (text columns, validation split, F1 reported as well).
@@ -141,17 +140,6 @@ class FinetuneTask:
             logging.set_verbosity(verbosity)
             logging.enable_progress_bar()
         return model
-
-    def default_rank(self, model: nn.Module) -> int:
-        return max(1, int(getattr(model.config, "hidden_size", 512)) // 4)
-
-    def check_rank(self, model: nn.Module, rank: int) -> None:
-        smallest, name = smallest_target_dim(model, self.config.target_modules)
-        if rank > smallest and self.config.optimizer not in ("adamw", "adamw8bit", "apollo_mini"):
-            raise ValueError(
-                f"--rank {rank} is larger than the model's matrices ({name} has min(m, n) = {smallest}); "
-                f"use --rank <= {smallest}"
-            )
 
     def batch(self, position: int, size: int) -> dict[str, torch.Tensor]:
         n = len(self.train)

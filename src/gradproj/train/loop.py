@@ -28,6 +28,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .logs import RunLogger, environment, optimizer_state_bytes
+from .models import check_rank, default_rank
 from .optimizers import build_optimizer
 
 
@@ -38,8 +39,6 @@ class Task(Protocol):
     unit: str  # what a batch is counted in for throughput: "tokens" | "examples"
 
     def build_model(self) -> nn.Module: ...
-    def default_rank(self, model: nn.Module) -> int: ...
-    def check_rank(self, model: nn.Module, rank: int) -> None: ...
     def batch(self, position: int, size: int) -> dict[str, torch.Tensor]: ...
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
     def count(self, batch: dict[str, torch.Tensor]) -> int: ...
@@ -163,8 +162,9 @@ class Trainer:
         cfg, task = self.config, self.task
         torch.manual_seed(cfg.seed)
         model = task.build_model().to(cfg.device)
-        self.rank = cfg.rank if cfg.rank is not None else task.default_rank(model)
-        task.check_rank(model, self.rank)
+        self.rank = cfg.rank if cfg.rank is not None else default_rank(model)
+        if cfg.optimizer_spec().projected and cfg.optimizer != "apollo_mini":  # APOLLO-Mini is always rank 1
+            check_rank(model, cfg.target_modules, self.rank)
         optimizer = build_optimizer(model, cfg.optimizer_spec(self.rank))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)

@@ -64,7 +64,11 @@ def model_config(name: str, *, vocab_size: int, seq_len: int) -> Any:
         )
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(name)
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except Exception as error:  # offline, no such repository, not a config folder
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"--model {name}: not a loadable Hugging Face config ({reason})") from None
     config.vocab_size = vocab_size
     return config
 
@@ -75,6 +79,21 @@ def build_causal_lm(name: str, *, vocab_size: int, seq_len: int) -> nn.Module:
 
     model: nn.Module = AutoModelForCausalLM.from_config(model_config(name, vocab_size=vocab_size, seq_len=seq_len))
     return model
+
+
+def default_rank(model: nn.Module) -> int:
+    """A quarter of the hidden size: the paper's ratio (128/512 for LLaMA-60M ... 512/2048 for 1B)."""
+    return max(1, int(getattr(getattr(model, "config", None), "hidden_size", 512)) // 4)
+
+
+def check_rank(model: nn.Module, target: str, rank: int) -> None:
+    """Refuse a rank larger than the smallest targeted matrix (the engine would clamp it silently per matrix)."""
+    smallest, name = smallest_target_dim(model, target)
+    if rank > smallest:
+        raise ValueError(
+            f"--rank {rank} is larger than the model's matrices ({name} has min(m, n) = {smallest}); "
+            f"use --rank <= {smallest}"
+        )
 
 
 def smallest_target_dim(model: nn.Module, target: str) -> tuple[int, str]:

@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import PretrainConfig
 from .loop import RunResult, Trainer
-from .models import build_causal_lm, smallest_target_dim
+from .models import build_causal_lm
 from .text import PretrainData, prepare_pretrain_data
 
 
@@ -35,18 +35,6 @@ class PretrainTask:
     def build_model(self) -> nn.Module:
         cfg = self.config
         return build_causal_lm(cfg.model, vocab_size=self.data.tokenizer.vocab_size, seq_len=cfg.seq_len)
-
-    def default_rank(self, model: nn.Module) -> int:
-        """A quarter of the hidden size: the paper's ratio (128/512 for LLaMA-60M ... 512/2048 for 1B)."""
-        return max(1, int(getattr(model.config, "hidden_size", 512)) // 4)
-
-    def check_rank(self, model: nn.Module, rank: int) -> None:
-        smallest, name = smallest_target_dim(model, self.config.target_modules)
-        if rank > smallest and self.config.optimizer not in ("adamw", "adamw8bit", "apollo_mini"):
-            raise ValueError(
-                f"--rank {rank} is larger than the model's matrices ({name} has min(m, n) = {smallest}); "
-                f"use --rank <= {smallest}"
-            )
 
     def batch(self, position: int, size: int) -> dict[str, torch.Tensor]:
         return {"tokens": self.data.train.batch(position, size, self.config.seed)}  # batch x (seq_len + 1)
