@@ -67,6 +67,8 @@ def test_same_seed_same_losses_other_seed_differs(data, tmp_path: Path) -> None:
         {"optimizer": "apollo_mini"},
         {"optimizer": "adamw8bit"},
         {"optimizer": "adamw", "grad_accum": 2},
+        {"optimizer": "galore_adamw", "layerwise": True, "grad_accum": 2},
+        {"optimizer": "adamw", "layerwise": True},
     ],
     ids=lambda o: "-".join(str(v) for v in o.values()),
 )
@@ -82,6 +84,22 @@ def test_resume_ends_bit_identical_to_the_uninterrupted_run(data, tmp_path: Path
     # logs read as one run: no duplicate steps after the resume
     steps = [json.loads(line)["step"] for line in (tmp_path / "part/metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps)
+
+
+@pytest.mark.parametrize("optimizer", ["galore_adamw", "adamw", "fira_adamw"])
+def test_layerwise_run_matches_the_standard_run(data, tmp_path: Path, optimizer: str) -> None:  # type: ignore[no-untyped-def]
+    """Without clipping the maths is the same: identical losses and weights. With clipping the
+    layer-wise run clips by the previous step's norm, so it differs, and logs a real norm."""
+    cfg = PretrainConfig(**TINY, steps=8, update_proj_gap=3, clip=0.0, grad_accum=2, optimizer=optimizer)
+    standard = pretrain(replace(cfg, out=str(tmp_path / "std")), data=data)
+    layerwise = pretrain(replace(cfg, layerwise=True, out=str(tmp_path / "lw")), data=data)
+    assert layerwise.losses == pytest.approx(standard.losses, rel=1e-5)
+    a, b = _weights(tmp_path / "std", 8), _weights(tmp_path / "lw", 8)
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-5) for k in a)  # float32 rounding of low-rank sums
+    clipped = pretrain(replace(cfg, clip=0.5, layerwise=True, log_every=1, out=str(tmp_path / "clip")), data=data)
+    norms = [json.loads(line)["grad_norm"] for line in (tmp_path / "clip/metrics.jsonl").read_text().splitlines()[:8]]
+    assert all(n > 0.5 for n in norms)  # clipping was active from step 2 on
+    assert clipped.losses[0] == layerwise.losses[0] and clipped.losses[2] != layerwise.losses[2]
 
 
 def test_resume_with_a_changed_model_is_refused(data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -6,6 +6,7 @@ Example:
     >>> opt = gradproj.GaLoreAdamW(gradproj.param_groups(model, rank=4), lr=1e-2)
 """
 
+from .layerwise import LayerwiseStepper, attach_layerwise
 from .optim import (
     PRESETS,
     APOLLOAdamW,
@@ -28,8 +29,10 @@ __all__ = [
     "GaLoreAdafactor",
     "GaLoreAdamW",
     "GaLoreAdamW8bit",
+    "LayerwiseStepper",
     "ProjectedOptimizer",
     "__version__",
+    "attach_layerwise",
     "format_summary",
     "param_groups",
     "state_bytes",

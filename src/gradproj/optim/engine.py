@@ -51,11 +51,6 @@ PROJECTION_DEFAULTS: dict[str, Any] = {
 _UNNAMED_PARAMETERS = itertools.count()
 
 
-def _gradient(p: Tensor) -> Tensor:
-    assert p.grad is not None  # step() skips parameters without a gradient
-    return p.grad
-
-
 def _absent(bases: Bases) -> bool:
     return bases[0] is None and bases[1] is None
 
@@ -92,6 +87,11 @@ class ProjectedOptimizer(Optimizer):
         self._projection_defaults = {**PROJECTION_DEFAULTS, **(projection or {})}
         self._param_keys: dict[Tensor, int] = {}
         self._param_names: dict[Tensor, str] = {}
+        self._param_groups_of: dict[Tensor, dict[str, Any]] = {}
+        #: plain numbers that helpers (layer-wise stepping) keep with the optimizer's checkpoint
+        self.extra_state: dict[str, float | int] = {}
+        #: the :class:`gradproj.layerwise.LayerwiseStepper` stepping inside backward, if any
+        self.layerwise: Any = None
         self._basis_cache: dict[Tensor, Bases] = {}
         super().__init__(params, defaults)
 
@@ -109,6 +109,7 @@ class ProjectedOptimizer(Optimizer):
         names = group.get("param_names") or [None] * len(group["params"])
         index = len(self.param_groups) - 1
         for j, (p, name) in enumerate(zip(group["params"], names, strict=True)):
+            self._param_groups_of[p] = group
             self._param_names[p] = name or f"param_groups[{index}].params[{j}]"
             self._param_keys[p] = zlib.crc32(name.encode()) if name else (1 << 40) + next(_UNNAMED_PARAMETERS)
         if "rank" in group:
@@ -147,6 +148,8 @@ class ProjectedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.layerwise is not None:  # every parameter was stepped inside backward
+            return loss
         if not self._gradients_are_finite():
             return loss
         for group in self.param_groups:
@@ -156,10 +159,52 @@ class ProjectedOptimizer(Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{self._param_names[p]} has a sparse gradient, which is not supported")
                 if "rank" in group:
-                    self._step_projected(p, group)
+                    self._step_projected(p, group, p.grad)
                 else:
-                    self._step_full(p, group)
+                    self._step_full(p, group, p.grad)
         return loss
+
+    # ------------------------------------------------- one parameter at a time
+    def needs_full_gradient(self, p: Tensor) -> bool:
+        """Whether ``p``'s next step needs its full gradient rather than ``project_gradient``'s output:
+        groups without ``rank``, Fira/APOLLO residuals (they use ``G`` itself), and refresh steps
+        (the new basis is computed from ``G``)."""
+        group = self._param_groups_of[p]
+        if "rank" not in group or group["residual"] != "none":
+            return True
+        state = self.state[p]
+        if not state or state["step"] % group["update_proj_gap"] == 0:
+            return True
+        return _absent(self._current_bases(p, state, self.layout(p, group), get_projector(group["projector"])))
+
+    def project_gradient(self, p: Tensor, grad: Tensor) -> Tensor:
+        """``down(grad)`` in ``p``'s current basis; valid when :meth:`needs_full_gradient` is False.
+        Linear, so projected micro-batch gradients can be summed instead of full ones."""
+        group = self._param_groups_of[p]
+        layout = self.layout(p, group)
+        return project_down(grad, *self._current_bases(p, self.state[p], layout, get_projector(group["projector"])))
+
+    @torch.no_grad()
+    def step_parameter(self, p: Tensor, grad: Tensor | None = None, *, low: Tensor | None = None) -> bool:
+        """Step ``p`` alone with its full ``grad``, or with ``low = project_gradient(p, G)`` summed over
+        micro-batches. Used by layer-wise (in-backward) stepping; ``step()`` is this for every
+        parameter. A non-finite gradient skips ``p`` (returns False; nothing changes) or raises.
+        """
+        given = grad if low is None else low
+        if given is None:
+            raise ValueError("step_parameter needs grad or low")
+        if not bool(torch.isfinite(given).all()):
+            if self.nonfinite == "raise":
+                raise FloatingPointError(f"non-finite gradient in {self._param_names[p]}")
+            return False
+        group = self._param_groups_of[p]
+        if "rank" in group:
+            self._step_projected(p, group, grad, low)
+        elif low is not None:
+            raise ValueError(f"{self._param_names[p]} is not projected; pass its full gradient")
+        else:
+            self._step_full(p, group, given)
+        return True
 
     def _gradients_are_finite(self) -> bool:
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -182,8 +227,7 @@ class ProjectedOptimizer(Optimizer):
             lr = group["lr"] if group.get("lr") is not None else step_size
             p.mul_(1 - lr * group["weight_decay"])
 
-    def _step_full(self, p: Tensor, group: dict[str, Any]) -> None:
-        grad = _gradient(p)
+    def _step_full(self, p: Tensor, group: dict[str, Any], grad: Tensor) -> None:
         state = self.state[p]
         if not state:
             state["step"] = 0
@@ -203,17 +247,20 @@ class ProjectedOptimizer(Optimizer):
         state["proj_seed"] = derive_seed(group["seed"], self._param_keys[p])
         self.rule.init_state(state, low_rank_shape(layout.shape, layout.rank, layout.side), p)
 
-    def _step_projected(self, p: Tensor, group: dict[str, Any]) -> None:
+    def _step_projected(self, p: Tensor, group: dict[str, Any], grad: Tensor | None, low: Tensor | None = None) -> None:
         state = self.state[p]
         layout = self.layout(p, group)
         if not state:
             self._init_projected(p, group, state, layout)
         projector = get_projector(group["projector"])
-        grad = _gradient(p)
         bases = self._current_bases(p, state, layout, projector)
-        if state["step"] % group["update_proj_gap"] == 0 or _absent(bases):
-            bases = self._refresh(p, grad, group, state, layout, projector, bases)
-        low = project_down(grad, *bases)  # r x n, m x r or r x r
+        if low is None:
+            assert grad is not None
+            if state["step"] % group["update_proj_gap"] == 0 or _absent(bases):
+                bases = self._refresh(p, grad, group, state, layout, projector, bases)
+            low = project_down(grad, *bases)  # r x n, m x r or r x r
+        elif grad is None and self.needs_full_gradient(p):
+            raise ValueError(f"{self._param_names[p]} needs its full gradient this step (refresh or residual)")
         u, step_size = self.rule.direction(low, state, group, p)
         update = combine(grad, low, u, bases, layout.side, group, state)  # m x n
         self._decay(p, group, step_size)
@@ -259,18 +306,21 @@ class ProjectedOptimizer(Optimizer):
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """torch's state dict plus ``{"gradproj": {"nonfinite_steps": n}}``; plain data only."""
+        """torch's state dict plus ``{"gradproj": {"nonfinite_steps": n, **extra_state}}``; plain data only."""
         state = super().state_dict()
-        state["gradproj"] = {"nonfinite_steps": self.nonfinite_steps}
+        state["gradproj"] = {"nonfinite_steps": self.nonfinite_steps, **self.extra_state}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load like torch does, but keep every saved tensor's dtype (torch would cast
         floating state to the parameter dtype, e.g. float32 quantization scales to bf16)."""
         state_dict = dict(state_dict)
-        extra = state_dict.pop("gradproj", {})
+        extra = dict(state_dict.pop("gradproj", {}))
         super().load_state_dict(state_dict)
-        self.nonfinite_steps = int(extra.get("nonfinite_steps", 0))
+        # torch rebuilt the group dicts: point each parameter at its live group (lr from schedulers)
+        self._param_groups_of = {p: group for group in self.param_groups for p in group["params"]}
+        self.nonfinite_steps = int(extra.pop("nonfinite_steps", 0))
+        self.extra_state = dict(extra)
         saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
         for saved_id, p in zip(saved_ids, params, strict=True):

@@ -63,7 +63,7 @@ def limit_growth(update: Tensor, state: dict[str, Any], gamma: float) -> Tensor:
 
 
 def combine(
-    grad: Tensor,
+    grad: Tensor | None,
     low: Tensor,
     u: Tensor,
     bases: tuple[Tensor | None, Tensor | None],
@@ -71,17 +71,24 @@ def combine(
     group: dict[str, Any],
     state: dict[str, Any],
 ) -> Tensor:
-    """The full-space update direction for one projected parameter (before ``-step_size``)."""
+    """The full-space update direction for one projected parameter (before ``-step_size``).
+
+    ``grad`` may be None for the plain GaLore update (``residual="none"``), which needs only ``low``.
+    """
     kind = group["residual"]
     left, right = bases
+    if kind != "none" and grad is None:
+        raise ValueError(f"residual={kind!r} needs the full gradient")
     if kind == "apollo":
+        assert grad is not None
         rank = low.shape[0] if side == "left" else low.shape[-1]
         compressed = grad.shape[0] if side == "left" else grad.shape[1]
         jl = (compressed / rank) ** 0.5 if side != "full" else (grad.numel() / low.numel()) ** 0.5
         phi = norm_ratio(u, low, side, group["scale_type"]) / jl
         return limit_growth(grad * phi.to(grad.dtype), state, group["growth_limit"]) * group["scale"] ** 0.5
-    update = project_up(u.to(grad.dtype), left, right) * group["scale"]
+    update = project_up(u.to(low.dtype), left, right) * group["scale"]
     if kind == "fira":
+        assert grad is not None
         phi = norm_ratio(u, low, side, group["scale_type"]).to(grad.dtype)
         residual = grad - project_up(low, left, right)
         update = update + limit_growth(residual * phi, state, group["growth_limit"])

@@ -77,6 +77,13 @@ def _add_common(p: argparse.ArgumentParser, config: TrainConfig) -> None:
         "--batch-size", dest="batch_size", type=int, default=S, help=f"per micro-batch (default {config.batch_size})"
     )
     t.add_argument("--grad-accum", dest="grad_accum", type=int, default=S, help="micro-batches per step (default 1)")
+    t.add_argument(
+        "--layerwise",
+        action="store_true",
+        default=S,
+        help="step each parameter inside backward: gradient memory of about one layer; "
+        "clipping uses the previous step's norm (docs/SCALE.md)",
+    )
     t.add_argument("--seed", type=int, default=S, help="model, data order and basis seed (default 0)")
     t.add_argument("--device", default=S, help="cpu, cuda, cuda:1 ... (default cpu)")
     t.add_argument("--autocast", default=S, choices=("auto", "bf16", "off"), help="(default auto: bf16 on CUDA)")
@@ -231,6 +238,11 @@ def format_summary(summary: dict[str, Any], config: TrainConfig) -> str:
         ("model", f"{summary.get('model_name', '')} ({summary['parameters'] / 1e6:.1f}M parameters)"),
         ("data", summary["data"]),
         ("optimizer", f"{config.optimizer}{rank}, {state}"),
+        (
+            "gradients",
+            f"{summary['gradient_bytes'] / 2**20:.1f} MiB "
+            + ("at peak (layer-wise)" if summary["layerwise"] else "(all held until the step)"),
+        ),
         ("steps", f"{summary['steps']} ({summary['skipped_steps']} skipped) in {summary['seconds']:.0f} s"),
         ("train loss", f"{summary['final_train_loss']:.3f} (mean of the last 10 steps)"),
     ]

@@ -62,6 +62,7 @@ class TrainConfig:
     clip: float = 1.0  #: global gradient-norm clip (0: no clipping, the norm is still logged)
     batch_size: int = 16  #: sequences (or examples) per micro-batch
     grad_accum: int = 1  #: micro-batches per optimizer step
+    layerwise: bool = False  #: step each parameter inside backward (gradient memory ~ one layer)
     seed: int = 0
     device: str = "cpu"
     autocast: str = "auto"  #: auto (bf16 on CUDA, off on CPU) | bf16 | off

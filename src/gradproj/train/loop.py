@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from ..layerwise import LayerwiseStepper, attach_layerwise
 from .checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -107,6 +108,8 @@ class Trainer:
         self.run_dir = self._run_dir(resume)
         self._signal: int | None = None
         self.rank = 0  # resolved in _setup (the default depends on the model)
+        self.stepper: LayerwiseStepper | None = None  # set in _setup with --layerwise
+        self._skipped_parameters = 0
 
     def _run_dir(self, resume: str | Path | None) -> Path:
         if self.config.out:
@@ -165,7 +168,10 @@ class Trainer:
         self.rank = cfg.rank if cfg.rank is not None else default_rank(model)
         if cfg.optimizer_spec().projected and cfg.optimizer != "apollo_mini":  # APOLLO-Mini is always rank 1
             check_rank(model, cfg.target_modules, self.rank)
-        optimizer = build_optimizer(model, cfg.optimizer_spec(self.rank))
+        optimizer = build_optimizer(model, cfg.optimizer_spec(self.rank), layerwise=cfg.layerwise)
+        if cfg.layerwise:
+            clip = cfg.clip if cfg.clip > 0 else None
+            self.stepper = attach_layerwise(optimizer, grad_accum=cfg.grad_accum, max_grad_norm=clip)  # type: ignore[arg-type]
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
         )
@@ -189,12 +195,15 @@ class Trainer:
             if not torch.isfinite(loss):
                 finite = False
                 continue
-            loss.backward()
+            loss.backward()  # with --layerwise, the last micro-batch's backward steps every parameter
             total_loss += float(loss.detach())
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else math.inf))
+        if self.stepper is not None:
+            finite, norm = self._layerwise_outcome(finite)
+        else:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else math.inf))
         if finite and math.isfinite(norm):
-            optimizer.step()
+            optimizer.step()  # a no-op with --layerwise
             progress.consecutive = 0
             progress.seen += units
         else:
@@ -210,6 +219,21 @@ class Trainer:
             total_loss = math.nan
         optimizer.zero_grad(set_to_none=True)
         return total_loss, norm, units
+
+    def _layerwise_outcome(self, finite_loss: bool) -> tuple[bool, float]:
+        """Whether a layer-wise step went through, and its gradient norm. A non-finite loss
+        stopped before backward: the partial accumulation is dropped and nothing was stepped.
+        A non-finite gradient skipped only its parameter (others were already stepped)."""
+        stepper = self.stepper
+        assert stepper is not None
+        if not finite_loss:
+            stepper.discard()
+            return False, math.nan
+        skipped = stepper.skipped_parameters - self._skipped_parameters
+        self._skipped_parameters = stepper.skipped_parameters
+        if skipped:
+            print(f"gradproj: {skipped} parameter(s) with a non-finite gradient were not stepped", flush=True)
+        return not skipped, stepper.grad_norm
 
     # -- pieces ---------------------------------------------------------------------------------
     def _evaluate(self, model: nn.Module, progress: Progress, logger: RunLogger) -> dict[str, float]:
@@ -281,6 +305,11 @@ class Trainer:
             "final_train_loss": sum(finite) / len(finite) if finite else math.nan,
             "eval": final,
             "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+            "layerwise": self.stepper is not None,
+            # layer-wise: the most gradient bytes alive at once; standard: every gradient, held until the step
+            "gradient_bytes": self.stepper.peak_gradient_bytes
+            if self.stepper is not None
+            else sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad),
             **self.task.describe(),
         }
 

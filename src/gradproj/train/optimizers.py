@@ -81,12 +81,18 @@ class OptimizerSpec:
         return self.name not in FULL_RANK
 
 
-def build_optimizer(model: nn.Module, spec: OptimizerSpec, *, summary: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, spec: OptimizerSpec, *, summary: bool = False, layerwise: bool = False
+) -> torch.optim.Optimizer:
     """Groups from ``spec.target_modules`` (projected unless a full-rank baseline) and the optimizer.
 
-    Embeddings, norms and the head form the second group, at ``spec.rest_lr``.
+    Embeddings, norms and the head form the second group, at ``spec.rest_lr``. With ``layerwise``
+    the AdamW baseline is gradproj's engine without ranks (torch's AdamW bit for bit), which can
+    step inside backward.
     """
     recipe = RECIPES[spec.name]
+    if layerwise and recipe.cls is torch.optim.AdamW:
+        recipe = Recipe(GaLoreAdamW, recipe.lr, recipe.other_lr, constructor=(("eps", 1e-8),))
     fixed = dict(recipe.group_options)
     options: dict[str, Any] = {}
     if spec.projected:
