@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from .memory_cli import add_parser as add_memory_parser
+from .memory_cli import run as run_memory
 from .train.cli import add_parsers as add_train_parsers
 from .train.cli import run as run_training
 
@@ -73,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_train_parsers(sub)
+    add_memory_parser(sub)
 
     demo = sub.add_parser(
         "demo",
@@ -168,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("pretrain", "finetune"):
         return run_training(args)
+    if args.command == "memory":
+        return run_memory(args)
     if args.command == "demo":
         from .bench.quality import table
 
