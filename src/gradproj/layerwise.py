@@ -60,7 +60,12 @@ class LayerwiseStepper:
     """Steps ``optimizer``'s parameters inside ``backward``; see the module docstring."""
 
     def __init__(
-        self, optimizer: ProjectedOptimizer, *, grad_accum: int = 1, max_grad_norm: float | None = None
+        self,
+        optimizer: ProjectedOptimizer,
+        *,
+        grad_accum: int = 1,
+        max_grad_norm: float | None = None,
+        hooks: bool = True,
     ) -> None:
         if not isinstance(optimizer, ProjectedOptimizer):
             raise TypeError(
@@ -73,6 +78,8 @@ class LayerwiseStepper:
             raise ValueError(f"max_grad_norm={max_grad_norm!r} must be > 0, or None for no clipping")
         if optimizer.layerwise is not None:
             raise RuntimeError("this optimizer already steps layer-wise; detach() the other stepper first")
+        if not hooks and grad_accum != 1:
+            raise ValueError("without hooks (under DDP) accumulate with DistributedDataParallel.no_sync()")
         self.optimizer, self.grad_accum, self.max_grad_norm = optimizer, grad_accum, max_grad_norm
         self.micro_batch = 0  # backward passes completed in the current step
         self.skipped_parameters = 0
@@ -88,15 +95,18 @@ class LayerwiseStepper:
             p.register_post_accumulate_grad_hook(self._on_gradient)
             for group in optimizer.param_groups
             for p in group["params"]
-            if p.requires_grad
+            if p.requires_grad and hooks
         ]
         optimizer.layerwise = self
 
     # -- hooks ------------------------------------------------------------------------------
-    def _on_gradient(self, p: Tensor) -> None:
+    def _queue_end_of_backward(self) -> None:
         if not self._end_queued:  # once per backward: learn when it ends
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
             self._end_queued = True
+
+    def _on_gradient(self, p: Tensor) -> None:
+        self._queue_end_of_backward()
         assert p.grad is not None
         fresh = 0 if p in self._kept else _nbytes(p.grad)
         self.peak_gradient_bytes = max(self.peak_gradient_bytes, self._held + fresh)
@@ -114,11 +124,18 @@ class LayerwiseStepper:
                 self._kept.add(p)
                 self._held += fresh
             return
-        self._step(p)
+        self._step(p, p.grad)
+        p.grad = None
+
+    def step_gradient(self, p: Tensor, grad: Tensor) -> None:
+        """Step ``p`` now with ``grad`` (an all-reduced gradient, from a DDP communication hook;
+        see :mod:`gradproj.distributed`). Must be called inside ``backward``."""
+        self._queue_end_of_backward()
+        self.peak_gradient_bytes = max(self.peak_gradient_bytes, _nbytes(grad))
+        self._step(p, grad)
 
     @torch.no_grad()
-    def _step(self, p: Tensor) -> None:
-        grad = p.grad
+    def _step(self, p: Tensor, grad: Tensor | None) -> None:
         assert grad is not None
         if p in self._kept:
             self._kept.remove(p)
@@ -137,7 +154,6 @@ class LayerwiseStepper:
             used.mul_(coefficient)  # the gradient is ours to scale: it is freed right after
         applied = self.optimizer.step_parameter(p, grad, low=low)
         self.skipped_parameters += not applied
-        p.grad = None
 
     def _end_of_backward(self) -> None:
         self._end_queued = False

@@ -26,7 +26,7 @@ from torch.optim import Optimizer
 from ..projection.bases import Bases, derive_seed
 from ..projection.projectors import Layout, Projector, get_projector
 from ..projection.rotate import change_of_basis, rotate_first, rotate_second
-from ..projection.sides import low_rank_shape, project_down, resolve_side
+from ..projection.sides import low_rank_shape, project_down, project_up, resolve_side
 from ..rules import make_rule
 from .residual import combine
 from .validate import NONFINITE, _choice, check_common, check_projection
@@ -183,6 +183,12 @@ class ProjectedOptimizer(Optimizer):
         group = self._param_groups_of[p]
         layout = self.layout(p, group)
         return project_down(grad, *self._current_bases(p, self.state[p], layout, get_projector(group["projector"])))
+
+    def lift_gradient(self, p: Tensor, low: Tensor) -> Tensor:
+        """``up(low)``: the full-shape gradient whose projection is ``low`` (no scale applied)."""
+        group = self._param_groups_of[p]
+        layout = self.layout(p, group)
+        return project_up(low, *self._current_bases(p, self.state[p], layout, get_projector(group["projector"])))
 
     @torch.no_grad()
     def step_parameter(self, p: Tensor, grad: Tensor | None = None, *, low: Tensor | None = None) -> bool:
