@@ -106,6 +106,7 @@ def main(argv: list[str]) -> int:
     results = {name: run_case(name, rank, world) for name in args.cases.split(",")}
     if rank == 0:
         torch.save(results, args.out)
+    torch.distributed.barrier()  # leave together: gloo aborts a rank whose peer has already gone
     torch.distributed.destroy_process_group()
     return 0
 

@@ -18,13 +18,15 @@ is reduced. DDP keeps its gradient buckets allocated for the whole run, so under
 updates overlap the optimizer with backward but do not save gradient memory; FSDP2 (which frees
 reduced gradients) is the memory path. Accumulate micro-batches with ``model.no_sync()``.
 
-Example (under ``torchrun --nproc-per-node 2``):
-    >>> import torch, gradproj                                           # doctest: +SKIP
-    >>> from gradproj.distributed import init_from_env, wrap_ddp
-    >>> init_from_env()
-    >>> model = torch.nn.Linear(64, 64)
-    >>> opt = gradproj.GaLoreAdamW(gradproj.param_groups(model, rank=8), lr=1e-2)
-    >>> ddp, comm = wrap_ddp(model, opt, low_rank=True)
+Example (a script run with ``torchrun --nproc-per-node 2 script.py``)::
+
+    import torch, gradproj
+    from gradproj.distributed import init_from_env, wrap_ddp
+
+    init_from_env()
+    model = torch.nn.Linear(64, 64)
+    opt = gradproj.GaLoreAdamW(gradproj.param_groups(model, rank=8), lr=1e-2)
+    ddp, comm = wrap_ddp(model, opt, low_rank=True)   # train through ddp; comm.stats counts bytes
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ def train_tokenizer(text: str, vocab_size: int = 4096, cache: Path | None = None
     )
     tokenizer.train_from_iterator(text.split("\n\n"), trainer=trainer)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")  # several processes (torchrun ranks) may train at once
     tokenizer.save(str(tmp))
     tmp.replace(path)
     return tokenizer

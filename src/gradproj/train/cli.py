@@ -84,6 +84,13 @@ def _add_common(p: argparse.ArgumentParser, config: TrainConfig) -> None:
         help="step each parameter inside backward: gradient memory of about one layer; "
         "clipping uses the previous step's norm (docs/SCALE.md)",
     )
+    t.add_argument(
+        "--low-rank-comm",
+        dest="low_rank_comm",
+        action="store_true",
+        default=S,
+        help="under torchrun: all-reduce the low-rank P^T G between basis refreshes instead of G",
+    )
     t.add_argument("--seed", type=int, default=S, help="model, data order and basis seed (default 0)")
     t.add_argument("--device", default=S, help="cpu, cuda, cuda:1 ... (default cpu)")
     t.add_argument("--autocast", default=S, choices=("auto", "bf16", "off"), help="(default auto: bf16 on CUDA)")
@@ -224,7 +231,8 @@ def run(args: argparse.Namespace) -> int:
             f"gradproj {args.command}: {stop}; continue with --resume {stop.checkpoint.parent.parent}", file=sys.stderr
         )
         return stop.code
-    print(format_summary(result.summary, config))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun the summary is rank 0's
+        print(format_summary(result.summary, config))
     return 0
 
 

@@ -63,6 +63,7 @@ class TrainConfig:
     batch_size: int = 16  #: sequences (or examples) per micro-batch
     grad_accum: int = 1  #: micro-batches per optimizer step
     layerwise: bool = False  #: step each parameter inside backward (gradient memory ~ one layer)
+    low_rank_comm: bool = False  #: under torchrun, all-reduce P^T G instead of G between refreshes
     seed: int = 0
     device: str = "cpu"
     autocast: str = "auto"  #: auto (bf16 on CUDA, off on CPU) | bf16 | off

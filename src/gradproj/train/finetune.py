@@ -22,6 +22,7 @@ from torch import nn
 from ..data.embedded import LabelledTexts, load_bbc_news, minilm_path
 from .config import FinetuneConfig
 from .loop import RunResult, Trainer
+from .parallel import rank_zero_first
 from .text import _permutation
 
 #: GLUE task -> (text columns, validation split, F1 reported as well).
@@ -202,4 +203,6 @@ def f1_score(predicted: torch.Tensor, target: torch.Tensor, classes: int, *, bin
 
 def finetune(config: FinetuneConfig, *, resume: str | Path | None = None) -> RunResult:
     """Fine-tune ``config.model`` on ``config.task``; see :class:`FinetuneConfig` for every field."""
-    return Trainer(config, FinetuneTask(config), resume=resume).run()
+    with rank_zero_first():  # under torchrun: one rank fetches and extracts, the others read the cache
+        task = FinetuneTask(config)
+    return Trainer(config, task, resume=resume).run()

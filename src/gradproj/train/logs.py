@@ -59,12 +59,16 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 class RunLogger:
     """Appends metric rows for one run folder."""
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool = True, resume_step: int | None = None) -> None:
-        self.run_dir = Path(run_dir)
+    def __init__(
+        self, run_dir: Path, *, tensorboard: bool = True, resume_step: int | None = None, enabled: bool = True
+    ) -> None:
+        self.run_dir, self.enabled = Path(run_dir), enabled  # disabled: ranks other than 0 write nothing
+        self.writer: Any = None
+        if not enabled:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None:
             self._truncate_after(resume_step)
-        self.writer: Any = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -74,6 +78,8 @@ class RunLogger:
                 self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=resume_step)
 
     def write(self, kind: str, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
         row = {"step": step, **metrics}
         with (self.run_dir / "metrics.jsonl").open("a") as handle:
             handle.write(json.dumps({"kind": kind, **row}) + "\n")

@@ -31,6 +31,7 @@ from .config import TrainConfig
 from .logs import RunLogger, environment, optimizer_state_bytes
 from .models import check_rank, default_rank
 from .optimizers import build_optimizer
+from .parallel import Parallel
 
 
 class Task(Protocol):
@@ -105,10 +106,12 @@ class Trainer:
                     f"--resume {resume}: the run's settings differ from the checkpoint's ({'; '.join(changed)}); "
                     "resume with the original settings (only steps, eval/save/log intervals and outputs may change)"
                 )
-        self.run_dir = self._run_dir(resume)
+        self.parallel = Parallel()
+        self.run_dir = Path(self.parallel.same_on_every_rank(str(self._run_dir(resume))))
         self._signal: int | None = None
         self.rank = 0  # resolved in _setup (the default depends on the model)
         self.stepper: LayerwiseStepper | None = None  # set in _setup with --layerwise
+        self.train_model: nn.Module | None = None  # the model, or its DDP wrapper under torchrun
         self._skipped_parameters = 0
 
     def _run_dir(self, resume: str | Path | None) -> Path:
@@ -120,13 +123,17 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> RunResult:
-        cfg = self.config
+        with self.parallel.session():
+            return self._run()
+
+    def _run(self) -> RunResult:
+        cfg, main = self.config, self.parallel.main
         started = time.perf_counter()
         model, optimizer, scheduler, progress = self._setup()
-        logger = RunLogger(self.run_dir, tensorboard=cfg.tensorboard, resume_step=progress.step or None)
+        logger = RunLogger(self.run_dir, tensorboard=cfg.tensorboard, resume_step=progress.step or None, enabled=main)
         meter = _Throughput(self.task.unit)
         losses: list[float] = []
-        bar = _progress_bar(cfg, progress.step)
+        bar = _progress_bar(cfg, progress.step, enabled=main)
         try:
             with self._signals():
                 while progress.step < cfg.steps:
@@ -140,9 +147,10 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", **meter.postfix, refresh=False)
                     if progress.step % cfg.log_every == 0 or progress.step == cfg.steps:
                         row = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped_steps": progress.skipped}
-                        logger.write("train", progress.step, {**row, **meter.rate()})
-                    if self._signal is not None:
-                        raise Interrupted(self._signal, self._save(model, optimizer, scheduler, progress))
+                        logger.write("train", progress.step, {**row, **meter.rate(), **self.parallel.comm_bytes()})
+                    signum = self.parallel.largest(self._signal or 0)  # every rank stops after the same step
+                    if signum:
+                        raise Interrupted(signum, self._save(model, optimizer, scheduler, progress))
                     if progress.step < cfg.steps:
                         paused = time.perf_counter()
                         if cfg.eval_every and progress.step % cfg.eval_every == 0:
@@ -157,19 +165,23 @@ class Trainer:
             logger.close()
         summary = self._summary(model, progress, final, losses, optimizer)
         summary["seconds"] = time.perf_counter() - started
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return RunResult(self.run_dir, progress, final, losses, summary)
 
     def _setup(self) -> tuple[nn.Module, torch.optim.Optimizer, Any, Progress]:
         """Model, optimizer and schedule from the config; their state from the checkpoint if resuming."""
         cfg, task = self.config, self.task
         torch.manual_seed(cfg.seed)
-        model = task.build_model().to(cfg.device)
+        model = task.build_model().to(self.parallel.device(cfg.device))
         self.rank = cfg.rank if cfg.rank is not None else default_rank(model)
         if cfg.optimizer_spec().projected and cfg.optimizer != "apollo_mini":  # APOLLO-Mini is always rank 1
             check_rank(model, cfg.target_modules, self.rank)
         optimizer = build_optimizer(model, cfg.optimizer_spec(self.rank), layerwise=cfg.layerwise)
-        if cfg.layerwise:
+        self.train_model, self.stepper = self.parallel.wrap(
+            model, optimizer, low_rank=cfg.low_rank_comm, layerwise=cfg.layerwise, clip=cfg.clip
+        )
+        if cfg.layerwise and self.parallel.world == 1:
             clip = cfg.clip if cfg.clip > 0 else None
             self.stepper = attach_layerwise(optimizer, grad_accum=cfg.grad_accum, max_grad_norm=clip)  # type: ignore[arg-type]
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -186,17 +198,24 @@ class Trainer:
         norm skips it (weights and optimizer state untouched). Returns loss, grad norm, units."""
         cfg, task = self.config, self.task
         total_loss, units, finite = 0.0, 0, True
-        for _ in range(cfg.grad_accum):
-            batch = {k: v.to(cfg.device) for k, v in task.batch(progress.position, cfg.batch_size).items()}
-            progress.position += cfg.batch_size
-            units += task.count(batch)
-            with self._autocast():
-                loss = task.loss(model, batch) / cfg.grad_accum
-            if not torch.isfinite(loss):
-                finite = False
-                continue
-            loss.backward()  # with --layerwise, the last micro-batch's backward steps every parameter
+        parallel, device = self.parallel, self.parallel.device(cfg.device)
+        for micro in range(cfg.grad_accum):
+            start = parallel.shard(progress.position, cfg.batch_size)
+            batch = {k: v.to(device) for k, v in task.batch(start, cfg.batch_size).items()}
+            progress.position += cfg.batch_size * parallel.world
+            units += task.count(batch) * parallel.world
+            with self._autocast(), parallel.sync(last=micro == cfg.grad_accum - 1):
+                loss = task.loss(self.train_model or model, batch) / cfg.grad_accum
+                if not torch.isfinite(loss):
+                    finite = False
+                    if parallel.world == 1:
+                        continue
+                # with --layerwise, the last micro-batch's backward steps every parameter; under DDP every
+                # rank runs backward (collectives must line up): a NaN reaches the averaged gradient instead
+                loss.backward()
             total_loss += float(loss.detach())
+        total_loss = parallel.mean(total_loss)
+        finite = parallel.every(finite)
         if self.stepper is not None:
             finite, norm = self._layerwise_outcome(finite)
         else:
@@ -246,13 +265,20 @@ class Trainer:
         return metrics
 
     def _save(self, model: nn.Module, optimizer: Any, scheduler: Any, progress: Progress) -> Path:
-        state = {k: v for k, v in progress.__dict__.items()}
-        meta = {"config": self.config.to_dict(), "task": self.task.describe()}
-        return save_checkpoint(
-            self.run_dir, progress.step, model, optimizer, scheduler, state, keep=self.config.keep, meta=meta
-        )
+        """Rank 0 writes (every rank holds the same weights and state); the others wait for it."""
+        path = self.run_dir / "checkpoints" / f"step-{progress.step:08d}"
+        if self.parallel.main:
+            state = {k: v for k, v in progress.__dict__.items()}
+            meta = {"config": self.config.to_dict(), "task": self.task.describe(), "world_size": self.parallel.world}
+            path = save_checkpoint(
+                self.run_dir, progress.step, model, optimizer, scheduler, state, keep=self.config.keep, meta=meta
+            )
+        self.parallel.barrier()
+        return path
 
     def _write_run_files(self) -> None:
+        if not self.parallel.main:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         config = {**self.config.to_dict(), "resolved_rank": self.rank, "task": self.task.describe()}
         (self.run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
@@ -339,7 +365,8 @@ class _Throughput:
         return {f"{self.unit[:3]}/s": f"{self.last:.0f}"}
 
 
-def _progress_bar(cfg: TrainConfig, start: int) -> Any:
+def _progress_bar(cfg: TrainConfig, start: int, *, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+    disable = not (cfg.progress and enabled)
+    return tqdm(total=cfg.steps, initial=start, disable=disable, unit="step", dynamic_ncols=True)

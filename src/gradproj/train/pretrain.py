@@ -20,6 +20,7 @@ from torch import nn
 from .config import PretrainConfig
 from .loop import RunResult, Trainer
 from .models import build_causal_lm
+from .parallel import rank_zero_first
 from .text import PretrainData, prepare_pretrain_data
 
 
@@ -82,4 +83,6 @@ def pretrain(
     config: PretrainConfig, *, resume: str | Path | None = None, data: PretrainData | None = None
 ) -> RunResult:
     """Pre-train ``config.model`` on ``config.data``; see :class:`PretrainConfig` for every field."""
-    return Trainer(config, PretrainTask(config, data), resume=resume).run()
+    with rank_zero_first():  # under torchrun: one rank fetches and trains the tokenizer, the others read the cache
+        task = PretrainTask(config, data)
+    return Trainer(config, task, resume=resume).run()

@@ -1,0 +1,121 @@
+"""What the training loop needs to run unchanged under ``torchrun --nproc-per-node N``: the rank,
+DDP wrapping (with gradproj's communication hook), the data shard, and the few collectives that
+keep every rank's decisions identical (loss for the logs, non-finite steps, signals).
+
+With one process every method is a no-op, so the loop reads the same either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..distributed import GradientComm, init_from_env, wrap_ddp
+from ..layerwise import LayerwiseStepper
+
+
+@contextlib.contextmanager
+def rank_zero_first() -> Iterator[None]:
+    """Rank 0 runs the block first (downloads, tokenizer training, cache writes), then the others,
+    who find the cache filled; without torchrun it just runs the block."""
+    rank, world = init_from_env()
+    if world > 1 and rank != 0:
+        dist.barrier()
+    yield
+    if world > 1 and rank == 0:
+        dist.barrier()
+
+
+class Parallel:
+    """This process's place in the run: ``rank`` of ``world`` (0 of 1 without torchrun)."""
+
+    def __init__(self) -> None:
+        self._owns_group = not (dist.is_available() and dist.is_initialized())
+        self.rank, self.world = init_from_env()
+        self.comm: GradientComm | None = None
+        self.ddp: nn.Module | None = None
+
+    @property
+    def main(self) -> bool:
+        """Whether this rank writes logs, checkpoints and the summary."""
+        return self.rank == 0
+
+    def device(self, device: str) -> str:
+        """``cuda`` means this rank's GPU (``LOCAL_RANK``) under torchrun."""
+        if self.world > 1 and device == "cuda":
+            return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        return device
+
+    def wrap(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, *, low_rank: bool, layerwise: bool, clip: float
+    ) -> tuple[nn.Module, LayerwiseStepper | None]:
+        """The module to train through (DDP when world > 1) and the DDP layer-wise stepper, if any."""
+        if self.world == 1:
+            if low_rank:
+                raise ValueError("--low-rank-comm needs several processes (launch with torchrun --nproc-per-node N)")
+            return model, None
+        self.ddp, self.comm = wrap_ddp(
+            model, optimizer, low_rank=low_rank, layerwise=layerwise, max_grad_norm=clip if clip > 0 else None
+        )
+        return self.ddp, self.comm.stepper
+
+    def shard(self, position: int, size: int) -> int:
+        """Where this rank's micro-batch starts in a global batch of ``size * world`` items."""
+        return position + self.rank * size
+
+    def sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        """DDP communicates on the last micro-batch of a step only."""
+        if self.ddp is None or last:
+            return contextlib.nullcontext()
+        return self.ddp.no_sync()  # type: ignore[operator]
+
+    def mean(self, value: float) -> float:
+        return self._reduce(value, dist.ReduceOp.SUM) / self.world
+
+    def every(self, flag: bool) -> bool:
+        return flag if self.world == 1 else self._reduce(float(flag), dist.ReduceOp.MIN) > 0
+
+    def largest(self, value: int) -> int:
+        return int(self._reduce(float(value), dist.ReduceOp.MAX))
+
+    def _reduce(self, value: float, op: Any) -> float:
+        if self.world == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(tensor, op=op)
+        return float(tensor[0])
+
+    def same_on_every_rank(self, value: Any) -> Any:
+        """Rank 0's ``value`` (e.g. a run folder named after the clock), everywhere."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def comm_bytes(self) -> dict[str, float]:
+        """Bytes this rank sent in the last step and what plain DDP would have sent."""
+        if self.comm is None or not self.comm.stats.per_step:
+            return {}
+        sent, full = self.comm.stats.per_step[-1]
+        return {"comm_bytes": float(sent), "comm_bytes_plain_ddp": float(full)}
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Leave the process group when the run ends (torchrun starts a fresh one each launch)."""
+        try:
+            yield
+        finally:
+            if self.world > 1 and self._owns_group and dist.is_initialized():
+                dist.barrier()  # leave together: gloo aborts a rank whose peer has already gone
+                dist.destroy_process_group()
