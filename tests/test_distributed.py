@@ -83,7 +83,7 @@ def test_pretrain_under_torchrun_matches_one_process_on_the_same_global_batch(
     from gradproj.cli import main
 
     script = tmp_path / "launch.py"
-    script.write_text("import sys\nfrom gradproj.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    script.write_text(Path(__file__).with_name("launch_cli.py").read_text())
     ddp = tmp_path / "ddp"
     result = torchrun(script, "pretrain", *TINY_RUN, "--batch-size", "4", "--out", str(ddp), *options)
     assert result.stdout.count("final perplexity") == 1  # rank 0 prints the summary, once
@@ -97,3 +97,22 @@ def test_pretrain_under_torchrun_matches_one_process_on_the_same_global_batch(
         assert all(r["comm_bytes"] == r["comm_bytes_plain_ddp"] for r in ddp_rows if (r["step"] - 1) % 3 == 0)
     assert sorted(p.name for p in (ddp / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
     assert len(list(tmp_path.iterdir())) == 3  # launch.py, ddp, single: rank 1 wrote no folder of its own
+
+
+FSDP_WORKER = Path(__file__).with_name("fsdp_worker.py")
+
+
+def test_fsdp2_matches_one_process_with_half_the_state_per_rank(tmp_path: Path) -> None:
+    import fsdp_worker
+
+    out = tmp_path / "fsdp.pt"
+    torchrun(FSDP_WORKER, "--out", str(out))
+    results = torch.load(out, weights_only=True)
+    for case in fsdp_worker.CASES:
+        weights, single_state = fsdp_worker.reference(case)
+        for key, value in weights.items():  # gathered from the shards after 7 steps, 3 refreshes
+            torch.testing.assert_close(results[case]["weights"][key], value, rtol=0, atol=1e-12)
+        per_rank = results[case]["state_bytes"]
+        assert max(per_rank) <= 0.56 * single_state  # about 1/world: rows, column blocks, row-sharded bases
+    assert "FSDP2-sharded parameters support GaLore updates" in results["fira_error"]
+    assert "residual='fira'" in results["fira_error"]

@@ -29,6 +29,7 @@ from ..projection.rotate import change_of_basis, rotate_first, rotate_second
 from ..projection.sides import low_rank_shape, project_down, project_up, resolve_side
 from ..rules import make_rule
 from .residual import combine
+from .sharded import all_finite, is_sharded, local, step_sharded_projected
 from .validate import NONFINITE, _choice, check_common, check_projection
 
 #: Defaults filled into every group that has ``rank`` (and only those).
@@ -158,7 +159,12 @@ class ProjectedOptimizer(Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{self._param_names[p]} has a sparse gradient, which is not supported")
-                if "rank" in group:
+                if is_sharded(p):  # FSDP2: this rank's rows (see gradproj.optim.sharded)
+                    if "rank" in group:
+                        step_sharded_projected(self, p, group)
+                    else:
+                        self._step_full(local(p), group, local(p.grad), key=p)
+                elif "rank" in group:
                     self._step_projected(p, group, p.grad)
                 else:
                     self._step_full(p, group, p.grad)
@@ -216,8 +222,9 @@ class ProjectedOptimizer(Optimizer):
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not params:
             return True
-        flags = torch.stack([torch.isfinite(p.grad).all().to(params[0].grad.device) for p in params])
-        if bool(flags.all()):
+        device = local(params[0].grad).device  # one transfer for all flags, not one sync per parameter
+        flags = torch.stack([torch.isfinite(local(p.grad)).all().to(device) for p in params])
+        if all_finite(flags, [p for p in params if is_sharded(p)]):
             return True
         bad = self._param_names[params[int((~flags).nonzero()[0, 0])]]
         message = f"non-finite gradient in {bad}; the step was not applied (no weight or state changed)"
@@ -233,8 +240,8 @@ class ProjectedOptimizer(Optimizer):
             lr = group["lr"] if group.get("lr") is not None else step_size
             p.mul_(1 - lr * group["weight_decay"])
 
-    def _step_full(self, p: Tensor, group: dict[str, Any], grad: Tensor) -> None:
-        state = self.state[p]
+    def _step_full(self, p: Tensor, group: dict[str, Any], grad: Tensor, key: Tensor | None = None) -> None:
+        state = self.state[p if key is None else key]
         if not state:
             state["step"] = 0
             self.rule.init_state(state, tuple(p.shape), p)
