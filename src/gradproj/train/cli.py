@@ -82,7 +82,7 @@ def _add_common(p: argparse.ArgumentParser, config: TrainConfig) -> None:
         action="store_true",
         default=S,
         help="step each parameter inside backward: gradient memory of about one layer; "
-        "clipping uses the previous step's norm (docs/SCALE.md)",
+        "clipping bounds by the previous step's and the running norm (docs/SCALE.md)",
     )
     t.add_argument(
         "--low-rank-comm",
