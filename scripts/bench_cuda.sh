@@ -1,18 +1,30 @@
 #!/usr/bin/env bash
-# The GPU measurements of docs/BENCHMARKS.md: CUDA tests, refresh micro-benchmark, and the quality
-# sweep split into parallel shards on one GPU. Usage: scripts/bench_cuda.sh OUT_DIR [SHARDS] [SECONDS]
+# The GPU measurements of docs/BENCHMARKS.md and docs/DYNAMICS.md on one CUDA device.
+# Usage: scripts/bench_cuda.sh OUT_DIR [PART]   PART: checks (tests, refresh, overhead, dynamics runs) | quality | all
+# quality reads the CPU sweep's learning rates from docs/records/ (each method at its best rates).
 set -uo pipefail
-out=${1:?usage: scripts/bench_cuda.sh OUT_DIR [SHARDS] [SECONDS]}
-shards=${2:-8}
-budget=${3:-420}
+out=${1:?usage: scripts/bench_cuda.sh OUT_DIR [checks|quality|all]}
+part=${2:-all}
 mkdir -p "$out"
-export OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
-python3 -m pytest tests -q -p no:cacheprovider -x 2>&1 | tail -5 | tee "$out/pytest_cuda.txt"
-python3 -m gradproj.cli bench refresh --device cuda --out "$out/refresh_cuda.jsonl" | tee "$out/refresh_cuda.md"
-for ((i = 0; i < shards; i++)); do
-  timeout "$budget" python3 -m gradproj.cli bench quality --device cuda --shard "$i/$shards" \
-    --out "$out/quality_cuda.jsonl" >"$out/quality_$i.log" 2>&1 &
-done
-wait
-python3 -m gradproj.cli bench table "$out/quality_cuda.jsonl" | tee "$out/quality_cuda.md"
+export PYTHONUNBUFFERED=1
+gp="python3 -m gradproj.cli"
+if [[ $part == checks || $part == all ]]; then
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
+  python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider 2>&1 | tail -5 | tee "$out/pytest_cuda.txt"
+  $gp bench refresh --device cuda --shape 4096 11008 --rank 1024 --out "$out/refresh_cuda.jsonl"
+  $gp bench refresh --device cuda --shape 2048 5504 --rank 512 --out "$out/refresh_cuda.jsonl"
+  $gp bench refresh --device cuda --captured llama-20m --rank 96 --out "$out/refresh_cuda.jsonl"
+  $gp bench overhead --device cuda --model llama-20m --steps 200 --batch-size 32 --seq-len 256 --rank 96 \
+    --gap 100 --every 10 --repeats 3 --out "$out/overhead_cuda.jsonl"
+  for opt in galore_adamw fira_adamw adamw; do
+    $gp pretrain --device cuda --model llama-20m --optimizer "$opt" --steps 1000 --batch-size 32 --seq-len 256 \
+      --update-proj-gap 100 --eval-every 250 --save-every 0 --no-progress --out "$out/run-$opt" 2>&1 | tail -3
+  done
+  $gp report "$out/run-galore_adamw" "$out/run-fira_adamw" "$out/run-adamw" --out "$out/report.html"
+fi
+if [[ $part == quality || $part == all ]]; then
+  $gp bench quality --device cuda --model llama-20m --steps 300 --batch-size 32 --seq-len 256 --rank 96 \
+    --gap 100 --eval-every 100 --lr-matrix 1e-3,3e-3,1e-2 --lr-other 3e-2 --lr-from docs/records/sweep_llama5m_cpu.jsonl \
+    --out "$out/quality_cuda.jsonl"
+  $gp bench table "$out/quality_cuda.jsonl" --plots "$out" | tee "$out/quality_cuda.md"
+fi

@@ -1,28 +1,31 @@
-"""Quality on real text: a small LLaMA trained on the embedded Shakespeare corpus by every
-method with the same seed, batches, schedule and clipping, and a per-group learning-rate sweep.
+"""The side-by-side run: a small LLaMA trained on the embedded Shakespeare corpus by every method
+with the same seed, initial weights, batches, schedule and clipping.
 
-Each run writes one JSON record (config, versions, device, seed, final validation loss and
-perplexity, optimizer-state bytes, time); :func:`table` turns records into Markdown.
+Each run returns one JSON record: config, versions, device and seed; held-out loss and perplexity
+(and the curve); optimizer-state bytes; peak memory; per-step times; time in basis refreshes.
+:func:`gradproj.bench.tables.table` turns records into Markdown, :mod:`gradproj.bench.plots` into
+figures.
 """
 
 from __future__ import annotations
 
-import json
+import concurrent.futures
 import math
-import time
+import multiprocessing
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..data import encode_corpus, load_corpus, train_tokenizer
+from ..dynamics import Dynamics
 from ..train.logs import environment, optimizer_state_bytes
 from ..train.loop import lr_factor
 from ..train.models import build_causal_lm
 from ..train.pretrain import heldout_loss, next_token_loss
 from ..train.text import unigram_perplexity
-from .methods import Method
+from .methods import Method, methods
+from .timing import MemoryMeter, StepClock, timed_refreshes
 
 #: Small LLaMA shapes that learn real text quickly (see ``gradproj.train.models.LLAMA_SHAPES``).
 MODELS = ("llama-1m", "llama-5m", "llama-20m")
@@ -43,6 +46,9 @@ class RunConfig:
     gap: int = 50
     seed: int = 0
     eval_windows: int = 128
+    eval_every: int = 0  # steps between evaluations for the curve (0: only at the end); not timed
+    burn_in: int = 10  # steps left out of the median step time
+    dynamics_every: int = 0  # sample training dynamics (gradproj.dynamics) every N steps; 0: off
     device: str = "cpu"
 
 
@@ -66,15 +72,6 @@ def build_model(cfg: RunConfig) -> torch.nn.Module:
     return build_causal_lm(cfg.model, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len).to(cfg.device)
 
 
-def split_parameters(model: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Attention and MLP matrices (the paper's targets) vs. embeddings, norms and head."""
-    mats: list[torch.Tensor] = [
-        p for n, p in model.named_parameters() if p.dim() == 2 and ("self_attn" in n or "mlp" in n)
-    ]
-    ids = {id(p) for p in mats}
-    return mats, [p for p in model.parameters() if id(p) not in ids]
-
-
 def batches(train: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
     """``steps x batch x (seq_len + 1)`` windows, identical for every method (seeded)."""
     gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -94,35 +91,59 @@ def evaluate(model: torch.nn.Module, validation: torch.Tensor, cfg: RunConfig) -
 
 
 def run(method: Method, lr_m: float, lr_o: float, data: Data, cfg: RunConfig) -> dict[str, Any]:
-    """Train one method at one pair of learning rates; return its record."""
+    """Train one method at one pair of learning rates; return its record.
+
+    Step times are per optimizer step (forward, backward, clipping, step), synchronised on CUDA;
+    their median leaves out the first ``burn_in`` steps. Evaluations are not timed.
+    """
+    memory = MemoryMeter(cfg.device)
     model = build_model(cfg)
-    mats, rest = split_parameters(model)
-    optimizer = method.build(mats, rest, lr_m, lr_o, int(method.options.get("rank", cfg.rank)))
+    optimizer = method.build(model, lr_m, lr_o, int(method.options.get("rank", cfg.rank)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup, 0.1))
     windows = batches(data.train, cfg)
+    trained = [p for p in model.parameters() if p.requires_grad]
     losses: list[float] = []
-    start = time.perf_counter()
-    for step in range(cfg.steps):
-        batch = windows[step].to(cfg.device)
-        loss = next_token_loss(model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-    elapsed = time.perf_counter() - start
+    evals: list[tuple[int, float]] = []
+    clock = StepClock(cfg.device)
+    dynamics = Dynamics(optimizer, every=cfg.dynamics_every) if cfg.dynamics_every else None
+    with timed_refreshes(method.refresh, cfg.device) as refreshes:
+        for step in range(cfg.steps):
+            with clock.step():
+                loss = next_token_loss(model, windows[step].to(cfg.device))
+                loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(trained, cfg.clip)
+                if dynamics is not None:
+                    dynamics.observe_grad_norm(step + 1, norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+                evals.append((step + 1, evaluate(model, data.validation, cfg)))
     val_loss = evaluate(model, data.validation, cfg)
+    burn_in = min(cfg.burn_in, cfg.steps // 2)
     return {
         "method": method.name,
+        "notes": method.notes,
         "lr_matrix": lr_m,
         "lr_other": lr_o,
         "val_loss": val_loss,
-        "val_ppl": math.exp(val_loss),
-        "train_loss_last10": sum(losses[-10:]) / 10,
+        "val_ppl": math.exp(val_loss) if val_loss < 700 else math.inf,
+        "train_loss_last10": sum(losses[-10:]) / len(losses[-10:]),
+        "losses": [round(x, 5) for x in losses],
+        "evals": [*evals, (cfg.steps, val_loss)],
         "state_bytes": optimizer_state_bytes(optimizer),
-        "seconds": elapsed,
+        "step_seconds_median": clock.median(burn_in),
+        "step_seconds_mean": clock.mean(burn_in),
+        "burn_in": burn_in,
+        "refresh_seconds": refreshes.seconds,
+        "refreshes": refreshes.calls,
+        "peak_memory_bytes": memory.peak(),
+        "baseline_memory_bytes": memory.baseline,
+        "memory_kind": memory.kind,
+        "seconds": sum(clock.seconds),
         "diverged": not math.isfinite(val_loss),
+        "dynamics_rows": len(dynamics.rows) if dynamics is not None else 0,
         "config": asdict(cfg),
         "options": method.options,
         "versions": environment(cfg.device),
@@ -130,37 +151,13 @@ def run(method: Method, lr_m: float, lr_o: float, data: Data, cfg: RunConfig) ->
     }
 
 
-def best_per_method(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The record with the lowest validation loss for each method, in first-seen order."""
-    best: dict[str, dict[str, Any]] = {}
-    for record in records:
-        current = best.get(record["method"])
-        if current is None or (
-            not record["diverged"] and (current["diverged"] or record["val_loss"] < current["val_loss"])
-        ):
-            best[record["method"]] = record
-    return list(best.values())
+def _run_by_name(name: str, lr_m: float, lr_o: float, data: Data, cfg: RunConfig) -> dict[str, Any]:
+    record = run(next(m for m in methods(cfg.gap) if m.name == name), lr_m, lr_o, data, cfg)
+    return {**record, "memory_isolated": True}
 
 
-def table(records: list[dict[str, Any]]) -> str:
-    """Markdown: best validation perplexity per method, its learning rates, state bytes and time."""
-    rows = best_per_method(records)
-    adamw = next((r for r in rows if r["method"] == "adamw"), rows[0])
-    lines = [
-        "| method | val ppl | vs AdamW | lr (matrices / rest) | state MiB | vs AdamW | s/run |",
-        "|---|---:|---:|---|---:|---:|---:|",
-    ]
-    for r in sorted(rows, key=lambda r: r["val_loss"]):
-        lines.append(
-            f"| {r['method']} | {r['val_ppl']:.2f} | {r['val_ppl'] / adamw['val_ppl']:.3f} | "
-            f"{r['lr_matrix']:g} / {r['lr_other']:g} | {r['state_bytes'] / 2**20:.2f} | "
-            f"{r['state_bytes'] / adamw['state_bytes']:.3f} | {r['seconds']:.1f} |"
-        )
-    return "\n".join(lines)
-
-
-def write_records(records: list[dict[str, Any]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        for record in records:
-            handle.write(json.dumps(record) + "\n")
+def run_isolated(method: Method, lr_m: float, lr_o: float, data: Data, cfg: RunConfig) -> dict[str, Any]:
+    """:func:`run` in a fresh process, so that its peak RSS is this run's alone (CPU memory)."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        return pool.submit(_run_by_name, method.name, lr_m, lr_o, data, cfg).result()

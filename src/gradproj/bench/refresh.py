@@ -47,34 +47,95 @@ def energy(g: torch.Tensor, left: torch.Tensor) -> float:
     return float((left.T @ g).norm() ** 2 / g.norm() ** 2)
 
 
-def refresh_benchmark(
-    m: int = 2048, n: int = 5504, rank: int = 512, repeats: int = 3, device: str = "cpu", power_iters: int = 2
-) -> list[dict[str, Any]]:
-    """Median seconds and captured energy of each projector's refresh on one gradient."""
-    g = low_rank_plus_noise(m, n, rank, device=device)
-    fns = {
+def _projector_fns(g: torch.Tensor, rank: int, power_iters: int) -> dict[str, Any]:
+    m = g.shape[0]
+    return {
         "svd": lambda: svd_basis(g, rank, "left")[0],
         "rsvd": lambda: rsvd_basis(g, rank, "left", seed=0, power_iters=power_iters)[0],
         "dct": lambda: dct_matrix(m, g.dtype, g.device)[:, dct_indices(g, rank, "left")[0]],
-        "random": lambda: random_orthonormal(m, rank, 0, g.dtype).to(g.device),
+        "random": lambda: random_orthonormal(m, rank, 0, g.dtype, g.device),
     }
-    rows: list[dict[str, Any]] = []
-    for name, fn in fns.items():
-        seconds, left = _timed(fn, repeats, device)
-        rows.append({"projector": name, "seconds": seconds, "energy": energy(g, left)})
+
+
+def _compare(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     svd = rows[0]
     for row in rows:
         row["speedup_vs_svd"] = svd["seconds"] / row["seconds"]
         row["energy_vs_svd"] = row["energy"] / svd["energy"]
-        row.update(shape=[m, n], rank=rank, device=device, torch=torch.__version__, threads=torch.get_num_threads())
     return rows
 
 
+def refresh_benchmark(
+    m: int = 2048, n: int = 5504, rank: int = 512, repeats: int = 3, device: str = "cpu", power_iters: int = 2
+) -> list[dict[str, Any]]:
+    """Median seconds and captured energy of each projector's refresh on one synthetic gradient."""
+    g = low_rank_plus_noise(m, n, rank, device=device)
+    rows: list[dict[str, Any]] = []
+    for name, fn in _projector_fns(g, rank, power_iters).items():
+        seconds, left = _timed(fn, repeats, device)
+        rows.append({"projector": name, "seconds": seconds, "energy": energy(g, left)})
+    for row in rows:
+        row.update(source="synthetic", shape=[m, n], rank=rank, device=device, torch=torch.__version__)
+        row["threads"] = torch.get_num_threads()
+    return _compare(rows)
+
+
+def captured_gradients(model: str = "llama-20m", steps: int = 50, seq_len: int = 128, batch: int = 16) -> dict:
+    """Real gradients: train ``model`` on the embedded Shakespeare with AdamW for ``steps`` steps, then
+    return the gradient of every attention and MLP matrix on the next batch (float32, CPU)."""
+    from ..train.pretrain import next_token_loss
+    from .methods import split_parameters
+    from .quality import RunConfig, batches, build_model, prepare_data
+
+    cfg = RunConfig(model=model, steps=steps + 1, batch_size=batch, seq_len=seq_len)
+    data = prepare_data(cfg.vocab_size)
+    net = build_model(cfg)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    windows = batches(data.train, cfg)
+    for step in range(steps + 1):
+        optimizer.zero_grad(set_to_none=True)
+        next_token_loss(net, windows[step]).backward()
+        if step < steps:
+            optimizer.step()
+    mats, _ = split_parameters(net)
+    names = {id(p): n for n, p in net.named_parameters()}
+    return {names[id(p)]: p.grad.detach().clone() for p in mats if p.grad is not None}
+
+
+def captured_benchmark(
+    gradients: dict[str, torch.Tensor], rank: int, repeats: int = 3, device: str = "cpu", power_iters: int = 2
+) -> list[dict[str, Any]]:
+    """Each projector on each captured gradient (compressing its smaller side, as ``std`` does):
+    total median seconds over the matrices and the mean captured energy."""
+    totals: dict[str, list[float]] = {}
+    for g in gradients.values():
+        g = g.to(device)
+        g = g if g.shape[0] <= g.shape[1] else g.T  # the compressed side is the smaller one
+        r = min(rank, g.shape[0])
+        for name, fn in _projector_fns(g, r, power_iters).items():
+            seconds, left = _timed(fn, repeats, device)
+            total = totals.setdefault(name, [0.0, 0.0])
+            total[0] += seconds
+            total[1] += energy(g, left) / len(gradients)
+    shapes = sorted({tuple(g.shape) for g in gradients.values()})
+    rows = [{"projector": k, "seconds": v[0], "energy": v[1]} for k, v in totals.items()]
+    for row in rows:
+        row.update(source=f"captured ({len(gradients)} matrices)", shape=[list(s) for s in shapes], rank=rank)
+        row.update(device=device, torch=torch.__version__, threads=torch.get_num_threads())
+    return _compare(rows)
+
+
 def format_rows(rows: list[dict[str, Any]]) -> str:
-    lines = ["| projector | seconds | speed-up vs svd | captured energy | vs svd |", "|---|---:|---:|---:|---:|"]
+    """Markdown table of refresh rows (synthetic and captured gradients alike)."""
+    lines = [
+        "| gradient | projector | seconds | speed-up vs svd | captured energy | vs svd |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
+        source = r.get("source", "synthetic")
+        where = f"{source} {r['shape'][0]}x{r['shape'][1]}" if source == "synthetic" else source
         lines.append(
-            f"| {r['projector']} | {r['seconds']:.3f} | {r['speedup_vs_svd']:.1f}x "
-            f"| {r['energy']:.4f} | {r['energy_vs_svd']:.4f} |"
+            f"| {where}, rank {r.get('rank', '?')} | {r['projector']} | {r['seconds']:.3f} | "
+            f"{r['speedup_vs_svd']:.1f}x | {r['energy']:.4f} | {r['energy_vs_svd']:.4f} |"
         )
     return "\n".join(lines)

@@ -93,6 +93,8 @@ class ProjectedOptimizer(Optimizer):
         self.extra_state: dict[str, float | int] = {}
         #: the :class:`gradproj.layerwise.LayerwiseStepper` stepping inside backward, if any
         self.layerwise: Any = None
+        #: the :class:`gradproj.dynamics.Dynamics` sampling per-layer training dynamics, if any
+        self.probe: Any = None
         self._basis_cache: dict[Tensor, Bases] = {}
         super().__init__(params, defaults)
 
@@ -267,15 +269,23 @@ class ProjectedOptimizer(Optimizer):
             self._init_projected(p, group, state, layout)
         projector = get_projector(group["projector"])
         bases = self._current_bases(p, state, layout, projector)
+        probe = self.probe if self.probe is not None and self.probe.wants(state["step"]) else None
         if low is None:
             assert grad is not None
             if state["step"] % group["update_proj_gap"] == 0 or _absent(bases):
+                old = bases
                 bases = self._refresh(p, grad, group, state, layout, projector, bases)
+                if self.probe is not None:  # every refresh is recorded, on a sampled step or not
+                    stale = None if _absent(old) else project_down(grad, *old)
+                    self.probe.refreshed(self._param_names[p], grad, old, bases, stale)
+                    probe = self.probe
             low = project_down(grad, *bases)  # r x n, m x r or r x r
         elif grad is None and self.needs_full_gradient(p):
             raise ValueError(f"{self._param_names[p]} needs its full gradient this step (refresh or residual)")
         u, step_size = self.rule.direction(low, state, group, p)
         update = combine(grad, low, u, bases, layout.side, group, state)  # m x n
+        if probe is not None:
+            probe.sampled(self._param_names[p], state["step"], p, grad, low, u, update, step_size, group, layout.side)
         self._decay(p, group, step_size)
         p.add_(update, alpha=-step_size)
         state["step"] += 1

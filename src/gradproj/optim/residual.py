@@ -62,6 +62,17 @@ def limit_growth(update: Tensor, state: dict[str, Any], gamma: float) -> Tensor:
     return update / limiter.to(update.dtype)
 
 
+def scaling_factor(grad_shape: tuple[int, ...], low: Tensor, u: Tensor, side: str, group: dict[str, Any]) -> Tensor:
+    """Fira's or APOLLO's ``phi`` (per channel or per tensor) for a gradient of ``grad_shape``."""
+    phi = norm_ratio(u, low, side, group["scale_type"])
+    if group["residual"] != "apollo":
+        return phi
+    rank = low.shape[0] if side == "left" else low.shape[-1]
+    compressed = grad_shape[0] if side == "left" else grad_shape[1]
+    numel = grad_shape[0] * grad_shape[1]
+    return phi / ((compressed / rank) ** 0.5 if side != "full" else (numel / low.numel()) ** 0.5)
+
+
 def combine(
     grad: Tensor | None,
     low: Tensor,
@@ -81,15 +92,12 @@ def combine(
         raise ValueError(f"residual={kind!r} needs the full gradient")
     if kind == "apollo":
         assert grad is not None
-        rank = low.shape[0] if side == "left" else low.shape[-1]
-        compressed = grad.shape[0] if side == "left" else grad.shape[1]
-        jl = (compressed / rank) ** 0.5 if side != "full" else (grad.numel() / low.numel()) ** 0.5
-        phi = norm_ratio(u, low, side, group["scale_type"]) / jl
+        phi = scaling_factor(tuple(grad.shape), low, u, side, group)
         return limit_growth(grad * phi.to(grad.dtype), state, group["growth_limit"]) * group["scale"] ** 0.5
     update = project_up(u.to(low.dtype), left, right) * group["scale"]
     if kind == "fira":
         assert grad is not None
-        phi = norm_ratio(u, low, side, group["scale_type"]).to(grad.dtype)
+        phi = scaling_factor(tuple(grad.shape), low, u, side, group).to(grad.dtype)
         residual = grad - project_up(low, left, right)
         update = update + limit_growth(residual * phi, state, group["growth_limit"])
     return update

@@ -180,16 +180,25 @@ def dct_bases(
     return left, right
 
 
-def random_orthonormal(dim: int, rank: int, seed: int, dtype: torch.dtype) -> Tensor:
-    """``dim x rank`` orthonormal columns from a seeded Gaussian (QR with a sign convention)."""
+def random_orthonormal(
+    dim: int, rank: int, seed: int, dtype: torch.dtype, device: torch.device | str | None = None
+) -> Tensor:
+    """``dim x rank`` orthonormal columns from a seeded Gaussian (QR with a sign convention).
+
+    The Gaussian is always drawn on the CPU (every device and rank draws the same numbers); the QR
+    runs on ``device``, so a GPU refresh costs a transfer and a GPU QR, not a CPU factorization.
+    """
     work = working_dtype(dtype)
-    q, r = torch.linalg.qr(_gaussian((dim, rank), seed, work))
-    return q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones((), dtype=work))
+    q, r = torch.linalg.qr(_gaussian((dim, rank), seed, work).to(device))
+    diagonal = torch.diagonal(r)
+    return q * torch.sign(diagonal).where(diagonal != 0, torch.ones((), dtype=work, device=q.device))
 
 
-def random_bases(seed: int, shape: tuple[int, int], rank: int, side: str, dtype: torch.dtype) -> Bases:
+def random_bases(
+    seed: int, shape: tuple[int, int], rank: int, side: str, dtype: torch.dtype, device: torch.device | None = None
+) -> Bases:
     """Seeded random orthonormal bases; left and right use independent seeds."""
     m, n = shape
-    left = random_orthonormal(m, rank, derive_seed(seed, 1), dtype) if side in ("left", "full") else None
-    right = random_orthonormal(n, rank, derive_seed(seed, 2), dtype).t() if side in ("right", "full") else None
+    left = random_orthonormal(m, rank, derive_seed(seed, 1), dtype, device) if side in ("left", "full") else None
+    right = random_orthonormal(n, rank, derive_seed(seed, 2), dtype, device).t() if side in ("right", "full") else None
     return left, right

@@ -141,7 +141,7 @@ class RandomProjector(Projector):
         if int(state.get("last_refresh", -1)) < 0:
             return None, None
         seed = derive_seed(int(state["proj_seed"]), int(state["last_refresh"]))
-        return _cast(random_bases(seed, layout.shape, layout.rank, layout.side, layout.dtype), layout)
+        return _cast(random_bases(seed, layout.shape, layout.rank, layout.side, layout.dtype, layout.device), layout)
 
     def state_numel(self, layout: Layout) -> tuple[int, int]:
         return 0, 0

@@ -122,6 +122,14 @@ def _add_common(p: argparse.ArgumentParser, config: TrainConfig) -> None:
     r.add_argument("--log-every", dest="log_every", type=int, default=S, help="steps between log rows (default 10)")
     r.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bar")
     r.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=S, help="CSV/JSONL logs only")
+    r.add_argument(
+        "--dynamics-every",
+        dest="dynamics_every",
+        type=int,
+        default=S,
+        help="sample per-layer training dynamics (captured energy, subspace drift, stable rank, spikes) every N "
+        "steps and at every basis refresh into dynamics.jsonl; 0 = off (default 10; see gradproj report)",
+    )
 
 
 def add_parsers(sub: Any) -> None:

@@ -32,6 +32,7 @@ RESUMABLE = (
     "progress",
     "tensorboard",
     "max_nonfinite",
+    "dynamics_every",
 )
 
 
@@ -75,6 +76,7 @@ class TrainConfig:
     max_nonfinite: int = 5  #: consecutive non-finite steps that stop the run
     progress: bool = True
     tensorboard: bool = True  #: also write TensorBoard events (if tensorboard is installed)
+    dynamics_every: int = 10  #: sample per-layer training dynamics every N steps (0: off); see gradproj.dynamics
 
     def __post_init__(self) -> None:
         if self.optimizer not in RECIPES:

@@ -32,7 +32,8 @@ def environment(device: str = "cpu") -> dict[str, str]:
         out["device"] = torch.cuda.get_device_name(torch.device(device))
     else:
         out["device"] = f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-    for name in ("transformers", "tokenizers", "safetensors", "bitsandbytes", "galore-torch", "fira", "apollo-torch"):
+    peers = ("bitsandbytes", "torchao", "peft", "galore-torch", "fira", "apollo-torch")
+    for name in ("transformers", "tokenizers", "safetensors", *peers):
         try:
             out[name] = metadata.version(name)  # installed metadata: importing peers is slow and noisy
         except metadata.PackageNotFoundError:
@@ -48,12 +49,27 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 def _tensors(value: Any) -> list[torch.Tensor]:
     if isinstance(value, torch.Tensor):
+        if type(value) is not torch.Tensor and hasattr(value, "__tensor_flatten__"):
+            # a tensor subclass (torchao's 8-bit states): count the tensors it is made of
+            names, _ = value.__tensor_flatten__()
+            return [t for name in names for t in _tensors(getattr(value, name))]
         return [value]
     if isinstance(value, dict):
         return [t for v in value.values() for t in _tensors(v)]
     if isinstance(value, (list, tuple)):
         return [t for v in value for t in _tensors(v)]
     return [t for v in getattr(value, "__dict__", {}).values() for t in _tensors(v)]  # peers' projector objects
+
+
+_DYNAMICS_SCALARS = (
+    "energy",
+    "energy_before",
+    "overlap",
+    "stable_rank",
+    "update_ratio",
+    "grad_norm_ratio",
+    "scale_mean",
+)
 
 
 class RunLogger:
@@ -94,11 +110,34 @@ class RunLogger:
             for name, value in metrics.items():
                 self.writer.add_scalar(f"{kind}/{name}", value, step)
 
+    def write_dynamics(self, rows: list[dict[str, Any]]) -> None:
+        """Rows of :class:`gradproj.dynamics.Dynamics` to ``dynamics.jsonl``; per-layer values and spikes
+        also to TensorBoard (``dynamics/<quantity>/<layer>``)."""
+        if not self.enabled or not rows:
+            return
+        with (self.run_dir / "dynamics.jsonl").open("a") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows)
+        if self.writer is None:
+            return
+        for row in rows:
+            if row["kind"] == "layer":
+                for name in _DYNAMICS_SCALARS:
+                    if name in row:
+                        self.writer.add_scalar(f"dynamics/{name}/{row['layer']}", row[name], row["step"])
+            elif row["kind"] == "spike":
+                self.writer.add_scalar("dynamics/grad_norm_spike", row["grad_norm"], row["step"])
+
+    def read_rows(self, name: str) -> list[dict[str, Any]]:
+        """The rows of one of this run's JSON-lines files (none if it does not exist)."""
+        path = self.run_dir / name
+        return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
     def _truncate_after(self, step: int) -> None:
-        path = self.run_dir / "metrics.jsonl"
-        if path.exists():
-            rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-            path.write_text("".join(r + "\n" for r in rows))
+        for name in ("metrics.jsonl", "dynamics.jsonl"):
+            path = self.run_dir / name
+            if path.exists():
+                rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+                path.write_text("".join(r + "\n" for r in rows))
         for csv_path in self.run_dir.glob("*.csv"):
             lines = csv_path.read_text().splitlines()
             kept = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) <= step]

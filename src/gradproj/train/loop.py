@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from ..dynamics import Dynamics
 from ..layerwise import LayerwiseStepper, attach_layerwise
 from .checkpoint import (
     CheckpointError,
@@ -113,6 +114,7 @@ class Trainer:
         self.stepper: LayerwiseStepper | None = None  # set in _setup with --layerwise
         self.train_model: nn.Module | None = None  # the model, or its DDP wrapper under torchrun
         self._skipped_parameters = 0
+        self.dynamics: Dynamics | None = None  # set in _setup unless --dynamics-every 0
 
     def _run_dir(self, resume: str | Path | None) -> Path:
         if self.config.out:
@@ -131,6 +133,8 @@ class Trainer:
         started = time.perf_counter()
         model, optimizer, scheduler, progress = self._setup()
         logger = RunLogger(self.run_dir, tensorboard=cfg.tensorboard, resume_step=progress.step or None, enabled=main)
+        if self.dynamics is not None and progress.step:  # running means continue from the logged rows
+            self.dynamics.restore(logger.read_rows("dynamics.jsonl"))
         meter = _Throughput(self.task.unit)
         losses: list[float] = []
         bar = _progress_bar(cfg, progress.step, enabled=main)
@@ -148,6 +152,7 @@ class Trainer:
                     if progress.step % cfg.log_every == 0 or progress.step == cfg.steps:
                         row = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped_steps": progress.skipped}
                         logger.write("train", progress.step, {**row, **meter.rate(), **self.parallel.comm_bytes()})
+                        logger.write_dynamics(self.dynamics.drain() if self.dynamics else [])
                     signum = self.parallel.largest(self._signal or 0)  # every rank stops after the same step
                     if signum:
                         raise Interrupted(signum, self._save(model, optimizer, scheduler, progress))
@@ -162,6 +167,7 @@ class Trainer:
             self._save(model, optimizer, scheduler, progress)
         finally:
             bar.close()
+            logger.write_dynamics(self.dynamics.drain() if self.dynamics else [])
             logger.close()
         summary = self._summary(model, progress, final, losses, optimizer)
         summary["seconds"] = time.perf_counter() - started
@@ -184,6 +190,8 @@ class Trainer:
         if cfg.layerwise and self.parallel.world == 1:
             clip = cfg.clip if cfg.clip > 0 else None
             self.stepper = attach_layerwise(optimizer, grad_accum=cfg.grad_accum, max_grad_norm=clip)  # type: ignore[arg-type]
+        if cfg.dynamics_every and self.parallel.main:  # every rank sees the same gradients; rank 0 writes
+            self.dynamics = Dynamics(optimizer, every=cfg.dynamics_every, energy=not cfg.low_rank_comm)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
         )
@@ -199,6 +207,8 @@ class Trainer:
         cfg, task = self.config, self.task
         total_loss, units, finite = 0.0, 0, True
         parallel, device = self.parallel, self.parallel.device(cfg.device)
+        if self.dynamics is not None:  # rows carry the trainer's step number (layer-wise steps run in backward)
+            self.dynamics.step = progress.step + 1
         for micro in range(cfg.grad_accum):
             start = parallel.shard(progress.position, cfg.batch_size)
             batch = {k: v.to(device) for k, v in task.batch(start, cfg.batch_size).items()}
@@ -221,6 +231,8 @@ class Trainer:
         else:
             params = [p for group in optimizer.param_groups for p in group["params"]]
             norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else math.inf))
+        if self.dynamics is not None:
+            self.dynamics.observe_grad_norm(progress.step + 1, norm)
         if finite and math.isfinite(norm):
             optimizer.step()  # a no-op with --layerwise
             progress.consecutive = 0

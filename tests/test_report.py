@@ -1,0 +1,84 @@
+"""``gradproj report``: a self-contained HTML page from real run folders, overlaying runs, with clear
+errors; and the page renders in headless Chromium (when it is installed: CI installs it)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from gradproj.cli import main
+from gradproj.report import load_run, render
+from gradproj.train import PretrainConfig, pretrain
+from gradproj.train.text import prepare_pretrain_data
+
+TINY = dict(model="llama-tiny", batch_size=4, seq_len=32, eval_tokens=2048, progress=False, tensorboard=False)
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    data = prepare_pretrain_data(None, None, 4096, 32)
+    root = tmp_path_factory.mktemp("runs")
+    common = dict(**TINY, steps=12, update_proj_gap=4, dynamics_every=2, eval_every=6, log_every=2)
+    pretrain(PretrainConfig(**common, optimizer="galore_adamw", out=str(root / "galore")), data=data)
+    pretrain(PretrainConfig(**common, optimizer="fira_adamw", out=str(root / "fira")), data=data)
+    return root / "galore", root / "fira"
+
+
+def _images(page: str) -> list[str]:
+    return re.findall(r'<img alt="figure" src="data:image/png;base64,([A-Za-z0-9+/=]+)">', page)
+
+
+def test_report_of_one_run_is_self_contained(runs: tuple[Path, Path]) -> None:
+    page = render([load_run(runs[0])])
+    # summary, loss, heatmap, energy, drift, stable rank, update size, spikes (no Fira scaling for GaLore)
+    assert len(_images(page)) == 7
+    assert "Fira/APOLLO scaling" not in page and "Subspace drift" in page
+    assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing to fetch: opens offline
+    assert "galore_adamw" in page
+
+
+def test_report_overlays_runs_from_the_cli(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    out = tmp_path / "compare.html"
+    assert main(["report", str(runs[0]), str(runs[1]), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "galore (galore_adamw)" in page and "fira (fira_adamw)" in page
+    assert len(_images(page)) == 9  # two heatmaps, and Fira's scaling factors
+    assert main(["report", str(runs[0])]) == 0
+    assert (runs[0] / "report.html").exists()
+
+
+def test_a_folder_that_is_not_a_run_is_a_one_line_error(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="is not a run folder"):
+        main(["report", str(tmp_path)])
+
+
+def test_a_run_without_dynamics_still_reports_loss_and_norms(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(runs[0] / "metrics.jsonl", bare / "metrics.jsonl")
+    page = render([load_run(bare)])
+    assert "No per-layer samples" in page and len(_images(page)) == 2  # loss and gradient norms
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (CI installs Debian's chromium)")
+def test_report_renders_in_headless_chromium(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    from PIL import Image
+
+    page, shot = tmp_path / "report.html", tmp_path / "shot.png"
+    assert main(["report", str(runs[0]), str(runs[1]), "--out", str(page)]) == 0
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"]
+    flags += ["--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    flags += [f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,4000", f"--screenshot={shot}"]
+    subprocess.run([CHROMIUM, *flags, page.as_uri()], capture_output=True, timeout=120, check=True)
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1000, 4000)
+    colours = image.getcolors(maxcolors=1 << 20) or []
+    assert len(colours) > 500  # plots, not a blank or broken page
+    # the heatmap's colour map reached the screen: viridis' yellow end (253, 231, 37) and dark end
+    assert any(r > 200 and g > 200 and b < 90 for _, (r, g, b) in colours)
+    assert any(r < 80 and 20 < g < 120 and b > 90 for _, (r, g, b) in colours)
