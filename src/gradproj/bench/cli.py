@@ -11,7 +11,7 @@ EPILOG = """examples:
   gradproj bench quality --lr-from runs/sweep.jsonl --out runs/bench.jsonl      # each at its best lr
   gradproj bench table runs/bench.jsonl --plots runs/figures                     # Markdown table + figures
   gradproj bench refresh --captured llama-20m --rank 64                         # real gradients
-  gradproj bench overhead                                                        # cost of --dynamics
+  gradproj bench overhead                                                        # cost of --dynamics-every
   gradproj bench docs docs/BENCHMARKS.md --check                                 # docs match records
 
 Every method sees the same initial weights, batches, schedule and clipping. Peers (bitsandbytes,
