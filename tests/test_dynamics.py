@@ -162,6 +162,12 @@ def test_trainer_writes_dynamics_and_resumes_them_exactly(data, tmp_path: Path) 
     resumed = pretrain(replace(cfg, out=str(tmp_path / "part")), resume=tmp_path / "part", data=data)
     assert resumed.losses == full.losses[7:]
     assert _rows(tmp_path / "part") == rows
+    # the run summary's totals are those of the rows, after a resume too
+    energies = [r["energy"] for r in rows if r["kind"] == "layer"]
+    for result in (full, resumed):
+        totals = result.summary["dynamics"]
+        assert totals["samples"] == len(energies) and totals["spikes"] == sum(r["kind"] == "spike" for r in rows)
+        assert totals["mean_energy"] == pytest.approx(sum(energies) / len(energies), rel=1e-12)
 
 
 def test_layerwise_training_is_sampled_too(data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -125,6 +125,7 @@ class Dynamics:
         self._norms: deque[float] = deque(maxlen=window)
         self._layer_norms: dict[str, float] = {}
         self._starts: dict[str, Tensor] = {}
+        self._energy_sum, self._energy_count, self._spikes = 0.0, 0, 0
         self._refreshes: dict[str, dict[str, Tensor]] = {}
         if isinstance(optimizer, ProjectedOptimizer):
             optimizer.probe = self
@@ -145,6 +146,8 @@ class Dynamics:
             spike = self._judge(row) if row["kind"] == "grad_norm" else None
             if spike is not None:
                 out.append(spike)
+        for row in out:
+            self._count(row)
         return out
 
     def _step(self, engine_step: int) -> int:
@@ -228,10 +231,23 @@ class Dynamics:
         previous = self._layer_norms.get(name)
         self._layer_norms[name] = norm if previous is None else 0.8 * previous + 0.2 * norm
 
+    def summary(self) -> dict[str, float | int]:
+        """Totals over every drained row: layer samples, their mean captured energy, spikes."""
+        mean = self._energy_sum / self._energy_count if self._energy_count else math.nan
+        return {"samples": self._energy_count, "mean_energy": mean, "spikes": self._spikes}
+
+    def _count(self, row: dict[str, Any]) -> None:
+        if row["kind"] == "spike":
+            self._spikes += 1
+        elif row["kind"] == "layer" and "energy" in row:
+            self._energy_sum += row["energy"]
+            self._energy_count += 1
+
     def restore(self, rows: list[dict[str, Any]]) -> None:
         """Rebuild the running means from a resumed run's earlier rows (``dynamics.jsonl`` up to the
         checkpoint), so that spikes and ratios after a resume are those of an uninterrupted run."""
         for row in rows:
+            self._count(row)
             if row["kind"] == "grad_norm":
                 self._norms.append(row["grad_norm"])
             elif row["kind"] == "layer" and "grad_norm" in row:

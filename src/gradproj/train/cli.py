@@ -271,6 +271,15 @@ def format_summary(summary: dict[str, Any], config: TrainConfig) -> str:
         )
     else:
         rows.append(("held-out", f"loss {ev['loss']:.3f}, accuracy {ev['accuracy']:.4f}, F1 {ev['f1']:.4f}"))
+    dynamics = summary.get("dynamics")
+    if dynamics and dynamics["samples"]:
+        rows.append(
+            (
+                "dynamics",
+                f"bases kept {dynamics['mean_energy']:.0%} of the gradient energy (mean of {dynamics['samples']} "
+                f"layer samples), {dynamics['spikes']} gradient-norm spikes; gradproj report {summary['run_dir']}",
+            )
+        )
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     final = f"final perplexity: {ev['ppl']:.2f}" if "ppl" in ev else f"final accuracy: {ev['accuracy']:.4f}"

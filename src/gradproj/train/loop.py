@@ -349,6 +349,7 @@ class Trainer:
             if self.stepper is not None
             else sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad),
             **self.task.describe(),
+            **({"dynamics": self.dynamics.summary()} if self.dynamics is not None else {}),
         }
 
 
