@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Install gradproj with its development extras and the reference implementations we test against,
 # then run the linter, the type checker and the test suite (CPU; CUDA tests skip without a GPU).
+# Installs into the active virtual environment, or into .venv (see scripts/venv.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/venv.sh
 python3 -c "import torch" 2>/dev/null || python3 -m pip install -q torch==2.13.0
 python3 -m pip install -q -e ".[dev]"
 # Reference implementations, pinned; --no-deps because their metadata pulls unrelated packages.

@@ -10,19 +10,28 @@ import pytest
 import torch
 
 import gradproj
+from gradproj.optim.registry import METHODS
+from gradproj.optim.validate import ON_REFRESH
+from gradproj.projection import PROJECTORS
 
-PROJECTORS = ("svd", "rsvd", "dct", "random")
-ON_REFRESH = ("keep", "reset", "rotate")
+# Every enumeration comes from its owner: a projector, preset or on_refresh policy added there is
+# covered by the contract and twin suites with no edit here.
 PRESET_NAMES = tuple(gradproj.PRESETS)
 
-# (preset, constructor kwargs, engine rule, engine residual)
-PRESET_SPECS: dict[str, dict[str, Any]] = {
-    "galore_adamw": {"kwargs": {"lr": 1e-2}, "rule": "adam", "residual": "none", "scale": 0.25},
-    "galore_adamw8bit": {"kwargs": {"lr": 1e-2}, "rule": "adam8bit", "residual": "none", "scale": 0.25},
-    "galore_adafactor": {"kwargs": {}, "rule": "adafactor", "residual": "none", "scale": 0.25},
-    "fira_adamw": {"kwargs": {"lr": 1e-2}, "rule": "adam", "residual": "fira", "scale": 1.0},
-    "apollo_adamw": {"kwargs": {"lr": 1e-2}, "rule": "adam", "residual": "apollo", "scale": 1.0},
-}
+
+def lr_kwargs(preset: str, lr: float = 1e-2) -> dict[str, Any]:
+    """The constructor's learning rate, unless the preset's default step size is relative (Adafactor)."""
+    return {"lr": lr} if METHODS[preset].has_lr else {}
+
+
+def _spec(preset: str) -> dict[str, Any]:
+    cls = gradproj.PRESETS[preset]
+    defaults = cls.projection_defaults()
+    return {"kwargs": lr_kwargs(preset), "rule": cls.RULE, "residual": defaults["residual"], "scale": defaults["scale"]}
+
+
+# (preset, constructor kwargs, engine rule, engine residual, default scale), read off the presets themselves
+PRESET_SPECS: dict[str, dict[str, Any]] = {name: _spec(name) for name in PRESET_NAMES}
 
 ALL_COMBINATIONS = list(itertools.product(PRESET_NAMES, PROJECTORS, ON_REFRESH))
 

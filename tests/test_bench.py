@@ -10,12 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradproj.bench.methods import Method, lora_rank, methods, missing, split_parameters
-from gradproj.bench.quality import RunConfig, build_model, prepare_data, run, run_isolated
+from gradproj.bench.methods import Method, bench_spec, get_method, missing
+from gradproj.bench.quality import RunConfig, batches, build_model, prepare_data, run, run_isolated
 from gradproj.bench.refresh import captured_benchmark
 from gradproj.bench.tables import best_learning_rates, table
 from gradproj.bench.timing import timed_refreshes
 from gradproj.cli import main
+from gradproj.optim.build import build_optimizer, lora_rank
+from gradproj.optim.groups import target_weights
+from gradproj.train.pretrain import next_token_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = RunConfig(model="llama-1m", steps=8, batch_size=4, seq_len=32, warmup=1, rank=8, gap=4, eval_windows=8)
@@ -28,7 +31,7 @@ def data():  # type: ignore[no-untyped-def]
 
 
 def _method(name: str) -> Method:
-    return next(m for m in methods(CFG.gap) if m.name == name)
+    return get_method(name)
 
 
 def test_record_carries_every_measurement(data) -> None:  # type: ignore[no-untyped-def]
@@ -59,18 +62,27 @@ def test_peer_refreshes_are_timed_and_the_wrapper_is_removed(data) -> None:  # t
 def test_lora_trains_adapters_at_comparable_state(data) -> None:  # type: ignore[no-untyped-def]
     pytest.importorskip("peft")
     model = build_model(CFG)
-    frozen = [p.detach().clone() for p in split_parameters(model)[0]]
-    optimizer = _method("lora-peft").build(model, 1e-2, 1e-2, CFG.rank)
+    base = list(target_weights(model).values())  # the very Parameters peft wraps as base_layer.weight
+    before = [p.detach().clone() for p in base]
+    optimizer = build_optimizer(model, bench_spec(_method("lora-peft"), 1e-2, 1e-2, rank=CFG.rank, gap=CFG.gap))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("lora_A" in n for n in trainable) and not any(n.endswith("base_layer.weight") for n in trainable)
     assert "model.embed_tokens.weight" in trainable
     assert len(optimizer.param_groups[0]["params"]) == 2 * MATRICES  # A and B per targeted matrix
+    adapters = [p.detach().clone() for p in optimizer.param_groups[0]["params"]]
+    embedding = model.get_input_embeddings().weight.detach().clone()
+    for window in batches(data.train, CFG)[:3]:  # train this very model, then look at its weights
+        next_token_loss(model, window).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert all(torch.equal(p, b) for p, b in zip(base, before, strict=True))  # frozen: untouched by training
+    assert not all(torch.equal(p, a) for p, a in zip(optimizer.param_groups[0]["params"], adapters, strict=True))
+    assert not torch.equal(model.get_input_embeddings().weight, embedding)  # the rest trains in full
     record = run(_method("lora-peft"), 1e-2, 1e-2, data, CFG)
     galore = run(_method("galore_adamw"), 1e-2, 1e-2, data, CFG)
     assert 0.7 < record["state_bytes"] / galore["state_bytes"] < 1.4  # "comparable trainable state"
     assert record["losses"][-1] < record["losses"][0]
     assert lora_rank(64) == 32 and lora_rank(1) == 1
-    assert all(torch.equal(a, b) for a, b in zip(frozen, split_parameters(build_model(CFG))[0], strict=True))
 
 
 def test_bitsandbytes_8bit_adamw_peer(data) -> None:  # type: ignore[no-untyped-def]
@@ -82,15 +94,15 @@ def test_bitsandbytes_8bit_adamw_peer(data) -> None:  # type: ignore[no-untyped-
 
 
 def test_a_missing_peer_is_reported_and_skipped(data, monkeypatch, capsys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    import gradproj.bench.methods as registry
+    from gradproj.optim.registry import METHODS
 
-    ghost = Method("ghost-peer", _method("adamw").build, needs="no_such_peer_package")
+    ghost = Method(name="ghost-peer", kind="peer", summary="a peer that is not installed", cls="no_such_peer_package:X")
     assert "no_such_peer_package does not import" in (missing(ghost) or "")
-    monkeypatch.setattr(registry, "methods", lambda gap: [ghost, _method("adamw")])
+    monkeypatch.setitem(METHODS, "ghost-peer", ghost)
     out = tmp_path / "r.jsonl"
     args = ["bench", "quality", "--model", "llama-1m", "--steps", "3", "--batch-size", "2", "--seq-len", "16"]
     args += ["--rank", "4", "--lr-matrix", "1e-3", "--lr-other", "1e-2", "--no-isolate", "--out", str(out)]
-    assert main(args) == 0
+    assert main([*args, "--methods", "ghost-peer,adamw"]) == 0
     printed = capsys.readouterr().out
     assert "skip ghost-peer: no_such_peer_package does not import" in printed
     assert [json.loads(line)["method"] for line in out.read_text().splitlines()] == ["adamw"]

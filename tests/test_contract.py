@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import gradproj
-from conftest import ALL_COMBINATIONS, PRESET_NAMES, PROJECTORS, build, grad_stream, make_params
+from conftest import ALL_COMBINATIONS, PRESET_NAMES, PROJECTORS, build, grad_stream, lr_kwargs, make_params
+from gradproj.optim.registry import METHODS
 
 SHAPES = [(72, 64), (64, 80), (16,)]  # large enough for 8-bit quantization to engage
 
@@ -35,7 +36,7 @@ def _plain(value: object) -> bool:
 @pytest.mark.parametrize(("preset", "projector", "on_refresh"), ALL_COMBINATIONS)
 def test_state_dict_roundtrip_continues_in_lockstep(preset: str, projector: str, on_refresh: str) -> None:
     group = {"rank": 8, "update_proj_gap": 3, "projector": projector, "on_refresh": on_refresh}
-    spec_kwargs = {} if preset == "galore_adafactor" else {"lr": 1e-2}
+    spec_kwargs = lr_kwargs(preset)
     params = make_params(SHAPES, torch.float32)
     opt = gradproj.PRESETS[preset](_split_groups(params, **group), **spec_kwargs)
     stream = grad_stream(params, 8)
@@ -64,9 +65,7 @@ def test_loss_goes_down_and_dtype_is_preserved(preset: str, projector: str) -> N
     x = torch.randn(256, 32, dtype=torch.bfloat16)
     y = x @ (torch.randn(32, 8, dtype=torch.bfloat16) / 32**0.5)  # a learnable linear teacher
     groups = gradproj.param_groups(model, rank=8, update_proj_gap=10, projector=projector, exclude=())
-    kwargs = {"lr": 1e-2}
-    if preset == "galore_adafactor":
-        kwargs.update(relative_step=False, scale_parameter=False)
+    kwargs = {"lr": 1e-2, **METHODS[preset].constructor}  # the registry's fixed-lr construction
     opt = gradproj.PRESETS[preset](groups, **kwargs)
     first = None
     for _ in range(60):
@@ -83,9 +82,9 @@ def test_loss_goes_down_and_dtype_is_preserved(preset: str, projector: str) -> N
 @pytest.mark.parametrize("preset", PRESET_NAMES)
 def test_lr_scheduler_none_grad_and_closure(preset: str) -> None:
     params = make_params(SHAPES, torch.float32)
-    kwargs = {"lr": None, "relative_step": True} if preset == "galore_adafactor" else {"lr": 1e-2}
+    kwargs = lr_kwargs(preset)
     opt = gradproj.PRESETS[preset](_split_groups(params, rank=4), **kwargs)
-    if preset != "galore_adafactor":  # relative-step Adafactor has no lr to schedule
+    if METHODS[preset].has_lr:  # relative-step Adafactor has no lr to schedule
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5**s)
     before = [p.detach().clone() for p in params]
     params[1].grad = None  # a parameter without gradient is left alone
@@ -94,7 +93,7 @@ def test_lr_scheduler_none_grad_and_closure(preset: str) -> None:
     loss = opt.step(lambda: 1.5)
     assert loss == 1.5
     assert torch.equal(params[1], before[1]) and not torch.equal(params[0], before[0])
-    if preset != "galore_adafactor":
+    if METHODS[preset].has_lr:
         sched.step()
         assert opt.param_groups[0]["lr"] == pytest.approx(5e-3)
 
@@ -119,3 +118,106 @@ def test_hugging_face_style_groups_work() -> None:
     for grads in grad_stream(params, 2):
         _step(opt, params, grads)
     assert opt.state[params[0]]["basis_right"].shape == (4, 64)
+
+
+def _equal(a: object, b: object) -> bool:
+    """Recursive equality of state dicts: tensors by value (and dtype), everything else by ==."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def _clone(value: object) -> object:
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone(v) for v in value)
+    return value
+
+
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+@pytest.mark.parametrize("projector", PROJECTORS)
+def test_saving_and_loading_leave_the_state_dict_unchanged(preset: str, projector: str) -> None:
+    params = make_params(SHAPES, torch.float32)
+    group = {"rank": 8, "update_proj_gap": 2, "projector": projector, "on_refresh": "rotate"}
+    opt = gradproj.PRESETS[preset](_split_groups(params, **group), **lr_kwargs(preset))
+    for grads in grad_stream(params, 3):
+        _step(opt, params, grads)
+    saved = opt.state_dict()
+    snapshot = _clone(saved)
+    torch.save(saved, io.BytesIO())
+    other_params = [p.detach().clone().requires_grad_() for p in params]
+    other = gradproj.PRESETS[preset](_split_groups(other_params, **group), **lr_kwargs(preset))
+    other.load_state_dict(saved)
+    assert _equal(saved, snapshot)  # neither saving nor loading touched the dict
+    assert _equal(opt.state_dict(), snapshot) and _equal(other.state_dict(), snapshot)
+
+
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+def test_equal_parameters_give_equal_state_dicts(preset: str) -> None:
+    def run() -> dict:  # type: ignore[type-arg]
+        params = make_params(SHAPES, torch.float32)
+        opt = gradproj.PRESETS[preset](
+            _split_groups(params, rank=8, update_proj_gap=2, projector="rsvd"), **lr_kwargs(preset)
+        )
+        for grads in grad_stream(params, 3):
+            _step(opt, params, grads)
+        return opt.state_dict()
+
+    first, second = run(), run()
+    assert first["state"] and _equal(first, second)
+
+
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+def test_add_param_group_after_some_steps(preset: str) -> None:
+    """A group added mid-run starts fresh: it steps as a new optimizer over it alone would (named
+    parameters: the same seeds), and the state dict round trips with both groups."""
+    params = make_params([*SHAPES, (40, 56)], torch.float32)
+
+    def groups(ps: list[torch.Tensor]) -> list[dict]:  # type: ignore[type-arg]
+        named = [(f"p{i}", p) for i, p in enumerate(ps)]
+        return [{"params": named[:2], "rank": 8, "update_proj_gap": 2}, {"params": named[2:3]}]
+
+    late = {"params": [("late", params[3])], "rank": 4, "update_proj_gap": 2}
+    late_alone = torch.nn.Parameter(params[3].detach().clone())
+    opt = gradproj.PRESETS[preset](groups(params[:3]), **lr_kwargs(preset))
+    stream = grad_stream(params, 6)
+    for grads in stream[:3]:
+        _step(opt, params[:3], grads[:3])
+    opt.add_param_group(late)
+    alone = gradproj.PRESETS[preset]([{**late, "params": [("late", late_alone)]}], **lr_kwargs(preset))
+    for grads in stream[3:]:
+        _step(opt, params, grads)
+        _step(alone, [late_alone], grads[3:])
+    assert opt.state[params[3]]["step"] == 3
+    torch.testing.assert_close(params[3].detach(), late_alone.detach(), rtol=0, atol=0)
+    copies = [p.detach().clone() for p in params]
+    reloaded = gradproj.PRESETS[preset](
+        [*groups(copies[:3]), {**late, "params": [("late", copies[3])]}], **lr_kwargs(preset)
+    )
+    reloaded.load_state_dict(opt.state_dict())
+    assert _equal(reloaded.state_dict(), opt.state_dict())
+
+
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+def test_non_contiguous_parameters_step_like_contiguous_ones(preset: str) -> None:
+    contiguous = make_params([(72, 64), (64, 80)], torch.float32)
+    strided = [
+        torch.nn.Parameter(p.detach().t().contiguous().t()) for p in contiguous
+    ]  # same values, transposed strides
+    assert not any(p.is_contiguous() for p in strided)
+    opts = [
+        gradproj.PRESETS[preset]([{"params": ps, "rank": 8, "update_proj_gap": 2}], **lr_kwargs(preset))
+        for ps in (contiguous, strided)
+    ]
+    for grads in grad_stream(contiguous, 4):
+        _step(opts[0], contiguous, grads)
+        _step(opts[1], strided, grads)
+    for a, b in zip(contiguous, strided, strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)

@@ -13,17 +13,16 @@ import pytest
 import torch
 
 import gradproj
-from conftest import PRESET_NAMES, PROJECTORS, grad_stream, make_params
+from conftest import PRESET_NAMES, PROJECTORS, grad_stream, lr_kwargs, make_params
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 SHAPES = [(96, 64), (64, 128), (32,)]
 
 
 def _opt(preset: str, params: list[torch.Tensor], projector: str, on_refresh: str) -> torch.optim.Optimizer:
-    kwargs = {} if preset == "galore_adafactor" else {"lr": 1e-2}
+    kwargs = lr_kwargs(preset)
     group = {"rank": 8, "update_proj_gap": 4, "projector": projector, "on_refresh": on_refresh}
-    # named parameters: the random projector's seeds then follow the names, not how many optimizers
-    # this process built (unnamed parameters get process-wide ordinals)
+    # named parameters: the random projector's seeds then follow the names
     named = [(f"p{i}", p) for i, p in enumerate(params)]
     return gradproj.PRESETS[preset]([{"params": named[:2], **group}, {"params": named[2:]}], **kwargs)
 
@@ -95,12 +94,12 @@ def test_dynamics_on_cuda_match_the_cpu() -> None:
 
 
 def test_bench_run_on_cuda_records_gpu_memory_and_step_time() -> None:
-    from gradproj.bench.methods import methods
+    from gradproj.bench.methods import get_method
     from gradproj.bench.quality import RunConfig, prepare_data, run
 
     cfg = RunConfig(model="llama-1m", steps=12, batch_size=4, seq_len=32, warmup=1, rank=8, gap=4, device="cuda")
     data = prepare_data(cfg.vocab_size)
-    record = run(next(m for m in methods(cfg.gap) if m.name == "galore_adamw"), 1e-2, 1e-2, data, cfg)
+    record = run(get_method("galore_adamw"), 1e-2, 1e-2, data, cfg)
     assert record["memory_kind"] == "cuda_max_memory_allocated"
     assert record["peak_memory_bytes"] > record["state_bytes"] > 0
     assert record["refreshes"] == 3 * 7 * 2 and record["refresh_seconds"] > 0  # 3 refreshes x 14 matrices

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import gradproj
-from conftest import make_params
+from conftest import lr_kwargs, make_params
 
 
 def _groups(**group):  # type: ignore[no-untyped-def]
@@ -69,7 +69,7 @@ def test_adafactor_lr_conflicts_are_explained() -> None:
 @pytest.mark.parametrize("preset", list(gradproj.PRESETS))
 def test_nonfinite_gradient_is_skipped_without_touching_weights_or_state(preset: str) -> None:
     params = make_params([(32, 16), (8,)], torch.float32)
-    kwargs = {} if preset == "galore_adafactor" else {"lr": 1e-2}
+    kwargs = lr_kwargs(preset)
     opt = gradproj.PRESETS[preset]([{"params": params[:1], "rank": 4}, {"params": params[1:]}], **kwargs)
     for p in params:
         p.grad = torch.randn_like(p)

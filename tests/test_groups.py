@@ -58,3 +58,28 @@ def test_summary_reports_counts_and_bytes(capsys: pytest.CaptureFixture[str]) ->
     assert "rank 8" in out and "full" in out and "64x32" in out
     opt = gradproj.GaLoreAdamW(groups)
     assert opt.param_groups[0]["param_names"][0] == "attn.q_proj.weight"
+
+
+def test_every_list_entry_and_pattern_must_match_something() -> None:
+    with pytest.raises(
+        ValueError, match=r"'no_such_module' matched no nn.Linear.*linear modules in this model: \[.*attn.q_proj"
+    ):
+        gradproj.param_groups(Tiny(), target_modules=["q_proj", "no_such_module"], rank=8)
+    with pytest.raises(ValueError, match=r"'lm_head' matched no nn.Linear weight \(excluding \['lm_head'"):
+        gradproj.param_groups(Tiny(), target_modules=["q_proj", "lm_head"], rank=8)  # excluded: nothing left to match
+    with pytest.raises(ValueError, match=r"target_modules='wq\|wk' matched no nn.Linear"):
+        gradproj.param_groups(Tiny(), target_modules="wq|wk", rank=8)
+
+
+def test_unnamed_parameters_get_seeds_from_their_place_not_from_process_history() -> None:
+    def seeds() -> list[int]:
+        weights = [torch.nn.Parameter(torch.randn(16, 8)), torch.nn.Parameter(torch.randn(8, 16))]
+        opt = gradproj.GaLoreAdamW([{"params": weights, "rank": 2, "projector": "random"}], lr=1e-2)
+        for w in weights:
+            w.grad = torch.randn_like(w)
+        opt.step()
+        return [opt.state[w]["proj_seed"] for w in weights]
+
+    first = seeds()
+    gradproj.GaLoreAdamW([{"params": [torch.nn.Parameter(torch.randn(4, 4))], "rank": 2}])  # another optimizer between
+    assert seeds() == first and first[0] != first[1]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import gradproj
-from conftest import PRESET_NAMES, PRESET_SPECS, PROJECTORS
+from conftest import PRESET_NAMES, PRESET_SPECS, PROJECTORS, lr_kwargs
 from gradproj.optim.groups import summarize
 
 
@@ -23,7 +23,7 @@ def _tiny_model(dtype: torch.dtype) -> torch.nn.Module:
 def test_predicted_state_bytes_equal_allocated_bytes(preset: str, projector: str, dtype: torch.dtype) -> None:
     model = _tiny_model(dtype)
     groups = gradproj.param_groups(model, rank=16, projector=projector, proj_type="std")
-    kwargs = {"lr": 1e-3} if preset != "galore_adafactor" else {}
+    kwargs = lr_kwargs(preset, 1e-3)
     opt = gradproj.PRESETS[preset](groups, **kwargs)
     for p in model.parameters():
         p.grad = torch.randn_like(p)

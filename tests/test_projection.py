@@ -103,12 +103,15 @@ def test_dct_state_is_indices_only_and_the_matrix_is_shared() -> None:
     assert set(state["index_left"].tolist()) == set(torch.topk(scores, 6).indices.tolist())
 
 
-def test_random_state_is_a_seed_and_seeds_differ_across_params_and_optimizers() -> None:
+def test_random_state_is_a_seed_and_seeds_follow_names_or_places() -> None:
+    """Seeds differ across the parameters of one optimizer; an unnamed parameter's seed depends only on
+    its place, so separate optimizers that need distinct bases name their parameters."""
     params = make_params([(48, 32), (48, 32)])
     shared = build("apollo_adamw", params, rank=4)
-    separate = [build("apollo_adamw", [p], rank=4) for p in make_params([(48, 32), (48, 32)])]
-    for opt, ps in ((shared, params), *((o, o.param_groups[0]["params"]) for o in separate)):
-        for p in ps:
+    unnamed = [build("apollo_adamw", [p], rank=4) for p in make_params([(48, 32), (48, 32)])]
+    named = [build("apollo_adamw", [p], [f"layer{i}"], rank=4) for i, p in enumerate(make_params([(48, 32)] * 2))]
+    for opt in (shared, *unnamed, *named):
+        for p in opt.param_groups[0]["params"]:
             p.grad = torch.randn_like(p)
         opt.step()
     for p in params:
@@ -116,9 +119,13 @@ def test_random_state_is_a_seed_and_seeds_differ_across_params_and_optimizers() 
         tensors = {k for k, v in state.items() if isinstance(v, torch.Tensor)}
         assert tensors == {"exp_avg", "exp_avg_sq", "residual_norm"}  # moments and limiter: no basis
         assert isinstance(state["proj_seed"], int)
-    seeds = [shared.state[p]["proj_seed"] for p in params]
-    seeds += [o.state[o.param_groups[0]["params"][0]]["proj_seed"] for o in separate]
-    assert len(set(seeds)) == 4
+
+    def seeds(opts: list[torch.optim.Optimizer]) -> list[int]:
+        return [o.state[p]["proj_seed"] for o in opts for p in o.param_groups[0]["params"]]  # type: ignore[index]
+
+    assert len(set(seeds([shared]))) == 2
+    assert seeds(unnamed) == [seeds([shared])[0]] * 2  # the same place, param_groups[0].params[0]
+    assert len(set(seeds(named))) == 2
 
 
 def test_rotate_maps_the_first_moment_exactly_inside_the_old_subspace() -> None:

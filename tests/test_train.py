@@ -86,6 +86,16 @@ def test_resume_ends_bit_identical_to_the_uninterrupted_run(data, tmp_path: Path
     assert steps == sorted(steps)
 
 
+@pytest.mark.parametrize(("optimizer", "rank"), [("apollo_mini", 1), ("galore_adamw", 8), ("adamw", None)])
+def test_the_rank_the_optimizer_uses_is_the_rank_every_record_names(data, tmp_path: Path, optimizer, rank) -> None:  # type: ignore[no-untyped-def]
+    """APOLLO-Mini is rank 1 whatever --rank says; config.json, summary.json and the optimizer agree."""
+    result = pretrain(PretrainConfig(**TINY, steps=2, rank=8, optimizer=optimizer, out=str(tmp_path)), data=data)
+    assert json.loads((tmp_path / "config.json").read_text())["resolved_rank"] == rank
+    assert json.loads((tmp_path / "summary.json").read_text())["rank"] == rank == result.summary["rank"]
+    optimizer_state = torch.load(tmp_path / "checkpoints/step-00000002/optimizer.pt", weights_only=True)
+    assert optimizer_state["param_groups"][0].get("rank") == rank
+
+
 @pytest.mark.parametrize("optimizer", ["galore_adamw", "adamw", "fira_adamw"])
 def test_layerwise_run_matches_the_standard_run(data, tmp_path: Path, optimizer: str) -> None:  # type: ignore[no-untyped-def]
     """Without clipping the maths is the same: identical losses and weights. With clipping the
@@ -223,19 +233,46 @@ def test_sigterm_saves_and_the_resumed_run_matches(data, tmp_path: Path) -> None
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_kill_9_during_saves_leaves_a_loadable_checkpoint(data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+# A process that trains with a checkpoint every 2 steps and SIGKILLs itself inside the second save, after the
+# weights of step 4 are written to the temporary folder and before its optimizer state is: a crash at the
+# worst moment, every time (no sleeping and hoping).
+KILL_INSIDE_SECOND_SAVE = """
+import os, signal, sys
+import torch
+import gradproj.train.checkpoint as checkpoint
+from gradproj.cli import main
+
+real_save, saves = torch.save, []
+
+def save(obj, path, *args, **kwargs):
+    if str(path).endswith("optimizer.pt"):
+        saves.append(path)
+        if len(saves) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, path, *args, **kwargs)
+
+checkpoint.torch.save = save
+sys.exit(main(["pretrain", *sys.argv[1:]]))
+"""
+
+
+def test_kill_9_inside_a_save_leaves_the_previous_checkpoint_loadable(data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     run = tmp_path / "run"
-    process = _cli([*FLAGS, "--steps", "100000", "--save-every", "1", "--keep", "2", "--out", str(run)], tmp_path)
-    _wait_for_checkpoint(run, process)
-    time.sleep(1.5)  # saving every step: a kill now very likely lands inside a save
-    process.kill()
-    process.communicate(timeout=60)
+    args = [*FLAGS, "--steps", "6", "--save-every", "2", "--eval-every", "0", "--out", str(run)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-c", KILL_INSIDE_SECOND_SAVE, *args]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stdout[-2000:] + done.stderr[-2000:]
+    interrupted = list((run / "checkpoints").glob(".step-00000004.tmp-*"))
+    assert len(interrupted) == 1 and (interrupted[0] / "model.safetensors").is_file()  # the kill landed mid-save
+    assert not (interrupted[0] / "optimizer.pt").exists()
     last = latest_checkpoint(run)
-    assert last is not None
-    cfg = PretrainConfig(**TINY, steps=100000)
-    task = PretrainTask(cfg, data)
-    model = task.build_model()
-    from gradproj.train.optimizers import build_optimizer
+    assert last is not None and last.name == "step-00000002"  # the half-written step 4 is not a checkpoint
+    cfg = PretrainConfig(**TINY, steps=6)
+    model = PretrainTask(cfg, data).build_model()
+    from gradproj.optim.build import build_optimizer
 
     state = load_checkpoint(last, model, build_optimizer(model, cfg.optimizer_spec(16)), None)
-    assert state["step"] == int(last.name.split("-")[1])
+    assert state["step"] == 2
+    resumed = pretrain(replace(cfg, save_every=2, eval_every=0, out=str(run)), resume=run, data=data)
+    assert resumed.progress.step == 6 and latest_checkpoint(run).name == "step-00000006"  # type: ignore[union-attr]

@@ -26,15 +26,6 @@ from .report import run as run_report
 from .train.cli import add_parsers as add_train_parsers
 from .train.cli import run as run_training
 
-DEMO_METHODS = ("adamw", "galore_adamw", "fira_adamw", "apollo_mini")
-# Learning rates (matrices, rest) for the demo: the best of the llama-1m sweep in docs/BENCHMARKS.md.
-DEMO_LRS = {
-    "adamw": (1e-3, 1e-2),
-    "galore_adamw": (1e-2, 1e-2),
-    "fira_adamw": (3e-3, 1e-2),
-    "apollo_mini": (3e-3, 1e-2),
-}
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -60,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_memory(args)
     if args.command == "report":
         return run_report(args)
-    return run_bench(args, [(name, *DEMO_LRS[name]) for name in DEMO_METHODS])
+    return run_bench(args)
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ class GradientComm:
     def _reduce_low_rank(self, params: list[Tensor], grads: list[Tensor], world: int) -> None:
         assert self.optimizer is not None
         opt = self.optimizer
-        projected = [p in opt._param_groups_of and not opt.needs_full_gradient(p) for p in params]
+        projected = [opt.owns(p) and not opt.needs_full_gradient(p) for p in params]
         pieces = [opt.project_gradient(p, g) if low else g for p, g, low in zip(params, grads, projected, strict=True)]
         flat = torch.cat([piece.reshape(-1) for piece in pieces])
         dist.all_reduce(flat)

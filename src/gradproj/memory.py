@@ -1,5 +1,6 @@
 """The memory planner: weights, gradients, optimizer state and activations of a training config,
-for gradproj's optimizers side by side with AdamW, 8-bit AdamW and LoRA at the same rank.
+for gradproj's optimizers side by side with the registry's baselines: AdamW, 8-bit AdamW and LoRA at
+comparable state (half the rank, as ``gradproj bench`` runs it).
 
 How each number is obtained (docs/SCALE.md has the derivations and the measurements):
 
@@ -21,7 +22,7 @@ How each number is obtained (docs/SCALE.md has the derivations and the measureme
 Example:
     >>> plans = plan(model="llama-60m", optimizer="galore_adamw", rank=128, batch=1, seq_len=256)
     >>> [p.method for p in plans]
-    ['galore_adamw', 'adamw', 'adamw8bit', 'lora']
+    ['galore_adamw', 'adamw', 'adamw8bit', 'lora-peft']
     >>> plans[0].optimizer < plans[1].optimizer
     True
 """
@@ -35,9 +36,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .optim.groups import ATTENTION_AND_MLP, target_weights
+from .optim.registry import baseline_methods, get_method
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-#: the methods every plan is compared with
-BASELINES = ("adamw", "adamw8bit", "lora")
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ class Setup:
     world_size: int = 1
     fsdp: bool = False
     vocab_size: int = 32000
-    projector: str = "svd"
+    projector: str | None = None  # None: the optimizer's own (random for APOLLO, else svd)
     proj_type: str = "std"
     target_modules: str | None = None  # None: attention and MLP linears (the trainer's default)
 
@@ -100,10 +102,10 @@ def _rows(p: torch.Tensor, setup: Setup) -> float:
 
 
 def optimizer_state_bytes(model: nn.Module, setup: Setup, method: str) -> int:
-    """Exact state bytes of the optimizer the trainer builds for ``method`` (a recipe name)."""
+    """Exact state bytes of the optimizer the trainer builds for ``method`` (a registry name)."""
+    from .optim.build import build_optimizer
     from .optim.engine import ProjectedOptimizer
     from .optim.groups import state_bytes
-    from .train.optimizers import build_optimizer
 
     optimizer = build_optimizer(model, _spec(model, setup, method))
     total = 0.0
@@ -118,15 +120,15 @@ def optimizer_state_bytes(model: nn.Module, setup: Setup, method: str) -> int:
 
 
 def _spec(model: nn.Module, setup: Setup, method: str) -> Any:
+    from .optim.build import OptimizerSpec
     from .train.models import default_rank
-    from .train.optimizers import OptimizerSpec
 
     return OptimizerSpec(
         name=method,
         rank=setup.rank if setup.rank is not None else default_rank(model),
         projector=setup.projector,
         proj_type=setup.proj_type,
-        target_modules=setup.target_modules or _attention_and_mlp(),
+        target_modules=setup.target_modules or ATTENTION_AND_MLP,
     )
 
 
@@ -172,19 +174,20 @@ def activation_bytes(config: Any, setup: Setup) -> int:
     return int(per_token * setup.batch * setup.seq_len)
 
 
-def lora_plan(model: nn.Module, setup: Setup, activations: int) -> MemoryPlan:
-    """LoRA at the same rank on the same targets (peft defaults: float32 adapters, AdamW on them,
-    everything else frozen). Activations are taken equal to full training's (not modelled)."""
-    from .optim.groups import _target_weights
+def lora_plan(model: nn.Module, setup: Setup, activations: int, method: str) -> MemoryPlan:
+    """LoRA as the bench builds it (:func:`gradproj.optim.build.lora_rank`: the rank whose Adam state
+    matches GaLore's) on the same targets (peft defaults: float32 adapters, AdamW on them, everything
+    else frozen). Activations are taken equal to full training's (not modelled)."""
+    from .optim.build import lora_rank
     from .train.models import default_rank
 
-    rank = setup.rank if setup.rank is not None else default_rank(model)
-    targets = _target_weights(model, setup.target_modules or _attention_and_mlp(), ()).values()
+    rank = lora_rank(setup.rank if setup.rank is not None else default_rank(model))
+    targets = target_weights(model, setup.target_modules or ATTENTION_AND_MLP).values()
     adapters = sum(rank * (w.shape[0] + w.shape[1]) for w in targets)
     if setup.fsdp:
         adapters = math.ceil(adapters / setup.world_size)
     return MemoryPlan(
-        method="lora",
+        method=method,
         weights=weight_bytes(model, setup) + 4 * adapters,
         gradients=4 * adapters,
         optimizer=2 * 4 * adapters + 4 * 2 * len(targets),
@@ -199,17 +202,19 @@ def plan(**options: Any) -> list[MemoryPlan]:
     if setup.world_size < 1 or setup.batch < 1 or setup.seq_len < 1:
         raise ValueError("world_size, batch and seq_len must be >= 1")
     model = meta_model(setup)
-    if setup.optimizer not in ("adamw", "adamw8bit", "apollo_mini"):
+    spec = _spec(model, setup, setup.optimizer)
+    if spec.projected and spec.method.fixed_rank is None:
         from .train.models import check_rank
 
-        check_rank(model, setup.target_modules or _attention_and_mlp(), _spec(model, setup, setup.optimizer).rank)
+        check_rank(model, spec.target_modules, spec.rank)
     activations = activation_bytes(model.config, setup) if _is_llama_like(model.config) else 0
     plans = []
-    for method in (setup.optimizer, *(b for b in BASELINES if b != setup.optimizer)):
-        if method == "lora":
-            plans.append(lora_plan(model, setup, activations))
+    for method in (setup.optimizer, *(b.name for b in baseline_methods() if b.name != setup.optimizer)):
+        if get_method(method).kind == "lora":
+            plans.append(lora_plan(model, setup, activations, method))
             continue
-        notes = [] if method in ("adamw", "adamw8bit") else [f"rank {_spec(model, setup, method).rank}"]
+        rank = _spec(model, setup, method).resolved_rank
+        notes = [] if rank is None else [f"rank {rank}"]
         if setup.layerwise:
             notes.append("layer-wise")
         plans.append(
@@ -223,12 +228,6 @@ def plan(**options: Any) -> list[MemoryPlan]:
             )
         )
     return plans
-
-
-def _attention_and_mlp() -> str:
-    from .train.models import ATTENTION_AND_MLP
-
-    return ATTENTION_AND_MLP
 
 
 def _is_llama_like(config: Any) -> bool:

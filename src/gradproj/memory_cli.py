@@ -17,24 +17,31 @@ tensors autograd saves in transformers' LLaMA code (docs/SCALE.md shows them aga
 
 
 def add_parser(sub: Any) -> None:
-    from .train.optimizers import RECIPES
+    from .memory import DTYPES
+    from .optim.registry import trainer_methods
+    from .projection.projectors import PROJECTORS
 
     p = sub.add_parser(
         "memory",
         help="predict weights, gradients, optimizer state and activations, side by side with AdamW and LoRA",
         description="Plan the memory of a training config, per device, for a gradproj optimizer and the "
-        "baselines (AdamW, 8-bit AdamW, LoRA at the same rank).",
+        "baselines (AdamW, 8-bit AdamW, LoRA at comparable state: half the rank).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", default="llama-7b", help="llama-60m ... llama-7b, llama-tiny/1m/5m/20m, or a HF config")
-    p.add_argument("--optimizer", default="galore_adamw8bit", choices=list(RECIPES), help="(default galore_adamw8bit)")
-    p.add_argument("--rank", type=int, default=None, help="projection (and LoRA) rank (default: hidden size / 4)")
-    p.add_argument("--projector", default="svd", choices=("svd", "rsvd", "dct", "random"), help="(default svd)")
+    p.add_argument(
+        "--optimizer",
+        default="galore_adamw8bit",
+        choices=[m.name for m in trainer_methods()],
+        help="(default galore_adamw8bit)",
+    )
+    p.add_argument("--rank", type=int, default=None, help="projection rank, LoRA's is half (default: hidden size / 4)")
+    p.add_argument("--projector", default=None, choices=PROJECTORS, help="(default: the optimizer's own)")
     p.add_argument("--layerwise", action="store_true", help="layer-wise updates: gradients of one layer at a time")
     p.add_argument("--batch", type=int, default=1, help="sequences per device per micro-batch (default 1)")
     p.add_argument("--seq-len", dest="seq_len", type=int, default=2048, help="tokens per sequence (default 2048)")
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="weights and activations (default bf16)")
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="weights and activations (default bf16)")
     p.add_argument("--vocab-size", dest="vocab_size", type=int, default=32000, help="(default 32000, LLaMA's)")
     p.add_argument(
         "--activation-checkpointing",
@@ -48,25 +55,11 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
     from .memory import Setup, format_plans, plan
 
-    options = {
-        k: getattr(args, k)
-        for k in (
-            "model",
-            "optimizer",
-            "rank",
-            "projector",
-            "layerwise",
-            "batch",
-            "seq_len",
-            "dtype",
-            "vocab_size",
-            "activation_checkpointing",
-            "world_size",
-            "fsdp",
-        )
-    }
+    options = {f.name: getattr(args, f.name) for f in fields(Setup) if hasattr(args, f.name)}
     try:
         plans = plan(**options)
     except ValueError as error:

@@ -132,15 +132,15 @@ def _config(args: argparse.Namespace) -> Any:
 
 def run_grid(args: argparse.Namespace, grid: list[tuple[str, float, float]], isolate: bool = False) -> list[dict]:  # type: ignore[type-arg]
     """Run each (method, matrix lr, rest lr); report and skip methods whose peer is missing."""
-    from .methods import methods, missing
+    from .methods import lineup, missing
     from .quality import prepare_data, run, run_isolated
     from .tables import write_records
 
     cfg = _config(args)
-    registry = {m.name: m for m in methods(cfg.gap)}
+    registry = {m.name: m for m in lineup()}
     unknown = sorted({name for name, _, _ in grid} - set(registry))
     if unknown:
-        raise SystemExit(f"gradproj: unknown method(s) {unknown}; valid: {sorted(registry)}")
+        raise SystemExit(f"gradproj: unknown method(s) {unknown}; valid: {', '.join(registry)}")
     data = prepare_data(cfg.vocab_size)
     print(
         f"data: {data.train.numel():,} training tokens, {data.validation.numel():,} held-out tokens; "
@@ -174,10 +174,10 @@ def run_grid(args: argparse.Namespace, grid: list[tuple[str, float, float]], iso
 
 
 def _quality_grid(args: argparse.Namespace) -> list[tuple[str, float, float]]:
-    from .methods import methods
+    from .methods import lineup
     from .tables import best_learning_rates, read_records
 
-    names = [n for n in args.methods.split(",") if n] or [m.name for m in methods(args.gap)]
+    names = [n for n in args.methods.split(",") if n] or [m.name for m in lineup()]
     best = best_learning_rates(read_records(args.lr_from)) if args.lr_from else {}
     grid = []
     for name in names:  # methods without a swept rate get the grid
@@ -187,12 +187,13 @@ def _quality_grid(args: argparse.Namespace) -> list[tuple[str, float, float]]:
     return grid[index::count]
 
 
-def run(args: argparse.Namespace, demo_grid: list[tuple[str, float, float]]) -> int:
+def run(args: argparse.Namespace) -> int:
     """Dispatch ``gradproj bench ...`` and ``gradproj demo``."""
+    from ..optim.registry import demo_methods
     from .tables import read_records, table, write_records
 
-    if args.command == "demo":
-        records = run_grid(args, demo_grid)
+    if args.command == "demo":  # each demo method at its default rates (the llama-5m sweep's best)
+        records = run_grid(args, [(m.name, m.lr, m.other_lr) for m in demo_methods()])
         print("\n" + table(records))
         best = min(records, key=lambda r: r["val_loss"])
         print(

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from .methods import methods
+from .methods import get_method
 from .quality import RunConfig, prepare_data, run
 
 
@@ -15,7 +15,7 @@ def overhead(cfg: RunConfig, every: int = 10, repeats: int = 3, method: str = "g
     """Alternate ``repeats`` runs without and with dynamics; the best mean step time of each (the least
     disturbed by other work on the machine) and their ratio. Both runs train identically (the probe
     draws no random numbers), which the returned ``same_loss`` confirms."""
-    chosen = next(m for m in methods(cfg.gap) if m.name == method)
+    chosen = get_method(method)
     data = prepare_data(cfg.vocab_size)
     off, on = replace(cfg, dynamics_every=0), replace(cfg, dynamics_every=every)
     means: dict[int, list[float]] = {0: [], every: []}

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .tables import PEERS, best_per_method
+from .tables import best_per_method, is_external, is_peer
 
 
 def pyplot() -> Any:
@@ -59,7 +59,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 
 def _style(method: str) -> dict[str, Any]:
-    return {"linestyle": "--" if method in PEERS and method != "adamw" else "-", "linewidth": 1.2}
+    return {"linestyle": "--" if is_peer(method) else "-", "linewidth": 1.2}
 
 
 def write_plots(records: list[dict[str, Any]], out: Path, title: str = "") -> list[Path]:
@@ -93,7 +93,7 @@ def write_plots(records: list[dict[str, Any]], out: Path, title: str = "") -> li
     fig, ax = plt.subplots(figsize=(8, 5))
     points = [(r["state_bytes"] / 2**20, r["val_ppl"]) for r in rows if math.isfinite(r["val_ppl"])]
     for r in rows:
-        marker = "s" if r["method"] in PEERS else "o"
+        marker = "s" if is_external(r["method"]) else "o"
         ax.scatter(r["state_bytes"] / 2**20, r["val_ppl"], marker=marker, color=colours[r["method"]])
         ax.annotate(
             r["method"], (r["state_bytes"] / 2**20, r["val_ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
@@ -112,7 +112,7 @@ def write_plots(records: list[dict[str, Any]], out: Path, title: str = "") -> li
     if adamw is not None and adamw.get("step_seconds_median"):
         timed.sort(key=lambda r: r["step_seconds_median"])
         ratios = [r["step_seconds_median"] / adamw["step_seconds_median"] for r in timed]
-        ax.barh([r["method"] for r in timed], ratios, color=["C1" if r["method"] in PEERS else "C0" for r in timed])
+        ax.barh([r["method"] for r in timed], ratios, color=["C1" if is_external(r["method"]) else "C0" for r in timed])
         ax.axvline(1.0, color="grey", linewidth=0.8)
     ax.set(xlabel="median step time / AdamW's", title=f"Step time {title}".strip())
     fig.tight_layout()

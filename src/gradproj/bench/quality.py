@@ -19,12 +19,13 @@ import torch
 
 from ..data import encode_corpus, load_corpus, train_tokenizer
 from ..dynamics import Dynamics
+from ..optim.build import build_optimizer
 from ..train.logs import environment, optimizer_state_bytes
 from ..train.loop import lr_factor
 from ..train.models import build_causal_lm
 from ..train.pretrain import heldout_loss, next_token_loss
 from ..train.text import unigram_perplexity
-from .methods import Method, methods
+from .methods import Method, bench_spec, get_method
 from .timing import MemoryMeter, StepClock, timed_refreshes
 
 #: Small LLaMA shapes that learn real text quickly (see ``gradproj.train.models.LLAMA_SHAPES``).
@@ -98,7 +99,7 @@ def run(method: Method, lr_m: float, lr_o: float, data: Data, cfg: RunConfig) ->
     """
     memory = MemoryMeter(cfg.device)
     model = build_model(cfg)
-    optimizer = method.build(model, lr_m, lr_o, int(method.options.get("rank", cfg.rank)))
+    optimizer = build_optimizer(model, bench_spec(method, lr_m, lr_o, rank=cfg.rank, gap=cfg.gap))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup, 0.1))
     windows = batches(data.train, cfg)
     trained = [p for p in model.parameters() if p.requires_grad]
@@ -124,7 +125,7 @@ def run(method: Method, lr_m: float, lr_o: float, data: Data, cfg: RunConfig) ->
     burn_in = min(cfg.burn_in, cfg.steps // 2)
     return {
         "method": method.name,
-        "notes": method.notes,
+        "notes": method.summary,
         "lr_matrix": lr_m,
         "lr_other": lr_o,
         "val_loss": val_loss,
@@ -145,14 +146,14 @@ def run(method: Method, lr_m: float, lr_o: float, data: Data, cfg: RunConfig) ->
         "diverged": not math.isfinite(val_loss),
         "dynamics_rows": len(dynamics.rows) if dynamics is not None else 0,
         "config": asdict(cfg),
-        "options": method.options,
+        "options": method.group_options,
         "versions": environment(cfg.device),
         "unigram_ppl": data.unigram_ppl,
     }
 
 
 def _run_by_name(name: str, lr_m: float, lr_o: float, data: Data, cfg: RunConfig) -> dict[str, Any]:
-    record = run(next(m for m in methods(cfg.gap) if m.name == name), lr_m, lr_o, data, cfg)
+    record = run(get_method(name), lr_m, lr_o, data, cfg)
     return {**record, "memory_isolated": True}
 
 

@@ -83,8 +83,8 @@ def refresh_benchmark(
 def captured_gradients(model: str = "llama-20m", steps: int = 50, seq_len: int = 128, batch: int = 16) -> dict:
     """Real gradients: train ``model`` on the embedded Shakespeare with AdamW for ``steps`` steps, then
     return the gradient of every attention and MLP matrix on the next batch (float32, CPU)."""
+    from ..optim.groups import target_weights
     from ..train.pretrain import next_token_loss
-    from .methods import split_parameters
     from .quality import RunConfig, batches, build_model, prepare_data
 
     cfg = RunConfig(model=model, steps=steps + 1, batch_size=batch, seq_len=seq_len)
@@ -97,9 +97,7 @@ def captured_gradients(model: str = "llama-20m", steps: int = 50, seq_len: int =
         next_token_loss(net, windows[step]).backward()
         if step < steps:
             optimizer.step()
-    mats, _ = split_parameters(net)
-    names = {id(p): n for n, p in net.named_parameters()}
-    return {names[id(p)]: p.grad.detach().clone() for p in mats if p.grad is not None}
+    return {name: p.grad.detach().clone() for name, p in target_weights(net).items() if p.grad is not None}
 
 
 def captured_benchmark(

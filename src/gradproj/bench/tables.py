@@ -24,10 +24,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..optim.registry import METHODS
 from .refresh import format_rows
 
-PEERS = {"adamw", "adamw8bit-bnb", "adamw8bit-torchao", "lora-peft", "galore-torch", "fira"}
-PEERS |= {"apollo-torch", "apollo-torch-mini"}
 _BLOCK = re.compile(r"(<!-- bench:(\w+) (\S+) -->\n)(.*?)(<!-- /bench -->)", re.DOTALL)
 
 
@@ -64,6 +63,16 @@ def best_learning_rates(records: list[dict[str, Any]]) -> dict[str, tuple[float,
     return {r["method"]: (r["lr_matrix"], r["lr_other"]) for r in best_per_method(records) if not r["diverged"]}
 
 
+def is_peer(method: str) -> bool:
+    """Whether a record's method is another package's (peers, LoRA); unknown names are not."""
+    return method in METHODS and METHODS[method].peer
+
+
+def is_external(method: str) -> bool:
+    """Whether a record's method is not gradproj's engine (torch's AdamW, peers, LoRA)."""
+    return method in METHODS and METHODS[method].external
+
+
 def _ratio(value: float | None, reference: float | None, digits: int = 3) -> str:
     if value is None or not reference or not math.isfinite(value):
         return "n/a"
@@ -75,7 +84,8 @@ def _mib(value: float | None) -> str:
 
 
 def _refresh(r: dict[str, Any]) -> str:
-    if r.get("refreshes") is None or r["method"] in {"adamw", "adamw8bit-bnb", "adamw8bit-torchao", "lora-peft"}:
+    method = METHODS.get(r["method"])
+    if r.get("refreshes") is None or (method is not None and method.refresh is None):
         return "n/a"
     return f"{r['refresh_seconds']:.2f} ({r['refreshes']})"
 
@@ -92,7 +102,7 @@ def table(records: list[dict[str, Any]]) -> str:
     ]
     for r in sorted(rows, key=lambda r: (r["diverged"], r["val_loss"])):
         step = r.get("step_seconds_median")
-        name = f"{r['method']} (peer)" if r["method"] in PEERS and r["method"] != "adamw" else r["method"]
+        name = f"{r['method']} (peer)" if is_peer(r["method"]) else r["method"]
         lines.append(
             f"| {name} | {r['val_ppl']:.2f} | {_ratio(r['val_ppl'], adamw['val_ppl'])} | "
             f"{r['lr_matrix']:g} / {r['lr_other']:g} | {_mib(r['state_bytes'])} | "

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..train.optimizers import RECIPES, OptimizerSpec, build_optimizer
+from ..optim.build import OptimizerSpec, build_optimizer
+from ..optim.groups import ATTENTION_AND_MLP
 
 #: ``optim_args`` keys and how to read them.
 OPTIM_ARGS: dict[str, type] = {
@@ -61,7 +62,7 @@ def parse_optim_args(text: str | None) -> dict[str, Any]:
 def _targets(value: Any) -> str:
     """``optim_target_modules`` (a string, regex or list of names) as one regex for ``param_groups``."""
     if value is None:
-        return r"(self_attn|attention|mlp|intermediate|output\.dense)"
+        return ATTENTION_AND_MLP
     if isinstance(value, str):
         return value
     return "(" + "|".join(str(v) for v in value) + ")"
@@ -74,13 +75,11 @@ def create_optimizer(
 
     Reads ``learning_rate``, ``weight_decay``, ``optim_target_modules``, ``optim_args``,
     ``lr_scheduler_type``, warmup and ``max_steps``. ``optimizer`` is any name of
-    :data:`gradproj.train.optimizers.RECIPES`; ``optim_args`` may also set ``other_lr`` (embeddings,
+    :data:`gradproj.optim.registry.METHODS`; ``optim_args`` may also set ``other_lr`` (embeddings,
     norms and head; default: ``learning_rate``).
     """
     from transformers import get_scheduler
 
-    if optimizer not in RECIPES:
-        raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(RECIPES)}")
     options = parse_optim_args(getattr(args, "optim_args", None))
     spec = OptimizerSpec(
         name=optimizer,

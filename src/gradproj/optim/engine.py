@@ -17,7 +17,7 @@ import itertools
 import warnings
 import zlib
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -47,10 +47,6 @@ PROJECTION_DEFAULTS: dict[str, Any] = {
     "seed": 0,
 }
 
-# Parameters without a name get a process-wide ordinal, so that seeds differ across
-# parameters even when each parameter has its own optimizer (layer-wise training).
-_UNNAMED_PARAMETERS = itertools.count()
-
 
 def _absent(bases: Bases) -> bool:
     return bases[0] is None and bases[1] is None
@@ -68,6 +64,21 @@ class ProjectedOptimizer(Optimizer):
             every weight and state untouched, counts it in ``nonfinite_steps`` and warns;
             ``"raise"`` raises :class:`FloatingPointError` instead, also before any change.
     """
+
+    #: the update rule a preset runs (a name of :data:`gradproj.rules.RULES`)
+    RULE: ClassVar[str] = "adam"
+    #: the preset's own overrides of :data:`PROJECTION_DEFAULTS` (its residual policy, default scale...)
+    PROJECTION: ClassVar[dict[str, Any]] = {"residual": "none"}
+
+    @classmethod
+    def projection_defaults(cls) -> dict[str, Any]:
+        """What a projected group of this preset gets for every key it does not set.
+
+        >>> from gradproj import FiraAdamW
+        >>> FiraAdamW.projection_defaults()["residual"], FiraAdamW.projection_defaults()["scale"]
+        ('fira', 1.0)
+        """
+        return {**PROJECTION_DEFAULTS, **cls.PROJECTION}
 
     def __init__(
         self,
@@ -113,8 +124,10 @@ class ProjectedOptimizer(Optimizer):
         index = len(self.param_groups) - 1
         for j, (p, name) in enumerate(zip(group["params"], names, strict=True)):
             self._param_groups_of[p] = group
+            # the seed key: the name's CRC-32; unnamed parameters are named by their place in the optimizer,
+            # so building the same optimizer twice gives the same bases, whatever the process did before
             self._param_names[p] = name or f"param_groups[{index}].params[{j}]"
-            self._param_keys[p] = zlib.crc32(name.encode()) if name else (1 << 40) + next(_UNNAMED_PARAMETERS)
+            self._param_keys[p] = zlib.crc32(self._param_names[p].encode())
         if "rank" in group:
             try:
                 self._check_matrices(group)
@@ -137,6 +150,27 @@ class ProjectedOptimizer(Optimizer):
                     UserWarning,
                     stacklevel=3,
                 )
+
+    # ------------------------------------------------------- public accessors
+    def owns(self, p: Tensor) -> bool:
+        """Whether ``p`` is one of this optimizer's parameters."""
+        return p in self._param_groups_of
+
+    def group_of(self, p: Tensor) -> dict[str, Any]:
+        """The live parameter group of ``p`` (its ``lr`` follows schedulers)."""
+        return self._param_groups_of[p]
+
+    def name_of(self, p: Tensor) -> str:
+        """``p``'s name (from ``param_names``), or its place ``param_groups[i].params[j]``."""
+        return self._param_names[p]
+
+    def bases(self, p: Tensor) -> Bases:
+        """``(left, right)``: the basis ``p``'s gradient is projected on now (``(None, None)`` before the
+        first refresh, or for a parameter without ``rank``)."""
+        group = self._param_groups_of[p]
+        if "rank" not in group or not self.state[p]:
+            return None, None
+        return self._current_bases(p, self.state[p], self.layout(p, group), get_projector(group["projector"]))
 
     def layout(self, p: Tensor, group: dict[str, Any]) -> Layout:
         """Shape, effective rank, side, dtype and device of a projected parameter."""

@@ -25,25 +25,53 @@ from .engine import PROJECTION_DEFAULTS
 
 Target = str | Sequence[str]
 
+#: The GaLore paper's targets: attention and MLP linears of LLaMA-style decoders and BERT-style encoders
+#: (embeddings, norms and the head stay full rank). The trainer's default ``target_modules``.
+ATTENTION_AND_MLP = r"(self_attn|attention|mlp|intermediate|output\.dense)"
+
+
+#: Module names never projected unless asked for: output heads (as in the GaLore paper).
+DEFAULT_EXCLUDE = ("lm_head", "classifier", "score")
+
+
+def _matches_entry(module_name: str, entry: str) -> bool:
+    """A list entry names a module, a suffix of its qualified name, or one of its path components."""
+    return module_name == entry or module_name.endswith("." + entry) or entry in module_name.split(".")
+
 
 def _matches(module_name: str, target: Target) -> bool:
     if isinstance(target, str):
-        if target == "all-linear":
-            return True
-        return re.search(target, module_name) is not None
-    return any(module_name == t or module_name.endswith("." + t) or t in module_name.split(".") for t in target)
+        return target == "all-linear" or re.search(target, module_name) is not None
+    return any(_matches_entry(module_name, entry) for entry in target)
 
 
-def _target_weights(model: nn.Module, target: Target, exclude: Sequence[str]) -> dict[str, torch.Tensor]:
-    """2-D ``weight`` of every ``nn.Linear`` whose qualified name matches ``target``."""
-    chosen: dict[str, torch.Tensor] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or not _matches(name, target):
-            continue
-        if any(re.search(pattern, name) for pattern in exclude):
-            continue
-        chosen[f"{name}.weight" if name else "weight"] = module.weight
-    return chosen
+def target_weights(
+    model: nn.Module, target: Target = ATTENTION_AND_MLP, exclude: Sequence[str] = DEFAULT_EXCLUDE
+) -> dict[str, torch.Tensor]:
+    """The 2-D ``weight`` of every ``nn.Linear`` whose qualified name matches ``target``, by parameter name.
+
+    Raises:
+        ValueError: naming every list entry (or the pattern) that matches no linear module outside
+            ``exclude``, and listing the model's linear modules.
+    """
+    linears = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and not any(re.search(pattern, name) for pattern in exclude)
+    }
+    if isinstance(target, str):
+        entries, unmatched = [target], [] if any(_matches(n, target) for n in linears) else [target]
+    else:
+        entries = list(target)
+        unmatched = [e for e in entries if not any(_matches_entry(n, e) for n in linears)]
+    if unmatched:
+        every = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        listing = f"linear modules in this model: {every[:20]}{' ...' if len(every) > 20 else ''}"
+        which = "" if len(unmatched) == len(entries) else f": {', '.join(map(repr, unmatched))}"
+        raise ValueError(
+            f"target_modules={target!r}{which} matched no nn.Linear weight (excluding {list(exclude)}); {listing}"
+        )
+    return {f"{name}.weight" if name else "weight": m.weight for name, m in linears.items() if _matches(name, target)}
 
 
 def param_groups(
@@ -51,7 +79,7 @@ def param_groups(
     *,
     target_modules: Target = "all-linear",
     rank: int = 128,
-    exclude: Sequence[str] = ("lm_head", "classifier", "score"),
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
     summary: bool = False,
     **projection: Any,
 ) -> list[dict[str, Any]]:
@@ -68,18 +96,22 @@ def param_groups(
         **projection: any group key (``update_proj_gap``, ``scale``, ``proj_type``, ``projector``...).
 
     Raises:
-        ValueError: if the targets match no linear layer (the message lists what exists).
+        ValueError: if the pattern, or any entry of the list, matches no linear layer (the message
+            names it and lists what exists).
+
+    >>> import torch
+    >>> try:
+    ...     param_groups(torch.nn.Sequential(torch.nn.Linear(4, 4)), target_modules=["0", "q_proj"])
+    ... except ValueError as error:
+    ...     print(str(error).split(" (")[0])
+    target_modules=['0', 'q_proj']: 'q_proj' matched no nn.Linear weight
     """
     unknown = set(projection) - set(PROJECTION_DEFAULTS)
     if unknown:
         raise TypeError(f"unknown projection option(s) {sorted(unknown)}; valid: {sorted(PROJECTION_DEFAULTS)}")
-    targeted = {n: p for n, p in _target_weights(model, target_modules, exclude).items() if p.requires_grad}
+    targeted = {n: p for n, p in target_weights(model, target_modules, exclude).items() if p.requires_grad}
     if not targeted:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        raise ValueError(
-            f"target_modules={target_modules!r} matched no nn.Linear weight (excluding {list(exclude)}); "
-            f"linear modules in this model: {linears[:20]}{' ...' if len(linears) > 20 else ''}"
-        )
+        raise ValueError(f"target_modules={target_modules!r} matched only frozen weights (requires_grad=False)")
     ids = {id(p) for p in targeted.values()}
     rest = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in ids]
     groups: list[dict[str, Any]] = [

@@ -19,8 +19,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, ClassVar
 
 from .engine import ProjectedOptimizer
 
@@ -47,22 +47,15 @@ class GaLoreAdamW(ProjectedOptimizer):
         **projection: Any,
     ) -> None:
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
-        super().__init__(
-            params, defaults, rule=self._rule, projection=self._projection(projection), nonfinite=nonfinite
-        )
-
-    _rule = "adam"
-
-    @staticmethod
-    def _projection(options: dict[str, Any]) -> dict[str, Any]:
-        return {"residual": "none", **options}
+        projection = {**self.PROJECTION, **projection}
+        super().__init__(params, defaults, rule=self.RULE, projection=projection, nonfinite=nonfinite)
 
 
 class GaLoreAdamW8bit(GaLoreAdamW):
     """GaLore with block-wise 8-bit Adam moments (bitsandbytes' quantization) in every group;
     moments under 4096 elements stay float32."""
 
-    _rule = "adam8bit"
+    RULE = "adam8bit"
 
 
 class FiraAdamW(GaLoreAdamW):
@@ -70,9 +63,7 @@ class FiraAdamW(GaLoreAdamW):
     with the norm-growth limiter. ``scale`` defaults to 1 (the setting where the released
     ``fira`` package and we coincide; see :mod:`gradproj.optim.residual`)."""
 
-    @staticmethod
-    def _projection(options: dict[str, Any]) -> dict[str, Any]:
-        return {"residual": "fira", "scale": 1.0, **options}
+    PROJECTION: ClassVar[dict[str, Any]] = {"residual": "fira", "scale": 1.0}
 
 
 class APOLLOAdamW(GaLoreAdamW):
@@ -81,14 +72,14 @@ class APOLLOAdamW(GaLoreAdamW):
     ``sqrt(scale)``, with the norm-growth limiter. APOLLO-Mini: ``rank=1, scale_type="tensor",
     scale=128``."""
 
-    @staticmethod
-    def _projection(options: dict[str, Any]) -> dict[str, Any]:
-        return {"residual": "apollo", "projector": "random", "scale": 1.0, **options}
+    PROJECTION: ClassVar[dict[str, Any]] = {"residual": "apollo", "projector": "random", "scale": 1.0}
 
 
 class GaLoreAdafactor(ProjectedOptimizer):
     """GaLore around Adafactor, with ``transformers.Adafactor``'s arguments and defaults
     (relative step size, parameter scaling, factored second moment, update clipping)."""
+
+    RULE = "adafactor"
 
     def __init__(
         self,
@@ -125,13 +116,12 @@ class GaLoreAdafactor(ProjectedOptimizer):
             "relative_step": relative_step,
             "warmup_init": warmup_init,
         }
-        super().__init__(
-            params, defaults, rule="adafactor", projection={"residual": "none", **projection}, nonfinite=nonfinite
-        )
+        projection = {**self.PROJECTION, **projection}
+        super().__init__(params, defaults, rule=self.RULE, projection=projection, nonfinite=nonfinite)
 
 
 #: Every preset by the name the CLI and configs use.
-PRESETS: dict[str, Callable[..., ProjectedOptimizer]] = {
+PRESETS: dict[str, Any] = {  # name -> preset class; each takes its own keywords (lr, betas, ...)
     "galore_adamw": GaLoreAdamW,
     "galore_adamw8bit": GaLoreAdamW8bit,
     "galore_adafactor": GaLoreAdafactor,

@@ -4,8 +4,9 @@ Each twin follows the published algorithm line by line on plain tensors, with ex
 dictionaries for state and no in-place tricks: GaLore (Zhao et al. 2024, Alg. 2), Fira
 (Chen et al. 2024, Alg. 1), APOLLO (Zhu et al. 2024, Alg. 1), Adafactor (Shazeer & Stern 2018,
 Alg. 4 with update clipping), Adam with 8-bit states (a quantize/dequantize round trip after
-every moment update), and the three ``on_refresh`` policies. Bases come from the same pure
-functions as the engine (:mod:`gradproj.projection.bases`), which have their own identity tests.
+every moment update), and the three ``on_refresh`` policies. The SVD basis is the twin's own
+``torch.linalg.svd``; the rsvd, dct and random bases come from the same pure functions as the engine
+(:mod:`gradproj.projection.bases`), which have their own identity tests.
 
 Example:
     >>> import torch
@@ -24,14 +25,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..projection.bases import dct_indices, dct_matrix, derive_seed, random_bases, rsvd_basis, svd_basis
+from ..projection.bases import dct_indices, dct_matrix, derive_seed, random_bases, rsvd_basis
 from ..projection.sides import resolve_side
 from ..rules import quant
 
 
 def _basis(g: Tensor, rank: int, side: str, projector: str, seed: int, t: int, cfg: dict[str, Any]):  # type: ignore[no-untyped-def]
-    if projector == "svd":
-        return svd_basis(g, rank, side)
+    if projector == "svd":  # the thin SVD itself, not the engine's svd_basis
+        u, _, vh = torch.linalg.svd(g.to(torch.float64 if g.dtype == torch.float64 else torch.float32), False)
+        return (u[:, :rank] if side in ("left", "full") else None), (vh[:rank] if side in ("right", "full") else None)
     if projector == "rsvd":
         return rsvd_basis(
             g, rank, side, seed=derive_seed(seed, t), oversample=cfg["oversample"], power_iters=cfg["power_iters"]
@@ -129,6 +131,24 @@ class ReferenceOptimizer:
             if "row" in s:
                 v = _mm(sq(cl), torch.outer(s["row"], s["col"]) / s["row"].mean(), sq(cr))
                 s["row"], s["col"] = v.mean(1), v.mean(0)
+
+    # ------------------------------------------------------------ inspect
+    def moments(self, i: int) -> dict[str, Tensor]:
+        """Dense ``first`` / ``second`` moments of parameter ``i`` (the names rules use)."""
+        s, out = self.state[i], {}
+        if "m" in s:
+            out["first"] = s["m"]
+        if "v" in s:
+            out["second"] = s["v"]
+        elif "row" in s:
+            out["second"] = torch.outer(s["row"], s["col"]) / s["row"].mean()
+        elif "vf" in s:
+            out["second"] = s["vf"]
+        return out
+
+    def bases(self, i: int) -> tuple[Tensor | None, Tensor | None]:
+        """``(left, right)`` of parameter ``i`` (``(None, None)`` for full-rank twins)."""
+        return self.state[i].get("basis", (None, None))  # type: ignore[no-any-return]
 
     # ---------------------------------------------------------------- step
     def step(self, grads: list[Tensor]) -> None:

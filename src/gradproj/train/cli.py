@@ -14,16 +14,35 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import FinetuneConfig, PretrainConfig, TrainConfig
+from ..optim.registry import trainer_methods
+from ..optim.validate import ON_REFRESH
+from ..projection.projectors import PROJECTORS
+from ..projection.sides import PROJ_TYPES
+from .config import AUTOCAST, FinetuneConfig, PretrainConfig, TrainConfig
 from .models import LLAMA_SHAPES
-from .optimizers import RECIPES
 
 S = argparse.SUPPRESS
 
 
+def _scales() -> str:
+    """Each projected method's default scale, for ``--scale``'s help."""
+    return ", ".join(f"{m.name} {m.default_scale():g}" for m in trainer_methods() if m.projected)
+
+
+def _projectors() -> str:
+    """Each projected method's default basis, for ``--projector``'s help."""
+    return ", ".join(f"{m.name} {m.default_option('projector')}" for m in trainer_methods() if m.projected)
+
+
 def _add_common(p: argparse.ArgumentParser, config: TrainConfig) -> None:
     o = p.add_argument_group("optimizer")
-    o.add_argument("--optimizer", default=S, choices=list(RECIPES), help=f"(default {config.optimizer})")
+    o.add_argument(
+        "--optimizer",
+        default=S,
+        choices=[m.name for m in trainer_methods()],
+        help=f"(default {config.optimizer}): "
+        + "; ".join(f"{m.name}: {m.summary}" for m in trainer_methods()).replace("%", "%%"),
+    )
     o.add_argument(
         "--lr", type=float, default=S, help="learning rate of the projected matrices (default: per optimizer)"
     )
@@ -42,23 +61,21 @@ def _add_common(p: argparse.ArgumentParser, config: TrainConfig) -> None:
         default=S,
         help=f"steps between basis refreshes (default {config.update_proj_gap})",
     )
-    o.add_argument(
-        "--scale", type=float, default=S, help="update scale (default: 0.25 GaLore, 1 Fira/APOLLO, 128 APOLLO-Mini)"
-    )
-    o.add_argument("--projector", default=S, choices=("svd", "rsvd", "dct", "random"), help="basis (default svd)")
+    o.add_argument("--scale", type=float, default=S, help=f"update scale (default per optimizer: {_scales()})")
+    o.add_argument("--projector", default=S, choices=PROJECTORS, help=f"basis (default per optimizer: {_projectors()})")
     o.add_argument(
         "--proj-type",
         dest="proj_type",
         default=S,
-        choices=("std", "reverse_std", "left", "right", "full"),
-        help="projected side, galore-torch's names (default std)",
+        choices=PROJ_TYPES,
+        help=f"projected side, galore-torch's names (default {config.proj_type})",
     )
     o.add_argument(
         "--on-refresh",
         dest="on_refresh",
         default=S,
-        choices=("keep", "reset", "rotate"),
-        help="moments when the basis changes (default keep)",
+        choices=ON_REFRESH,
+        help=f"moments when the basis changes (default {config.on_refresh})",
     )
     o.add_argument("--weight-decay", dest="weight_decay", type=float, default=S, help="(default 0)")
     o.add_argument(
@@ -93,7 +110,7 @@ def _add_common(p: argparse.ArgumentParser, config: TrainConfig) -> None:
     )
     t.add_argument("--seed", type=int, default=S, help="model, data order and basis seed (default 0)")
     t.add_argument("--device", default=S, help="cpu, cuda, cuda:1 ... (default cpu)")
-    t.add_argument("--autocast", default=S, choices=("auto", "bf16", "off"), help="(default auto: bf16 on CUDA)")
+    t.add_argument("--autocast", default=S, choices=AUTOCAST, help="(default auto: bf16 on CUDA)")
     t.add_argument(
         "--max-nonfinite",
         dest="max_nonfinite",

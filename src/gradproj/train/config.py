@@ -15,12 +15,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
+from ..optim.build import OptimizerSpec
+from ..optim.groups import ATTENTION_AND_MLP
+from ..optim.registry import get_method
+from ..optim.validate import ON_REFRESH
 from ..projection.projectors import PROJECTORS
-from .models import ATTENTION_AND_MLP
-from .optimizers import RECIPES, OptimizerSpec
+from ..projection.sides import PROJ_TYPES
 
-PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
-ON_REFRESH = ("keep", "reset", "rotate")
+AUTOCAST = ("auto", "bf16", "off")
 #: Fields that may differ when resuming; every other field must equal the checkpoint's.
 RESUMABLE = (
     "steps",
@@ -46,13 +48,13 @@ def _positive(name: str, value: int | float, minimum: float = 1) -> None:
 class TrainConfig:
     """What every run shares: optimizer, schedule, loop, outputs."""
 
-    optimizer: str = "galore_adamw"  #: a name from ``gradproj.train.optimizers.RECIPES``
+    optimizer: str = "galore_adamw"  #: a name from ``gradproj.optim.registry.METHODS``
     lr: float | None = None  #: learning rate of projected matrices (None: the recipe's)
     other_lr: float | None = None  #: learning rate of embeddings, norms, head (None: the recipe's)
     rank: int | None = None  #: projection rank (None: a quarter of the hidden size, the paper's ratio)
     update_proj_gap: int = 200  #: steps between basis refreshes
     scale: float | None = None  #: update scale (None: 0.25 GaLore, 1 Fira/APOLLO, 128 APOLLO-Mini)
-    projector: str = "svd"  #: svd | rsvd | dct | random
+    projector: str | None = None  #: svd | rsvd | dct | random (None: the optimizer's, random for APOLLO, else svd)
     proj_type: str = "std"  #: which side is projected (galore-torch's names)
     on_refresh: str = "keep"  #: what happens to the moments when the basis changes
     weight_decay: float = 0.0
@@ -79,8 +81,7 @@ class TrainConfig:
     dynamics_every: int = 10  #: sample per-layer training dynamics every N steps (0: off); see gradproj.dynamics
 
     def __post_init__(self) -> None:
-        if self.optimizer not in RECIPES:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(RECIPES)}")
+        get_method(self.optimizer)  # an unknown name fails here, listing the valid ones
         for name in ("steps", "batch_size", "grad_accum", "update_proj_gap", "max_nonfinite"):
             _positive(name, getattr(self, name))
         for name in ("eval_every", "save_every", "keep", "log_every", "clip", "weight_decay"):
@@ -90,11 +91,13 @@ class TrainConfig:
         for name in ("lr", "other_lr", "scale"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not valid; expected a number > 0")
-        choices = {"projector": PROJECTORS, "proj_type": PROJ_TYPES, "on_refresh": ON_REFRESH}
-        choices["autocast"] = ("auto", "bf16", "off")
+        choices = {"projector": (None, *PROJECTORS), "proj_type": PROJ_TYPES, "on_refresh": ON_REFRESH}
+        choices["autocast"] = AUTOCAST
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not valid; expected one of {', '.join(valid)}")
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} is not valid; expected one of {', '.join(map(str, valid))}"
+                )
         if self.warmup is not None and not 0 <= self.warmup < self.steps:
             raise ValueError(f"warmup={self.warmup!r} is not valid; expected 0 <= warmup < steps ({self.steps})")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -109,11 +112,11 @@ class TrainConfig:
     OTHER_LR: ClassVar[float | None] = None
 
     def optimizer_spec(self, default_rank: int = 128) -> OptimizerSpec:
-        recipe = RECIPES[self.optimizer]
+        method = get_method(self.optimizer)
         return OptimizerSpec(
             name=self.optimizer,
-            lr=self.lr if self.lr is not None else recipe.lr * self.LR_FACTOR,
-            other_lr=self.other_lr if self.other_lr is not None else (self.OTHER_LR or recipe.other_lr),
+            lr=self.lr if self.lr is not None else method.lr * self.LR_FACTOR,
+            other_lr=self.other_lr if self.other_lr is not None else (self.OTHER_LR or method.other_lr),
             rank=self.rank if self.rank is not None else default_rank,
             update_proj_gap=self.update_proj_gap,
             scale=self.scale,

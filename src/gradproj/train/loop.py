@@ -20,6 +20,7 @@ from torch import nn
 
 from ..dynamics import Dynamics
 from ..layerwise import LayerwiseStepper, attach_layerwise
+from ..optim.build import build_optimizer
 from .checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -31,7 +32,6 @@ from .checkpoint import (
 from .config import TrainConfig
 from .logs import RunLogger, environment, optimizer_state_bytes
 from .models import check_rank, default_rank
-from .optimizers import build_optimizer
 from .parallel import Parallel
 
 
@@ -110,7 +110,7 @@ class Trainer:
         self.parallel = Parallel()
         self.run_dir = Path(self.parallel.same_on_every_rank(str(self._run_dir(resume))))
         self._signal: int | None = None
-        self.rank = 0  # resolved in _setup (the default depends on the model)
+        self.rank: int | None = None  # the rank the optimizer uses, resolved in _setup (None: full rank)
         self.stepper: LayerwiseStepper | None = None  # set in _setup with --layerwise
         self.train_model: nn.Module | None = None  # the model, or its DDP wrapper under torchrun
         self._skipped_parameters = 0
@@ -180,10 +180,11 @@ class Trainer:
         cfg, task = self.config, self.task
         torch.manual_seed(cfg.seed)
         model = task.build_model().to(self.parallel.device(cfg.device))
-        self.rank = cfg.rank if cfg.rank is not None else default_rank(model)
-        if cfg.optimizer_spec().projected and cfg.optimizer != "apollo_mini":  # APOLLO-Mini is always rank 1
-            check_rank(model, cfg.target_modules, self.rank)
-        optimizer = build_optimizer(model, cfg.optimizer_spec(self.rank), layerwise=cfg.layerwise)
+        spec = cfg.optimizer_spec(cfg.rank if cfg.rank is not None else default_rank(model))
+        if spec.projected and spec.method.fixed_rank is None:
+            check_rank(model, cfg.target_modules, spec.rank)
+        self.rank = spec.resolved_rank
+        optimizer = build_optimizer(model, spec, layerwise=cfg.layerwise)
         self.train_model, self.stepper = self.parallel.wrap(
             model, optimizer, low_rank=cfg.low_rank_comm, layerwise=cfg.layerwise, clip=cfg.clip
         )

@@ -29,9 +29,6 @@ LLAMA_SHAPES: dict[str, tuple[int, int, int, int]] = {
     "llama-7b": (4096, 11008, 32, 32),
 }
 
-#: The paper's modules: attention and MLP linears (embeddings, norms and the head stay full rank).
-ATTENTION_AND_MLP = r"(self_attn|attention|mlp|intermediate|output\.dense)"
-
 
 def llama_config(name: str, *, vocab_size: int, seq_len: int) -> Any:
     """A ``transformers.LlamaConfig`` for one of :data:`LLAMA_SHAPES`."""
@@ -98,10 +95,8 @@ def check_rank(model: nn.Module, target: str, rank: int) -> None:
 
 def smallest_target_dim(model: nn.Module, target: str) -> tuple[int, str]:
     """``min(m, n)`` over the target linears and the name of the weight that has it."""
-    from ..optim.groups import _target_weights
+    from ..optim.groups import target_weights
 
-    weights = _target_weights(model, target, ("lm_head", "classifier", "score"))
-    if not weights:
-        raise ValueError(f"--target-modules {target!r} matches no linear layer of the model")
+    weights = target_weights(model, target)
     name, weight = min(weights.items(), key=lambda item: min(item[1].shape))
     return min(weight.shape), name

@@ -1,0 +1,175 @@
+"""Build any registered method (:mod:`gradproj.optim.registry`) for a model: one parameter split for
+every method, ours and the peers', so that they train the same matrices at the same rates.
+
+Attention and MLP matrices (``target_modules``) form the first group, at ``lr``; embeddings, norms and
+the head the other, at ``other_lr``. Projected methods give the first group a ``rank``.
+
+Example:
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.Linear(16, 16))
+    >>> spec = OptimizerSpec(name="galore_adamw", rank=4, target_modules="1")
+    >>> type(build_optimizer(model, spec)).__name__
+    'GaLoreAdamW'
+    >>> OptimizerSpec(name="apollo_mini", rank=64).resolved_rank
+    1
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .groups import Target, param_groups, target_weights
+from .presets import PRESETS
+from .registry import Method, get_method
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerSpec:
+    """A method by name and the options a user may set; ``None`` means the method's default."""
+
+    name: str = "galore_adamw"  #: a name of :data:`gradproj.optim.registry.METHODS`
+    lr: float | None = None  #: learning rate of the targeted matrices
+    other_lr: float | None = None  #: learning rate of embeddings, norms and head
+    rank: int = 128  #: projection rank (a method with a fixed rank, APOLLO-Mini, ignores it)
+    update_proj_gap: int = 200
+    scale: float | None = None
+    projector: str | None = None  #: None: the method's own (APOLLO: random, the others: svd)
+    proj_type: str = "std"
+    on_refresh: str = "keep"
+    weight_decay: float = 0.0
+    target_modules: Target = "all-linear"
+
+    def __post_init__(self) -> None:
+        get_method(self.name)  # an unknown name fails here, listing the valid ones
+
+    @property
+    def method(self) -> Method:
+        return get_method(self.name)
+
+    @property
+    def matrix_lr(self) -> float:
+        return self.lr if self.lr is not None else self.method.lr
+
+    @property
+    def rest_lr(self) -> float:
+        return self.other_lr if self.other_lr is not None else self.method.other_lr
+
+    @property
+    def projected(self) -> bool:
+        return self.method.projected
+
+    @property
+    def resolved_rank(self) -> int | None:
+        """The rank the optimizer really uses (None for full-rank methods)."""
+        if not self.projected:
+            return None
+        return self.method.fixed_rank or self.rank
+
+    def group_options(self) -> dict[str, Any]:
+        """Options of the projected group, in our key names, the method's fixed ones winning."""
+        scale = self.scale if self.scale is not None else self.method.default_scale()
+        projector = self.projector if self.projector is not None else self.method.default_option("projector")
+        options = {
+            "update_proj_gap": self.update_proj_gap,
+            "scale": scale,
+            "proj_type": self.proj_type,
+            "projector": projector,
+            "on_refresh": self.on_refresh,
+        }
+        fixed = {k: v for k, v in self.method.group_options.items() if k != "rank"}
+        return {**options, **fixed}
+
+
+def build_optimizer(
+    model: nn.Module, spec: OptimizerSpec, *, summary: bool = False, layerwise: bool = False
+) -> torch.optim.Optimizer:
+    """The optimizer ``spec`` names, over ``model``'s trainable parameters.
+
+    ``layerwise`` (stepping inside backward) needs a gradproj optimizer: torch's AdamW is then
+    replaced by the engine without ranks, which is torch's AdamW bit for bit (tested).
+    """
+    method = spec.method
+    if layerwise and not method.supports_layerwise:
+        raise ValueError(f"--optimizer {method.name} cannot step layer-wise; use one of gradproj's own methods")
+    if method.kind == "lora":
+        return _lora(model, spec)
+    if method.kind == "peer":
+        return _peer(model, spec)
+    if method.kind == "torch" and not layerwise:
+        groups = _groups(model, spec, summary=summary, names=False)
+        return torch.optim.AdamW(groups, lr=spec.matrix_lr, weight_decay=spec.weight_decay, **method.constructor)
+    assert method.preset is not None
+    groups = _groups(model, spec, summary=summary, names=True)
+    return PRESETS[method.preset](groups, lr=spec.matrix_lr, weight_decay=spec.weight_decay, **method.constructor)
+
+
+def _groups(model: nn.Module, spec: OptimizerSpec, *, summary: bool, names: bool) -> list[dict[str, Any]]:
+    """[targeted matrices (with ``rank`` if projected), the rest], each with its learning rate."""
+    options = spec.group_options() if spec.projected else {}
+    groups = param_groups(model, target_modules=spec.target_modules, rank=spec.resolved_rank or 1, **options)
+    if not spec.projected:
+        del groups[0]["rank"]
+    groups[0]["lr"] = spec.matrix_lr
+    for group in groups[1:]:
+        group["lr"] = spec.rest_lr
+    if summary:
+        from .groups import format_summary
+
+        print(format_summary(groups))
+    if not names:  # torch < 2.6 and the peers do not know the key
+        for group in groups:
+            group.pop("param_names", None)
+    return groups
+
+
+def _peer(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimizer:
+    """A peer package's optimizer on the same split; its group keys renamed as the peer names them."""
+    method = spec.method
+    assert method.cls is not None
+    module, cls_name = method.cls.split(":")
+    optimizer_class = getattr(importlib.import_module(module), cls_name)
+    groups = _groups(model, spec, summary=False, names=False)
+    if spec.projected:
+        ours = {"rank": spec.resolved_rank, **spec.group_options()}
+        keys = {theirs: ours[key] for key, theirs in method.peer_keys.items()}
+        groups[0] = {"params": groups[0]["params"], "lr": spec.matrix_lr, **keys, **method.group_options}
+        groups.reverse()  # the peers' own examples list the unprojected group first
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        built: torch.optim.Optimizer = optimizer_class(groups, lr=spec.matrix_lr, weight_decay=spec.weight_decay)
+    return built
+
+
+def lora_rank(rank: int) -> int:
+    """LoRA rank whose Adam state matches GaLore's at ``rank``: GaLore keeps ``2 r n`` numbers for an
+    ``m x n`` matrix (``m <= n``), LoRA ``2 r' (m + n)``; ``r' = r / 2`` is equal for square matrices
+    and within 30% for LLaMA's MLP shapes."""
+    return max(1, rank // 2)
+
+
+def _lora(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimizer:
+    """LoRA through peft on the targeted matrices: adapters at ``lr``, embeddings/norms/head in full at
+    ``other_lr`` (as in the GaLore paper's LoRA baseline), frozen base matrices."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = target_weights(model, spec.target_modules)
+    frozen = {id(w) for w in targets.values()}
+    names = sorted({name.rsplit(".", 2)[-2] for name in targets})  # module suffixes: q_proj, up_proj, ...
+    r = lora_rank(spec.rank)
+    inject_adapter_in_model(LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=names), model)
+    adapters, rest = [], []
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            adapters.append(p.requires_grad_(True))
+        elif id(p) in frozen:
+            p.requires_grad_(False)
+        else:
+            rest.append(p.requires_grad_(True))
+    groups = [{"params": adapters, "lr": spec.matrix_lr}, {"params": rest, "lr": spec.rest_lr}]
+    return torch.optim.AdamW(groups, lr=spec.matrix_lr, weight_decay=spec.weight_decay)

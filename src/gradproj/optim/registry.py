@@ -1,0 +1,224 @@
+"""One registry of methods: every optimizer gradproj can build by name, ours and the peers'.
+
+A :class:`Method` says how a name becomes an optimizer (a preset and its fixed options, torch's AdamW,
+a peer package's class, or LoRA), its default learning rates and scale, and what it can do. The
+trainer's ``--optimizer`` choices, the bench line-up, the demo, the memory planner's baselines, the
+Hugging Face integration and the test parametrization all read this table; nothing else lists
+methods. :func:`gradproj.optim.build.build_optimizer` turns a method and a model into an optimizer.
+
+Adding a method is one entry here (and, for a new algorithm, its preset in
+:mod:`gradproj.optim.presets`).
+
+Example:
+    >>> get_method("apollo_mini").fixed_rank, get_method("apollo_mini").preset
+    (1, 'apollo_adamw')
+    >>> [m.name for m in trainer_methods()][:3]
+    ['adamw', 'adamw8bit', 'galore_adamw']
+    >>> get_method("sgd")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown optimizer 'sgd'; valid: adamw, adamw8bit, galore_adamw, ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .presets import PRESETS
+
+Kind = Literal["preset", "torch", "peer", "lora"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Method:
+    """How one name becomes an optimizer, its defaults and its capabilities.
+
+    ``kind``: ``preset`` (a gradproj preset, projected or not), ``torch`` (``torch.optim.AdamW``),
+    ``peer`` (another package's optimizer, at ``cls``) or ``lora`` (peft adapters trained with AdamW).
+    """
+
+    name: str
+    kind: Kind
+    summary: str  #: one line, for tables and ``--help``
+    preset: str | None = None  #: a key of :data:`gradproj.optim.presets.PRESETS` (ours)
+    cls: str | None = None  #: ``module:Class`` of a torch or peer optimizer
+    package: str | None = None  #: the PyPI distribution a peer needs (``pip install ...``)
+    projected: bool = True  #: whether attention/MLP matrices get a ``rank`` (a projected group)
+    #: fixed keys of the projected group (a peer's in its own key names)
+    group_options: dict[str, Any] = field(default_factory=dict)
+    constructor: dict[str, Any] = field(default_factory=dict)  #: fixed constructor keywords
+    peer_keys: dict[str, str] = field(default_factory=dict)  #: our group key -> the peer's name for it
+    lr: float = 1e-2  #: default learning rate of the projected (attention/MLP) matrices
+    other_lr: float = 1e-2  #: default learning rate of embeddings, norms and head
+    scale: float | None = None  #: default update scale (None: the preset's own default)
+    variant_of: str | None = None  #: a bench variant of this method (fixed options, no CLI name of its own)
+    demo: bool = False  #: one of ``gradproj demo``'s methods
+    baseline: bool = False  #: set beside every plan by ``gradproj memory``
+    refresh: tuple[str, str, str] | None = None  #: (module, class, method) that recomputes a basis, timed by the bench
+    has_lr: bool = True  #: False: the preset's default step size is relative (Adafactor), ``lr=None``
+    supports_layerwise: bool = True  #: can step inside backward (gradproj.layerwise)
+    supports_fsdp: bool = True  #: can step FSDP2 (``fully_shard``) parameters
+    resumable: bool = True  #: its state dict loads with ``weights_only=True`` (exact resume)
+
+    @property
+    def peer(self) -> bool:
+        """Another package's implementation (or LoRA), not gradproj's."""
+        return self.kind in ("peer", "lora")
+
+    @property
+    def external(self) -> bool:
+        """Not gradproj's engine: torch's AdamW, a peer's optimizer or LoRA."""
+        return self.kind != "preset"
+
+    @property
+    def fixed_rank(self) -> int | None:
+        """The rank this method always uses (APOLLO-Mini: 1), or None when ``--rank`` decides."""
+        rank = self.group_options.get("rank")
+        return int(rank) if rank is not None else None
+
+    def default_scale(self) -> float | None:
+        """The scale a projected group gets unless told otherwise (None: the method has no scale)."""
+        if not self.projected:
+            return None
+        if self.scale is not None:
+            return self.scale
+        return self.default_option("scale")
+
+    def default_option(self, key: str) -> Any:
+        """A projected group's ``key`` unless told otherwise: fixed by the method, else its preset's
+        default (:meth:`~gradproj.optim.engine.ProjectedOptimizer.projection_defaults`); None without one."""
+        if key in self.group_options:
+            return self.group_options[key]
+        if self.preset is None or not self.projected:
+            return None
+        return PRESETS[self.preset].projection_defaults()[key]
+
+    def module(self) -> str | None:
+        """The module that must import for this method to run (a peer's), or None."""
+        if self.kind == "lora":
+            return "peft"
+        return self.cls.split(":")[0] if self.kind == "peer" and self.cls else None
+
+
+_OURS = ("gradproj.optim.engine", "ProjectedOptimizer", "_refresh")
+_GALORE_TORCH = ("galore_torch.galore_projector", "GaLoreProjector", "get_orthogonal_matrix")
+_FIRA = ("fira.gradient_projection", "GradientProjector", "get_orthogonal_matrix")
+_APOLLO = ("apollo_torch.random_projector", "GradientProjector", "get_orthogonal_matrix")
+_GALORE_KEYS = {"rank": "rank", "update_proj_gap": "update_proj_gap", "scale": "scale", "proj_type": "proj_type"}
+_PEER = {"kind": "peer", "supports_layerwise": False, "supports_fsdp": False, "resumable": False}
+_FULL_PEER = {**_PEER, "projected": False, "lr": 1e-3}
+
+# Learning rates: the best of the per-group sweep on Shakespeare (docs/BENCHMARKS.md, llama-5m); the
+# GaLore paper uses 1e-2 for GaLore and 1e-3 for AdamW everywhere.
+_ENTRIES = (
+    Method(
+        name="adamw",
+        kind="torch",
+        summary="torch.optim.AdamW",
+        cls="torch.optim:AdamW",
+        preset="galore_adamw",  # layer-wise / FSDP: the engine without ranks, torch's AdamW bit for bit
+        constructor={"eps": 1e-8},
+        projected=False,
+        lr=1e-3,
+        demo=True,
+        baseline=True,
+    ),
+    Method(
+        name="adamw8bit",
+        kind="preset",
+        summary="AdamW with block-wise 8-bit moments (gradproj)",
+        preset="galore_adamw8bit",
+        projected=False,
+        lr=1e-3,
+        baseline=True,
+    ),
+    Method(name="galore_adamw", kind="preset", summary="GaLore", preset="galore_adamw", demo=True, refresh=_OURS),
+    Method(name="galore_adamw8bit", kind="preset", summary="GaLore, 8-bit moments", preset="galore_adamw8bit",
+           refresh=_OURS),
+    Method(
+        name="galore_adafactor",
+        kind="preset",
+        summary="GaLore around Adafactor, fixed lr (relative_step and scale_parameter off)",
+        preset="galore_adafactor",
+        constructor={"relative_step": False, "scale_parameter": False},
+        has_lr=False,
+        refresh=_OURS,
+    ),
+    Method(name="fira_adamw", kind="preset", summary="Fira", preset="fira_adamw", lr=3e-3, demo=True, refresh=_OURS),
+    Method(name="apollo_adamw", kind="preset", summary="APOLLO", preset="apollo_adamw", refresh=_OURS),
+    Method(
+        name="apollo_mini",
+        kind="preset",
+        summary="APOLLO-Mini: rank 1, tensor-wise scaling",
+        preset="apollo_adamw",
+        group_options={"rank": 1, "scale_type": "tensor"},
+        scale=128.0,
+        lr=3e-3,
+        demo=True,
+        refresh=_OURS,
+    ),
+    # bench variants: a method above with one option fixed
+    *(
+        Method(name=f"galore_adamw+{v}", kind="preset", summary=f"GaLore, {k}={v}", preset="galore_adamw",
+               group_options={k: v}, variant_of="galore_adamw", refresh=_OURS)
+        for k, v in (("projector", "rsvd"), ("projector", "dct"), ("projector", "random"), ("on_refresh", "rotate"))
+    ),
+    Method(name="fira_adamw+rotate", kind="preset", summary="Fira, on_refresh=rotate", preset="fira_adamw",
+           group_options={"on_refresh": "rotate"}, variant_of="fira_adamw", lr=3e-3, refresh=_OURS),
+    # peers
+    Method(name="adamw8bit-bnb", summary="bitsandbytes AdamW8bit", cls="bitsandbytes.optim:AdamW8bit",
+           package="bitsandbytes", **_FULL_PEER),  # type: ignore[arg-type]
+    Method(name="adamw8bit-torchao", summary="torchao AdamW8bit", cls="torchao.optim:AdamW8bit",
+           package="torchao", **_FULL_PEER),  # type: ignore[arg-type]
+    Method(name="lora-peft", kind="lora", summary="peft LoRA, rank/2, alpha 2r", package="peft", lr=1e-2,
+           baseline=True, supports_layerwise=False, supports_fsdp=False),
+    Method(name="galore-torch", summary="galore-torch GaLoreAdamW", cls="galore_torch:GaLoreAdamW",
+           package="galore-torch", peer_keys=_GALORE_KEYS, scale=0.25, refresh=_GALORE_TORCH,
+           **_PEER),  # type: ignore[arg-type]
+    Method(name="fira", summary="fira FiraAdamW", cls="fira:FiraAdamW", package="fira",
+           peer_keys={**_GALORE_KEYS, "scale": "alpha"}, scale=1.0, lr=3e-3, refresh=_FIRA,
+           **_PEER),  # type: ignore[arg-type]
+    Method(name="apollo-torch", summary="apollo-torch APOLLOAdamW", cls="apollo_torch:APOLLOAdamW",
+           package="apollo-torch", peer_keys=_GALORE_KEYS, group_options={"proj": "random", "scale_type": "channel"},
+           scale=1.0, refresh=_APOLLO, **_PEER),  # type: ignore[arg-type]
+    Method(name="apollo-torch-mini", summary="apollo-torch APOLLOAdamW, rank 1, tensor-wise",
+           cls="apollo_torch:APOLLOAdamW", package="apollo-torch", peer_keys=_GALORE_KEYS,
+           group_options={"rank": 1, "proj": "random", "scale_type": "tensor"}, scale=128.0, lr=3e-3,
+           refresh=_APOLLO, **_PEER),  # type: ignore[arg-type]
+)  # fmt: skip
+
+#: Every method by name, in the order tables and ``--help`` list them.
+METHODS: dict[str, Method] = {m.name: m for m in _ENTRIES}
+
+
+def get_method(name: str) -> Method:
+    """The method called ``name``; the error lists the valid names.
+
+    >>> get_method("fira_adamw").default_scale()
+    1.0
+    """
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(METHODS)}") from None
+
+
+def trainer_methods() -> list[Method]:
+    """What ``gradproj pretrain --optimizer`` offers: our methods (variants are options of theirs)."""
+    return [m for m in METHODS.values() if not m.peer and m.variant_of is None]
+
+
+def preset_methods() -> list[Method]:
+    """One method per preset class, by the preset's own name (the contract and twin suites run these)."""
+    return [METHODS[name] for name in PRESETS]
+
+
+def demo_methods() -> list[Method]:
+    """``gradproj demo``'s line-up."""
+    return [m for m in METHODS.values() if m.demo]
+
+
+def baseline_methods() -> list[Method]:
+    """What ``gradproj memory`` compares every plan with."""
+    return [m for m in METHODS.values() if m.baseline]
