@@ -15,45 +15,71 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 import gradproj
+from gradproj.optim.build import OptimizerSpec, build_optimizer
+from gradproj.optim.registry import METHODS
+from gradproj.projection import PROJECTORS
 
 STEPS, GLOBAL_BATCH, GAP = 7, 8, 3
+#: case -> method (a registry name), its options, the model, the rank. "state" cases also bound each
+#: rank's share of the state; "quantized" ones check that 8-bit moments did quantize. Derived from the
+#: owners: every projector, and every FSDP-capable projected method with rotate and with proj_type="full".
 CASES: dict[str, dict[str, Any]] = {
-    "svd": {"projector": "svd"},
-    "rsvd": {"projector": "rsvd"},
-    "dct": {"projector": "dct"},
-    "random_reset": {"projector": "random", "on_refresh": "reset"},
+    projector: {
+        "options": {"projector": projector, **({"on_refresh": "reset"} if projector == "random" else {})},
+        "state": True,
+    }
+    for projector in PROJECTORS
 }
+for _method in METHODS.values():
+    if _method.kind == "preset" and _method.projected and _method.variant_of is None and _method.supports_fsdp:
+        CASES[f"{_method.name}_rotate"] = {"method": _method.name, "options": {"on_refresh": "rotate"}}
+        CASES[f"{_method.name}_full"] = {"method": _method.name, "options": {"proj_type": "full", "projector": "rsvd"}}
+# 8-bit moments that quantize (>= 4096 elements) and whose row shards start on 256-element blocks, so each
+# rank quantizes the same blocks as one process
+CASES["galore8bit_big"] = {
+    "method": "galore_adamw8bit",
+    "options": {"on_refresh": "rotate"},
+    "model": "big",
+    "quantized": True,
+}
+IN_FEATURES = {"small": 12, "big": 32}
 
 
-def make_model() -> nn.Module:
-    """A tall weight (33 x 12: right side, rows split 17/16), a wide one (7 x 33: left side,
-    rows 4/3) and an unprojected head."""
+def make_model(kind: str = "small") -> nn.Module:
+    """small: a tall weight (33 x 12: right side, rows split 17/16), a wide one (7 x 33: left side, rows
+    4/3) and an unprojected head. big: 1024 x 32 (right: moments 1024 x 4, rows 512/512) and 32 x 1024 (left:
+    R is 4 x 1024, rows 2/2), whose moments quantize; the rank stays below the batch's, so no singular
+    value is degenerate (a tie would make the basis depend on rounding)."""
     torch.manual_seed(0)
+    if kind == "big":
+        return nn.Sequential(nn.Linear(32, 1024), nn.Tanh(), nn.Linear(1024, 32), nn.Tanh(), nn.Linear(32, 6)).double()
     return nn.Sequential(nn.Linear(12, 33), nn.Tanh(), nn.Linear(33, 7), nn.Tanh(), nn.Linear(7, 6)).double()
 
 
-def make_optimizer(model: nn.Module, case: dict[str, Any], cls: Any = gradproj.GaLoreAdamW) -> Any:
-    groups = gradproj.param_groups(model, target_modules=["0", "2"], rank=4, update_proj_gap=GAP)
-    return cls(groups, lr=1e-2, **case)
+def make_optimizer(model: nn.Module, case: dict[str, Any]) -> Any:
+    options = {"update_proj_gap": GAP, "lr": 1e-2, "other_lr": 1e-2, "rank": 4, **case["options"]}
+    spec = OptimizerSpec(name=case.get("method", "galore_adamw"), target_modules=["0", "2"], **options)
+    return build_optimizer(model, spec)
 
 
-def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def global_batch(step: int, features: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(200 + step)
-    x = torch.randn(GLOBAL_BATCH, 12, generator=g, dtype=torch.float64)
+    x = torch.randn(GLOBAL_BATCH, features, generator=g, dtype=torch.float64)
     return x, torch.randn(GLOBAL_BATCH, 6, generator=g, dtype=torch.float64)
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
-    return sum(
-        v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)
-    )
+    """Bytes of state this process holds (a DTensor's local shard, not its global size)."""
+    tensors = [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in (t.to_local() if is_dtensor(t) else t for t in tensors))
 
 
 def reference(name: str) -> tuple[dict[str, torch.Tensor], int]:
-    model = make_model()
+    kind = CASES[name].get("model", "small")
+    model = make_model(kind)
     opt = make_optimizer(model, CASES[name])
     for step in range(STEPS):
-        x, y = global_batch(step)
+        x, y = global_batch(step, IN_FEATURES[kind])
         (model(x) - y).square().mean().backward()
         opt.step()
         opt.zero_grad()
@@ -69,10 +95,11 @@ def shard(model: nn.Module) -> nn.Module:
 
 
 def run_case(name: str, rank: int, world: int) -> dict[str, Any]:
-    model = shard(make_model())
+    kind = CASES[name].get("model", "small")
+    model = shard(make_model(kind))
     opt = make_optimizer(model, CASES[name])
     for step in range(STEPS):
-        x, y = global_batch(step)
+        x, y = global_batch(step, IN_FEATURES[kind])
         local = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
         (model(x[local]) - y[local]).square().mean().backward()
         opt.step()
@@ -81,12 +108,29 @@ def run_case(name: str, rank: int, world: int) -> dict[str, Any]:
     everyone = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(everyone, mine)
     weights = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
-    return {"weights": weights, "state_bytes": [int(t) for t in everyone]}
+    sharded = all(
+        is_dtensor(v) for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim()
+    )
+    quantized = any("exp_avg_codes" in s for s in opt.state.values())
+    return {
+        "weights": weights,
+        "state_bytes": [int(t) for t in everyone],
+        "dtensor_state": sharded,
+        "quantized": quantized,
+    }
 
 
-def unsupported_residual_error() -> str:
+def is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def unsupported_rule_error() -> str:
+    """Adafactor's factored statistics need whole rows and columns: refused with a clear error."""
     model = shard(make_model())
-    opt = make_optimizer(model, {}, gradproj.FiraAdamW)
+    groups = gradproj.param_groups(model, target_modules=["0", "2"], rank=4, update_proj_gap=GAP)
+    opt = gradproj.GaLoreAdafactor(groups)
     x, y = global_batch(0)
     (model(x) - y).square().mean().backward()
     try:
@@ -103,7 +147,7 @@ def main(argv: list[str]) -> int:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     results: dict[str, Any] = {name: run_case(name, rank, world) for name in CASES}
-    results["fira_error"] = unsupported_residual_error()
+    results["adafactor_error"] = unsupported_rule_error()
     if rank == 0:
         torch.save(results, args.out)
     dist.barrier()  # leave together: gloo aborts a rank whose peer has already gone

@@ -68,16 +68,18 @@ class RefreshClock:
 
 @contextlib.contextmanager
 def timed_refreshes(target: tuple[str, str, str] | None, device: str) -> Iterator[RefreshClock]:
-    """Time every call of ``module.Class.method`` (the function that recomputes a basis) while inside.
+    """Time every call of ``module.Class.method`` (the function that recomputes a basis) while inside;
+    an empty class name means a function of the module itself.
 
-    The method is wrapped on the class and restored on exit; ``target=None`` times nothing.
+    The method is wrapped on its owner and restored on exit; ``target=None`` times nothing.
     """
     clock = RefreshClock()
     if target is None:
         yield clock
         return
     module, cls_name, method = target
-    cls = getattr(importlib.import_module(module), cls_name)
+    owner = importlib.import_module(module)
+    cls = getattr(owner, cls_name) if cls_name else owner
     original = cls.__dict__[method]
 
     @functools.wraps(original)

@@ -23,13 +23,12 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..projection.bases import Bases, derive_seed
-from ..projection.projectors import Layout, Projector, get_projector
-from ..projection.rotate import change_of_basis, rotate_first, rotate_second
-from ..projection.sides import low_rank_shape, project_down, project_up, resolve_side
+from ..projection.bases import Bases
+from ..projection.projectors import Layout, get_projector
+from ..projection.sides import project_down, project_up, resolve_side
 from ..rules import make_rule
-from .residual import combine
-from .sharded import all_finite, is_sharded, local, step_sharded_projected
+from .placement import LOCAL, Local, all_finite, is_sharded, local, placement_of
+from .step import InBackwardStepping, ProjectedContext, StepProbe, absent, full_step, projected_step
 from .validate import NONFINITE, _choice, check_common, check_projection
 
 #: Defaults filled into every group that has ``rank`` (and only those).
@@ -46,10 +45,6 @@ PROJECTION_DEFAULTS: dict[str, Any] = {
     "power_iters": 2,
     "seed": 0,
 }
-
-
-def _absent(bases: Bases) -> bool:
-    return bases[0] is None and bases[1] is None
 
 
 class ProjectedOptimizer(Optimizer):
@@ -102,11 +97,12 @@ class ProjectedOptimizer(Optimizer):
         self._param_groups_of: dict[Tensor, dict[str, Any]] = {}
         #: plain numbers that helpers (layer-wise stepping) keep with the optimizer's checkpoint
         self.extra_state: dict[str, float | int] = {}
-        #: the :class:`gradproj.layerwise.LayerwiseStepper` stepping inside backward, if any
-        self.layerwise: Any = None
-        #: the :class:`gradproj.dynamics.Dynamics` sampling per-layer training dynamics, if any
-        self.probe: Any = None
+        #: what steps the parameters inside backward (:class:`gradproj.layerwise.LayerwiseStepper`), if any
+        self.layerwise: InBackwardStepping | None = None
+        #: what samples per-layer training dynamics (:class:`gradproj.dynamics.Dynamics`), if any
+        self.probe: StepProbe | None = None
         self._basis_cache: dict[Tensor, Bases] = {}
+        self._placements: dict[Tensor, Local] = {}
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------- groups
@@ -167,15 +163,44 @@ class ProjectedOptimizer(Optimizer):
     def bases(self, p: Tensor) -> Bases:
         """``(left, right)``: the basis ``p``'s gradient is projected on now (``(None, None)`` before the
         first refresh, or for a parameter without ``rank``)."""
-        group = self._param_groups_of[p]
-        if "rank" not in group or not self.state[p]:
+        if "rank" not in self._param_groups_of[p] or not self.state[p]:
             return None, None
-        return self._current_bases(p, self.state[p], self.layout(p, group), get_projector(group["projector"]))
+        return self._context(p).bases()
 
     def layout(self, p: Tensor, group: dict[str, Any]) -> Layout:
         """Shape, effective rank, side, dtype and device of a projected parameter."""
         shape = (int(p.shape[0]), int(p.shape[1]))
         return Layout(shape, min(group["rank"], *shape), resolve_side(group["proj_type"], shape), p.dtype, p.device)
+
+    def placement(self, p: Tensor) -> Local:
+        """Where ``p``'s matrix lives: :mod:`gradproj.optim.placement` (FSDP2 rows, or all here)."""
+        if not is_sharded(p):
+            return LOCAL
+        placement = self._placements.get(p)
+        if placement is None:
+            if not self.rule.shardable:
+                raise ValueError(
+                    f"{self._param_names[p]}: the {self.rule.name} rule averages over whole rows and columns, "
+                    "so it cannot step FSDP2-sharded parameters; use an Adam-based preset, or DDP"
+                )
+            placement = self._placements[p] = placement_of(p)
+        return placement
+
+    def _context(self, p: Tensor) -> ProjectedContext:
+        group = self._param_groups_of[p]
+        return ProjectedContext(
+            name=self._param_names[p],
+            seed_key=self._param_keys[p],
+            group=group,
+            state=self.state[p],
+            layout=self.layout(p, group),
+            projector=get_projector(group["projector"]),
+            rule=self.rule,
+            placement=self.placement(p),
+            cache=self._basis_cache,
+            key=p,
+            probe=self.probe,
+        )
 
     # ------------------------------------------------------------------- step
     @torch.no_grad()
@@ -195,16 +220,16 @@ class ProjectedOptimizer(Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{self._param_names[p]} has a sparse gradient, which is not supported")
-                if is_sharded(p):  # FSDP2: this rank's rows (see gradproj.optim.sharded)
-                    if "rank" in group:
-                        step_sharded_projected(self, p, group)
-                    else:
-                        self._step_full(local(p), group, local(p.grad), key=p)
-                elif "rank" in group:
-                    self._step_projected(p, group, p.grad)
-                else:
-                    self._step_full(p, group, p.grad)
+                self._step_one(p, group, local(p.grad))
         return loss
+
+    def _step_one(self, p: Tensor, group: dict[str, Any], grad: Tensor | None, low: Tensor | None = None) -> None:
+        """One parameter: the projected step, or the rule in full for a group without ``rank``."""
+        if "rank" in group:
+            projected_step(self._context(p), local(p), grad, low)
+        else:
+            assert grad is not None
+            full_step(self.rule, self.placement(p), local(p), grad, self.state[p], group)
 
     # ------------------------------------------------- one parameter at a time
     def needs_full_gradient(self, p: Tensor) -> bool:
@@ -214,23 +239,19 @@ class ProjectedOptimizer(Optimizer):
         group = self._param_groups_of[p]
         if "rank" not in group or group["residual"] != "none":
             return True
-        state = self.state[p]
-        if not state or state["step"] % group["update_proj_gap"] == 0:
+        if not self.state[p]:
             return True
-        return _absent(self._current_bases(p, state, self.layout(p, group), get_projector(group["projector"])))
+        context = self._context(p)
+        return context.refresh_due() or absent(context.bases())
 
     def project_gradient(self, p: Tensor, grad: Tensor) -> Tensor:
         """``down(grad)`` in ``p``'s current basis; valid when :meth:`needs_full_gradient` is False.
         Linear, so projected micro-batch gradients can be summed instead of full ones."""
-        group = self._param_groups_of[p]
-        layout = self.layout(p, group)
-        return project_down(grad, *self._current_bases(p, self.state[p], layout, get_projector(group["projector"])))
+        return project_down(grad, *self.bases(p))
 
     def lift_gradient(self, p: Tensor, low: Tensor) -> Tensor:
         """``up(low)``: the full-shape gradient whose projection is ``low`` (no scale applied)."""
-        group = self._param_groups_of[p]
-        layout = self.layout(p, group)
-        return project_up(low, *self._current_bases(p, self.state[p], layout, get_projector(group["projector"])))
+        return project_up(low, *self.bases(p))
 
     @torch.no_grad()
     def step_parameter(self, p: Tensor, grad: Tensor | None = None, *, low: Tensor | None = None) -> bool:
@@ -246,12 +267,11 @@ class ProjectedOptimizer(Optimizer):
                 raise FloatingPointError(f"non-finite gradient in {self._param_names[p]}")
             return False
         group = self._param_groups_of[p]
-        if "rank" in group:
-            self._step_projected(p, group, grad, low)
-        elif low is not None:
+        if "rank" not in group and low is not None:
             raise ValueError(f"{self._param_names[p]} is not projected; pass its full gradient")
-        else:
-            self._step_full(p, group, given)
+        if low is not None and grad is None and self.needs_full_gradient(p):
+            raise ValueError(f"{self._param_names[p]} needs its full gradient this step (refresh or residual)")
+        self._step_one(p, group, grad, low)
         return True
 
     def _gradients_are_finite(self) -> bool:
@@ -269,97 +289,6 @@ class ProjectedOptimizer(Optimizer):
         self.nonfinite_steps += 1
         warnings.warn(f"{message}; skipped steps so far: {self.nonfinite_steps}", RuntimeWarning, stacklevel=3)
         return False
-
-    @staticmethod
-    def _decay(p: Tensor, group: dict[str, Any], step_size: float) -> None:
-        if group["weight_decay"] != 0:
-            lr = group["lr"] if group.get("lr") is not None else step_size
-            p.mul_(1 - lr * group["weight_decay"])
-
-    def _step_full(self, p: Tensor, group: dict[str, Any], grad: Tensor, key: Tensor | None = None) -> None:
-        state = self.state[p if key is None else key]
-        if not state:
-            state["step"] = 0
-            self.rule.init_state(state, tuple(p.shape), p)
-        if group.get("lr") is not None:
-            self._decay(p, group, 0.0)
-            self.rule.apply_full(p, grad, state, group)
-        else:  # relative-step rules: the decay rate depends on the step size
-            u, step_size = self.rule.direction(grad, state, group, p)
-            self._decay(p, group, step_size)
-            p.add_(u.to(p.dtype), alpha=-step_size)
-        state["step"] += 1
-
-    def _init_projected(self, p: Tensor, group: dict[str, Any], state: dict[str, Any], layout: Layout) -> None:
-        state["step"] = 0
-        state["last_refresh"] = -1
-        state["proj_seed"] = derive_seed(group["seed"], self._param_keys[p])
-        self.rule.init_state(state, low_rank_shape(layout.shape, layout.rank, layout.side), p)
-
-    def _step_projected(self, p: Tensor, group: dict[str, Any], grad: Tensor | None, low: Tensor | None = None) -> None:
-        state = self.state[p]
-        layout = self.layout(p, group)
-        if not state:
-            self._init_projected(p, group, state, layout)
-        projector = get_projector(group["projector"])
-        bases = self._current_bases(p, state, layout, projector)
-        probe = self.probe if self.probe is not None and self.probe.wants(state["step"]) else None
-        if low is None:
-            assert grad is not None
-            if state["step"] % group["update_proj_gap"] == 0 or _absent(bases):
-                old = bases
-                bases = self._refresh(p, grad, group, state, layout, projector, bases)
-                if self.probe is not None:  # every refresh is recorded, on a sampled step or not
-                    stale = None if _absent(old) else project_down(grad, *old)
-                    self.probe.refreshed(self._param_names[p], grad, old, bases, stale)
-                    probe = self.probe
-            low = project_down(grad, *bases)  # r x n, m x r or r x r
-        elif grad is None and self.needs_full_gradient(p):
-            raise ValueError(f"{self._param_names[p]} needs its full gradient this step (refresh or residual)")
-        u, step_size = self.rule.direction(low, state, group, p)
-        update = combine(grad, low, u, bases, layout.side, group, state)  # m x n
-        if probe is not None:
-            probe.sampled(self._param_names[p], state["step"], p, grad, low, u, update, step_size, group, layout.side)
-        self._decay(p, group, step_size)
-        p.add_(update, alpha=-step_size)
-        state["step"] += 1
-
-    def _current_bases(self, p: Tensor, state: dict[str, Any], layout: Layout, projector: Projector) -> Bases:
-        cached = self._basis_cache.get(p) if projector.cache else None
-        if cached is not None:
-            return cached
-        bases = projector.materialize(state, layout)
-        if projector.cache and not _absent(bases):
-            self._basis_cache[p] = bases
-        return bases
-
-    def _refresh(
-        self,
-        p: Tensor,
-        grad: Tensor,
-        group: dict[str, Any],
-        state: dict[str, Any],
-        layout: Layout,
-        projector: Projector,
-        old: Bases,
-    ) -> Bases:
-        first = state["last_refresh"] < 0
-        state["last_refresh"] = state["step"]
-        new = projector.refresh(grad, state, layout, group)
-        if projector.cache:
-            self._basis_cache[p] = new
-        if first or group["on_refresh"] == "keep":
-            return new
-        if group["on_refresh"] == "reset":
-            self.rule.reset(state)
-        else:
-            c_left, c_right = change_of_basis(old, new)
-            moments = self.rule.moments(state)
-            rotated = {"second": rotate_second(moments["second"], c_left, c_right)}
-            if "first" in moments:
-                rotated["first"] = rotate_first(moments["first"], c_left, c_right)
-            self.rule.set_moments(state, rotated)
-        return new
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

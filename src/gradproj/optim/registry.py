@@ -55,16 +55,28 @@ class Method:
     variant_of: str | None = None  #: a bench variant of this method (fixed options, no CLI name of its own)
     demo: bool = False  #: one of ``gradproj demo``'s methods
     baseline: bool = False  #: set beside every plan by ``gradproj memory``
-    refresh: tuple[str, str, str] | None = None  #: (module, class, method) that recomputes a basis, timed by the bench
+    #: (module, class or "", function) that recomputes a basis, timed by the bench
+    refresh: tuple[str, str, str] | None = None
     has_lr: bool = True  #: False: the preset's default step size is relative (Adafactor), ``lr=None``
     supports_layerwise: bool = True  #: can step inside backward (gradproj.layerwise)
-    supports_fsdp: bool = True  #: can step FSDP2 (``fully_shard``) parameters
     resumable: bool = True  #: its state dict loads with ``weights_only=True`` (exact resume)
 
     @property
     def peer(self) -> bool:
         """Another package's implementation (or LoRA), not gradproj's."""
         return self.kind in ("peer", "lora")
+
+    @property
+    def supports_fsdp(self) -> bool:
+        """Can step FSDP2 (``fully_shard``) parameters: torch's AdamW, and our presets whose rule is
+        elementwise (:attr:`gradproj.rules.base.UpdateRule.shardable`; not Adafactor)."""
+        if self.kind == "torch":
+            return True
+        if self.kind != "preset" or self.preset is None:
+            return False
+        from ..rules import make_rule
+
+        return make_rule(PRESETS[self.preset].RULE).shardable
 
     @property
     def external(self) -> bool:
@@ -101,12 +113,12 @@ class Method:
         return self.cls.split(":")[0] if self.kind == "peer" and self.cls else None
 
 
-_OURS = ("gradproj.optim.engine", "ProjectedOptimizer", "_refresh")
+_OURS = ("gradproj.optim.step", "", "refresh")  # a module-level function: no class
 _GALORE_TORCH = ("galore_torch.galore_projector", "GaLoreProjector", "get_orthogonal_matrix")
 _FIRA = ("fira.gradient_projection", "GradientProjector", "get_orthogonal_matrix")
 _APOLLO = ("apollo_torch.random_projector", "GradientProjector", "get_orthogonal_matrix")
 _GALORE_KEYS = {"rank": "rank", "update_proj_gap": "update_proj_gap", "scale": "scale", "proj_type": "proj_type"}
-_PEER = {"kind": "peer", "supports_layerwise": False, "supports_fsdp": False, "resumable": False}
+_PEER = {"kind": "peer", "supports_layerwise": False, "resumable": False}
 _FULL_PEER = {**_PEER, "projected": False, "lr": 1e-3}
 
 # Learning rates: the best of the per-group sweep on Shakespeare (docs/BENCHMARKS.md, llama-5m); the
@@ -172,7 +184,7 @@ _ENTRIES = (
     Method(name="adamw8bit-torchao", summary="torchao AdamW8bit", cls="torchao.optim:AdamW8bit",
            package="torchao", **_FULL_PEER),  # type: ignore[arg-type]
     Method(name="lora-peft", kind="lora", summary="peft LoRA, rank/2, alpha 2r", package="peft", lr=1e-2,
-           baseline=True, supports_layerwise=False, supports_fsdp=False),
+           baseline=True, supports_layerwise=False),
     Method(name="galore-torch", summary="galore-torch GaLoreAdamW", cls="galore_torch:GaLoreAdamW",
            package="galore-torch", peer_keys=_GALORE_KEYS, scale=0.25, refresh=_GALORE_TORCH,
            **_PEER),  # type: ignore[arg-type]

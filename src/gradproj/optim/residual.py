@@ -24,6 +24,7 @@ rescaled to ``gamma ||x_{t-1}||`` (``gamma = growth_limit = 1.01``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,24 +36,34 @@ RESIDUALS = ("none", "fira", "apollo")
 SCALE_TYPES = ("channel", "tensor")
 _TINY = 1e-8
 
+#: ``norm(x, rows)``: the Frobenius norm of a whole tensor of which this process holds ``x``, its rows
+#: when ``rows`` (a placement's :meth:`~gradproj.optim.placement.Local.norm`; one process: ``x.norm()``)
+Norm = Callable[[Tensor, bool], Tensor]
 
-def norm_ratio(u: Tensor, low: Tensor, side: str, scale_type: str) -> Tensor:
+
+def _local_norm(x: Tensor, rows: bool) -> Tensor:
+    return x.norm()
+
+
+def norm_ratio(u: Tensor, low: Tensor, side: str, scale_type: str, norm: Norm = _local_norm) -> Tensor:
     """``||u|| / (||low|| + 1e-8)`` per channel of the uncompressed dimension, or per tensor.
 
     Left projections (``r x n``) give one factor per column (shape ``n``); right projections
     (``m x r``) one per row (shape ``m x 1``); ``full`` has no uncompressed dimension and
-    always uses the tensor-wise ratio.
+    always uses the tensor-wise ratio. Per channel, the norms never cross processes (a right
+    projection's rows are the weight's rows); per tensor, ``norm`` sums a right projection's rows.
     """
     if scale_type == "tensor" or side == "full":
-        return u.norm() / (low.norm() + _TINY)
+        rows = side == "right"
+        return norm(u, rows) / (norm(low, rows) + _TINY)
     if side == "left":
         return u.norm(dim=0) / (low.norm(dim=0) + _TINY)
     return (u.norm(dim=1) / (low.norm(dim=1) + _TINY)).unsqueeze(1)
 
 
-def limit_growth(update: Tensor, state: dict[str, Any], gamma: float) -> Tensor:
+def limit_growth(update: Tensor, state: dict[str, Any], gamma: float, norm_of: Norm = _local_norm) -> Tensor:
     """Fira's norm-growth limiter; keeps the previous norm in ``state["residual_norm"]``."""
-    norm = update.norm().to(torch.promote_types(update.dtype, torch.float32))
+    norm = norm_of(update, True).to(torch.promote_types(update.dtype, torch.float32))
     previous = state.get("residual_norm")
     if previous is None:
         state["residual_norm"] = norm
@@ -62,9 +73,11 @@ def limit_growth(update: Tensor, state: dict[str, Any], gamma: float) -> Tensor:
     return update / limiter.to(update.dtype)
 
 
-def scaling_factor(grad_shape: tuple[int, ...], low: Tensor, u: Tensor, side: str, group: dict[str, Any]) -> Tensor:
-    """Fira's or APOLLO's ``phi`` (per channel or per tensor) for a gradient of ``grad_shape``."""
-    phi = norm_ratio(u, low, side, group["scale_type"])
+def scaling_factor(
+    grad_shape: tuple[int, ...], low: Tensor, u: Tensor, side: str, group: dict[str, Any], norm: Norm = _local_norm
+) -> Tensor:
+    """Fira's or APOLLO's ``phi`` (per channel or per tensor) for a gradient of ``grad_shape`` (the whole matrix)."""
+    phi = norm_ratio(u, low, side, group["scale_type"], norm)
     if group["residual"] != "apollo":
         return phi
     rank = low.shape[0] if side == "left" else low.shape[-1]
@@ -81,10 +94,15 @@ def combine(
     side: str,
     group: dict[str, Any],
     state: dict[str, Any],
+    *,
+    shape: tuple[int, int] | None = None,
+    norm: Norm = _local_norm,
 ) -> Tensor:
     """The full-space update direction for one projected parameter (before ``-step_size``).
 
     ``grad`` may be None for the plain GaLore update (``residual="none"``), which needs only ``low``.
+    ``shape`` is the whole matrix's (default ``grad``'s) and ``norm`` the placement's, for a process
+    that holds only rows of ``grad`` (FSDP2; see :mod:`gradproj.optim.placement`).
     """
     kind = group["residual"]
     left, right = bases
@@ -92,12 +110,12 @@ def combine(
         raise ValueError(f"residual={kind!r} needs the full gradient")
     if kind == "apollo":
         assert grad is not None
-        phi = scaling_factor(tuple(grad.shape), low, u, side, group)
-        return limit_growth(grad * phi.to(grad.dtype), state, group["growth_limit"]) * group["scale"] ** 0.5
+        phi = scaling_factor(shape or tuple(grad.shape), low, u, side, group, norm)
+        return limit_growth(grad * phi.to(grad.dtype), state, group["growth_limit"], norm) * group["scale"] ** 0.5
     update = project_up(u.to(low.dtype), left, right) * group["scale"]
     if kind == "fira":
         assert grad is not None
-        phi = scaling_factor(tuple(grad.shape), low, u, side, group).to(grad.dtype)
+        phi = scaling_factor(shape or tuple(grad.shape), low, u, side, group, norm).to(grad.dtype)
         residual = grad - project_up(low, left, right)
-        update = update + limit_growth(residual * phi, state, group["growth_limit"])
+        update = update + limit_growth(residual * phi, state, group["growth_limit"], norm)
     return update

@@ -40,8 +40,11 @@ class Adafactor(UpdateRule):
     """Factored second moment; optional first moment when ``beta1`` is set."""
 
     name = "adafactor"
+    shardable = False  # factored statistics average over whole rows and columns
 
-    def init_state(self, state: dict[str, Any], shape: tuple[int, ...], like: Tensor) -> None:
+    def init_state(
+        self, state: dict[str, Any], shape: tuple[int, ...], like: Tensor, full_shape: tuple[int, ...] | None = None
+    ) -> None:
         def zeros(size: tuple[int, ...]) -> Tensor:
             return torch.zeros(size, dtype=like.dtype, device=like.device)
 

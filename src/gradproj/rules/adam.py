@@ -62,7 +62,9 @@ class Adam(UpdateRule):
 
     name = "adam"
 
-    def init_state(self, state: dict[str, Any], shape: tuple[int, ...], like: Tensor) -> None:
+    def init_state(
+        self, state: dict[str, Any], shape: tuple[int, ...], like: Tensor, full_shape: tuple[int, ...] | None = None
+    ) -> None:
         state["exp_avg"] = torch.zeros(shape, dtype=like.dtype, device=like.device)
         state["exp_avg_sq"] = torch.zeros(shape, dtype=like.dtype, device=like.device)
         state["moment_step"] = 0

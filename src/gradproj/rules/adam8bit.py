@@ -30,8 +30,11 @@ class Adam8bit(Adam):
     def _quantized(self, shape: tuple[int, ...]) -> bool:
         return _numel(shape) >= self.min_8bit_size
 
-    def init_state(self, state: dict[str, Any], shape: tuple[int, ...], like: Tensor) -> None:
-        if not self._quantized(shape):
+    def init_state(
+        self, state: dict[str, Any], shape: tuple[int, ...], like: Tensor, full_shape: tuple[int, ...] | None = None
+    ) -> None:
+        # the whole moment's size decides, so that every process's rows of it are stored alike (FSDP2)
+        if not self._quantized(full_shape or shape):
             zeros = torch.zeros(shape, dtype=torch.float32, device=like.device)
             state["exp_avg"], state["exp_avg_sq"], state["moment_step"] = zeros, zeros.clone(), 0
             return
@@ -71,7 +74,7 @@ class Adam8bit(Adam):
 
     def set_moments(self, state: dict[str, Any], moments: dict[str, Tensor]) -> None:
         first, second = moments["first"].float(), moments["second"].float().clamp_min(0)
-        if not self._quantized(tuple(first.shape)):
+        if "exp_avg" in state:  # stored unquantized since init_state (a small moment)
             state["exp_avg"], state["exp_avg_sq"] = first, second
             return
         state["exp_avg_codes"], state["exp_avg_absmax"] = quant.quantize(first, signed=True)

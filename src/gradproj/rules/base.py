@@ -18,9 +18,14 @@ class UpdateRule:
     """Base class; see :class:`gradproj.rules.adam.Adam` for the canonical implementation."""
 
     name = ""
+    #: whether the rule is elementwise, so a process may keep moments for a block of rows alone (FSDP2)
+    shardable = True
 
-    def init_state(self, state: dict[str, Any], shape: tuple[int, ...], like: Tensor) -> None:
-        """Create zeroed moments for a gradient of ``shape`` (dtype/device of ``like``)."""
+    def init_state(
+        self, state: dict[str, Any], shape: tuple[int, ...], like: Tensor, full_shape: tuple[int, ...] | None = None
+    ) -> None:
+        """Create zeroed moments for a gradient of ``shape`` (dtype/device of ``like``); ``full_shape`` is
+        the whole moment's when ``shape`` is one process's rows of it (FSDP2)."""
         raise NotImplementedError
 
     def direction(

@@ -1,0 +1,284 @@
+"""Where a projected matrix lives: the placement strategies of the one projected step
+(:func:`gradproj.optim.step.projected_step`).
+
+The step itself is the same everywhere: refresh the basis from the full gradient when due, project,
+run the rule on this process's share of ``R``, combine with the residual, decay, apply. A placement
+says how each of those reads and writes a matrix that may be split across processes:
+
+:class:`Local`
+    the whole matrix is here (one process, DDP): every method is the identity or a plain norm.
+:class:`RowSharded`
+    FSDP2's ``fully_shard``: each rank holds rows ``m_i`` of ``W`` and of its reduced gradient ``G``
+    (``Shard(0)``). Collectives only, no copy of the step:
+
+    - ``right`` (``R = G Q^T``, m x r): row-local, ``R_i = G_i Q^T``; the moments are this rank's rows;
+    - ``left``/``full`` (``R = P^T G``, r x n, or ``P^T G Q^T``): ``R = sum_i P_i^T G_i`` is all-reduced;
+      each rank keeps the moments of its rows of ``R`` (``ceil(r / world)`` each, possibly none) and the
+      rows of ``u`` are all-gathered to form ``P_i u``;
+    - a refresh all-gathers the full gradient and computes the basis exactly as one process would;
+      each rank keeps its rows of ``P`` and a column block of ``Q`` (gathered when stepping);
+    - Fira's and APOLLO's norms (tensor-wise ratios, the growth limiter) are all-reduced over the rows;
+      per-channel ratios are local (right side: rows are local; left: ``u`` and ``R`` are whole);
+    - ``on_refresh="rotate"``: ``P'^T P`` is all-reduced; moments split by rows of ``R`` are gathered
+      for the rotation (once per refresh).
+
+    Every state tensor of a sharded parameter is a ``DTensor`` with the full-matrix shape on the
+    parameter's mesh (rows of the weight or of ``R``: ``Shard(0)``; ``Q``: ``Shard(1)``; the dct
+    indices, which every rank shares: ``Replicate()``), so
+    ``torch.distributed.checkpoint`` sees one logical tensor per key. Low-rank moments are sharded
+    by rows, which keeps each shard contiguous in the flattened moment: 8-bit moments quantize the
+    same 256-element blocks as one process whenever a shard starts on a block boundary.
+
+Adding a placement (tensor parallel, say) is one class here with these methods; the contract suite
+runs the local one and the FSDP2 suite the row-sharded one against a single process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..projection.bases import Bases
+from ..projection.projectors import Layout, Projector
+from ..projection.rotate import change_of_basis
+from ..projection.sides import low_rank_shape, project_down
+
+try:
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # pragma: no cover - torch without distributed
+    DTensor = None  # type: ignore[assignment,misc]
+
+
+def is_sharded(p: Tensor) -> bool:
+    """Whether ``p`` is an FSDP2 (DTensor) parameter."""
+    return DTensor is not None and isinstance(p, DTensor)
+
+
+def local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (a view: in-place updates reach the parameter), else ``t``."""
+    return t.to_local() if is_sharded(t) else t  # type: ignore[attr-defined, no-any-return]
+
+
+class Local:
+    """The whole matrix is on this process."""
+
+    def moment_shape(self, layout: Layout) -> tuple[int, int]:
+        """Shape of the low-rank moments this process keeps."""
+        return low_rank_shape(layout.shape, layout.rank, layout.side)
+
+    def whole_shape(self, weight: Tensor) -> tuple[int, ...]:
+        """The shape of the whole parameter, of which ``weight`` is this process's part."""
+        return tuple(weight.shape)
+
+    def full_gradient(self, grad: Tensor) -> Tensor:
+        """The whole gradient, for a refresh."""
+        return grad
+
+    def after_refresh(self, state: dict[str, Any], layout: Layout, bases: Bases) -> Bases:
+        """Keep this process's share of a fresh basis (stored in ``state`` by the projector) and return
+        it as :meth:`materialize` does. Here: all of it."""
+        return bases
+
+    def materialize(self, state: dict[str, Any], layout: Layout, projector: Projector) -> Bases:
+        """``(left, right)`` as the step uses them: the rows of ``P`` this process holds, all of ``Q``."""
+        return projector.materialize(state, layout)
+
+    def down(self, grad: Tensor, bases: Bases) -> Tensor:
+        """``R = down(G)``: this process's rows of it (right side) or all of it (left, full)."""
+        return project_down(grad, *bases)
+
+    def share(self, low: Tensor, side: str) -> Tensor:
+        """The part of ``R`` this process keeps moments for."""
+        return low
+
+    def gather(self, u: Tensor, side: str, shape: tuple[int, int]) -> Tensor:
+        """The inverse of :meth:`share`: ``u`` as :meth:`down` shaped ``R``."""
+        return u
+
+    def norm(self, x: Tensor, rows: bool) -> Tensor:
+        """The Frobenius norm of a whole tensor, of which this process holds ``x`` (its rows if ``rows``)."""
+        return x.norm()
+
+    def change_of_basis(self, old: Bases, new: Bases) -> tuple[Tensor | None, Tensor | None]:
+        return change_of_basis(old, new)
+
+    @contextlib.contextmanager
+    def moments_for_rotation(self, rule: Any, state: dict[str, Any], layout: Layout) -> Iterator[dict[str, Tensor]]:
+        """Dense moments (whole ``R``-shaped) for the rotation to replace; stored back on exit."""
+        moments = rule.moments(state)
+        yield moments
+        rule.set_moments(state, moments)
+
+    @contextlib.contextmanager
+    def local_state(self, state: dict[str, Any], shape: tuple[int, ...]) -> Iterator[dict[str, Any]]:
+        """The per-parameter state with plain tensors, for the rule (which updates it in place);
+        ``shape`` is the whole moments' shape (``R``'s, or the parameter's for full-rank groups)."""
+        yield state
+
+
+LOCAL = Local()
+
+
+def _chunk(size: int, rank: int, world: int) -> slice:
+    """FSDP2's split of ``size`` rows: ``ceil(size / world)`` each, the last ones shorter or empty."""
+    block = math.ceil(size / world)
+    return slice(min(size, rank * block), min(size, (rank + 1) * block))
+
+
+class RowSharded(Local):
+    """FSDP2 (``fully_shard``): rows of one parameter across the ranks of its mesh; see the module docstring."""
+
+    def __init__(self, p: Any) -> None:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        self.mesh, self.group = p.device_mesh, p.device_mesh.get_group()
+        self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        self.rows = slice(offset[0], offset[0] + shape[0])
+        self.shape = tuple(int(s) for s in p.shape)
+
+    def whole_shape(self, weight: Tensor) -> tuple[int, ...]:
+        return self.shape
+
+    # -- layout of the state ---------------------------------------------------------------------
+    def _low_rows(self, layout: Layout) -> slice:
+        """Rows of ``R`` whose moments this rank keeps."""
+        rows, _ = low_rank_shape(layout.shape, layout.rank, layout.side)
+        return self.rows if layout.side == "right" else _chunk(rows, self.rank, self.world)
+
+    def moment_shape(self, layout: Layout) -> tuple[int, int]:
+        rows = self._low_rows(layout)
+        return rows.stop - rows.start, low_rank_shape(layout.shape, layout.rank, layout.side)[1]
+
+    def _wrap(self, t: Tensor, shape: tuple[int, ...], dim: int) -> Tensor:
+        """``t`` as this rank's ``Shard(dim)`` of a DTensor of the full ``shape``."""
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(t, self.mesh, [Shard(dim)], run_check=False, shape=torch.Size(shape), stride=stride)
+
+    def full_gradient(self, grad: Tensor) -> Tensor:
+        out = torch.empty(self.shape, dtype=grad.dtype, device=grad.device)
+        parts = [out[_chunk(self.shape[0], r, self.world)] for r in range(self.world)]
+        padded = math.ceil(self.shape[0] / self.world)
+        buffers = [torch.zeros(padded, *self.shape[1:], dtype=grad.dtype, device=grad.device) for _ in parts]
+        mine = torch.zeros_like(buffers[0])
+        mine[: grad.shape[0]] = grad
+        dist.all_gather(buffers, mine, group=self.group)
+        for part, buffer in zip(parts, buffers, strict=True):
+            part.copy_(buffer[: part.shape[0]])
+        return out
+
+    def after_refresh(self, state: dict[str, Any], layout: Layout, bases: Bases) -> Bases:
+        if "basis_left" in state:  # m x r: this rank's rows, like the weight
+            p = state["basis_left"]
+            state["basis_left"] = self._wrap(p[self.rows].clone(), tuple(p.shape), 0)
+        if "basis_right" in state:  # r x n: a column block, gathered when stepping (as FSDP gathers weights)
+            q = state["basis_right"]
+            state["basis_right"] = self._wrap(
+                q[:, _chunk(q.shape[1], self.rank, self.world)].clone(), tuple(q.shape), 1
+            )
+        for key in ("index_left", "index_right"):  # dct: the same r indices on every rank
+            if key in state and not is_sharded(state[key]):
+                state[key] = DTensor.from_local(state[key], self.mesh, [Replicate()], run_check=False)
+        left, right = bases
+        return (None if left is None else left[self.rows]), right
+
+    def materialize(self, state: dict[str, Any], layout: Layout, projector: Projector) -> Bases:
+        stored = "basis_left" in state or "basis_right" in state
+        if not stored:  # dct / random rebuild the whole basis from indices or a seed; keep our rows of P
+            plain = {k: v.to_local() if is_sharded(v) else v for k, v in state.items()}
+            left, right = projector.materialize(plain, layout)
+            return (None if left is None else left[self.rows]), right
+        left = state["basis_left"].to_local() if "basis_left" in state else None
+        right = state["basis_right"].full_tensor() if "basis_right" in state else None
+        return left, right
+
+    # -- the step's linear algebra ----------------------------------------------------------------
+    def down(self, grad: Tensor, bases: Bases) -> Tensor:
+        low = project_down(grad, *bases)  # right: this rank's rows of R; left/full: its share of the sum
+        if bases[0] is not None:
+            dist.all_reduce(low, group=self.group)
+        return low
+
+    def share(self, low: Tensor, side: str) -> Tensor:
+        return low if side == "right" else low[_chunk(low.shape[0], self.rank, self.world)].contiguous()
+
+    def gather(self, u: Tensor, side: str, shape: tuple[int, int]) -> Tensor:
+        if side == "right":
+            return u
+        padded = math.ceil(shape[0] / self.world)
+        mine = torch.zeros(padded, shape[1], dtype=u.dtype, device=u.device)
+        mine[: u.shape[0]] = u
+        parts = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(parts, mine, group=self.group)
+        return torch.cat(parts)[: shape[0]]
+
+    def norm(self, x: Tensor, rows: bool) -> Tensor:
+        if not rows:
+            return x.norm()
+        square = x.pow(2).sum()
+        dist.all_reduce(square, group=self.group)
+        return square.sqrt()
+
+    def change_of_basis(self, old: Bases, new: Bases) -> tuple[Tensor | None, Tensor | None]:
+        c_left, c_right = change_of_basis(old, new)  # P'_i^T P_i: this rank's share of the sum
+        if c_left is not None:
+            dist.all_reduce(c_left, group=self.group)
+        return c_left, c_right
+
+    @contextlib.contextmanager
+    def moments_for_rotation(self, rule: Any, state: dict[str, Any], layout: Layout) -> Iterator[dict[str, Tensor]]:
+        shape = low_rank_shape(layout.shape, layout.rank, layout.side)
+        rows = shape[0]
+        with self.local_state(state, shape) as plain:
+            moments = rule.moments(plain)
+            if layout.side == "right":  # rows of the weight: the rotation acts on the right, row by row
+                yield moments
+                rule.set_moments(plain, moments)
+                return
+            full = {k: self.gather(v, layout.side, (rows, v.shape[1])) for k, v in moments.items()}
+            yield full
+            mine = _chunk(rows, self.rank, self.world)
+            rule.set_moments(plain, {k: v[mine].contiguous() for k, v in full.items()})
+
+    @contextlib.contextmanager
+    def local_state(self, state: dict[str, Any], shape: tuple[int, ...]) -> Iterator[dict[str, Any]]:
+        """Plain local shards for the rule; tensors it replaced are wrapped back as row shards."""
+        plain = {k: v.to_local() if is_sharded(v) else v for k, v in state.items()}
+        before = dict(plain)
+        yield plain
+        for key, value in plain.items():
+            if key in before and value is before[key] and is_sharded(state[key]):
+                continue  # updated in place: the DTensor's local tensor is this very tensor
+            sharded = isinstance(value, Tensor) and value.dim() >= 1 and not key.startswith(("basis_", "index_"))
+            state[key] = self._row_shard(value, shape, absmax=key.endswith("_absmax")) if sharded else value
+
+    def _row_shard(self, t: Tensor, shape: tuple[int, ...], *, absmax: bool) -> Tensor:
+        """A moment (this rank's rows of ``shape``) or its 8-bit absmax (one float per 256 elements of
+        each rank's flattened rows, concatenated) as this rank's ``Shard(0)`` of one DTensor."""
+        if absmax:
+            from ..rules.quant import absmax_numel
+
+            per_row = math.prod(shape[1:])
+            shares = [_chunk(shape[0], k, self.world) for k in range(self.world)]
+            shape = (sum(absmax_numel((share.stop - share.start) * per_row) for share in shares),)
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(t, self.mesh, [Shard(0)], run_check=False, shape=torch.Size(shape), stride=stride)
+
+
+def all_finite(flags: Tensor, sharded: list[Any]) -> bool:
+    """Whether every rank's gradients are finite (one all-reduce when any parameter is sharded)."""
+    ok = flags.all().to(torch.int32).reshape(1).cpu()
+    if sharded:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=sharded[0].device_mesh.get_group())
+    return bool(ok[0])
+
+
+def placement_of(p: Tensor) -> Local:
+    """The strategy for ``p``: row-sharded for an FSDP2 parameter, else local."""
+    return RowSharded(p) if is_sharded(p) else LOCAL

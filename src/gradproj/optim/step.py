@@ -1,0 +1,187 @@
+"""The one projected step: everything that happens to one projected parameter in one optimizer step,
+as a function over an explicit context (torch.optim's functional split: the
+:class:`~gradproj.optim.engine.ProjectedOptimizer` keeps the bookkeeping, this module the maths).
+
+Where the matrix lives (one process, FSDP2 rows, ...) is the context's placement
+(:mod:`gradproj.optim.placement`); the step never asks. Per step, for ``W`` (m x n) and its gradient:
+
+1. on the first step and every ``update_proj_gap`` steps, recompute the basis from the full ``G``
+   (the projector), and carry the moments into it (``on_refresh``: keep, reset, rotate);
+2. ``R = down(G)``; the rule advances the moments with this process's share of ``R``: ``(u, s)``;
+3. the update is ``combine(G, R, u)`` (GaLore's ``scale * up(u)``, plus Fira's or APOLLO's terms);
+4. decoupled decay ``W *= 1 - lr * weight_decay``, then ``W -= s * update``.
+
+Probes (:class:`StepProbe`, e.g. :class:`gradproj.dynamics.Dynamics`) see refreshes and sampled steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from ..projection.bases import Bases, derive_seed
+from ..projection.projectors import Layout, Projector
+from ..projection.rotate import rotate_first, rotate_second
+from ..projection.sides import low_rank_shape, project_down
+from ..rules.base import UpdateRule
+from .placement import Local
+from .residual import combine
+
+
+class StepProbe(Protocol):
+    """What the engine tells a probe (the dynamics sampler) about a projected parameter."""
+
+    def wants(self, engine_step: int) -> bool: ...
+    def refreshed(self, name: str, grad: Tensor, old: Bases, new: Bases, low_old: Tensor | None) -> None: ...
+    def sampled(
+        self,
+        name: str,
+        engine_step: int,
+        weight: Tensor,
+        grad: Tensor | None,
+        low: Tensor,
+        u: Tensor,
+        update: Tensor,
+        step_size: float,
+        group: dict[str, Any],
+        side: str,
+    ) -> None: ...
+
+
+class InBackwardStepping(Protocol):
+    """A helper that steps every parameter inside ``backward`` (layer-wise); ``step()`` is then a no-op."""
+
+    def detach(self) -> None: ...
+
+
+def absent(bases: Bases) -> bool:
+    """No basis yet (before the first refresh)."""
+    return bases[0] is None and bases[1] is None
+
+
+@dataclass
+class ProjectedContext:
+    """One projected parameter as the step sees it: its names, options, state, shape and placement."""
+
+    name: str  #: for messages and probes
+    seed_key: int  #: mixed with the group's ``seed`` into ``proj_seed``
+    group: dict[str, Any]
+    state: dict[str, Any]
+    layout: Layout  #: the whole matrix's shape, rank, side, dtype, device
+    projector: Projector
+    rule: UpdateRule
+    placement: Local
+    cache: dict[Any, Bases]  #: materialized bases kept between refreshes (projectors with ``cache``)
+    key: Any  #: this parameter's key in ``cache``
+    probe: StepProbe | None = None
+
+    @property
+    def low_shape(self) -> tuple[int, int]:
+        """The whole ``R``'s shape."""
+        return low_rank_shape(self.layout.shape, self.layout.rank, self.layout.side)
+
+    def bases(self) -> Bases:
+        """The current basis, as the placement uses it."""
+        cached = self.cache.get(self.key) if self.projector.cache else None
+        if cached is not None:
+            return cached
+        bases = self.placement.materialize(self.state, self.layout, self.projector)
+        if self.projector.cache and not absent(bases):
+            self.cache[self.key] = bases
+        return bases
+
+    def refresh_due(self) -> bool:
+        return self.state["step"] % self.group["update_proj_gap"] == 0 or self.state["last_refresh"] < 0
+
+
+def init_state(ctx: ProjectedContext, weight: Tensor) -> None:
+    """Step counters, the seed, and zeroed moments of this process's share of ``R``."""
+    state = ctx.state
+    state["step"] = 0
+    state["last_refresh"] = -1
+    state["proj_seed"] = derive_seed(ctx.group["seed"], ctx.seed_key)
+    with ctx.placement.local_state(state, ctx.low_shape) as plain:
+        ctx.rule.init_state(plain, ctx.placement.moment_shape(ctx.layout), weight, full_shape=ctx.low_shape)
+
+
+def refresh(ctx: ProjectedContext, grad: Tensor, old: Bases) -> Bases:
+    """A new basis from the full gradient; the moments follow ``on_refresh``."""
+    state, group, place = ctx.state, ctx.group, ctx.placement
+    first = state["last_refresh"] < 0
+    state["last_refresh"] = state["step"]
+    fresh = ctx.projector.refresh(place.full_gradient(grad), state, ctx.layout, group)
+    new = place.after_refresh(state, ctx.layout, fresh)
+    if ctx.projector.cache:
+        ctx.cache[ctx.key] = new
+    if first or group["on_refresh"] == "keep":
+        return new
+    if group["on_refresh"] == "reset":
+        with place.local_state(state, ctx.low_shape) as plain:
+            ctx.rule.reset(plain)
+        return new
+    c_left, c_right = place.change_of_basis(old, new)
+    with place.moments_for_rotation(ctx.rule, state, ctx.layout) as moments:
+        first_moment = moments.get("first")
+        moments["second"] = rotate_second(moments["second"], c_left, c_right)
+        if first_moment is not None:
+            moments["first"] = rotate_first(first_moment, c_left, c_right)
+    return new
+
+
+def projected_step(ctx: ProjectedContext, weight: Tensor, grad: Tensor | None, low: Tensor | None = None) -> None:
+    """Step ``weight`` (this process's part of it) with its gradient ``grad``, or with ``low``, the
+    projected gradient summed over micro-batches (layer-wise accumulation, between refreshes)."""
+    state, group, layout, place = ctx.state, ctx.group, ctx.layout, ctx.placement
+    if not state:
+        init_state(ctx, weight)
+    bases = ctx.bases()
+    probe = ctx.probe if ctx.probe is not None and ctx.probe.wants(state["step"]) else None
+    if low is None:
+        assert grad is not None
+        if ctx.refresh_due():
+            old = bases
+            bases = refresh(ctx, grad, old)
+            if ctx.probe is not None:  # every refresh is recorded, on a sampled step or not
+                stale = None if absent(old) else project_down(grad, *old)
+                ctx.probe.refreshed(ctx.name, grad, old, bases, stale)
+                probe = ctx.probe
+        low = place.down(grad, bases)  # the whole R (r x n, r x r) or this process's rows of it (m_i x r)
+    with place.local_state(state, ctx.low_shape) as plain:
+        u, step_size = ctx.rule.direction(place.share(low, layout.side), plain, group, weight)
+    u = place.gather(u, layout.side, (low.shape[0], low.shape[1]))  # shaped like low
+    update = combine(grad, low, u, bases, layout.side, group, state, shape=layout.shape, norm=place.norm)  # m_i x n
+    if probe is not None:
+        probe.sampled(ctx.name, state["step"], weight, grad, low, u, update, step_size, group, layout.side)
+    decay(weight, group, step_size)
+    weight.add_(update, alpha=-step_size)
+    state["step"] += 1
+
+
+def decay(weight: Tensor, group: dict[str, Any], step_size: float) -> None:
+    """Decoupled weight decay at the group's ``lr`` (relative-step rules: at the step size)."""
+    if group["weight_decay"] != 0:
+        lr = group["lr"] if group.get("lr") is not None else step_size
+        weight.mul_(1 - lr * group["weight_decay"])
+
+
+@torch.no_grad()
+def full_step(
+    rule: UpdateRule, placement: Local, weight: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]
+) -> None:
+    """A group without ``rank``: the rule in full (Adam rules: torch.optim.AdamW's arithmetic)."""
+    whole = placement.whole_shape(weight)
+    with placement.local_state(state, whole) as plain:
+        if not plain:
+            plain["step"] = 0
+            rule.init_state(plain, tuple(weight.shape), weight, full_shape=whole)
+        if group.get("lr") is not None:
+            decay(weight, group, 0.0)
+            rule.apply_full(weight, grad, plain, group)
+        else:  # relative-step rules: the decay rate depends on the step size
+            u, step_size = rule.direction(grad, plain, group, weight)
+            decay(weight, group, step_size)
+            weight.add_(u.to(weight.dtype), alpha=-step_size)
+        plain["step"] += 1
