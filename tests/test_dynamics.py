@@ -181,3 +181,17 @@ def test_layerwise_training_is_sampled_too(data, tmp_path: Path) -> None:  # typ
 def test_dynamics_can_be_turned_off(data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     pretrain(PretrainConfig(**TINY, steps=2, dynamics_every=0, out=str(tmp_path)), data=data)
     assert not (tmp_path / "dynamics.jsonl").exists()
+
+
+def test_spike_statistics_resume_from_the_checkpoint_whatever_the_out(data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The detector's window, the layers' averages and the totals live in the checkpoint: a resume into an
+    empty folder (no earlier dynamics.jsonl) writes the uninterrupted run's rows and totals."""
+    cfg = PretrainConfig(**TINY, steps=12, update_proj_gap=5, save_every=7, keep=5, dynamics_every=2, log_every=4)
+    full = pretrain(replace(cfg, out=str(tmp_path / "full")), data=data)
+    shutil.copytree(tmp_path / "full/checkpoints/step-00000007", tmp_path / "elsewhere/checkpoints/step-00000007")
+    resumed = pretrain(replace(cfg, out=str(tmp_path / "elsewhere")), resume=tmp_path / "elsewhere", data=data)
+    after = [r for r in _rows(tmp_path / "full") if r["step"] > 7]
+    assert any("running_mean" in r and r["running_mean"] is not None for r in after)
+    assert any("grad_norm_ratio" in r for r in after)
+    assert _rows(tmp_path / "elsewhere") == after
+    assert resumed.summary["dynamics"] == full.summary["dynamics"]

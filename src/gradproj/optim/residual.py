@@ -97,8 +97,9 @@ def combine(
     *,
     shape: tuple[int, int] | None = None,
     norm: Norm = _local_norm,
-) -> Tensor:
-    """The full-space update direction for one projected parameter (before ``-step_size``).
+) -> tuple[Tensor, Tensor | None]:
+    """The full-space update direction for one projected parameter (before ``-step_size``), and Fira's or
+    APOLLO's scaling factor ``phi`` (None for GaLore), which probes report.
 
     ``grad`` may be None for the plain GaLore update (``residual="none"``), which needs only ``low``.
     ``shape`` is the whole matrix's (default ``grad``'s) and ``norm`` the placement's, for a process
@@ -111,11 +112,12 @@ def combine(
     if kind == "apollo":
         assert grad is not None
         phi = scaling_factor(shape or tuple(grad.shape), low, u, side, group, norm)
-        return limit_growth(grad * phi.to(grad.dtype), state, group["growth_limit"], norm) * group["scale"] ** 0.5
+        update = limit_growth(grad * phi.to(grad.dtype), state, group["growth_limit"], norm) * group["scale"] ** 0.5
+        return update, phi
     update = project_up(u.to(low.dtype), left, right) * group["scale"]
-    if kind == "fira":
-        assert grad is not None
-        phi = scaling_factor(shape or tuple(grad.shape), low, u, side, group, norm).to(grad.dtype)
-        residual = grad - project_up(low, left, right)
-        update = update + limit_growth(residual * phi, state, group["growth_limit"], norm)
-    return update
+    if kind != "fira":
+        return update, None
+    assert grad is not None
+    phi = scaling_factor(shape or tuple(grad.shape), low, u, side, group, norm)
+    residual = grad - project_up(low, left, right)
+    return update + limit_growth(residual * phi.to(grad.dtype), state, group["growth_limit"], norm), phi

@@ -43,11 +43,9 @@ class StepProbe(Protocol):
         weight: Tensor,
         grad: Tensor | None,
         low: Tensor,
-        u: Tensor,
         update: Tensor,
         step_size: float,
-        group: dict[str, Any],
-        side: str,
+        phi: Tensor | None,
     ) -> None: ...
 
 
@@ -152,9 +150,11 @@ def projected_step(ctx: ProjectedContext, weight: Tensor, grad: Tensor | None, l
     with place.local_state(state, ctx.low_shape) as plain:
         u, step_size = ctx.rule.direction(place.share(low, layout.side), plain, group, weight)
     u = place.gather(u, layout.side, (low.shape[0], low.shape[1]))  # shaped like low
-    update = combine(grad, low, u, bases, layout.side, group, state, shape=layout.shape, norm=place.norm)  # m_i x n
+    update, phi = combine(
+        grad, low, u, bases, layout.side, group, state, shape=layout.shape, norm=place.norm
+    )  # m_i x n
     if probe is not None:
-        probe.sampled(ctx.name, state["step"], weight, grad, low, u, update, step_size, group, layout.side)
+        probe.sampled(ctx.name, state["step"], weight, grad, low, update, step_size, phi)
     decay(weight, group, step_size)
     weight.add_(update, alpha=-step_size)
     state["step"] += 1

@@ -127,11 +127,6 @@ class RunLogger:
             elif row["kind"] == "spike":
                 self.writer.add_scalar("dynamics/grad_norm_spike", row["grad_norm"], row["step"])
 
-    def read_rows(self, name: str) -> list[dict[str, Any]]:
-        """The rows of one of this run's JSON-lines files (none if it does not exist)."""
-        path = self.run_dir / name
-        return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
-
     def _truncate_after(self, step: int) -> None:
         for name in ("metrics.jsonl", "dynamics.jsonl"):
             path = self.run_dir / name

@@ -133,8 +133,6 @@ class Trainer:
         started = time.perf_counter()
         model, optimizer, scheduler, progress = self._setup()
         logger = RunLogger(self.run_dir, tensorboard=cfg.tensorboard, resume_step=progress.step or None, enabled=main)
-        if self.dynamics is not None and progress.step:  # running means continue from the logged rows
-            self.dynamics.restore(logger.read_rows("dynamics.jsonl"))
         meter = _Throughput(self.task.unit)
         losses: list[float] = []
         bar = _progress_bar(cfg, progress.step, enabled=main)
@@ -155,16 +153,16 @@ class Trainer:
                         logger.write_dynamics(self.dynamics.drain() if self.dynamics else [])
                     signum = self.parallel.largest(self._signal or 0)  # every rank stops after the same step
                     if signum:
-                        raise Interrupted(signum, self._save(model, optimizer, scheduler, progress))
+                        raise Interrupted(signum, self._save(model, optimizer, scheduler, progress, logger))
                     if progress.step < cfg.steps:
                         paused = time.perf_counter()
                         if cfg.eval_every and progress.step % cfg.eval_every == 0:
                             self._evaluate(model, progress, logger)
                         if cfg.save_every and progress.step % cfg.save_every == 0:
-                            self._save(model, optimizer, scheduler, progress)
+                            self._save(model, optimizer, scheduler, progress, logger)
                         meter.exclude(time.perf_counter() - paused)
             final = self._evaluate(model, progress, logger)
-            self._save(model, optimizer, scheduler, progress)
+            self._save(model, optimizer, scheduler, progress, logger)
         finally:
             bar.close()
             logger.write_dynamics(self.dynamics.drain() if self.dynamics else [])
@@ -198,7 +196,11 @@ class Trainer:
         )
         progress = Progress()
         if self.checkpoint is not None:
-            progress = Progress(**load_checkpoint(self.checkpoint, model, optimizer, scheduler))
+            saved = load_checkpoint(self.checkpoint, model, optimizer, scheduler)
+            dynamics = saved.pop("dynamics", None)  # spike statistics and totals, as of the checkpoint
+            if self.dynamics is not None and dynamics is not None:
+                self.dynamics.load_state_dict(dynamics)
+            progress = Progress(**saved)
         self._write_run_files()
         return model, optimizer, scheduler, progress
 
@@ -277,11 +279,15 @@ class Trainer:
         progress.history.append({"step": progress.step, **metrics})
         return metrics
 
-    def _save(self, model: nn.Module, optimizer: Any, scheduler: Any, progress: Progress) -> Path:
-        """Rank 0 writes (every rank holds the same weights and state); the others wait for it."""
+    def _save(self, model: nn.Module, optimizer: Any, scheduler: Any, progress: Progress, logger: RunLogger) -> Path:
+        """Rank 0 writes (every rank holds the same weights and state); the others wait for it. The
+        dynamics rows so far are logged first, so the saved spike statistics are those of the logged rows."""
         path = self.run_dir / "checkpoints" / f"step-{progress.step:08d}"
         if self.parallel.main:
-            state = {k: v for k, v in progress.__dict__.items()}
+            state: dict[str, Any] = {k: v for k, v in progress.__dict__.items()}
+            if self.dynamics is not None:
+                logger.write_dynamics(self.dynamics.drain())
+                state["dynamics"] = self.dynamics.state_dict()
             meta = {"config": self.config.to_dict(), "task": self.task.describe(), "world_size": self.parallel.world}
             path = save_checkpoint(
                 self.run_dir, progress.step, model, optimizer, scheduler, state, keep=self.config.keep, meta=meta
