@@ -276,3 +276,14 @@ def test_kill_9_inside_a_save_leaves_the_previous_checkpoint_loadable(data, tmp_
     assert state["step"] == 2
     resumed = pretrain(replace(cfg, save_every=2, eval_every=0, out=str(run)), resume=run, data=data)
     assert resumed.progress.step == 6 and latest_checkpoint(run).name == "step-00000006"  # type: ignore[union-attr]
+
+
+def test_a_peer_trains_in_the_trainer_but_does_not_resume(data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Every registry method runs through the one loop; a peer whose state is pickled objects is refused
+    on --resume with a message that says why (the registry's `resumable`)."""
+    pytest.importorskip("galore_torch")
+    cfg = PretrainConfig(**TINY, steps=2, rank=8, optimizer="galore-torch", out=str(tmp_path))
+    result = pretrain(cfg, data=data)
+    assert result.summary["rank"] == 8 and math.isfinite(result.losses[-1])
+    with pytest.raises(CheckpointError, match=r"galore-torch .*cannot be resumed"):
+        pretrain(replace(cfg, steps=4), resume=tmp_path, data=data)

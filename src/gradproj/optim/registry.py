@@ -221,11 +221,6 @@ def trainer_methods() -> list[Method]:
     return [m for m in METHODS.values() if not m.peer and m.variant_of is None]
 
 
-def preset_methods() -> list[Method]:
-    """One method per preset class, by the preset's own name (the contract and twin suites run these)."""
-    return [METHODS[name] for name in PRESETS]
-
-
 def demo_methods() -> list[Method]:
     """``gradproj demo``'s line-up."""
     return [m for m in METHODS.values() if m.demo]

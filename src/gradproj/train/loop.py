@@ -182,6 +182,11 @@ class Trainer:
         if spec.projected and spec.method.fixed_rank is None:
             check_rank(model, cfg.target_modules, spec.rank)
         self.rank = spec.resolved_rank
+        if self.checkpoint is not None and not spec.method.resumable:
+            raise CheckpointError(
+                f"--resume with --optimizer {spec.name} ({spec.method.summary}): its state does not load with "
+                "torch.load(weights_only=True), so it cannot be resumed; use one of gradproj's optimizers"
+            )
         optimizer = build_optimizer(model, spec, layerwise=cfg.layerwise)
         self.train_model, self.stepper = self.parallel.wrap(
             model, optimizer, low_rank=cfg.low_rank_comm, layerwise=cfg.layerwise, clip=cfg.clip
@@ -343,7 +348,7 @@ class Trainer:
             "run_dir": str(self.run_dir),
             "model_name": str(getattr(self.config, "model", None) or self.task.describe().get("model", "")),
             "parameters": sum(p.numel() for p in model.parameters()),
-            "rank": optimizer.param_groups[0].get("rank"),  # None for the full-rank baselines
+            "rank": self.rank,  # the rank the optimizer uses; None for the full-rank baselines
             "steps": progress.step,
             f"{self.task.unit}_seen": progress.seen,
             "skipped_steps": progress.skipped,
