@@ -28,7 +28,7 @@ from ..projection.projectors import Layout, get_projector
 from ..projection.sides import project_down, project_up, resolve_side
 from ..rules import make_rule
 from .placement import LOCAL, Local, all_finite, is_sharded, local, placement_of
-from .step import InBackwardStepping, ProjectedContext, StepProbe, absent, full_step, projected_step
+from .step import InBackwardStepping, ProjectedContext, StepProbe, full_step, projected_step
 from .validate import NONFINITE, _choice, check_common, check_projection
 
 #: Defaults filled into every group that has ``rank`` (and only those).
@@ -152,14 +152,6 @@ class ProjectedOptimizer(Optimizer):
         """Whether ``p`` is one of this optimizer's parameters."""
         return p in self._param_groups_of
 
-    def group_of(self, p: Tensor) -> dict[str, Any]:
-        """The live parameter group of ``p`` (its ``lr`` follows schedulers)."""
-        return self._param_groups_of[p]
-
-    def name_of(self, p: Tensor) -> str:
-        """``p``'s name (from ``param_names``), or its place ``param_groups[i].params[j]``."""
-        return self._param_names[p]
-
     def bases(self, p: Tensor) -> Bases:
         """``(left, right)``: the basis ``p``'s gradient is projected on now (``(None, None)`` before the
         first refresh, or for a parameter without ``rank``)."""
@@ -239,10 +231,8 @@ class ProjectedOptimizer(Optimizer):
         group = self._param_groups_of[p]
         if "rank" not in group or group["residual"] != "none":
             return True
-        if not self.state[p]:
-            return True
-        context = self._context(p)
-        return context.refresh_due() or absent(context.bases())
+        # refresh_due covers "no basis yet": last_refresh is -1 until the first refresh stores one
+        return not self.state[p] or self._context(p).refresh_due()
 
     def project_gradient(self, p: Tensor, grad: Tensor) -> Tensor:
         """``down(grad)`` in ``p``'s current basis; valid when :meth:`needs_full_gradient` is False.

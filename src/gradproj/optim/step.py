@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import torch
 from torch import Tensor
 
 from ..projection.bases import Bases, derive_seed
@@ -167,7 +166,6 @@ def decay(weight: Tensor, group: dict[str, Any], step_size: float) -> None:
         weight.mul_(1 - lr * group["weight_decay"])
 
 
-@torch.no_grad()
 def full_step(
     rule: UpdateRule, placement: Local, weight: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]
 ) -> None:
