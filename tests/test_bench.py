@@ -5,37 +5,38 @@ at comparable state, tables, plots, and docs/BENCHMARKS.md in sync with its comm
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from gradproj.bench.methods import Method, bench_spec, get_method, missing
-from gradproj.bench.quality import RunConfig, batches, build_model, prepare_data, run, run_isolated
+from gradproj.bench.methods import Method, get_method, missing
+from gradproj.bench.quality import bench_config, prepare_data, run, run_isolated
 from gradproj.bench.refresh import captured_benchmark
-from gradproj.bench.tables import best_learning_rates, table
+from gradproj.bench.tables import best_learning_rates, read_records, table
 from gradproj.bench.timing import timed_refreshes
 from gradproj.cli import main
 from gradproj.optim.build import build_optimizer, lora_rank
 from gradproj.optim.groups import target_weights
-from gradproj.train.pretrain import next_token_loss
+from gradproj.train.pretrain import PretrainTask, next_token_loss
 
 ROOT = Path(__file__).resolve().parents[1]
-CFG = RunConfig(model="llama-1m", steps=8, batch_size=4, seq_len=32, warmup=1, rank=8, gap=4, eval_windows=8)
+CFG = bench_config(model="llama-1m", steps=8, batch_size=4, seq_len=32, rank=8, gap=4, eval_windows=8)
 MATRICES = 14  # llama-1m: 2 blocks x (q, k, v, o, gate, up, down)
 
 
 @pytest.fixture(scope="module")
 def data():  # type: ignore[no-untyped-def]
-    return prepare_data(CFG.vocab_size)
+    return prepare_data(CFG)
 
 
 def _method(name: str) -> Method:
     return get_method(name)
 
 
-def test_record_carries_every_measurement(data) -> None:  # type: ignore[no-untyped-def]
-    record = run(_method("galore_adamw"), 1e-2, 1e-2, data, CFG)
+def test_record_carries_every_measurement(data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    record = run(_method("galore_adamw"), 1e-2, 1e-2, data, CFG, tmp_path)
     assert record["refreshes"] == 2 * MATRICES and record["refresh_seconds"] > 0  # refreshes at steps 0 and 4
     assert 0 < record["step_seconds_median"] <= max(record["seconds"], 1e-9)
     assert record["burn_in"] == 4 and len(record["losses"]) == 8
@@ -46,12 +47,12 @@ def test_record_carries_every_measurement(data) -> None:  # type: ignore[no-unty
     assert record["config"]["seed"] == 0 and record["versions"]["torch"] == torch.__version__
 
 
-def test_peer_refreshes_are_timed_and_the_wrapper_is_removed(data) -> None:  # type: ignore[no-untyped-def]
+def test_peer_refreshes_are_timed_and_the_wrapper_is_removed(data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     pytest.importorskip("galore_torch")
     from galore_torch.galore_projector import GaLoreProjector
 
     original = GaLoreProjector.get_orthogonal_matrix
-    record = run(_method("galore-torch"), 1e-2, 1e-2, data, CFG)
+    record = run(_method("galore-torch"), 1e-2, 1e-2, data, CFG, tmp_path)
     assert record["refreshes"] == 2 * MATRICES
     assert GaLoreProjector.get_orthogonal_matrix is original
     with timed_refreshes(None, "cpu") as clock:  # methods without a basis time nothing
@@ -59,36 +60,37 @@ def test_peer_refreshes_are_timed_and_the_wrapper_is_removed(data) -> None:  # t
     assert clock.calls == 0
 
 
-def test_lora_trains_adapters_at_comparable_state(data) -> None:  # type: ignore[no-untyped-def]
+def test_lora_trains_adapters_at_comparable_state(data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     pytest.importorskip("peft")
-    model = build_model(CFG)
+    lora = replace(CFG, optimizer="lora-peft", lr=1e-2, other_lr=1e-2)
+    model = PretrainTask(lora, data).build_model()
     base = list(target_weights(model).values())  # the very Parameters peft wraps as base_layer.weight
     before = [p.detach().clone() for p in base]
-    optimizer = build_optimizer(model, bench_spec(_method("lora-peft"), 1e-2, 1e-2, rank=CFG.rank, gap=CFG.gap))
+    optimizer = build_optimizer(model, lora.optimizer_spec())
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("lora_A" in n for n in trainable) and not any(n.endswith("base_layer.weight") for n in trainable)
     assert "model.embed_tokens.weight" in trainable
     assert len(optimizer.param_groups[0]["params"]) == 2 * MATRICES  # A and B per targeted matrix
     adapters = [p.detach().clone() for p in optimizer.param_groups[0]["params"]]
     embedding = model.get_input_embeddings().weight.detach().clone()
-    for window in batches(data.train, CFG)[:3]:  # train this very model, then look at its weights
-        next_token_loss(model, window).backward()
+    for step in range(3):  # train this very model, then look at its weights
+        next_token_loss(model, data.train.batch(step * 4, 4, seed=0)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     assert all(torch.equal(p, b) for p, b in zip(base, before, strict=True))  # frozen: untouched by training
     assert not all(torch.equal(p, a) for p, a in zip(optimizer.param_groups[0]["params"], adapters, strict=True))
     assert not torch.equal(model.get_input_embeddings().weight, embedding)  # the rest trains in full
-    record = run(_method("lora-peft"), 1e-2, 1e-2, data, CFG)
-    galore = run(_method("galore_adamw"), 1e-2, 1e-2, data, CFG)
+    record = run(_method("lora-peft"), 1e-2, 1e-2, data, CFG, tmp_path)
+    galore = run(_method("galore_adamw"), 1e-2, 1e-2, data, CFG, tmp_path)
     assert 0.7 < record["state_bytes"] / galore["state_bytes"] < 1.4  # "comparable trainable state"
     assert record["losses"][-1] < record["losses"][0]
     assert lora_rank(64) == 32 and lora_rank(1) == 1
 
 
-def test_bitsandbytes_8bit_adamw_peer(data) -> None:  # type: ignore[no-untyped-def]
+def test_bitsandbytes_8bit_adamw_peer(data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     pytest.importorskip("bitsandbytes")
-    adamw = run(_method("adamw"), 1e-3, 1e-2, data, CFG)
-    eight = run(_method("adamw8bit-bnb"), 1e-3, 1e-2, data, CFG)
+    adamw = run(_method("adamw"), 1e-3, 1e-2, data, CFG, tmp_path)
+    eight = run(_method("adamw8bit-bnb"), 1e-3, 1e-2, data, CFG, tmp_path)
     assert eight["state_bytes"] < 0.45 * adamw["state_bytes"]  # 1 byte per moment + scales (small tensors stay fp32)
     assert abs(eight["losses"][-1] - adamw["losses"][-1]) < 0.5
 
@@ -99,18 +101,48 @@ def test_a_missing_peer_is_reported_and_skipped(data, monkeypatch, capsys, tmp_p
     ghost = Method(name="ghost-peer", kind="peer", summary="a peer that is not installed", cls="no_such_peer_package:X")
     assert "no_such_peer_package does not import" in (missing(ghost) or "")
     monkeypatch.setitem(METHODS, "ghost-peer", ghost)
-    out = tmp_path / "r.jsonl"
+    out = tmp_path / "bench"
     args = ["bench", "quality", "--model", "llama-1m", "--steps", "3", "--batch-size", "2", "--seq-len", "16"]
     args += ["--rank", "4", "--lr-matrix", "1e-3", "--lr-other", "1e-2", "--no-isolate", "--out", str(out)]
     assert main([*args, "--methods", "ghost-peer,adamw"]) == 0
     printed = capsys.readouterr().out
     assert "skip ghost-peer: no_such_peer_package does not import" in printed
-    assert [json.loads(line)["method"] for line in out.read_text().splitlines()] == ["adamw"]
+    assert [json.loads(line)["method"] for line in (out / "records.jsonl").read_text().splitlines()] == ["adamw"]
 
 
-def test_isolated_runs_measure_their_own_peak_memory(data) -> None:  # type: ignore[no-untyped-def]
-    record = run_isolated(_method("adamw"), 1e-3, 1e-2, data, CFG)
-    in_process = run(_method("adamw"), 1e-3, 1e-2, data, CFG)
+def _metrics(run_dir: Path) -> list[dict]:  # type: ignore[type-arg]
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_bench_runs_are_pretrain_runs_that_report_draws(tmp_path: Path) -> None:
+    shape = ["--model", "llama-1m", "--steps", "6", "--batch-size", "4", "--seq-len", "32", "--rank", "8"]
+    bench = ["bench", "quality", *shape, "--gap", "3", "--methods", "galore_adamw,adamw", "--dynamics-every", "2"]
+    bench += ["--lr-matrix", "1e-2", "--lr-other", "3e-2", "--no-isolate", "--out", str(tmp_path / "bench")]
+    assert main(bench) == 0
+    records = {r["method"]: r for r in read_records([tmp_path / "bench"])}
+    galore = Path(records["galore_adamw"]["run_dir"])
+    assert galore.parent == tmp_path / "bench" and (galore / "summary.json").exists()
+    # the same flags given to `gradproj pretrain` train the same run, loss for loss
+    pretrain = ["pretrain", *shape, "--update-proj-gap", "3", "--lr", "1e-2", "--other-lr", "3e-2", "--autocast", "off"]
+    pretrain += ["--eval-tokens", str(128 * 32), "--eval-every", "0", "--log-every", "1", "--dynamics-every", "2"]
+    pretrain += ["--no-progress", "--no-tensorboard", "--out", str(tmp_path / "pretrain")]
+    assert main(pretrain) == 0
+    ours, theirs = _metrics(galore), _metrics(tmp_path / "pretrain")
+    assert [r["loss"] for r in ours if r["kind"] == "train"] == [r["loss"] for r in theirs if r["kind"] == "train"]
+    assert [r["loss"] for r in ours if r["kind"] == "eval"] == [r["loss"] for r in theirs if r["kind"] == "eval"]
+    assert len([r for r in ours if r["kind"] == "train"]) == 6 and records["galore_adamw"]["losses"][0] > 0
+    assert records["galore_adamw"]["dynamics_samples"] > MATRICES  # the probe ran inside the bench's run
+    # gradproj report draws the bench's run folders, overlaid
+    page = tmp_path / "report.html"
+    adamw = records["adamw"]["run_dir"]
+    assert main(["report", str(galore), adamw, "--out", str(page)]) == 0
+    text = page.read_text()
+    assert text.count("data:image/png;base64,") >= 3 and "adamw-lr0.01-0.03-seed0" in text
+
+
+def test_isolated_runs_measure_their_own_peak_memory(data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    record = run_isolated(_method("adamw"), 1e-3, 1e-2, CFG, tmp_path / "isolated")
+    in_process = run(_method("adamw"), 1e-3, 1e-2, data, CFG, tmp_path)
     assert record["memory_isolated"] and record["losses"] == in_process["losses"]  # same run, another process
     assert 0 < record["peak_memory_bytes"] - record["baseline_memory_bytes"] < 2**30
 
@@ -124,11 +156,11 @@ def test_lr_from_runs_each_method_at_its_best_rates(data, tmp_path: Path, capsys
     assert best_learning_rates(sweep) == {"adamw": (3e-3, 1e-2)}
     path = tmp_path / "sweep.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in sweep))
-    out = tmp_path / "bench.jsonl"
+    out = tmp_path / "bench"
     args = ["bench", "quality", "--model", "llama-1m", "--steps", "2", "--batch-size", "2", "--seq-len", "16"]
     args += ["--rank", "4", "--methods", "adamw", "--lr-from", str(path), "--no-isolate", "--out", str(out)]
     assert main(args) == 0
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert [(r["lr_matrix"], r["lr_other"]) for r in rows] == [(3e-3, 1e-2)]
 
 

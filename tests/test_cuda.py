@@ -8,6 +8,7 @@ cuSOLVER; ``on_refresh="reset"`` makes the update invariant to those signs, so w
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,13 +94,13 @@ def test_dynamics_on_cuda_match_the_cpu() -> None:
                 assert b[key] == pytest.approx(a[key], rel=1e-3), key
 
 
-def test_bench_run_on_cuda_records_gpu_memory_and_step_time() -> None:
+def test_bench_run_on_cuda_records_gpu_memory_and_step_time(tmp_path: Path) -> None:
     from gradproj.bench.methods import get_method
-    from gradproj.bench.quality import RunConfig, prepare_data, run
+    from gradproj.bench.quality import bench_config, prepare_data, run
 
-    cfg = RunConfig(model="llama-1m", steps=12, batch_size=4, seq_len=32, warmup=1, rank=8, gap=4, device="cuda")
-    data = prepare_data(cfg.vocab_size)
-    record = run(get_method("galore_adamw"), 1e-2, 1e-2, data, cfg)
+    cfg = bench_config(model="llama-1m", steps=12, batch_size=4, seq_len=32, rank=8, gap=4, device="cuda")
+    data = prepare_data(cfg)
+    record = run(get_method("galore_adamw"), 1e-2, 1e-2, data, cfg, tmp_path)
     assert record["memory_kind"] == "cuda_max_memory_allocated"
     assert record["peak_memory_bytes"] > record["state_bytes"] > 0
     assert record["refreshes"] == 3 * 7 * 2 and record["refresh_seconds"] > 0  # 3 refreshes x 14 matrices

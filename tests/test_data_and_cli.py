@@ -35,13 +35,13 @@ def test_tokenizer_round_trips_real_text(corpus) -> None:  # type: ignore[no-unt
 
 
 def test_demo_learns_real_text_below_the_unigram_baseline(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    out = tmp_path / "demo.jsonl"
+    out = tmp_path / "demo"
     assert main(["demo", "--steps", "60", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     final = re.search(r"final held-out perplexity: ([\d.]+) .*unigram baseline ([\d.]+)", text)
     assert final is not None
     assert float(final.group(1)) < 0.7 * float(final.group(2))
-    records = [json.loads(line) for line in out.read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert {r["method"] for r in records} == {"adamw", "galore_adamw", "fira_adamw", "apollo_mini"}
     assert all(r["config"]["seed"] == 0 and r["versions"]["torch"] for r in records)
     by_method = {r["method"]: r for r in records}
@@ -51,15 +51,16 @@ def test_demo_learns_real_text_below_the_unigram_baseline(capsys: pytest.Capture
     assert "| galore_adamw |" in capsys.readouterr().out
 
 
-def test_same_seed_gives_the_same_losses() -> None:
+def test_same_seed_gives_the_same_losses(tmp_path: Path) -> None:
     from gradproj.bench.methods import get_method
-    from gradproj.bench.quality import RunConfig, prepare_data, run
+    from gradproj.bench.quality import bench_config, prepare_data, run
 
-    cfg = RunConfig(model="llama-1m", steps=4, batch_size=4, seq_len=32, warmup=1, rank=8, gap=2, eval_windows=8)
-    data = prepare_data(cfg.vocab_size)
+    cfg = bench_config(model="llama-1m", steps=4, batch_size=4, seq_len=32, rank=8, gap=2, eval_windows=8)
+    data = prepare_data(cfg)
     for name in ("fira_adamw", "apollo_mini"):  # an SVD basis and a seeded random one
         method = get_method(name)
-        first, second = run(method, 1e-2, 1e-2, data, cfg), run(method, 1e-2, 1e-2, data, cfg)
+        first = run(method, 1e-2, 1e-2, data, cfg, tmp_path / "a")
+        second = run(method, 1e-2, 1e-2, data, cfg, tmp_path / "b")
         assert first["val_loss"] == second["val_loss"]
         assert first["train_loss_last10"] == second["train_loss_last10"]
 

@@ -27,9 +27,10 @@ state dict, so resume stays exact, and each step's global norm is reported as ``
 With ``max_grad_norm=None`` nothing is scaled and the maths equals the standard step's.
 
 Non-finite gradients: a parameter whose gradient holds NaN/Inf is skipped (nothing of it
-changes) and counted in ``skipped_parameters``; parameters stepped earlier in the same backward
-keep their update. Check the loss before ``backward`` (the trainer does) and call
-:meth:`LayerwiseStepper.discard` to drop a step whose loss is not finite.
+changes) and counted in ``skipped_parameters`` (and in ``last_step_skipped`` for the step that
+just completed); parameters stepped earlier in the same backward keep their update. Check the
+loss before ``backward`` (the trainer does) and call :meth:`LayerwiseStepper.discard` to drop a
+step whose loss is not finite.
 
 Example:
     >>> import torch, gradproj
@@ -82,7 +83,9 @@ class LayerwiseStepper:
             raise ValueError("without hooks (under DDP) accumulate with DistributedDataParallel.no_sync()")
         self.optimizer, self.grad_accum, self.max_grad_norm = optimizer, grad_accum, max_grad_norm
         self.micro_batch = 0  # backward passes completed in the current step
-        self.skipped_parameters = 0
+        self.skipped_parameters = 0  # over the stepper's life
+        self.last_step_skipped = 0  # in the last completed step
+        self._skipped_now = 0  # in the step under way
         self.grad_norm = math.nan  # global norm of the last completed step
         self._low: dict[Tensor, Tensor] = {}
         self._kept: set[Tensor] = set()  # parameters whose full .grad accumulates across micro-batches
@@ -154,6 +157,7 @@ class LayerwiseStepper:
             used.mul_(coefficient)  # the gradient is ours to scale: it is freed right after
         applied = self.optimizer.step_parameter(p, grad, low=low)
         self.skipped_parameters += not applied
+        self._skipped_now += not applied
 
     def _end_of_backward(self) -> None:
         self._end_queued = False
@@ -162,6 +166,7 @@ class LayerwiseStepper:
             return
         self.grad_norm = math.sqrt(self._square_sum)
         self.optimizer.extra_state[NORM_KEY] = self.grad_norm
+        self.last_step_skipped, self._skipped_now = self._skipped_now, 0
         self._square_sum, self.micro_batch = 0.0, 0
 
     # -- public -----------------------------------------------------------------------------
@@ -180,7 +185,7 @@ class LayerwiseStepper:
         self._kept.clear()
         self._held = 0
         self.optimizer.zero_grad(set_to_none=True)
-        self._square_sum, self.micro_batch = 0.0, 0
+        self._square_sum, self.micro_batch, self._skipped_now = 0.0, 0, 0
 
     def detach(self) -> None:
         """Remove the hooks and give the optimizer its ordinary ``step`` back."""

@@ -7,14 +7,17 @@ from pathlib import Path
 from typing import Any
 
 EPILOG = """examples:
-  gradproj bench quality --lr-matrix 1e-3,3e-3,1e-2 --out runs/sweep.jsonl      # every method, lr sweep
-  gradproj bench quality --lr-from runs/sweep.jsonl --out runs/bench.jsonl      # each at its best lr
-  gradproj bench table runs/bench.jsonl --plots runs/figures                     # Markdown table + figures
-  gradproj bench refresh --captured llama-20m --rank 64                         # real gradients
-  gradproj bench overhead                                                        # cost of --dynamics-every
-  gradproj bench docs docs/BENCHMARKS.md --check                                 # docs match records
+  gradproj bench quality --lr-matrix 1e-3,3e-3,1e-2 --out runs/sweep      # every method, lr sweep
+  gradproj bench quality --lr-from runs/sweep --out runs/bench            # each at its best lr
+  gradproj bench table runs/bench --plots runs/figures                     # Markdown table + figures
+  gradproj report runs/bench/galore_adamw-lr0.01-0.03-seed0 runs/bench/adamw-lr0.001-0.1-seed0
+  gradproj bench refresh --captured llama-20m --rank 64                   # real gradients
+  gradproj bench overhead                                                  # cost of --dynamics-every
+  gradproj bench docs docs/BENCHMARKS.md --check                           # docs match records
 
-Every method sees the same initial weights, batches, schedule and clipping. Peers (bitsandbytes,
+Every run is a `gradproj pretrain` run (the same trainer, batches, seeds and parameter split) in
+its own run folder under --out, with one JSON record per run appended to OUT/records.jsonl. Every
+method sees the same initial weights, batches, schedule and clipping. Peers (bitsandbytes,
 torchao, peft, galore-torch, fira, apollo-torch) are optional installs: a missing one is reported
 and skipped. On the CPU each run has its own process, so its peak RSS is its own."""
 
@@ -50,7 +53,19 @@ def add_run_options(
     p.add_argument("--seed", type=int, default=0, help="model and data seed, shared by every method (default 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps for the curves (default: end)")
-    p.add_argument("--out", type=Path, default=None, help="append one JSON record per run to this file")
+    p.add_argument(
+        "--dynamics-every",
+        type=int,
+        default=0,
+        help="sample per-layer training dynamics every N steps into each run folder (default 0: off)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for the run folders and records.jsonl (one JSON record per run, appended); "
+        "default runs/<bench>-<time>",
+    )
 
 
 def add_parsers(sub: Any) -> None:
@@ -73,7 +88,11 @@ def add_parsers(sub: Any) -> None:
     quality.add_argument("--lr-matrix", type=_floats, default=[1e-3, 3e-3, 1e-2], help="rates of attention/MLP")
     quality.add_argument("--lr-other", type=_floats, default=[3e-3, 1e-2], help="rates of embeddings, norms, head")
     quality.add_argument(
-        "--lr-from", type=Path, nargs="+", default=None, help="sweep records: run each method once at its best rates"
+        "--lr-from",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="sweep folders or record files: run each method once at its best rates",
     )
     quality.add_argument("--shard", type=_shard, default=(0, 1), help="run only the I-th of N slices (I/N)")
     quality.add_argument(
@@ -81,7 +100,7 @@ def add_parsers(sub: Any) -> None:
     )
 
     table = bench_sub.add_parser("table", help="Markdown table of the best run per method, and figures")
-    table.add_argument("records", type=Path, nargs="+", help="JSONL files written by --out")
+    table.add_argument("records", type=Path, nargs="+", help="bench folders (their records.jsonl) or JSONL files")
     table.add_argument("--plots", type=Path, default=None, help="write loss curves, Pareto and step-time PNGs here")
 
     refresh = bench_sub.add_parser("refresh", help="time and captured energy of svd, rsvd, dct and random refreshes")
@@ -118,42 +137,53 @@ def add_parsers(sub: Any) -> None:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from .quality import RunConfig
+    from .quality import bench_config
 
-    return RunConfig(
+    return bench_config(
         model=args.model,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
         steps=args.steps,
-        warmup=max(1, args.steps // 10),
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
         rank=args.rank,
         gap=args.gap,
         seed=args.seed,
         device=args.device,
         eval_every=args.eval_every,
+        dynamics_every=args.dynamics_every,
     )
 
 
-def run_grid(args: argparse.Namespace, grid: list[tuple[str, float, float]], isolate: bool = False) -> list[dict]:  # type: ignore[type-arg]
-    """Run each (method, matrix lr, rest lr); report and skip methods whose peer is missing."""
-    from .methods import lineup, missing
-    from .quality import prepare_data, run, run_isolated
-    from .tables import write_records
+def _out(args: argparse.Namespace) -> Path:
+    """The bench's output folder: ``--out`` or ``runs/<bench>-<time>``."""
+    if args.out is not None:
+        return Path(args.out)
+    import time
 
-    cfg = _config(args)
-    registry = {m.name: m for m in lineup()}
-    unknown = sorted({name for name, _, _ in grid} - set(registry))
+    name = args.command if args.command == "demo" else f"bench-{args.bench}"
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_grid(args: argparse.Namespace, grid: list[tuple[str, float, float]], isolate: bool = False) -> list[dict]:  # type: ignore[type-arg]
+    """Run each (method, matrix lr, rest lr) through the trainer; report and skip methods whose
+    peer is missing. Run folders and ``records.jsonl`` go to the bench's output folder."""
+    from ..optim.registry import METHODS
+    from .methods import missing
+    from .quality import prepare_data, run, run_isolated
+    from .tables import RECORDS, write_records
+
+    cfg, out = _config(args), _out(args)
+    unknown = sorted({name for name, _, _ in grid} - set(METHODS))
     if unknown:
-        raise SystemExit(f"gradproj: unknown method(s) {unknown}; valid: {', '.join(registry)}")
-    data = prepare_data(cfg.vocab_size)
+        raise SystemExit(f"gradproj: unknown method(s) {unknown}; valid: {', '.join(METHODS)}")
+    data = prepare_data(cfg)
     print(
-        f"data: {data.train.numel():,} training tokens, {data.validation.numel():,} held-out tokens; "
-        f"unigram perplexity {data.unigram_ppl:.1f}",
+        f"data: {data.train.ids.numel():,} training tokens, {data.validation.ids.numel():,} held-out tokens; "
+        f"unigram perplexity {data.unigram_ppl:.1f}; runs in {out}",
         flush=True,
     )
     records, skipped = [], set()
     for name, lr_m, lr_o in grid:
-        method = registry[name]
+        method = METHODS[name]
         why = missing(method)
         if why is not None:
             if name not in skipped:
@@ -161,7 +191,10 @@ def run_grid(args: argparse.Namespace, grid: list[tuple[str, float, float]], iso
                 skipped.add(name)
             continue
         try:
-            record = (run_isolated if isolate else run)(method, lr_m, lr_o, data, cfg)
+            if isolate:
+                record = run_isolated(method, lr_m, lr_o, cfg, out)
+            else:
+                record = run(method, lr_m, lr_o, data, cfg, out)
         except Exception as error:  # one broken method (often a peer's) must not end the comparison
             print(f"failed {name} lr {lr_m:g}/{lr_o:g}: {type(error).__name__}: {error}", flush=True)
             continue
@@ -172,8 +205,7 @@ def run_grid(args: argparse.Namespace, grid: list[tuple[str, float, float]], iso
             flush=True,
         )
         records.append(record)
-        if args.out:
-            write_records([record], args.out)
+        write_records([record], out / RECORDS)
     return records
 
 
@@ -233,12 +265,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.bench == "overhead":
         from .overhead import overhead
+        from .tables import RECORDS
 
         rows = overhead(_config(args), every=args.every, repeats=args.repeats)
         for row in rows:
             print(row)
         if args.out:
-            write_records(rows, args.out)
+            write_records(rows, args.out / RECORDS)
         return 0
     from .refresh import captured_benchmark, captured_gradients, format_rows, refresh_benchmark
 

@@ -1,32 +1,42 @@
-"""The cost of sampling training dynamics: the same GaLore run with and without
-:class:`gradproj.dynamics.Dynamics`, alternated, compared by mean step time (sampled steps are a
-fraction of all steps, so the median would hide them)."""
+"""The cost of sampling training dynamics: the same GaLore trainer run with and without
+:class:`gradproj.dynamics.Dynamics` (``--dynamics-every``), alternated, compared by mean step time
+(sampled steps are a fraction of all steps, so the median would hide them)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+import tempfile
+from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any
 
+from ..train.config import PretrainConfig
 from .methods import get_method
-from .quality import RunConfig, prepare_data, run
+from .quality import prepare_data, run
 
 
-def overhead(cfg: RunConfig, every: int = 10, repeats: int = 3, method: str = "galore_adamw") -> list[dict[str, Any]]:
-    """Alternate ``repeats`` runs without and with dynamics; the best mean step time of each (the least
-    disturbed by other work on the machine) and their ratio. Both runs train identically (the probe
-    draws no random numbers), which the returned ``same_loss`` confirms."""
+def overhead(
+    cfg: PretrainConfig, every: int = 10, repeats: int = 3, method: str = "galore_adamw"
+) -> list[dict[str, Any]]:
+    """Alternate ``repeats`` trainer runs without and with dynamics; the best mean step time of each
+    (the least disturbed by other work on the machine) and their ratio. Both runs train identically
+    (the probe draws no random numbers), which the returned ``same_loss`` confirms."""
+    with tempfile.TemporaryDirectory(prefix="gradproj-overhead-") as out:
+        return _overhead(cfg, every, repeats, method, Path(out))
+
+
+def _overhead(cfg: PretrainConfig, every: int, repeats: int, method: str, out: Path) -> list[dict[str, Any]]:
     chosen = get_method(method)
-    data = prepare_data(cfg.vocab_size)
+    data = prepare_data(cfg)
     off, on = replace(cfg, dynamics_every=0), replace(cfg, dynamics_every=every)
     means: dict[int, list[float]] = {0: [], every: []}
     losses: dict[int, float] = {}
     rows = 0
     for _ in range(repeats):
         for config in (off, on):
-            record = run(chosen, 1e-2, 3e-2, data, config)
+            record = run(chosen, 1e-2, 3e-2, data, config, out)
             means[config.dynamics_every].append(record["step_seconds_mean"])
             losses[config.dynamics_every] = record["val_loss"]
-            rows = max(rows, record["dynamics_rows"])
+            rows = max(rows, record["dynamics_samples"])
     base, probed = min(means[0]), min(means[every])
     return [
         {
@@ -40,6 +50,6 @@ def overhead(cfg: RunConfig, every: int = 10, repeats: int = 3, method: str = "g
             "all_means_on": means[every],
             "rows_per_run": rows,
             "same_loss": losses[0] == losses[every],
-            "config": {**cfg.__dict__},
+            "config": asdict(cfg),
         }
     ]

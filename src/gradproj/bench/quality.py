@@ -1,10 +1,17 @@
-"""The side-by-side run: a small LLaMA trained on the embedded Shakespeare corpus by every method
-with the same seed, initial weights, batches, schedule and clipping.
+"""The side-by-side run: every method trained by the one training loop users run
+(:class:`gradproj.train.loop.Trainer`, the ``gradproj pretrain`` task), with the same seed, initial
+weights, batches, schedule, clipping and parameter split.
 
-Each run returns one JSON record: config, versions, device and seed; held-out loss and perplexity
-(and the curve); optimizer-state bytes; peak memory; per-step times; time in basis refreshes.
+Each run is a run folder (config, metrics, dynamics, summary: what ``gradproj report`` draws) and one
+JSON record: config, versions, device and seed; held-out loss and perplexity (and the curve);
+optimizer-state bytes; peak memory; per-step times; time in basis refreshes.
 :func:`gradproj.bench.tables.table` turns records into Markdown, :mod:`gradproj.bench.plots` into
 figures.
+
+Example:
+    >>> cfg = bench_config(model="llama-1m", steps=300, rank=32, gap=50)
+    >>> cfg.optimizer, cfg.update_proj_gap, cfg.autocast, cfg.checkpoints, cfg.warmup_steps
+    ('galore_adamw', 50, 'off', False, 30)
 """
 
 from __future__ import annotations
@@ -12,117 +19,103 @@ from __future__ import annotations
 import concurrent.futures
 import math
 import multiprocessing
-from dataclasses import asdict, dataclass
+import shutil
+from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..data import encode_corpus, load_corpus, train_tokenizer
-from ..dynamics import Dynamics
-from ..optim.build import build_optimizer
+from ..optim.groups import ATTENTION_AND_MLP
+from ..optim.registry import Method, get_method
+from ..train.config import PretrainConfig
 from ..train.logs import environment, optimizer_state_bytes
-from ..train.loop import lr_factor
-from ..train.models import build_causal_lm
-from ..train.pretrain import heldout_loss, next_token_loss
-from ..train.text import unigram_perplexity
-from .methods import Method, bench_spec, get_method
+from ..train.loop import Trainer
+from ..train.pretrain import PretrainTask
+from ..train.progress import NonFiniteError
+from ..train.text import PretrainData, prepare_pretrain_data
 from .timing import MemoryMeter, StepClock, timed_refreshes
 
 #: Small LLaMA shapes that learn real text quickly (see ``gradproj.train.models.LLAMA_SHAPES``).
 MODELS = ("llama-1m", "llama-5m", "llama-20m")
+#: Steps left out of the median step time (allocator warm-up, the first refresh, compiles), at most half.
+BURN_IN = 10
 
 
-@dataclass(frozen=True)
-class RunConfig:
-    """One training run; every method in a comparison shares all fields but the method's."""
-
-    model: str = "llama-5m"
-    vocab_size: int = 4096
-    seq_len: int = 128
-    batch_size: int = 32
-    steps: int = 300
-    warmup: int = 30
-    clip: float = 1.0
-    rank: int = 64
-    gap: int = 50
-    seed: int = 0
-    eval_windows: int = 128
-    eval_every: int = 0  # steps between evaluations for the curve (0: only at the end); not timed
-    burn_in: int = 10  # steps left out of the median step time
-    dynamics_every: int = 0  # sample training dynamics (gradproj.dynamics) every N steps; 0: off
-    device: str = "cpu"
-
-
-@dataclass(frozen=True)
-class Data:
-    train: torch.Tensor
-    validation: torch.Tensor
-    unigram_ppl: float
-
-
-def prepare_data(vocab_size: int) -> Data:
-    """Tokenized train/validation splits and the unigram perplexity of the validation split."""
-    corpus = load_corpus()
-    tokenizer = train_tokenizer(corpus.train, vocab_size)
-    train, validation = encode_corpus(tokenizer, corpus.train), encode_corpus(tokenizer, corpus.validation)
-    return Data(train, validation, unigram_perplexity(train, validation, vocab_size))
-
-
-def build_model(cfg: RunConfig) -> torch.nn.Module:
-    torch.manual_seed(cfg.seed)
-    return build_causal_lm(cfg.model, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len).to(cfg.device)
+def bench_config(
+    *,
+    model: str = "llama-5m",
+    steps: int = 300,
+    batch_size: int = 32,
+    seq_len: int = 128,
+    rank: int = 64,
+    gap: int = 50,
+    seed: int = 0,
+    device: str = "cpu",
+    eval_every: int = 0,
+    eval_windows: int = 128,
+    dynamics_every: int = 0,
+) -> PretrainConfig:
+    """The ``gradproj pretrain`` config that every method of a comparison shares (each run sets its
+    own method and rates): the paper's targets (attention and MLP), float32 (no autocast, on CUDA
+    too), a log row every step, no checkpoints, ``eval_windows`` held-out windows per evaluation."""
+    return PretrainConfig(
+        model=model,
+        steps=steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        rank=rank,
+        update_proj_gap=gap,
+        seed=seed,
+        device=device,
+        eval_every=eval_every,
+        eval_tokens=eval_windows * seq_len,
+        dynamics_every=dynamics_every,
+        target_modules=ATTENTION_AND_MLP,
+        autocast="off",
+        save_every=0,
+        checkpoints=False,
+        log_every=1,
+        progress=False,
+        tensorboard=False,
+    )
 
 
-def batches(train: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
-    """``steps x batch x (seq_len + 1)`` windows, identical for every method (seeded)."""
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    starts = torch.randint(0, train.numel() - cfg.seq_len - 1, (cfg.steps, cfg.batch_size), generator=gen)
-    return train[starts.unsqueeze(-1) + torch.arange(cfg.seq_len + 1)]
+def prepare_data(cfg: PretrainConfig) -> PretrainData:
+    """The trainer's data for ``cfg`` (tokenized once, shared by every run of a comparison)."""
+    return prepare_pretrain_data(cfg.data, cfg.tokenizer, cfg.vocab_size, cfg.seq_len)
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, validation: torch.Tensor, cfg: RunConfig) -> float:
-    """Token-weighted mean next-token cross-entropy over fixed, non-overlapping windows."""
-    model.eval()
-    width = cfg.seq_len + 1
-    count = min(cfg.eval_windows, validation.numel() // width)
-    loss, _ = heldout_loss(model, validation[: count * width].view(count, width))
-    model.train()
-    return loss
+def run_name(method: Method, lr_m: float, lr_o: float, seed: int) -> str:
+    """The run folder's name inside the bench's ``--out``."""
+    return f"{method.name}-lr{lr_m:g}-{lr_o:g}-seed{seed}"
 
 
-def run(method: Method, lr_m: float, lr_o: float, data: Data, cfg: RunConfig) -> dict[str, Any]:
-    """Train one method at one pair of learning rates; return its record.
+def run(
+    method: Method, lr_m: float, lr_o: float, data: PretrainData, base: PretrainConfig, out: Path
+) -> dict[str, Any]:
+    """Train one method at one pair of learning rates through the Trainer; return its record.
 
-    Step times are per optimizer step (forward, backward, clipping, step), synchronised on CUDA;
-    their median leaves out the first ``burn_in`` steps. Evaluations are not timed.
+    The run folder is ``out / run_name(...)`` (replaced if it exists). Step times are the trainer's
+    optimizer steps (forward, backward, clipping, step), synchronised on CUDA; their median leaves
+    out the first :data:`BURN_IN` steps. Evaluations are not timed. A run that the trainer stops for
+    non-finite steps is recorded as diverged.
     """
-    memory = MemoryMeter(cfg.device)
-    model = build_model(cfg)
-    optimizer = build_optimizer(model, bench_spec(method, lr_m, lr_o, rank=cfg.rank, gap=cfg.gap))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup, 0.1))
-    windows = batches(data.train, cfg)
-    trained = [p for p in model.parameters() if p.requires_grad]
-    losses: list[float] = []
-    evals: list[tuple[int, float]] = []
-    clock = StepClock(cfg.device)
-    dynamics = Dynamics(optimizer, every=cfg.dynamics_every) if cfg.dynamics_every else None
-    with timed_refreshes(method.refresh, cfg.device) as refreshes:
-        for step in range(cfg.steps):
-            with clock.step():
-                loss = next_token_loss(model, windows[step].to(cfg.device))
-                loss.backward()
-                norm = torch.nn.utils.clip_grad_norm_(trained, cfg.clip)
-                if dynamics is not None:
-                    dynamics.observe_grad_norm(step + 1, norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-                evals.append((step + 1, evaluate(model, data.validation, cfg)))
-    val_loss = evaluate(model, data.validation, cfg)
-    burn_in = min(cfg.burn_in, cfg.steps // 2)
+    folder = out / run_name(method, lr_m, lr_o, base.seed)
+    if (folder / "config.json").exists():
+        shutil.rmtree(folder)
+    config = replace(base, optimizer=method.name, lr=lr_m, other_lr=lr_o, out=str(folder))
+    memory = MemoryMeter(config.device)
+    clock = StepClock(config.device)
+    trainer = Trainer(config, PretrainTask(config, data), callbacks=[clock])
+    with timed_refreshes(method.refresh, config.device) as refreshes:
+        try:
+            result = trainer.run()
+            val_loss, history, summary = result.final_eval["loss"], result.progress.history, result.summary
+        except NonFiniteError as error:
+            print(f"{method.name} lr {lr_m:g}/{lr_o:g}: {error}", flush=True)
+            val_loss, history, summary = math.inf, [], {}
+    burn_in = min(BURN_IN, config.steps // 2)
+    losses = clock.losses
+    finite = [x for x in losses[-10:] if math.isfinite(x)]
     return {
         "method": method.name,
         "notes": method.summary,
@@ -130,10 +123,10 @@ def run(method: Method, lr_m: float, lr_o: float, data: Data, cfg: RunConfig) ->
         "lr_other": lr_o,
         "val_loss": val_loss,
         "val_ppl": math.exp(val_loss) if val_loss < 700 else math.inf,
-        "train_loss_last10": sum(losses[-10:]) / len(losses[-10:]),
+        "train_loss_last10": sum(finite) / len(finite) if finite else math.nan,
         "losses": [round(x, 5) for x in losses],
-        "evals": [*evals, (cfg.steps, val_loss)],
-        "state_bytes": optimizer_state_bytes(optimizer),
+        "evals": [(h["step"], h["loss"]) for h in history],
+        "state_bytes": optimizer_state_bytes(trainer.optimizer) if trainer.optimizer is not None else 0,
         "step_seconds_median": clock.median(burn_in),
         "step_seconds_mean": clock.mean(burn_in),
         "burn_in": burn_in,
@@ -144,21 +137,24 @@ def run(method: Method, lr_m: float, lr_o: float, data: Data, cfg: RunConfig) ->
         "memory_kind": memory.kind,
         "seconds": sum(clock.seconds),
         "diverged": not math.isfinite(val_loss),
-        "dynamics_rows": len(dynamics.rows) if dynamics is not None else 0,
-        "config": asdict(cfg),
+        "skipped_steps": summary.get("skipped_steps", 0),
+        "dynamics_samples": summary.get("dynamics", {}).get("samples", 0),
+        "run_dir": str(folder),
+        "config": asdict(config),
         "options": method.group_options,
-        "versions": environment(cfg.device),
+        "versions": environment(config.device),
         "unigram_ppl": data.unigram_ppl,
     }
 
 
-def _run_by_name(name: str, lr_m: float, lr_o: float, data: Data, cfg: RunConfig) -> dict[str, Any]:
-    record = run(get_method(name), lr_m, lr_o, data, cfg)
+def _run_by_name(name: str, lr_m: float, lr_o: float, base: PretrainConfig, out: Path) -> dict[str, Any]:
+    record = run(get_method(name), lr_m, lr_o, prepare_data(base), base, out)
     return {**record, "memory_isolated": True}
 
 
-def run_isolated(method: Method, lr_m: float, lr_o: float, data: Data, cfg: RunConfig) -> dict[str, Any]:
-    """:func:`run` in a fresh process, so that its peak RSS is this run's alone (CPU memory)."""
+def run_isolated(method: Method, lr_m: float, lr_o: float, base: PretrainConfig, out: Path) -> dict[str, Any]:
+    """:func:`run` in a fresh process, so that its peak RSS is this run's alone (CPU memory). The
+    process tokenizes the data itself (the tokenizer is cached, so it is the same data)."""
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-        return pool.submit(_run_by_name, method.name, lr_m, lr_o, data, cfg).result()
+        return pool.submit(_run_by_name, method.name, lr_m, lr_o, base, out).result()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -81,22 +82,23 @@ def refresh_benchmark(
 
 
 def captured_gradients(model: str = "llama-20m", steps: int = 50, seq_len: int = 128, batch: int = 16) -> dict:
-    """Real gradients: train ``model`` on the embedded Shakespeare with AdamW for ``steps`` steps, then
-    return the gradient of every attention and MLP matrix on the next batch (float32, CPU)."""
-    from ..optim.groups import target_weights
-    from ..train.pretrain import next_token_loss
-    from .quality import RunConfig, batches, build_model, prepare_data
+    """Real gradients: train ``model`` on the embedded Shakespeare with AdamW for ``steps`` steps (the
+    trainer's run), then return the gradient of every attention and MLP matrix on the next batch
+    (float32, CPU)."""
+    import tempfile
 
-    cfg = RunConfig(model=model, steps=steps + 1, batch_size=batch, seq_len=seq_len)
-    data = prepare_data(cfg.vocab_size)
-    net = build_model(cfg)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
-    windows = batches(data.train, cfg)
-    for step in range(steps + 1):
-        optimizer.zero_grad(set_to_none=True)
-        next_token_loss(net, windows[step]).backward()
-        if step < steps:
-            optimizer.step()
+    from ..optim.groups import target_weights
+    from ..train.loop import Trainer
+    from ..train.pretrain import PretrainTask, next_token_loss
+    from .quality import bench_config, prepare_data
+
+    with tempfile.TemporaryDirectory(prefix="gradproj-captured-") as out:
+        cfg = bench_config(model=model, steps=steps, batch_size=batch, seq_len=seq_len)
+        cfg = replace(cfg, optimizer="adamw", lr=1e-3, other_lr=1e-3, clip=0.0, eval_tokens=seq_len, out=out)
+        task = PretrainTask(cfg, prepare_data(cfg))
+        result = Trainer(cfg, task).run()
+    net = result.model
+    next_token_loss(net, task.batch(result.progress.position, batch)["tokens"]).backward()
     return {name: p.grad.detach().clone() for name, p in target_weights(net).items() if p.grad is not None}
 
 

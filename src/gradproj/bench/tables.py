@@ -27,15 +27,19 @@ from typing import Any
 from ..optim.registry import METHODS
 from .refresh import format_rows
 
+#: The record file inside a bench's output folder (beside its run folders).
+RECORDS = "records.jsonl"
 _BLOCK = re.compile(r"(<!-- bench:(\w+) (\S+) -->\n)(.*?)(<!-- /bench -->)", re.DOTALL)
 
 
 def read_records(paths: list[Path]) -> list[dict[str, Any]]:
-    """Every record in the given JSON-lines files; a missing file is a one-line error."""
-    for path in paths:
+    """Every record in the given JSON-lines files or bench folders (their ``records.jsonl``); a
+    missing one is a one-line error."""
+    files = [path / RECORDS if path.is_dir() else path for path in paths]
+    for path in files:
         if not path.exists():
             raise SystemExit(f"gradproj: {path} does not exist")
-    return [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for path in files for line in path.read_text().splitlines() if line.strip()]
 
 
 def write_records(records: list[dict[str, Any]], path: Path) -> None:

@@ -1,12 +1,14 @@
-"""Clocks and meters the benchmarks share: step timing with device synchronisation, time spent in
-basis refreshes (ours and the peers', by wrapping the function each calls), and peak memory.
+"""Clocks and meters the benchmarks share: step timing with device synchronisation (a trainer
+callback), time spent in basis refreshes (ours and the peers', by wrapping the function each
+calls), and peak memory.
 
 Example:
     >>> clock = StepClock("cpu")
-    >>> with clock.step():
-    ...     _ = sum(range(1000))
-    >>> len(clock.seconds), clock.seconds[0] > 0
-    (1, True)
+    >>> clock.on_step_begin(1)
+    >>> _ = sum(range(1000))
+    >>> clock.on_step_end(1, loss=2.5)
+    >>> len(clock.seconds), clock.seconds[0] > 0, clock.losses
+    (1, True, [2.5])
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from typing import Any
 
 import torch
 
+from ..train.progress import Callback
+
 
 def synchronize(device: str) -> None:
     """Wait for queued kernels, so that wall-clock time is the work's time."""
@@ -34,19 +38,23 @@ def synchronize(device: str) -> None:
 
 
 @dataclass
-class StepClock:
-    """Seconds of each timed region (a training step), synchronised on CUDA."""
+class StepClock(Callback):
+    """Seconds and loss of each training step, synchronised on CUDA: a callback of the trainer
+    (:class:`gradproj.train.progress.Callback`), so what is timed is the loop users run."""
 
     device: str
     seconds: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    _start: float = 0.0
 
-    @contextlib.contextmanager
-    def step(self) -> Iterator[None]:
+    def on_step_begin(self, step: int) -> None:
         synchronize(self.device)
-        start = time.perf_counter()
-        yield
+        self._start = time.perf_counter()
+
+    def on_step_end(self, step: int, loss: float) -> None:
         synchronize(self.device)
-        self.seconds.append(time.perf_counter() - start)
+        self.seconds.append(time.perf_counter() - self._start)
+        self.losses.append(loss)
 
     def median(self, burn_in: int) -> float:
         """Median step time after the first ``burn_in`` steps (allocator warm-up, first refresh, compiles)."""

@@ -8,10 +8,12 @@ Example:
 
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import FinetuneConfig, PretrainConfig, TrainConfig
-from .loop import Interrupted, NonFiniteError, RunResult, Trainer, lr_factor
+from .loop import Trainer
 from .pretrain import PretrainTask, pretrain
+from .progress import Callback, Interrupted, NonFiniteError, RunResult, lr_factor
 
 __all__ = [
+    "Callback",
     "CheckpointError",
     "FinetuneConfig",
     "Interrupted",

@@ -230,7 +230,7 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str | None]:
 def run(args: argparse.Namespace) -> int:
     """Run the command; one-line errors and conventional exit codes (2 bad input, 3 diverged)."""
     from .checkpoint import CheckpointError
-    from .loop import Interrupted, NonFiniteError
+    from .progress import Interrupted, NonFiniteError
 
     try:
         config, resume = build_config(args)

@@ -35,6 +35,7 @@ RESUMABLE = (
     "tensorboard",
     "max_nonfinite",
     "dynamics_every",
+    "checkpoints",
 )
 
 
@@ -73,6 +74,7 @@ class TrainConfig:
     eval_every: int = 200  #: steps between evaluations (0: only at the end)
     save_every: int = 200  #: steps between checkpoints (0: only at the end / on a signal)
     keep: int = 3  #: checkpoints kept
+    checkpoints: bool = True  #: write checkpoints (False: none, for benchmark runs; a signal still saves one)
     log_every: int = 10  #: steps between log rows
     out: str | None = None  #: run folder (None: runs/<task>-<optimizer>-<time>)
     max_nonfinite: int = 5  #: consecutive non-finite steps that stop the run

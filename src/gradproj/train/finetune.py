@@ -21,8 +21,9 @@ from torch import nn
 
 from ..data.embedded import LabelledTexts, load_bbc_news, minilm_path
 from .config import FinetuneConfig
-from .loop import RunResult, Trainer
+from .loop import Trainer
 from .parallel import rank_zero_first
+from .progress import RunResult
 from .text import _permutation
 
 #: GLUE task -> (text columns, validation split, F1 reported as well).

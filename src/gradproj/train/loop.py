@@ -10,8 +10,7 @@ import json
 import math
 import signal
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,7 +22,6 @@ from ..layerwise import LayerwiseStepper, attach_layerwise
 from ..optim.build import build_optimizer
 from .checkpoint import (
     CheckpointError,
-    latest_checkpoint,
     load_checkpoint,
     read_meta,
     resolve_checkpoint,
@@ -33,6 +31,18 @@ from .config import TrainConfig
 from .logs import RunLogger, environment, optimizer_state_bytes
 from .models import check_rank, default_rank
 from .parallel import Parallel
+from .progress import (
+    Callback,
+    Interrupted,
+    Progress,
+    RunResult,
+    SkipPolicy,
+    Throughput,
+    lr_factor,
+    progress_bar,
+)
+
+__all__ = ["Task", "Trainer"]
 
 
 class Task(Protocol):
@@ -49,56 +59,19 @@ class Task(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
 
-class NonFiniteError(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient."""
-
-
-class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived; a checkpoint was saved. ``code`` is the conventional exit status."""
-
-    def __init__(self, signum: int, checkpoint: Path) -> None:
-        super().__init__(f"stopped by signal {signal.Signals(signum).name}; checkpoint {checkpoint}")
-        self.code, self.checkpoint = 128 + signum, checkpoint
-
-
-def lr_factor(step: int, total: int, warmup: int, floor: float) -> float:
-    """Linear warmup then cosine decay to ``floor`` (the GaLore paper's schedule), a pure function.
-
-    >>> [round(lr_factor(s, 10, 2, 0.1), 3) for s in (0, 1, 2, 10)]
-    [0.5, 1.0, 1.0, 0.1]
-    """
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-@dataclass
-class Progress:
-    """What a checkpoint stores about the loop (besides model, optimizer, scheduler and RNG)."""
-
-    step: int = 0
-    position: int = 0  # examples or windows consumed
-    skipped: int = 0  # steps skipped for a non-finite loss or gradient
-    consecutive: int = 0
-    seen: int = 0  # tokens or examples trained on
-    history: list[dict[str, float]] = field(default_factory=list)  # evaluations
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    progress: Progress
-    final_eval: dict[str, float]
-    losses: list[float]
-    summary: dict[str, Any]
-
-
 class Trainer:
-    """Train ``task`` under ``config``; ``resume`` is a run or checkpoint folder to continue."""
+    """Train ``task`` under ``config``; ``resume`` is a run or checkpoint folder to continue;
+    ``callbacks`` see every step (:class:`~gradproj.train.progress.Callback`)."""
 
-    def __init__(self, config: TrainConfig, task: Task, *, resume: str | Path | None = None) -> None:
-        self.config, self.task = config, task
+    def __init__(
+        self,
+        config: TrainConfig,
+        task: Task,
+        *,
+        resume: str | Path | None = None,
+        callbacks: Sequence[Callback] = (),
+    ) -> None:
+        self.config, self.task, self.callbacks = config, task, tuple(callbacks)
         self.checkpoint = resolve_checkpoint(Path(resume)) if resume is not None else None
         if self.checkpoint is not None:
             changed = config.changed_on_resume(read_meta(self.checkpoint).get("config", {}))
@@ -109,12 +82,13 @@ class Trainer:
                 )
         self.parallel = Parallel()
         self.run_dir = Path(self.parallel.same_on_every_rank(str(self._run_dir(resume))))
+        self.skips = SkipPolicy(config.max_nonfinite, self.run_dir)
         self._signal: int | None = None
         self.rank: int | None = None  # the rank the optimizer uses, resolved in _setup (None: full rank)
         self.stepper: LayerwiseStepper | None = None  # set in _setup with --layerwise
         self.train_model: nn.Module | None = None  # the model, or its DDP wrapper under torchrun
-        self._skipped_parameters = 0
         self.dynamics: Dynamics | None = None  # set in _setup unless --dynamics-every 0
+        self.optimizer: torch.optim.Optimizer | None = None  # set in _setup
 
     def _run_dir(self, resume: str | Path | None) -> Path:
         if self.config.out:
@@ -133,15 +107,19 @@ class Trainer:
         started = time.perf_counter()
         model, optimizer, scheduler, progress = self._setup()
         logger = RunLogger(self.run_dir, tensorboard=cfg.tensorboard, resume_step=progress.step or None, enabled=main)
-        meter = _Throughput(self.task.unit)
+        meter = Throughput(self.task.unit)
         losses: list[float] = []
-        bar = _progress_bar(cfg, progress.step, enabled=main)
+        bar = progress_bar(cfg.steps, progress.step, enabled=cfg.progress and main)
         try:
             with self._signals():
                 while progress.step < cfg.steps:
-                    loss, grad_norm, units = self._step(model, optimizer, progress)
+                    for callback in self.callbacks:
+                        callback.on_step_begin(progress.step + 1)
+                    loss, grad_norm, units = self._train_step(model, optimizer, progress)
                     scheduler.step()
                     progress.step += 1
+                    for callback in self.callbacks:
+                        callback.on_step_end(progress.step, loss)
                     losses.append(loss)
                     meter.add(units)
                     lr = optimizer.param_groups[0]["lr"]
@@ -158,11 +136,12 @@ class Trainer:
                         paused = time.perf_counter()
                         if cfg.eval_every and progress.step % cfg.eval_every == 0:
                             self._evaluate(model, progress, logger)
-                        if cfg.save_every and progress.step % cfg.save_every == 0:
+                        if cfg.checkpoints and cfg.save_every and progress.step % cfg.save_every == 0:
                             self._save(model, optimizer, scheduler, progress, logger)
                         meter.exclude(time.perf_counter() - paused)
             final = self._evaluate(model, progress, logger)
-            self._save(model, optimizer, scheduler, progress, logger)
+            if cfg.checkpoints:
+                self._save(model, optimizer, scheduler, progress, logger)
         finally:
             bar.close()
             logger.write_dynamics(self.dynamics.drain() if self.dynamics else [])
@@ -171,7 +150,7 @@ class Trainer:
         summary["seconds"] = time.perf_counter() - started
         if main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        return RunResult(self.run_dir, progress, final, losses, summary)
+        return RunResult(self.run_dir, progress, final, losses, summary, model)
 
     def _setup(self) -> tuple[nn.Module, torch.optim.Optimizer, Any, Progress]:
         """Model, optimizer and schedule from the config; their state from the checkpoint if resuming."""
@@ -187,7 +166,7 @@ class Trainer:
                 f"--resume with --optimizer {spec.name} ({spec.method.summary}): its state does not load with "
                 "torch.load(weights_only=True), so it cannot be resumed; use one of gradproj's optimizers"
             )
-        optimizer = build_optimizer(model, spec, layerwise=cfg.layerwise)
+        optimizer = self.optimizer = build_optimizer(model, spec, layerwise=cfg.layerwise)
         self.train_model, self.stepper = self.parallel.wrap(
             model, optimizer, low_rank=cfg.low_rank_comm, layerwise=cfg.layerwise, clip=cfg.clip
         )
@@ -209,14 +188,31 @@ class Trainer:
         self._write_run_files()
         return model, optimizer, scheduler, progress
 
-    def _step(self, model: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress) -> tuple[float, float, int]:
-        """One optimizer step over ``grad_accum`` micro-batches; a non-finite loss or gradient
-        norm skips it (weights and optimizer state untouched). Returns loss, grad norm, units."""
-        cfg, task = self.config, self.task
-        total_loss, units, finite = 0.0, 0, True
-        parallel, device = self.parallel, self.parallel.device(cfg.device)
+    def _train_step(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress
+    ) -> tuple[float, float, int]:
+        """One optimizer step: forward and backward over the micro-batches, the gradient norm
+        (clipped), then the policy: a non-finite loss or norm skips the step, weights and optimizer
+        state untouched. Returns the mean loss (NaN if skipped), the gradient norm and the units."""
         if self.dynamics is not None:  # rows carry the trainer's step number (layer-wise steps run in backward)
             self.dynamics.step = progress.step + 1
+        loss, finite, units = self._forward_backward(model, progress)
+        finite, norm = self._gradient_norm(optimizer, finite)
+        if self.dynamics is not None:
+            self.dynamics.observe_grad_norm(progress.step + 1, norm)
+        applied = self.skips.admit(progress, applied=finite, norm=norm)
+        if applied:
+            optimizer.step()  # a no-op with --layerwise: every parameter was stepped in backward
+            progress.seen += units
+        optimizer.zero_grad(set_to_none=True)
+        return (loss if applied else math.nan), norm, units
+
+    def _forward_backward(self, model: nn.Module, progress: Progress) -> tuple[float, bool, int]:
+        """Backward over ``grad_accum`` micro-batches (this rank's slice of each); the mean loss over
+        ranks, whether every rank's loss was finite, and the units (tokens or examples) of all ranks."""
+        cfg, task, parallel = self.config, self.task, self.parallel
+        device = parallel.device(cfg.device)
+        total, units, finite = 0.0, 0, True
         for micro in range(cfg.grad_accum):
             start = parallel.shard(progress.position, cfg.batch_size)
             batch = {k: v.to(device) for k, v in task.batch(start, cfg.batch_size).items()}
@@ -231,45 +227,23 @@ class Trainer:
                 # with --layerwise, the last micro-batch's backward steps every parameter; under DDP every
                 # rank runs backward (collectives must line up): a NaN reaches the averaged gradient instead
                 loss.backward()
-            total_loss += float(loss.detach())
-        total_loss = parallel.mean(total_loss)
-        finite = parallel.every(finite)
-        if self.stepper is not None:
-            finite, norm = self._layerwise_outcome(finite)
-        else:
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else math.inf))
-        if self.dynamics is not None:
-            self.dynamics.observe_grad_norm(progress.step + 1, norm)
-        if finite and math.isfinite(norm):
-            optimizer.step()  # a no-op with --layerwise
-            progress.consecutive = 0
-            progress.seen += units
-        else:
-            progress.skipped += 1
-            progress.consecutive += 1
-            print(f"gradproj: step {progress.step + 1} skipped: non-finite loss or gradient norm ({norm})", flush=True)
-            if progress.consecutive >= cfg.max_nonfinite:
-                last = latest_checkpoint(self.run_dir)
-                raise NonFiniteError(
-                    f"{progress.consecutive} consecutive non-finite steps (up to step {progress.step + 1}); "
-                    f"stopped without saving. Last good checkpoint: {last or 'none'}; lower --lr or check the data"
-                )
-            total_loss = math.nan
-        optimizer.zero_grad(set_to_none=True)
-        return total_loss, norm, units
+            total += float(loss.detach())
+        return parallel.mean(total), parallel.every(finite), units
 
-    def _layerwise_outcome(self, finite_loss: bool) -> tuple[bool, float]:
-        """Whether a layer-wise step went through, and its gradient norm. A non-finite loss
-        stopped before backward: the partial accumulation is dropped and nothing was stepped.
-        A non-finite gradient skipped only its parameter (others were already stepped)."""
+    def _gradient_norm(self, optimizer: torch.optim.Optimizer, finite_loss: bool) -> tuple[bool, float]:
+        """Whether the step may go through so far, and the global gradient norm (clipped to
+        ``--clip``). Layer-wise, the parameters were stepped in backward: a non-finite loss stopped
+        before backward (the partial accumulation is dropped), and a non-finite gradient skipped
+        only its own parameter (the others were already stepped)."""
         stepper = self.stepper
-        assert stepper is not None
+        if stepper is None:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            clip = self.config.clip if self.config.clip > 0 else math.inf
+            return finite_loss, float(torch.nn.utils.clip_grad_norm_(params, clip))
         if not finite_loss:
             stepper.discard()
             return False, math.nan
-        skipped = stepper.skipped_parameters - self._skipped_parameters
-        self._skipped_parameters = stepper.skipped_parameters
+        skipped = stepper.last_step_skipped
         if skipped:
             print(f"gradproj: {skipped} parameter(s) with a non-finite gradient were not stepped", flush=True)
         return not skipped, stepper.grad_norm
@@ -363,35 +337,3 @@ class Trainer:
             **self.task.describe(),
             **({"dynamics": self.dynamics.summary()} if self.dynamics is not None else {}),
         }
-
-
-class _Throughput:
-    """Units (tokens or examples) per second of training, evaluation and checkpoint time excluded."""
-
-    def __init__(self, unit: str) -> None:
-        self.unit, self.units, self.start, self.last = unit, 0, time.perf_counter(), 0.0
-
-    def add(self, units: int) -> None:
-        self.units += units
-        self.last = self.units / max(time.perf_counter() - self.start, 1e-9)
-
-    def rate(self) -> dict[str, float]:
-        """The rate since the previous call (the log row's value), then a new window."""
-        rate = {f"{self.unit}_per_s": self.last}
-        self.units, self.start = 0, time.perf_counter()
-        return rate
-
-    def exclude(self, seconds: float) -> None:
-        """Leave out time spent evaluating or saving (it is not training time)."""
-        self.start += seconds
-
-    @property
-    def postfix(self) -> dict[str, str]:
-        return {f"{self.unit[:3]}/s": f"{self.last:.0f}"}
-
-
-def _progress_bar(cfg: TrainConfig, start: int, *, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    disable = not (cfg.progress and enabled)
-    return tqdm(total=cfg.steps, initial=start, disable=disable, unit="step", dynamic_ncols=True)

@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from .config import PretrainConfig
-from .loop import RunResult, Trainer
+from .loop import Trainer
 from .models import build_causal_lm
 from .parallel import rank_zero_first
+from .progress import RunResult
 from .text import PretrainData, prepare_pretrain_data
 
 
