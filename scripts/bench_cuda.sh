@@ -15,7 +15,7 @@ if [[ $part == checks || $part == all ]]; then
   $gp bench refresh --device cuda --shape 2048 5504 --rank 512 --out "$out/refresh_cuda.jsonl"
   $gp bench refresh --device cuda --captured llama-20m --rank 96 --out "$out/refresh_cuda.jsonl"
   $gp bench overhead --device cuda --model llama-20m --steps 200 --batch-size 32 --seq-len 256 --rank 96 \
-    --gap 100 --every 10 --repeats 3 --out "$out/overhead_cuda.jsonl"
+    --gap 100 --every 10 --repeats 3 --out "$out/overhead_cuda"
   for opt in galore_adamw fira_adamw adamw; do
     $gp pretrain --device cuda --model llama-20m --optimizer "$opt" --steps 1000 --batch-size 32 --seq-len 256 \
       --update-proj-gap 100 --eval-every 250 --save-every 0 --no-progress --out "$out/run-$opt" 2>&1 | tail -3
@@ -25,6 +25,6 @@ fi
 if [[ $part == quality || $part == all ]]; then
   $gp bench quality --device cuda --model llama-20m --steps 300 --batch-size 32 --seq-len 256 --rank 96 \
     --gap 100 --eval-every 100 --lr-matrix 1e-3,3e-3,1e-2 --lr-other 3e-2 --lr-from docs/records/sweep_llama5m_cpu.jsonl \
-    --out "$out/quality_cuda.jsonl"
-  $gp bench table "$out/quality_cuda.jsonl" --plots "$out" | tee "$out/quality_cuda.md"
+    --out "$out/quality_cuda"   # one run folder per method, and quality_cuda/records.jsonl
+  $gp bench table "$out/quality_cuda" --plots "$out" | tee "$out/quality_cuda.md"
 fi

@@ -62,7 +62,7 @@ def test_peer_refreshes_are_timed_and_the_wrapper_is_removed(data, tmp_path: Pat
 
 def test_lora_trains_adapters_at_comparable_state(data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     pytest.importorskip("peft")
-    lora = replace(CFG, optimizer="lora-peft", lr=1e-2, other_lr=1e-2)
+    lora = replace(CFG, optim=replace(CFG.optim, name="lora-peft", lr=1e-2, other_lr=1e-2))
     model = PretrainTask(lora, data).build_model()
     base = list(target_weights(model).values())  # the very Parameters peft wraps as base_layer.weight
     before = [p.detach().clone() for p in base]

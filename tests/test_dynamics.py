@@ -14,10 +14,12 @@ import torch
 
 import gradproj
 from gradproj.dynamics import Dynamics
+from gradproj.optim.build import OptimizerSpec
 from gradproj.train import PretrainConfig, pretrain
 from gradproj.train.text import prepare_pretrain_data
 
 TINY = dict(model="llama-tiny", batch_size=4, seq_len=32, eval_tokens=2048, progress=False, tensorboard=False)
+GAP5 = OptimizerSpec(update_proj_gap=5)
 
 
 def _gradient(m: int, n: int, seed: int) -> torch.Tensor:
@@ -146,7 +148,7 @@ def _rows(run: Path) -> list[dict]:
 
 
 def test_trainer_writes_dynamics_and_resumes_them_exactly(data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    cfg = PretrainConfig(**TINY, steps=12, update_proj_gap=5, save_every=7, keep=5, dynamics_every=2, log_every=4)
+    cfg = PretrainConfig(**TINY, steps=12, optim=GAP5, save_every=7, keep=5, dynamics_every=2, log_every=4)
     full = pretrain(replace(cfg, out=str(tmp_path / "full"), tensorboard=True), data=data)
     rows = _rows(tmp_path / "full")
     layers = {r["layer"] for r in rows if r["kind"] == "layer"}
@@ -171,7 +173,9 @@ def test_trainer_writes_dynamics_and_resumes_them_exactly(data, tmp_path: Path) 
 
 
 def test_layerwise_training_is_sampled_too(data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    cfg = PretrainConfig(**TINY, steps=4, update_proj_gap=2, dynamics_every=1, layerwise=True, out=str(tmp_path))
+    cfg = PretrainConfig(
+        **TINY, steps=4, optim=OptimizerSpec(update_proj_gap=2), dynamics_every=1, layerwise=True, out=str(tmp_path)
+    )
     pretrain(cfg, data=data)
     rows = [r for r in _rows(tmp_path) if r["kind"] == "layer"]
     assert sorted({r["step"] for r in rows}) == [1, 2, 3, 4]
@@ -186,7 +190,7 @@ def test_dynamics_can_be_turned_off(data, tmp_path: Path) -> None:  # type: igno
 def test_spike_statistics_resume_from_the_checkpoint_whatever_the_out(data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """The detector's window, the layers' averages and the totals live in the checkpoint: a resume into an
     empty folder (no earlier dynamics.jsonl) writes the uninterrupted run's rows and totals."""
-    cfg = PretrainConfig(**TINY, steps=12, update_proj_gap=5, save_every=7, keep=5, dynamics_every=2, log_every=4)
+    cfg = PretrainConfig(**TINY, steps=12, optim=GAP5, save_every=7, keep=5, dynamics_every=2, log_every=4)
     full = pretrain(replace(cfg, out=str(tmp_path / "full")), data=data)
     shutil.copytree(tmp_path / "full/checkpoints/step-00000007", tmp_path / "elsewhere/checkpoints/step-00000007")
     resumed = pretrain(replace(cfg, out=str(tmp_path / "elsewhere")), resume=tmp_path / "elsewhere", data=data)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from gradproj.cli import main
+from gradproj.optim.build import OptimizerSpec
 from gradproj.report import load_run, render
 from gradproj.train import PretrainConfig, pretrain
 from gradproj.train.text import prepare_pretrain_data
@@ -23,9 +24,10 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     data = prepare_pretrain_data(None, None, 4096, 32)
     root = tmp_path_factory.mktemp("runs")
-    common = dict(**TINY, steps=12, update_proj_gap=4, dynamics_every=2, eval_every=6, log_every=2)
-    pretrain(PretrainConfig(**common, optimizer="galore_adamw", out=str(root / "galore")), data=data)
-    pretrain(PretrainConfig(**common, optimizer="fira_adamw", out=str(root / "fira")), data=data)
+    common = dict(**TINY, steps=12, dynamics_every=2, eval_every=6, log_every=2)
+    galore, fira = (OptimizerSpec(name=name, update_proj_gap=4) for name in ("galore_adamw", "fira_adamw"))
+    pretrain(PretrainConfig(**common, optim=galore, out=str(root / "galore")), data=data)
+    pretrain(PretrainConfig(**common, optim=fira, out=str(root / "fira")), data=data)
     return root / "galore", root / "fira"
 
 

@@ -18,6 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from gradproj.optim.build import OptimizerSpec
+from gradproj.options import flatten
 from gradproj.train import CheckpointError, NonFiniteError, PretrainConfig, latest_checkpoint, pretrain
 from gradproj.train.checkpoint import list_checkpoints, load_checkpoint
 from gradproj.train.pretrain import PretrainTask
@@ -62,18 +64,19 @@ def test_same_seed_same_losses_other_seed_differs(data, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "options",
     [
-        {"optimizer": "galore_adamw"},
-        {"optimizer": "fira_adamw", "projector": "rsvd", "on_refresh": "rotate"},
-        {"optimizer": "apollo_mini"},
-        {"optimizer": "adamw8bit"},
-        {"optimizer": "adamw", "grad_accum": 2},
-        {"optimizer": "galore_adamw", "layerwise": True, "grad_accum": 2},
-        {"optimizer": "adamw", "layerwise": True},
+        {"optim": {"name": "galore_adamw"}},
+        {"optim": {"name": "fira_adamw", "projector": "rsvd", "on_refresh": "rotate"}},
+        {"optim": {"name": "apollo_mini"}},
+        {"optim": {"name": "adamw8bit"}},
+        {"optim": {"name": "adamw"}, "grad_accum": 2},
+        {"optim": {"name": "galore_adamw"}, "layerwise": True, "grad_accum": 2},
+        {"optim": {"name": "adamw"}, "layerwise": True},
     ],
-    ids=lambda o: "-".join(str(v) for v in o.values()),
+    ids=lambda o: "-".join(str(v) for v in flatten(o).values()),
 )
 def test_resume_ends_bit_identical_to_the_uninterrupted_run(data, tmp_path: Path, options) -> None:  # type: ignore[no-untyped-def]
-    cfg = PretrainConfig(**TINY, steps=12, update_proj_gap=5, save_every=7, keep=5, **options)
+    optim = {"update_proj_gap": 5, **options["optim"]}
+    cfg = PretrainConfig.from_dict({**TINY, "steps": 12, "save_every": 7, "keep": 5, **options, "optim": optim})
     full = pretrain(replace(cfg, out=str(tmp_path / "full")), data=data)
     # the "stopped" run: only its checkpoint at step 7 survives
     shutil.copytree(tmp_path / "full/checkpoints/step-00000007", tmp_path / "part/checkpoints/step-00000007")
@@ -89,7 +92,9 @@ def test_resume_ends_bit_identical_to_the_uninterrupted_run(data, tmp_path: Path
 @pytest.mark.parametrize(("optimizer", "rank"), [("apollo_mini", 1), ("galore_adamw", 8), ("adamw", None)])
 def test_the_rank_the_optimizer_uses_is_the_rank_every_record_names(data, tmp_path: Path, optimizer, rank) -> None:  # type: ignore[no-untyped-def]
     """APOLLO-Mini is rank 1 whatever --rank says; config.json, summary.json and the optimizer agree."""
-    result = pretrain(PretrainConfig(**TINY, steps=2, rank=8, optimizer=optimizer, out=str(tmp_path)), data=data)
+    result = pretrain(
+        PretrainConfig(**TINY, steps=2, optim=OptimizerSpec(name=optimizer, rank=8), out=str(tmp_path)), data=data
+    )
     assert json.loads((tmp_path / "config.json").read_text())["resolved_rank"] == rank
     assert json.loads((tmp_path / "summary.json").read_text())["rank"] == rank == result.summary["rank"]
     optimizer_state = torch.load(tmp_path / "checkpoints/step-00000002/optimizer.pt", weights_only=True)
@@ -100,7 +105,9 @@ def test_the_rank_the_optimizer_uses_is_the_rank_every_record_names(data, tmp_pa
 def test_layerwise_run_matches_the_standard_run(data, tmp_path: Path, optimizer: str) -> None:  # type: ignore[no-untyped-def]
     """Without clipping the maths is the same: identical losses and weights. With clipping the
     layer-wise run clips by the previous step's norm, so it differs, and logs a real norm."""
-    cfg = PretrainConfig(**TINY, steps=8, update_proj_gap=3, clip=0.0, grad_accum=2, optimizer=optimizer)
+    cfg = PretrainConfig(
+        **TINY, steps=8, clip=0.0, grad_accum=2, optim=OptimizerSpec(name=optimizer, update_proj_gap=3)
+    )
     standard = pretrain(replace(cfg, out=str(tmp_path / "std")), data=data)
     layerwise = pretrain(replace(cfg, layerwise=True, out=str(tmp_path / "lw")), data=data)
     assert layerwise.losses == pytest.approx(standard.losses, rel=1e-5)
@@ -282,7 +289,7 @@ def test_a_peer_trains_in_the_trainer_but_does_not_resume(data, tmp_path: Path) 
     """Every registry method runs through the one loop; a peer whose state is pickled objects is refused
     on --resume with a message that says why (the registry's `resumable`)."""
     pytest.importorskip("galore_torch")
-    cfg = PretrainConfig(**TINY, steps=2, rank=8, optimizer="galore-torch", out=str(tmp_path))
+    cfg = PretrainConfig(**TINY, steps=2, optim=OptimizerSpec(name="galore-torch", rank=8), out=str(tmp_path))
     result = pretrain(cfg, data=data)
     assert result.summary["rank"] == 8 and math.isfinite(result.losses[-1])
     with pytest.raises(CheckpointError, match=r"galore-torch .*cannot be resumed"):

@@ -193,3 +193,83 @@ def test_any_hugging_face_causal_lm_config(tmp_path: Path, text_file: Path, caps
     assert "not a loadable Hugging Face config" in _error(
         capsys, ["--data", str(text_file), "--model", str(tmp_path / "run")]
     )
+
+
+def _fields(cls: type, prefix: str = "") -> dict[str, object]:
+    """Every described field of a config (nested ones as ``optim.lr``) and its default."""
+    import dataclasses
+
+    out: dict[str, object] = {}
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(_fields(type(value), f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = value
+    return out
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+def test_every_config_field_is_one_flag_with_its_help_and_default(command: str) -> None:
+    """The flags are generated from the fields: a field without a flag (or a flag without a field)
+    fails here, and each flag's help carries the field's default."""
+    import argparse
+
+    from gradproj.cli import build_parser
+    from gradproj.train.config import FinetuneConfig, PretrainConfig
+
+    cls = PretrainConfig if command == "pretrain" else FinetuneConfig
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = sub.choices[command]
+    flags = {a.dest: a for a in parser._actions if a.dest not in ("help", "resume")}
+    fields = _fields(cls)
+    assert set(flags) == set(fields)
+    assert flags["optim.name"].option_strings == ["--optimizer"] and flags["progress"].option_strings == [
+        "--no-progress"
+    ]
+    assert "(default 4096)" in (flags["vocab_size"].help or "") if command == "pretrain" else True
+    assert f"(default {fields['steps']})" in (flags["steps"].help or "")  # finetune's own default, 100
+    assert "fira_adamw 1" in (flags["optim.scale"].help or "")  # drawn from the registry
+
+
+def test_flags_build_the_config_the_fields_describe(tmp_path: Path) -> None:
+    from gradproj.cli import build_parser
+    from gradproj.optim.build import OptimizerSpec
+    from gradproj.train.cli import build_config
+    from gradproj.train.config import PretrainConfig
+
+    optimizer = ["--optimizer", "fira_adamw", "--lr", "3e-3", "--rank", "8", "--projector", "rsvd"]
+    loop = ["--steps", "7", "--layerwise", "--no-checkpoints", "--seq-len", "16", "--min-lr-ratio", "0.2"]
+    args = build_parser().parse_args(["pretrain", *optimizer, *loop])
+    config, resume = build_config(args)
+    optim = OptimizerSpec(name="fira_adamw", lr=3e-3, rank=8, projector="rsvd")
+    expected = PretrainConfig(optim=optim, steps=7, layerwise=True, checkpoints=False, seq_len=16, min_lr_ratio=0.2)
+    assert config == expected and resume is None
+    assert PretrainConfig.from_dict(config.to_dict()) == config  # config.json round-trips
+
+
+def test_one_resume_path_for_flags_and_the_python_api(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text_file: Path
+) -> None:
+    import dataclasses
+
+    from gradproj.train import CheckpointError, PretrainConfig, pretrain
+
+    run = tmp_path / "run"
+    assert main(["pretrain", *TINY, "--data", str(text_file), "--steps", "2", "--rank", "4", "--out", str(run)]) == 0
+    capsys.readouterr()
+    # a changed optimizer option is named the same way from the CLI and from Python
+    assert "optim.rank: 4 -> 8" in _error(capsys, ["--data", str(text_file), "--resume", str(run), "--rank", "8"])
+    saved = PretrainConfig.from_dict(json.loads((run / "checkpoints/step-00000002/meta.json").read_text())["config"])
+    changed = dataclasses.replace(saved, optim=dataclasses.replace(saved.optim, rank=8))
+    with pytest.raises(CheckpointError, match=r"optim\.rank: 4 -> 8"):
+        pretrain(changed, resume=run)
+    # a run saved before the optimizer was nested (flat keys) still resumes
+    meta_path = run / "checkpoints/step-00000002/meta.json"
+    meta = json.loads(meta_path.read_text())
+    optim = meta["config"].pop("optim")
+    meta["config"].update({k: v for k, v in optim.items() if k != "name"}, optimizer=optim["name"])
+    meta_path.write_text(json.dumps(meta))
+    assert main(["pretrain", "--resume", str(run), "--steps", "3", "--no-progress"]) == 0
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3

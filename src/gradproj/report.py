@@ -69,7 +69,8 @@ def load_run(path: Path) -> Run:
     config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
     summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").exists() else {}
     metrics, dynamics = _jsonl(path / "metrics.jsonl"), _jsonl(path / "dynamics.jsonl")
-    label = f"{path.name} ({config['optimizer']})" if "optimizer" in config else path.name
+    optimizer = _optimizer(config).get("name")
+    label = f"{path.name} ({optimizer})" if optimizer else path.name
     return Run(
         path=path,
         name=label,
@@ -206,22 +207,29 @@ def spike_figure(runs: list[Run]) -> bytes:
     return _png(fig)
 
 
+def _optimizer(config: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer's settings in a run's config.json (nested under ``optim``; older runs: flat)."""
+    if "optim" in config:
+        return dict(config["optim"])
+    return {**config, "name": config.get("optimizer")}
+
+
 def _summary_table(runs: list[Run]) -> str:
     head = "<tr><th>run</th><th>optimizer</th><th>rank / gap</th><th>steps</th><th>held-out loss</th>"
     head += "<th>optimizer state</th><th>spikes</th><th>mean energy</th><th>mean overlap</th></tr>"
     body = []
     for run in runs:
-        c, s = run.config, run.summary
+        c, s = _optimizer(run.config), run.summary
         evals = run.evals[-1].get("loss") if run.evals else None
         state = s.get("optimizer_state_bytes")
         energies = [r["energy"] for r in run.layers if "energy" in r]
         overlaps = [r["overlap"] for r in run.layers if "overlap" in r]
         cells = [
             run.name,
-            c.get("optimizer", "?"),
+            str(c.get("name") or "?"),
             "full rank"
             if "rank" in s and s["rank"] is None
-            else f"{c.get('resolved_rank', c.get('rank', '?'))} / {c.get('update_proj_gap', '?')}",
+            else f"{run.config.get('resolved_rank', c.get('rank', '?'))} / {c.get('update_proj_gap', '?')}",
             str(s.get("steps", run.train[-1]["step"] if run.train else "?")),
             f"{evals:.4f}" if isinstance(evals, float) else "?",
             f"{state / 2**20:.2f} MiB" if state else "?",

@@ -10,7 +10,7 @@ figures.
 
 Example:
     >>> cfg = bench_config(model="llama-1m", steps=300, rank=32, gap=50)
-    >>> cfg.optimizer, cfg.update_proj_gap, cfg.autocast, cfg.checkpoints, cfg.warmup_steps
+    >>> cfg.optim.name, cfg.optim.update_proj_gap, cfg.autocast, cfg.checkpoints, cfg.warmup_steps
     ('galore_adamw', 50, 'off', False, 30)
 """
 
@@ -24,7 +24,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from ..optim.groups import ATTENTION_AND_MLP
+from ..optim.build import OptimizerSpec
 from ..optim.registry import Method, get_method
 from ..train.config import PretrainConfig
 from ..train.logs import environment, optimizer_state_bytes
@@ -62,14 +62,12 @@ def bench_config(
         steps=steps,
         batch_size=batch_size,
         seq_len=seq_len,
-        rank=rank,
-        update_proj_gap=gap,
+        optim=OptimizerSpec(rank=rank, update_proj_gap=gap),
         seed=seed,
         device=device,
         eval_every=eval_every,
         eval_tokens=eval_windows * seq_len,
         dynamics_every=dynamics_every,
-        target_modules=ATTENTION_AND_MLP,
         autocast="off",
         save_every=0,
         checkpoints=False,
@@ -102,7 +100,7 @@ def run(
     folder = out / run_name(method, lr_m, lr_o, base.seed)
     if (folder / "config.json").exists():
         shutil.rmtree(folder)
-    config = replace(base, optimizer=method.name, lr=lr_m, other_lr=lr_o, out=str(folder))
+    config = replace(base, optim=replace(base.optim, name=method.name, lr=lr_m, other_lr=lr_o), out=str(folder))
     memory = MemoryMeter(config.device)
     clock = StepClock(config.device)
     trainer = Trainer(config, PretrainTask(config, data), callbacks=[clock])

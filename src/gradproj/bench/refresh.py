@@ -94,7 +94,8 @@ def captured_gradients(model: str = "llama-20m", steps: int = 50, seq_len: int =
 
     with tempfile.TemporaryDirectory(prefix="gradproj-captured-") as out:
         cfg = bench_config(model=model, steps=steps, batch_size=batch, seq_len=seq_len)
-        cfg = replace(cfg, optimizer="adamw", lr=1e-3, other_lr=1e-3, clip=0.0, eval_tokens=seq_len, out=out)
+        adamw = replace(cfg.optim, name="adamw", lr=1e-3, other_lr=1e-3)
+        cfg = replace(cfg, optim=adamw, clip=0.0, eval_tokens=seq_len, out=out)
         task = PretrainTask(cfg, prepare_data(cfg))
         result = Trainer(cfg, task).run()
     net = result.model

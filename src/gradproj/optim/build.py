@@ -24,29 +24,77 @@ from typing import Any
 import torch
 from torch import nn
 
-from .groups import Target, param_groups, target_weights
+from ..options import check, option
+from ..projection.projectors import PROJECTORS
+from ..projection.sides import PROJ_TYPES
+from .groups import ATTENTION_AND_MLP, Target, param_groups, target_weights
 from .presets import PRESETS
-from .registry import Method, get_method
+from .registry import Method, get_method, trainer_methods
+from .validate import ON_REFRESH
+
+#: Rank of a projected method when none is given (galore-torch's default); the trainer gives hidden / 4.
+DEFAULT_RANK = 128
+
+
+def _trainer_names() -> tuple[str, ...]:
+    return tuple(m.name for m in trainer_methods())
+
+
+def _method_help() -> str:
+    return "; ".join(f"{m.name}: {m.summary}" for m in trainer_methods())
+
+
+def _scale_help() -> str:
+    scales = ", ".join(f"{m.name} {m.default_scale():g}" for m in trainer_methods() if m.projected)
+    return f"update scale (default per optimizer: {scales})"
+
+
+def _projector_help() -> str:
+    bases = ", ".join(f"{m.name} {m.default_option('projector')}" for m in trainer_methods() if m.projected)
+    return f"basis of the projection (default per optimizer: {bases})"
 
 
 @dataclass(frozen=True, kw_only=True)
 class OptimizerSpec:
-    """A method by name and the options a user may set; ``None`` means the method's default."""
+    """A method by name and the options a user may set; ``None`` means the method's default. Each
+    field describes itself (:func:`gradproj.options.option`): the trainer's ``--optimizer``,
+    ``--lr``, ... flags are generated from these fields."""
 
-    name: str = "galore_adamw"  #: a name of :data:`gradproj.optim.registry.METHODS`
-    lr: float | None = None  #: learning rate of the targeted matrices
-    other_lr: float | None = None  #: learning rate of embeddings, norms and head
-    rank: int = 128  #: projection rank (a method with a fixed rank, APOLLO-Mini, ignores it)
-    update_proj_gap: int = 200
-    scale: float | None = None
-    projector: str | None = None  #: None: the method's own (APOLLO: random, the others: svd)
-    proj_type: str = "std"
-    on_refresh: str = "keep"
-    weight_decay: float = 0.0
-    target_modules: Target = "all-linear"
+    name: str = option(
+        "galore_adamw", help=_method_help, choices=_trainer_names, flag="--optimizer", group="optimizer"
+    )  #: a name of :data:`gradproj.optim.registry.METHODS` (the command line offers ours)
+    lr: float | None = option(
+        None, help="learning rate of the projected matrices (default: per optimizer)", above=0, group="optimizer"
+    )
+    other_lr: float | None = option(
+        None, help="learning rate of embeddings, norms and head (default: per optimizer)", above=0, group="optimizer"
+    )
+    rank: int | None = option(
+        None,
+        help=f"projection rank (the trainer's default: hidden size / 4, the paper's ratio; built directly: "
+        f"{DEFAULT_RANK}); a method with a fixed rank (APOLLO-Mini: 1) ignores it",
+        minimum=1,
+        group="optimizer",
+    )
+    update_proj_gap: int = option(200, help="steps between basis refreshes", minimum=1, group="optimizer")
+    scale: float | None = option(None, help=_scale_help, above=0, group="optimizer")
+    projector: str | None = option(None, help=_projector_help, choices=PROJECTORS, group="optimizer")
+    proj_type: str = option(
+        "std", help="which side is projected, galore-torch's names", choices=PROJ_TYPES, group="optimizer"
+    )
+    on_refresh: str = option(
+        "keep", help="what happens to the moments when the basis changes", choices=ON_REFRESH, group="optimizer"
+    )
+    weight_decay: float = option(0.0, help="decoupled weight decay", minimum=0, group="optimizer")
+    target_modules: Target = option(
+        ATTENTION_AND_MLP,
+        help="regex of module names to project, or all-linear (default: attention and MLP, the paper's targets)",
+        group="optimizer",
+    )
 
     def __post_init__(self) -> None:
-        get_method(self.name)  # an unknown name fails here, listing the valid ones
+        get_method(self.name)  # an unknown name fails here, listing the valid ones (peers included)
+        check(self, skip=("name",))
 
     @property
     def method(self) -> Method:
@@ -69,7 +117,7 @@ class OptimizerSpec:
         """The rank the optimizer really uses (None for full-rank methods)."""
         if not self.projected:
             return None
-        return self.method.fixed_rank or self.rank
+        return self.method.fixed_rank or (self.rank if self.rank is not None else DEFAULT_RANK)
 
     def group_options(self) -> dict[str, Any]:
         """Options of the projected group, in our key names, the method's fixed ones winning."""
@@ -161,7 +209,7 @@ def _lora(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimizer:
     targets = target_weights(model, spec.target_modules)
     frozen = {id(w) for w in targets.values()}
     names = sorted({name.rsplit(".", 2)[-2] for name in targets})  # module suffixes: q_proj, up_proj, ...
-    r = lora_rank(spec.rank)
+    r = lora_rank(spec.rank if spec.rank is not None else DEFAULT_RANK)
     inject_adapter_in_model(LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=names), model)
     adapters, rest = [], []
     for name, p in model.named_parameters():

@@ -2,7 +2,7 @@
 
 Example:
     >>> from gradproj.train import PretrainConfig
-    >>> PretrainConfig(model="llama-tiny", steps=5).optimizer
+    >>> PretrainConfig(model="llama-tiny", steps=5).optim.name
     'galore_adamw'
 """
 

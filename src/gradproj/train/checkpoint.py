@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import TrainConfig, upgrade
+
 PATTERN = re.compile(r"^step-(\d{8})$")
 FILES = ("model.safetensors", "optimizer.pt", "trainer.pt", "meta.json")
 
@@ -164,3 +166,30 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     set_rng_states(state["rng"])
     trainer_state: dict[str, Any] = state["trainer"]
     return trainer_state
+
+
+def resume_config(cls: type[TrainConfig], resume: Path, given: dict[str, Any]) -> TrainConfig:
+    """The one resume path: the saved settings of the run at ``resume``, overlaid with ``given``
+    (the flags a user gave, or a whole config), refused if ``given`` changes a setting that a resumed
+    run may not change (only steps, evaluation/save/log intervals and outputs may)."""
+    saved = read_meta(resolve_checkpoint(resume)).get("config", {})
+    if saved.get("kind") not in (None, cls.__name__):
+        raise CheckpointError(f"--resume {resume}: a {saved['kind']} run cannot be resumed as a {cls.__name__}")
+    base = {k: v for k, v in upgrade(saved).items() if k not in ("kind", "out")}
+    config = cls.from_dict(_overlay(base, given))
+    changed = config.changed_on_resume(saved)
+    if changed:
+        raise CheckpointError(
+            f"--resume {resume}: the run's settings differ from the checkpoint's ({'; '.join(changed)}); "
+            "resume with the original settings (only steps, eval/save/log intervals and outputs may change)"
+        )
+    return config
+
+
+def _overlay(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``top``'s values, nested dicts merged key by key."""
+    out = dict(base)
+    for key, value in top.items():
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _overlay(out[key], value) if nested else value
+    return out

@@ -1,5 +1,6 @@
-"""``gradproj pretrain`` and ``gradproj finetune``: flags map one to one onto
-:class:`~gradproj.train.config.PretrainConfig` / :class:`~gradproj.train.config.FinetuneConfig`.
+"""``gradproj pretrain`` and ``gradproj finetune``: the flags are generated from the fields of
+:class:`~gradproj.train.config.PretrainConfig` / :class:`~gradproj.train.config.FinetuneConfig`
+(:mod:`gradproj.train.flags`), one flag per field.
 
 Flags default to "not given" so that ``--resume RUN`` continues with the run's saved settings and
 an explicit flag that contradicts them is named in the error.
@@ -14,139 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..optim.registry import trainer_methods
-from ..optim.validate import ON_REFRESH
-from ..projection.projectors import PROJECTORS
-from ..projection.sides import PROJ_TYPES
-from .config import AUTOCAST, FinetuneConfig, PretrainConfig, TrainConfig
-from .models import LLAMA_SHAPES
-
-S = argparse.SUPPRESS
-
-
-def _scales() -> str:
-    """Each projected method's default scale, for ``--scale``'s help."""
-    return ", ".join(f"{m.name} {m.default_scale():g}" for m in trainer_methods() if m.projected)
-
-
-def _projectors() -> str:
-    """Each projected method's default basis, for ``--projector``'s help."""
-    return ", ".join(f"{m.name} {m.default_option('projector')}" for m in trainer_methods() if m.projected)
-
-
-def _add_common(p: argparse.ArgumentParser, config: TrainConfig) -> None:
-    o = p.add_argument_group("optimizer")
-    o.add_argument(
-        "--optimizer",
-        default=S,
-        choices=[m.name for m in trainer_methods()],
-        help=f"(default {config.optimizer}): "
-        + "; ".join(f"{m.name}: {m.summary}" for m in trainer_methods()).replace("%", "%%"),
-    )
-    o.add_argument(
-        "--lr", type=float, default=S, help="learning rate of the projected matrices (default: per optimizer)"
-    )
-    o.add_argument(
-        "--other-lr",
-        dest="other_lr",
-        type=float,
-        default=S,
-        help="learning rate of embeddings, norms and head (default: per optimizer)",
-    )
-    o.add_argument("--rank", type=int, default=S, help="projection rank (default: hidden size / 4, the paper's ratio)")
-    o.add_argument(
-        "--update-proj-gap",
-        dest="update_proj_gap",
-        type=int,
-        default=S,
-        help=f"steps between basis refreshes (default {config.update_proj_gap})",
-    )
-    o.add_argument("--scale", type=float, default=S, help=f"update scale (default per optimizer: {_scales()})")
-    o.add_argument("--projector", default=S, choices=PROJECTORS, help=f"basis (default per optimizer: {_projectors()})")
-    o.add_argument(
-        "--proj-type",
-        dest="proj_type",
-        default=S,
-        choices=PROJ_TYPES,
-        help=f"projected side, galore-torch's names (default {config.proj_type})",
-    )
-    o.add_argument(
-        "--on-refresh",
-        dest="on_refresh",
-        default=S,
-        choices=ON_REFRESH,
-        help=f"moments when the basis changes (default {config.on_refresh})",
-    )
-    o.add_argument("--weight-decay", dest="weight_decay", type=float, default=S, help="(default 0)")
-    o.add_argument(
-        "--target-modules",
-        dest="target_modules",
-        default=S,
-        help="regex of module names to project, or all-linear (default: attention and MLP)",
-    )
-    t = p.add_argument_group("schedule and loop")
-    t.add_argument("--steps", type=int, default=S, help=f"optimizer steps (default {config.steps})")
-    t.add_argument(
-        "--warmup", type=int, default=S, help="linear warmup steps before the cosine (default: 10%% of steps)"
-    )
-    t.add_argument("--clip", type=float, default=S, help=f"gradient-norm clip, 0 = off (default {config.clip})")
-    t.add_argument(
-        "--batch-size", dest="batch_size", type=int, default=S, help=f"per micro-batch (default {config.batch_size})"
-    )
-    t.add_argument("--grad-accum", dest="grad_accum", type=int, default=S, help="micro-batches per step (default 1)")
-    t.add_argument(
-        "--layerwise",
-        action="store_true",
-        default=S,
-        help="step each parameter inside backward: gradient memory of about one layer; "
-        "clipping bounds by the previous step's and the running norm (docs/SCALE.md)",
-    )
-    t.add_argument(
-        "--low-rank-comm",
-        dest="low_rank_comm",
-        action="store_true",
-        default=S,
-        help="under torchrun: all-reduce the low-rank P^T G between basis refreshes instead of G",
-    )
-    t.add_argument("--seed", type=int, default=S, help="model, data order and basis seed (default 0)")
-    t.add_argument("--device", default=S, help="cpu, cuda, cuda:1 ... (default cpu)")
-    t.add_argument("--autocast", default=S, choices=AUTOCAST, help="(default auto: bf16 on CUDA)")
-    t.add_argument(
-        "--max-nonfinite",
-        dest="max_nonfinite",
-        type=int,
-        default=S,
-        help="consecutive NaN/Inf steps (each skipped) that stop the run (default 5)",
-    )
-    r = p.add_argument_group("outputs")
-    r.add_argument("--out", default=S, help="run folder (default runs/<command>-<optimizer>-<time>)")
-    r.add_argument("--resume", default=None, metavar="DIR", help="continue a run folder (or one checkpoint) exactly")
-    r.add_argument(
-        "--eval-every",
-        dest="eval_every",
-        type=int,
-        default=S,
-        help=f"steps between evaluations, 0 = at the end only (default {config.eval_every})",
-    )
-    r.add_argument(
-        "--save-every",
-        dest="save_every",
-        type=int,
-        default=S,
-        help=f"steps between checkpoints, 0 = at the end only (default {config.save_every})",
-    )
-    r.add_argument("--keep", type=int, default=S, help="checkpoints kept (default 3)")
-    r.add_argument("--log-every", dest="log_every", type=int, default=S, help="steps between log rows (default 10)")
-    r.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bar")
-    r.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=S, help="CSV/JSONL logs only")
-    r.add_argument(
-        "--dynamics-every",
-        dest="dynamics_every",
-        type=int,
-        default=S,
-        help="sample per-layer training dynamics (captured energy, subspace drift, stable rank, spikes) every N "
-        "steps and at every basis refresh into dynamics.jsonl; 0 = off (default 10; see gradproj report)",
-    )
+from .config import FinetuneConfig, PretrainConfig, TrainConfig
+from .flags import add_config_flags, given
 
 
 def add_parsers(sub: Any) -> None:
@@ -164,27 +34,7 @@ def add_parsers(sub: Any) -> None:
         "      --seq-len 256 --batch-size 512 --steps 10000 --device cuda    # the paper's 60M run\n"
         "  gradproj pretrain --resume runs/pretrain-galore_adamw-20261122-101500",
     )
-    d = PretrainConfig()
-    m = pre.add_argument_group("model and data")
-    m.add_argument(
-        "--model", default=S, help=f"{', '.join(LLAMA_SHAPES)}, or a Hugging Face config path/name (default {d.model})"
-    )
-    m.add_argument(
-        "--data", default=S, help="text file, folder of .txt, or hf:NAME[:CONFIG] (default: embedded Shakespeare)"
-    )
-    m.add_argument("--tokenizer", default=S, help="Hugging Face tokenizer path/name (default: BPE trained on the data)")
-    m.add_argument(
-        "--vocab-size", dest="vocab_size", type=int, default=S, help=f"trained BPE size (default {d.vocab_size})"
-    )
-    m.add_argument("--seq-len", dest="seq_len", type=int, default=S, help=f"tokens per sequence (default {d.seq_len})")
-    m.add_argument(
-        "--eval-tokens",
-        dest="eval_tokens",
-        type=int,
-        default=S,
-        help=f"held-out tokens per evaluation (default {d.eval_tokens})",
-    )
-    _add_common(pre, d)
+    _add_flags(pre, PretrainConfig)
 
     fine = sub.add_parser(
         "finetune",
@@ -196,35 +46,27 @@ def add_parsers(sub: Any) -> None:
         "  gradproj finetune --optimizer adamw --steps 200\n"
         "  gradproj finetune --model roberta-base --task mrpc --device cuda   # GLUE, needs the network",
     )
-    f = FinetuneConfig()
-    m = fine.add_argument_group("model and data")
-    m.add_argument("--model", default=S, help="Hugging Face model path/name (default: embedded all-MiniLM-L6-v2)")
-    m.add_argument(
-        "--task", default=S, help="bbc-news (embedded) or a GLUE task: cola, sst2, mrpc, qqp, mnli, qnli, rte"
+    _add_flags(fine, FinetuneConfig)
+
+
+def _add_flags(parser: argparse.ArgumentParser, cls: type[TrainConfig]) -> None:
+    """The config's own flags (generated from its fields) and ``--resume``."""
+    groups = add_config_flags(parser, cls)
+    groups["outputs"].add_argument(
+        "--resume", default=None, metavar="DIR", help="continue a run folder (or one checkpoint) exactly"
     )
-    m.add_argument(
-        "--max-length", dest="max_length", type=int, default=S, help=f"tokens per example (default {f.max_length})"
-    )
-    m.add_argument(
-        "--eval-examples", dest="eval_examples", type=int, default=S, help="held-out examples (default: all)"
-    )
-    _add_common(fine, f)
 
 
 def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str | None]:
-    """The run's config: the saved one when resuming, overlaid with the flags actually given."""
+    """The run's config: the flags given, over the saved settings when resuming (the one resume
+    path, :func:`gradproj.train.checkpoint.resume_config`, which the trainer also goes through)."""
     cls: type[TrainConfig] = PretrainConfig if args.command == "pretrain" else FinetuneConfig
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "resume")}
-    base: dict[str, Any] = {}
+    flags = {k: v for k, v in given(args).items() if k not in ("command", "resume")}
     if args.resume:
-        from .checkpoint import read_meta, resolve_checkpoint
+        from .checkpoint import resume_config
 
-        saved = read_meta(resolve_checkpoint(Path(args.resume))).get("config", {})
-        if saved.get("kind") not in (None, cls.__name__):
-            raise ValueError(f"--resume {args.resume}: a {saved['kind']} run cannot be resumed by `{args.command}`")
-        base = {k: v for k, v in saved.items() if k != "kind"}
-        base.pop("out", None)
-    return cls(**{**base, **given}), args.resume
+        return resume_config(cls, Path(args.resume), flags), args.resume
+    return cls.from_dict(flags), None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -270,7 +112,7 @@ def format_summary(summary: dict[str, Any], config: TrainConfig) -> str:
         ("run", summary["run_dir"]),
         ("model", f"{summary.get('model_name', '')} ({summary['parameters'] / 1e6:.1f}M parameters)"),
         ("data", summary["data"]),
-        ("optimizer", f"{config.optimizer}{rank}, {state}"),
+        ("optimizer", f"{config.optim.name}{rank}, {state}"),
         (
             "gradients",
             f"{summary['gradient_bytes'] / 2**20:.1f} MiB "

@@ -1,105 +1,103 @@
-"""Typed run configurations, validated on construction; every field is one command-line flag.
+"""Typed run configurations, validated on construction. Every field describes itself
+(:func:`gradproj.options.option`: help, limits, choices, whether ``--resume`` may change it), and the
+``gradproj pretrain`` / ``finetune`` flags are generated from these fields
+(:mod:`gradproj.train.flags`). The optimizer and its options are one nested
+:class:`~gradproj.optim.build.OptimizerSpec`.
 
 Example:
-    >>> cfg = PretrainConfig(model="llama-tiny", steps=10)
-    >>> cfg.warmup_steps, cfg.optimizer_spec().name
-    (1, 'galore_adamw')
+    >>> cfg = PretrainConfig(model="llama-tiny", steps=10, optim=OptimizerSpec(name="fira_adamw", rank=8))
+    >>> cfg.warmup_steps, cfg.optimizer_spec().name, cfg.optimizer_spec().matrix_lr
+    (1, 'fira_adamw', 0.003)
     >>> PretrainConfig(steps=0)
     Traceback (most recent call last):
     ...
     ValueError: steps=0 is not valid; expected an integer >= 1
+    >>> PretrainConfig.from_dict({"steps": 5, "optim": {"name": "adamw"}}).optim.name
+    'adamw'
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, ClassVar
 
 from ..optim.build import OptimizerSpec
-from ..optim.groups import ATTENTION_AND_MLP
-from ..optim.registry import get_method
-from ..optim.validate import ON_REFRESH
-from ..projection.projectors import PROJECTORS
-from ..projection.sides import PROJ_TYPES
+from ..options import check, flatten, meta, option
 
 AUTOCAST = ("auto", "bf16", "off")
-#: Fields that may differ when resuming; every other field must equal the checkpoint's.
-RESUMABLE = (
-    "steps",
-    "eval_every",
-    "save_every",
-    "keep",
-    "log_every",
-    "out",
-    "progress",
-    "tensorboard",
-    "max_nonfinite",
-    "dynamics_every",
-    "checkpoints",
-)
+LOOP, OUTPUTS, DATA = "schedule and loop", "outputs", "model and data"
 
 
-def _positive(name: str, value: int | float, minimum: float = 1) -> None:
-    if not value >= minimum:
-        kind = "an integer" if isinstance(value, int) else "a number"
-        raise ValueError(f"{name}={value!r} is not valid; expected {kind} >= {minimum:g}")
+def _llama_shapes() -> str:
+    from .models import LLAMA_SHAPES
+
+    return f"{', '.join(LLAMA_SHAPES)}, or a Hugging Face config path/name"
 
 
 @dataclass(kw_only=True)
 class TrainConfig:
     """What every run shares: optimizer, schedule, loop, outputs."""
 
-    optimizer: str = "galore_adamw"  #: a name from ``gradproj.optim.registry.METHODS``
-    lr: float | None = None  #: learning rate of projected matrices (None: the recipe's)
-    other_lr: float | None = None  #: learning rate of embeddings, norms, head (None: the recipe's)
-    rank: int | None = None  #: projection rank (None: a quarter of the hidden size, the paper's ratio)
-    update_proj_gap: int = 200  #: steps between basis refreshes
-    scale: float | None = None  #: update scale (None: 0.25 GaLore, 1 Fira/APOLLO, 128 APOLLO-Mini)
-    projector: str | None = None  #: svd | rsvd | dct | random (None: the optimizer's, random for APOLLO, else svd)
-    proj_type: str = "std"  #: which side is projected (galore-torch's names)
-    on_refresh: str = "keep"  #: what happens to the moments when the basis changes
-    weight_decay: float = 0.0
-    target_modules: str = ATTENTION_AND_MLP  #: regex of module names to project, or "all-linear"
-    steps: int = 600  #: optimizer steps
-    warmup: int | None = None  #: linear warmup steps (None: 10% of steps)
-    min_lr_ratio: float = 0.1  #: the cosine decays to this fraction of the peak
-    clip: float = 1.0  #: global gradient-norm clip (0: no clipping, the norm is still logged)
-    batch_size: int = 16  #: sequences (or examples) per micro-batch
-    grad_accum: int = 1  #: micro-batches per optimizer step
-    layerwise: bool = False  #: step each parameter inside backward (gradient memory ~ one layer)
-    low_rank_comm: bool = False  #: under torchrun, all-reduce P^T G instead of G between refreshes
-    seed: int = 0
-    device: str = "cpu"
-    autocast: str = "auto"  #: auto (bf16 on CUDA, off on CPU) | bf16 | off
-    eval_every: int = 200  #: steps between evaluations (0: only at the end)
-    save_every: int = 200  #: steps between checkpoints (0: only at the end / on a signal)
-    keep: int = 3  #: checkpoints kept
-    checkpoints: bool = True  #: write checkpoints (False: none, for benchmark runs; a signal still saves one)
-    log_every: int = 10  #: steps between log rows
-    out: str | None = None  #: run folder (None: runs/<task>-<optimizer>-<time>)
-    max_nonfinite: int = 5  #: consecutive non-finite steps that stop the run
-    progress: bool = True
-    tensorboard: bool = True  #: also write TensorBoard events (if tensorboard is installed)
-    dynamics_every: int = 10  #: sample per-layer training dynamics every N steps (0: off); see gradproj.dynamics
+    optim: OptimizerSpec = option(
+        default_factory=OptimizerSpec, help="the optimizer and its options", group="optimizer"
+    )
+    steps: int = option(600, help="optimizer steps", minimum=1, group=LOOP, resumable=True)
+    warmup: int | None = option(
+        None, help="linear warmup steps before the cosine (default: 10% of steps)", minimum=0, group=LOOP
+    )
+    min_lr_ratio: float = option(0.1, help="the cosine decays to this fraction of the peak", minimum=0, group=LOOP)
+    clip: float = option(
+        1.0, help="global gradient-norm clip, 0 = off (the norm is still logged)", minimum=0, group=LOOP
+    )
+    batch_size: int = option(16, help="sequences (or examples) per micro-batch", minimum=1, group=LOOP)
+    grad_accum: int = option(1, help="micro-batches per optimizer step", minimum=1, group=LOOP)
+    layerwise: bool = option(
+        False,
+        help="step each parameter inside backward: gradient memory of about one layer; clipping bounds by the "
+        "previous step's and the running norm (docs/SCALE.md)",
+        group=LOOP,
+    )
+    low_rank_comm: bool = option(
+        False, help="under torchrun: all-reduce the low-rank P^T G between basis refreshes instead of G", group=LOOP
+    )
+    seed: int = option(0, help="model, data order and basis seed", group=LOOP)
+    device: str = option("cpu", help="cpu, cuda, cuda:1 ...", group=LOOP)
+    autocast: str = option("auto", help="auto: bf16 on CUDA, off on CPU", choices=AUTOCAST, group=LOOP)
+    max_nonfinite: int = option(
+        5, help="consecutive NaN/Inf steps (each skipped) that stop the run", minimum=1, group=LOOP, resumable=True
+    )
+    eval_every: int = option(
+        200, help="steps between evaluations, 0 = at the end only", minimum=0, group=OUTPUTS, resumable=True
+    )
+    save_every: int = option(
+        200, help="steps between checkpoints, 0 = at the end only", minimum=0, group=OUTPUTS, resumable=True
+    )
+    keep: int = option(3, help="checkpoints kept", minimum=0, group=OUTPUTS, resumable=True)
+    checkpoints: bool = option(
+        True,
+        help="no checkpoints at all, not even at the end (benchmark runs; a signal still saves one)",
+        group=OUTPUTS,
+        resumable=True,
+    )
+    log_every: int = option(10, help="steps between log rows", minimum=1, group=OUTPUTS, resumable=True)
+    out: str | None = option(
+        None, help="run folder (default runs/<command>-<optimizer>-<time>)", group=OUTPUTS, resumable=True
+    )
+    progress: bool = option(True, help="no progress bar", group=OUTPUTS, resumable=True)
+    tensorboard: bool = option(True, help="CSV/JSONL logs only (no TensorBoard events)", group=OUTPUTS, resumable=True)
+    dynamics_every: int = option(
+        10,
+        help="sample per-layer training dynamics (captured energy, subspace drift, stable rank, spikes) every N "
+        "steps and at every basis refresh into dynamics.jsonl; 0 = off (see gradproj report)",
+        minimum=0,
+        group=OUTPUTS,
+        resumable=True,
+    )
 
     def __post_init__(self) -> None:
-        get_method(self.optimizer)  # an unknown name fails here, listing the valid ones
-        for name in ("steps", "batch_size", "grad_accum", "update_proj_gap", "max_nonfinite"):
-            _positive(name, getattr(self, name))
-        for name in ("eval_every", "save_every", "keep", "log_every", "clip", "weight_decay"):
-            _positive(name, getattr(self, name), 0)
-        if self.rank is not None:
-            _positive("rank", self.rank)
-        for name in ("lr", "other_lr", "scale"):
-            if getattr(self, name) is not None and not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not valid; expected a number > 0")
-        choices = {"projector": (None, *PROJECTORS), "proj_type": PROJ_TYPES, "on_refresh": ON_REFRESH}
-        choices["autocast"] = AUTOCAST
-        for name, valid in choices.items():
-            if getattr(self, name) not in valid:
-                raise ValueError(
-                    f"{name}={getattr(self, name)!r} is not valid; expected one of {', '.join(map(str, valid))}"
-                )
+        if isinstance(self.optim, dict):  # from JSON (config.json, a checkpoint's meta)
+            self.optim = OptimizerSpec(**self.optim)
+        check(self)
         if self.warmup is not None and not 0 <= self.warmup < self.steps:
             raise ValueError(f"warmup={self.warmup!r} is not valid; expected 0 <= warmup < steps ({self.steps})")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -109,54 +107,78 @@ class TrainConfig:
     def warmup_steps(self) -> int:
         return self.warmup if self.warmup is not None else max(1, self.steps // 10)
 
-    #: Default learning rates are the recipe's times this factor (and ``OTHER_LR`` for the rest, if set).
+    #: Default learning rates are the method's times this factor (and ``OTHER_LR`` for the rest, if set).
     LR_FACTOR: ClassVar[float] = 1.0
     OTHER_LR: ClassVar[float | None] = None
 
-    def optimizer_spec(self, default_rank: int = 128) -> OptimizerSpec:
-        method = get_method(self.optimizer)
-        return OptimizerSpec(
-            name=self.optimizer,
-            lr=self.lr if self.lr is not None else method.lr * self.LR_FACTOR,
-            other_lr=self.other_lr if self.other_lr is not None else (self.OTHER_LR or method.other_lr),
-            rank=self.rank if self.rank is not None else default_rank,
-            update_proj_gap=self.update_proj_gap,
-            scale=self.scale,
-            projector=self.projector,
-            proj_type=self.proj_type,
-            on_refresh=self.on_refresh,
-            weight_decay=self.weight_decay,
-            target_modules=self.target_modules,
+    def optimizer_spec(self, default_rank: int | None = None) -> OptimizerSpec:
+        """The optimizer this run builds: its rates resolved (the method's defaults, scaled for
+        fine-tuning) and its rank (``default_rank`` when none was given: the trainer's hidden / 4)."""
+        spec, method = self.optim, self.optim.method
+        return replace(
+            spec,
+            lr=spec.lr if spec.lr is not None else method.lr * self.LR_FACTOR,
+            other_lr=spec.other_lr if spec.other_lr is not None else (self.OTHER_LR or method.other_lr),
+            rank=spec.rank if spec.rank is not None else default_rank,
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data (config.json, a checkpoint's meta): the kind, every field, the optimizer nested."""
         return {"kind": type(self).__name__, **asdict(self)}
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """The config ``to_dict`` wrote (``kind`` ignored; a flat optimizer of older runs accepted)."""
+        values = upgrade(values)
+        return cls(**{k: v for k, v in values.items() if k != "kind"})
+
     def changed_on_resume(self, saved: dict[str, Any]) -> list[str]:
-        """Fields that differ from a saved config and may not (lines 'name: saved -> now')."""
-        now = self.to_dict()
+        """Settings that differ from a saved config and may not (lines 'name: saved -> now')."""
+        before, now = flatten(upgrade(saved)), flatten(self.to_dict())
         return [
-            f"{f}: {saved.get(f)!r} -> {now[f]!r}"
-            for f in [*(fl.name for fl in fields(self)), "kind"]
-            if f not in RESUMABLE and saved.get(f) != now[f]
+            f"{key}: {before.get(key)!r} -> {value!r}"
+            for key, value in now.items()
+            # a setting newer than the saved run (absent from it) took its default: nothing to compare
+            if key in before and before[key] != value and not (key in _own(type(self)) and _resumable(type(self), key))
         ]
+
+
+def _own(cls: type) -> set[str]:
+    return {f.name for f in fields(cls)}
+
+
+def _resumable(cls: type, name: str) -> bool:
+    return bool(meta(cls, name).get("resumable"))
+
+
+def upgrade(values: dict[str, Any]) -> dict[str, Any]:
+    """A saved config in today's layout: runs saved before the optimizer was nested kept its options
+    (``optimizer``, ``lr``, ...) at the top level."""
+    if "optim" in values or "optimizer" not in values:
+        return dict(values)
+    names = {f.name for f in fields(OptimizerSpec)}
+    flat = dict(values)
+    optim = {"name": flat.pop("optimizer")}
+    optim.update({k: flat.pop(k) for k in list(flat) if k in names})
+    return {**flat, "optim": optim}
 
 
 @dataclass(kw_only=True)
 class PretrainConfig(TrainConfig):
     """Pre-training a causal LM from scratch."""
 
-    model: str = "llama-5m"  #: a name from LLAMA_SHAPES or a Hugging Face config path/name
-    data: str | None = None  #: None (embedded Shakespeare), a text file/folder, or hf:NAME[:CONFIG]
-    tokenizer: str | None = None  #: None (BPE trained on the data, cached) or a Hugging Face tokenizer
-    vocab_size: int = 4096  #: size of the trained BPE (ignored with --tokenizer)
-    seq_len: int = 128
-    eval_tokens: int = 65_536  #: held-out tokens per evaluation (fixed windows, same every time)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("vocab_size", "seq_len", "eval_tokens"):
-            _positive(name, getattr(self, name), 2)
+    model: str = option("llama-5m", help=_llama_shapes, group=DATA)
+    data: str | None = option(
+        None, help="text file, folder of .txt, or hf:NAME[:CONFIG] (default: embedded Shakespeare)", group=DATA
+    )
+    tokenizer: str | None = option(
+        None, help="Hugging Face tokenizer path/name (default: BPE trained on the data, cached)", group=DATA
+    )
+    vocab_size: int = option(4096, help="trained BPE size (ignored with --tokenizer)", minimum=2, group=DATA)
+    seq_len: int = option(128, help="tokens per sequence", minimum=2, group=DATA)
+    eval_tokens: int = option(
+        65_536, help="held-out tokens per evaluation (fixed windows, the same every time)", minimum=2, group=DATA
+    )
 
 
 @dataclass(kw_only=True)
@@ -174,11 +196,11 @@ class FinetuneConfig(TrainConfig):
     steps: int = 100
     eval_every: int = 50
     save_every: int = 50
-    model: str | None = None  #: None (embedded all-MiniLM-L6-v2) or a Hugging Face model path/name
-    task: str = "bbc-news"  #: bbc-news (embedded) or a GLUE task name (needs the network)
-    max_length: int = 128  #: tokens per example (truncated)
-    eval_examples: int = 0  #: held-out examples per evaluation (0: all)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _positive("max_length", self.max_length, 8)
+    model: str | None = option(
+        None, help="Hugging Face model path/name (default: embedded all-MiniLM-L6-v2)", group=DATA
+    )
+    task: str = option(
+        "bbc-news", help="bbc-news (embedded) or a GLUE task: cola, sst2, mrpc, qqp, mnli, qnli, rte", group=DATA
+    )
+    max_length: int = option(128, help="tokens per example (truncated)", minimum=8, group=DATA)
+    eval_examples: int = option(0, help="held-out examples per evaluation (0: all)", minimum=0, group=DATA)

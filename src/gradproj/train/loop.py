@@ -23,8 +23,8 @@ from ..optim.build import build_optimizer
 from .checkpoint import (
     CheckpointError,
     load_checkpoint,
-    read_meta,
     resolve_checkpoint,
+    resume_config,
     save_checkpoint,
 )
 from .config import TrainConfig
@@ -71,15 +71,10 @@ class Trainer:
         resume: str | Path | None = None,
         callbacks: Sequence[Callback] = (),
     ) -> None:
+        if resume is not None:  # the saved settings, checked against this config (the CLI's path too)
+            config = resume_config(type(config), Path(resume), config.to_dict())
         self.config, self.task, self.callbacks = config, task, tuple(callbacks)
         self.checkpoint = resolve_checkpoint(Path(resume)) if resume is not None else None
-        if self.checkpoint is not None:
-            changed = config.changed_on_resume(read_meta(self.checkpoint).get("config", {}))
-            if changed:
-                raise CheckpointError(
-                    f"--resume {resume}: the run's settings differ from the checkpoint's ({'; '.join(changed)}); "
-                    "resume with the original settings (only steps, eval/save/log intervals and outputs may change)"
-                )
         self.parallel = Parallel()
         self.run_dir = Path(self.parallel.same_on_every_rank(str(self._run_dir(resume))))
         self.skips = SkipPolicy(config.max_nonfinite, self.run_dir)
@@ -95,7 +90,7 @@ class Trainer:
             return Path(self.config.out)
         if self.checkpoint is not None:
             return self.checkpoint.parent.parent
-        return Path("runs") / f"{self.task.kind}-{self.config.optimizer}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return Path("runs") / f"{self.task.kind}-{self.config.optim.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -157,9 +152,9 @@ class Trainer:
         cfg, task = self.config, self.task
         torch.manual_seed(cfg.seed)
         model = task.build_model().to(self.parallel.device(cfg.device))
-        spec = cfg.optimizer_spec(cfg.rank if cfg.rank is not None else default_rank(model))
+        spec = cfg.optimizer_spec(default_rank(model))
         if spec.projected and spec.method.fixed_rank is None:
-            check_rank(model, cfg.target_modules, spec.rank)
+            check_rank(model, spec.target_modules, spec.resolved_rank or 1)
         self.rank = spec.resolved_rank
         if self.checkpoint is not None and not spec.method.resumable:
             raise CheckpointError(

@@ -10,9 +10,12 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from ..optim.groups import Target
 
 #: hidden / intermediate / heads / layers. The paper's five (Zhao et al., 2024, Table 9) and small
 #: shapes for CPUs: ``llama-tiny`` trains in seconds (tests, smoke runs); ``llama-1m`` ...
@@ -83,7 +86,7 @@ def default_rank(model: nn.Module) -> int:
     return max(1, int(getattr(getattr(model, "config", None), "hidden_size", 512)) // 4)
 
 
-def check_rank(model: nn.Module, target: str, rank: int) -> None:
+def check_rank(model: nn.Module, target: Target, rank: int) -> None:
     """Refuse a rank larger than the smallest targeted matrix (the engine would clamp it silently per matrix)."""
     smallest, name = smallest_target_dim(model, target)
     if rank > smallest:
@@ -93,7 +96,7 @@ def check_rank(model: nn.Module, target: str, rank: int) -> None:
         )
 
 
-def smallest_target_dim(model: nn.Module, target: str) -> tuple[int, str]:
+def smallest_target_dim(model: nn.Module, target: Target) -> tuple[int, str]:
     """``min(m, n)`` over the target linears and the name of the weight that has it."""
     from ..optim.groups import target_weights
 

@@ -1,0 +1,114 @@
+"""Options that describe themselves: one dataclass field carries its default, help, limits, choices,
+command-line flag, help group and whether a resumed run may change it. Configs validate from it
+(:func:`check`), the command line is generated from it (:mod:`gradproj.train.flags`), and resume
+compares configs with it, so a setting is written once.
+
+Example:
+    >>> from dataclasses import dataclass
+    >>> @dataclass
+    ... class Run:
+    ...     steps: int = option(10, help="optimizer steps", minimum=1)
+    ...     mode: str = option("fast", help="how", choices=("fast", "slow"))
+    ...     def __post_init__(self) -> None:
+    ...         check(self)
+    >>> Run(steps=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: steps=0 is not valid; expected an integer >= 1
+    >>> Run(mode="warp")
+    Traceback (most recent call last):
+    ...
+    ValueError: mode='warp' is not valid; expected one of fast, slow
+    >>> meta(Run, "steps")["help"]
+    'optimizer steps'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+_NO_DEFAULT: Any = dataclasses.MISSING
+
+
+def option(
+    default: Any = _NO_DEFAULT,
+    *,
+    help: str | Callable[[], str],
+    default_factory: Callable[[], Any] = _NO_DEFAULT,
+    minimum: float | None = None,
+    above: float | None = None,
+    choices: tuple[Any, ...] | Callable[[], tuple[Any, ...]] | None = None,
+    flag: str | None = None,
+    group: str | None = None,
+    resumable: bool = False,
+) -> Any:
+    """A dataclass field with its own description.
+
+    ``help`` (a string, or a function for text drawn from a registry), ``minimum`` (inclusive) or
+    ``above`` (exclusive) bounds, ``choices`` (a tuple, or a function returning one: the command
+    line's choices; validation uses them too unless the owner validates itself), ``flag`` (the
+    command-line name, default ``--field-name``), ``group`` (the ``--help`` section) and
+    ``resumable`` (``--resume`` may change it). ``None`` values skip the checks: None means "the
+    default of whoever resolves it".
+    """
+    metadata = {
+        "help": help,
+        "minimum": minimum,
+        "above": above,
+        "choices": choices,
+        "flag": flag,
+        "group": group,
+        "resumable": resumable,
+    }
+    if default_factory is not _NO_DEFAULT:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def meta(cls: type, name: str) -> Mapping[str, Any]:
+    """The option metadata of field ``name`` of ``cls``: its own, or that of the nearest base class
+    that describes it (a subclass may change a default without repeating the help)."""
+    for klass in cls.__mro__:
+        found = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if found is not None and found.metadata:
+            return found.metadata
+    return {}
+
+
+def resolve(value: Any) -> Any:
+    """``value``, or what it returns if it is a function (help and choices drawn from a registry)."""
+    return value() if callable(value) else value
+
+
+def check(obj: Any, *, skip: tuple[str, ...] = ()) -> None:
+    """Validate every described field of the dataclass instance ``obj`` (but ``skip``); the error
+    names the field, its value and what would be valid."""
+    for f in dataclasses.fields(obj):
+        info, value = meta(type(obj), f.name), getattr(obj, f.name)
+        if f.name in skip or not info or value is None:
+            continue
+        choices = resolve(info["choices"])
+        if choices is not None and value not in choices:
+            raise ValueError(f"{f.name}={value!r} is not valid; expected one of {', '.join(map(str, choices))}")
+        if info["minimum"] is not None and not value >= info["minimum"]:
+            kind = "an integer" if isinstance(value, int) else "a number"
+            raise ValueError(f"{f.name}={value!r} is not valid; expected {kind} >= {info['minimum']:g}")
+        if info["above"] is not None and not value > info["above"]:
+            raise ValueError(f"{f.name}={value!r} is not valid; expected a number > {info['above']:g}")
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested option dicts as ``{"optim.lr": ...}``: how resume compares configs and names fields.
+
+    >>> flatten({"steps": 3, "optim": {"name": "adamw", "lr": 1e-3}})
+    {'steps': 3, 'optim.name': 'adamw', 'optim.lr': 0.001}
+    """
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
