@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradproj.bench.methods import Method, get_method, missing
+from gradproj.bench.methods import Method, get_method, lineup, missing
 from gradproj.bench.quality import bench_config, prepare_data, run, run_isolated
 from gradproj.bench.refresh import captured_benchmark
 from gradproj.bench.tables import best_learning_rates, read_records, table
@@ -85,6 +85,17 @@ def test_lora_trains_adapters_at_comparable_state(data, tmp_path: Path) -> None:
     assert 0.7 < record["state_bytes"] / galore["state_bytes"] < 1.4  # "comparable trainable state"
     assert record["losses"][-1] < record["losses"][0]
     assert lora_rank(64) == 32 and lora_rank(1) == 1
+
+
+@pytest.mark.parametrize("name", [m.name for m in lineup() if m.external])
+def test_every_installed_peer_builds_and_steps_through_the_trainer(data, tmp_path: Path, name: str) -> None:  # type: ignore[no-untyped-def]
+    method = _method(name)
+    if missing(method) is not None:
+        pytest.skip(f"{name}: {missing(method)}")
+    cfg = replace(CFG, steps=2, eval_tokens=2 * CFG.seq_len)
+    record = run(method, 1e-3, 1e-3, data, cfg, tmp_path)
+    assert not record["diverged"] and len(record["losses"]) == 2 and record["state_bytes"] > 0
+    assert json.loads((Path(record["run_dir"]) / "summary.json").read_text())["steps"] == 2
 
 
 def test_bitsandbytes_8bit_adamw_peer(data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

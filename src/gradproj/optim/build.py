@@ -130,6 +130,8 @@ class OptimizerSpec:
             "projector": projector,
             "on_refresh": self.on_refresh,
         }
+        if self.method.kind == "peer":  # a peer's fixed options are in its own key names: _peer adds them
+            return options
         fixed = {k: v for k, v in self.method.group_options.items() if k != "rank"}
         return {**options, **fixed}
 

@@ -117,7 +117,7 @@ class Trainer:
                         callback.on_step_end(progress.step, loss)
                     losses.append(loss)
                     meter.add(units)
-                    lr = optimizer.param_groups[0]["lr"]
+                    lr = float(optimizer.param_groups[0]["lr"])  # torchao keeps it as a tensor
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", **meter.postfix, refresh=False)
                     if progress.step % cfg.log_every == 0 or progress.step == cfg.steps:
