@@ -152,7 +152,7 @@ def test_bench_runs_are_pretrain_runs_that_report_draws(tmp_path: Path) -> None:
 
 
 def test_isolated_runs_measure_their_own_peak_memory(data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    record = run_isolated(_method("adamw"), 1e-3, 1e-2, CFG, tmp_path / "isolated")
+    record = run_isolated(_method("adamw"), 1e-3, 1e-2, data, CFG, tmp_path / "isolated")
     in_process = run(_method("adamw"), 1e-3, 1e-2, data, CFG, tmp_path)
     assert record["memory_isolated"] and record["losses"] == in_process["losses"]  # same run, another process
     assert 0 < record["peak_memory_bytes"] - record["baseline_memory_bytes"] < 2**30

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .bench.plots import pyplot
+from .train.config import upgrade
 
 QUANTITIES = {
     "energy": "captured energy ‖PᵀG‖²/‖G‖²",
@@ -208,10 +209,8 @@ def spike_figure(runs: list[Run]) -> bytes:
 
 
 def _optimizer(config: dict[str, Any]) -> dict[str, Any]:
-    """The optimizer's settings in a run's config.json (nested under ``optim``; older runs: flat)."""
-    if "optim" in config:
-        return dict(config["optim"])
-    return {**config, "name": config.get("optimizer")}
+    """The optimizer's settings in a run's config.json (older runs' flat keys upgraded)."""
+    return dict(upgrade(config).get("optim", {}))
 
 
 def _summary_table(runs: list[Run]) -> str:

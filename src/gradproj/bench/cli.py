@@ -192,7 +192,7 @@ def run_grid(args: argparse.Namespace, grid: list[tuple[str, float, float]], iso
             continue
         try:
             if isolate:
-                record = run_isolated(method, lr_m, lr_o, cfg, out)
+                record = run_isolated(method, lr_m, lr_o, data, cfg, out)
             else:
                 record = run(method, lr_m, lr_o, data, cfg, out)
         except Exception as error:  # one broken method (often a peer's) must not end the comparison

@@ -145,14 +145,18 @@ def run(
     }
 
 
-def _run_by_name(name: str, lr_m: float, lr_o: float, base: PretrainConfig, out: Path) -> dict[str, Any]:
-    record = run(get_method(name), lr_m, lr_o, prepare_data(base), base, out)
+def _run_by_name(
+    name: str, lr_m: float, lr_o: float, data: PretrainData, base: PretrainConfig, out: Path
+) -> dict[str, Any]:
+    record = run(get_method(name), lr_m, lr_o, data, base, out)
     return {**record, "memory_isolated": True}
 
 
-def run_isolated(method: Method, lr_m: float, lr_o: float, base: PretrainConfig, out: Path) -> dict[str, Any]:
-    """:func:`run` in a fresh process, so that its peak RSS is this run's alone (CPU memory). The
-    process tokenizes the data itself (the tokenizer is cached, so it is the same data)."""
+def run_isolated(
+    method: Method, lr_m: float, lr_o: float, data: PretrainData, base: PretrainConfig, out: Path
+) -> dict[str, Any]:
+    """:func:`run` in a fresh process, so that its peak RSS is this run's alone (CPU memory); the
+    tokenized data is sent along (pickled), not prepared again."""
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-        return pool.submit(_run_by_name, method.name, lr_m, lr_o, base, out).result()
+        return pool.submit(_run_by_name, method.name, lr_m, lr_o, data, base, out).result()
