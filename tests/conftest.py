@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import warnings
 from typing import Any
@@ -11,7 +12,7 @@ import torch
 
 import gradproj
 from gradproj.optim.registry import METHODS
-from gradproj.optim.validate import ON_REFRESH
+from gradproj.optim.validate import ON_REFRESH, combination_error
 from gradproj.projection import PROJECTORS
 
 # Every enumeration comes from its owner: a projector, preset or on_refresh policy added there is
@@ -27,13 +28,37 @@ def lr_kwargs(preset: str, lr: float = 1e-2) -> dict[str, Any]:
 def _spec(preset: str) -> dict[str, Any]:
     cls = gradproj.PRESETS[preset]
     defaults = cls.projection_defaults()
-    return {"kwargs": lr_kwargs(preset), "rule": cls.RULE, "residual": defaults["residual"], "scale": defaults["scale"]}
+    signature = inspect.signature(cls).parameters
+    # what a twin needs to run the preset: its projection defaults and its constructor's eps and betas
+    twin = {k: v for k, v in defaults.items() if k not in ("residual", "seed", "rule")}
+    twin["projected_rule"] = defaults["rule"]
+    twin.update({k: signature[k].default for k in ("eps", "betas") if k in signature})
+    return {
+        "kwargs": lr_kwargs(preset),
+        "rule": cls.RULE,
+        "residual": defaults["residual"],
+        "scale": defaults["scale"],
+        "twin": twin,
+    }
 
 
 # (preset, constructor kwargs, engine rule, engine residual, default scale), read off the presets themselves
 PRESET_SPECS: dict[str, dict[str, Any]] = {name: _spec(name) for name in PRESET_NAMES}
 
-ALL_COMBINATIONS = list(itertools.product(PRESET_NAMES, PROJECTORS, ON_REFRESH))
+
+def compatible(preset: str, projector: str) -> bool:
+    """Whether the preset's options fit the projector (Alice's switching needs leading directions)."""
+    return combination_error({**gradproj.PRESETS[preset].projection_defaults(), "projector": projector}) is None
+
+
+#: every (preset, projector) that fits; the others are tested to raise (test_errors)
+PAIRS = [
+    (preset, projector)
+    for preset, projector in itertools.product(PRESET_NAMES, PROJECTORS)
+    if compatible(preset, projector)
+]
+INCOMPATIBLE = [pair for pair in itertools.product(PRESET_NAMES, PROJECTORS) if pair not in PAIRS]
+ALL_COMBINATIONS = [(preset, projector, policy) for preset, projector in PAIRS for policy in ON_REFRESH]
 
 
 def make_params(

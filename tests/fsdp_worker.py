@@ -17,7 +17,9 @@ from torch.distributed.fsdp import fully_shard
 import gradproj
 from gradproj.optim.build import OptimizerSpec, build_optimizer
 from gradproj.optim.registry import METHODS
+from gradproj.optim.validate import sharding_blocker
 from gradproj.projection import PROJECTORS
+from gradproj.rules import Adam
 
 STEPS, GLOBAL_BATCH, GAP = 7, 8, 3
 #: case -> method (a registry name), its options, the model, the rank. "state" cases also bound each
@@ -29,6 +31,8 @@ CASES: dict[str, dict[str, Any]] = {
         "state": True,
     }
     for projector in PROJECTORS
+    if sharding_blocker({**gradproj.GaLoreAdamW.projection_defaults(), "rank": 1, "projector": projector}, Adam())
+    is None
 }
 for _method in METHODS.values():
     if _method.kind == "preset" and _method.projected and _method.variant_of is None and _method.supports_fsdp:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gradproj
-from conftest import ALL_COMBINATIONS, PRESET_NAMES, PROJECTORS, build, grad_stream, lr_kwargs, make_params
+from conftest import ALL_COMBINATIONS, PAIRS, PRESET_NAMES, build, grad_stream, lr_kwargs, make_params
 from gradproj.optim.registry import METHODS
 
 SHAPES = [(72, 64), (64, 80), (16,)]  # large enough for 8-bit quantization to engage
@@ -57,8 +57,7 @@ def test_state_dict_roundtrip_continues_in_lockstep(preset: str, projector: str,
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("preset", PRESET_NAMES)
-@pytest.mark.parametrize("projector", PROJECTORS)
+@pytest.mark.parametrize(("preset", "projector"), PAIRS)
 def test_loss_goes_down_and_dtype_is_preserved(preset: str, projector: str) -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 8)).to(torch.bfloat16)
@@ -141,8 +140,7 @@ def _clone(value: object) -> object:
     return value
 
 
-@pytest.mark.parametrize("preset", PRESET_NAMES)
-@pytest.mark.parametrize("projector", PROJECTORS)
+@pytest.mark.parametrize(("preset", "projector"), PAIRS)
 def test_saving_and_loading_leave_the_state_dict_unchanged(preset: str, projector: str) -> None:
     params = make_params(SHAPES, torch.float32)
     group = {"rank": 8, "update_proj_gap": 2, "projector": projector, "on_refresh": "rotate"}

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import gradproj
-from conftest import PRESET_NAMES, PROJECTORS, grad_stream, lr_kwargs, make_params
+from conftest import PAIRS, grad_stream, lr_kwargs, make_params
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 SHAPES = [(96, 64), (64, 128), (32,)]
@@ -28,8 +28,7 @@ def _opt(preset: str, params: list[torch.Tensor], projector: str, on_refresh: st
     return gradproj.PRESETS[preset]([{"params": named[:2], **group}, {"params": named[2:]}], **kwargs)
 
 
-@pytest.mark.parametrize("preset", PRESET_NAMES)
-@pytest.mark.parametrize("projector", PROJECTORS)
+@pytest.mark.parametrize(("preset", "projector"), PAIRS)
 def test_cuda_matches_cpu(preset: str, projector: str) -> None:
     cpu = make_params(SHAPES, torch.float32)
     gpu = [torch.nn.Parameter(p.detach().cuda()) for p in cpu]
@@ -46,8 +45,7 @@ def test_cuda_matches_cpu(preset: str, projector: str) -> None:
         torch.testing.assert_close(q.detach().cpu(), p.detach(), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("preset", PRESET_NAMES)
-@pytest.mark.parametrize("projector", PROJECTORS)
+@pytest.mark.parametrize(("preset", "projector"), PAIRS)
 def test_cuda_state_dict_resumes_in_lockstep(preset: str, projector: str) -> None:
     params = [torch.nn.Parameter(p.detach().cuda()) for p in make_params(SHAPES, torch.bfloat16)]
     opt = _opt(preset, params, projector, "rotate")

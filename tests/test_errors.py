@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import gradproj
-from conftest import lr_kwargs, make_params
+from conftest import INCOMPATIBLE, lr_kwargs, make_params
+from gradproj.optim.validate import sharding_blocker
+from gradproj.rules import make_rule
 
 
 def _groups(**group):  # type: ignore[no-untyped-def]
@@ -19,17 +21,51 @@ def _groups(**group):  # type: ignore[no-untyped-def]
         ({"rank": 0}, {}, r"rank=0 .* integer >= 1"),
         ({"rank": 2.5}, {}, r"rank=2.5 .* integer >= 1"),
         ({"rank": 4, "proj_type": "diagonal"}, {}, r"proj_type='diagonal' .*'std', 'reverse_std'"),
-        ({"rank": 4, "projector": "qr"}, {}, r"projector='qr' .*'svd', 'rsvd', 'dct', 'random'"),
+        ({"rank": 4, "projector": "qr"}, {}, r"projector='qr' .*'svd', 'rsvd', 'eigh', 'dct', 'random'"),
         ({"rank": 4, "on_refresh": "spin"}, {}, r"on_refresh='spin' .*'keep', 'reset', 'rotate'"),
         ({"rank": 4, "update_proj_gap": 0}, {}, r"update_proj_gap=0 .* integer >= 1"),
         ({"rank": 4}, {"betas": (0.9, 1.0)}, r"betas\[1\]=1.0 .* \[0, 1\)"),
         ({"rank": 4}, {"lr": -1.0}, r"lr=-1.0 .* >= 0"),
         ({"rank": 4, "scale_type": "row"}, {}, r"scale_type='row'"),
+        ({"rank": 4, "leading_basis": 5}, {}, r"leading_basis=5 exceeds rank=4"),
+        ({"rank": 4, "leading_basis": 0}, {}, r"leading_basis=0 .* integer >= 1"),
+        ({"rank": 4, "switching": True, "projector": "random"}, {}, r"switching=True .*projector='random' has none"),
+        ({"rank": 4, "switching": "yes"}, {}, r"switching='yes' .* True or False"),
+        ({"rank": 4, "track_beta": 1.0}, {}, r"track_beta=1.0 .* \[0, 1\)"),
+        ({"rank": 4, "compensation_scale": -0.1}, {}, r"compensation_scale=-0.1 .* >= 0"),
+        ({"rank": 4, "residual": "alice", "proj_type": "full"}, {}, r"residual='alice' needs a one-sided basis"),
+        ({"rank": 4, "projector": "eigh", "proj_type": "full"}, {}, r"projector='eigh' needs a one-sided basis"),
+        ({"rank": 4, "residual": "alice", "projector": "identity"}, {}, r"projector='identity' discards nothing"),
+        ({"rank": 4, "rule": "sgd"}, {}, r"rule='sgd' .*'racs'"),
     ],
 )
 def test_constructor_errors_name_the_value_and_the_valid_range(group, kwargs, message) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match=message):
         gradproj.GaLoreAdamW(_groups(**group), **kwargs)
+
+
+@pytest.mark.parametrize(("preset", "projector"), INCOMPATIBLE)
+def test_presets_refuse_projectors_they_cannot_use(preset: str, projector: str) -> None:
+    """Every (preset, projector) pair the contract suite leaves out raises a clear error instead."""
+    assert INCOMPATIBLE, "the suite should leave out Alice's switching with bases that have no order"
+    with pytest.raises(ValueError, match=f"projector='{projector}'"):
+        gradproj.PRESETS[preset](_groups(rank=4, projector=projector), **lr_kwargs(preset))
+
+
+@pytest.mark.parametrize(
+    ("preset", "reason"),
+    [
+        ("alice", "eigh projector"),
+        ("alice0", "eigh projector"),
+        ("racs", "racs rule"),
+        ("galore_adafactor", "adafactor"),
+    ],
+)
+def test_methods_without_a_row_sharded_form_say_why(preset: str, reason: str) -> None:
+    cls = gradproj.PRESETS[preset]
+    group = {"rank": 4, **cls.projection_defaults()}
+    assert reason in sharding_blocker(group, make_rule(group["rule"] or cls.RULE))  # type: ignore[operator]
+    assert sharding_blocker({"rank": 4, **gradproj.FiraAdamW.projection_defaults()}, make_rule("adam")) is None
 
 
 def test_a_rejected_group_leaves_the_optimizer_unchanged() -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import gradproj
-from conftest import PRESET_NAMES, PRESET_SPECS, PROJECTORS, lr_kwargs
+from conftest import PAIRS, PRESET_SPECS, lr_kwargs
 from gradproj.optim.groups import summarize
 
 
@@ -17,8 +17,7 @@ def _tiny_model(dtype: torch.dtype) -> torch.nn.Module:
     ).to(dtype)
 
 
-@pytest.mark.parametrize("preset", PRESET_NAMES)
-@pytest.mark.parametrize("projector", PROJECTORS)
+@pytest.mark.parametrize(("preset", "projector"), PAIRS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_predicted_state_bytes_equal_allocated_bytes(preset: str, projector: str, dtype: torch.dtype) -> None:
     model = _tiny_model(dtype)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import gradproj
+from conftest import compatible
 from gradproj.memory import Setup, activation_bytes, plan
 from gradproj.optim.build import build_optimizer
 from gradproj.optim.registry import trainer_methods
@@ -20,7 +21,11 @@ from gradproj.train.models import build_causal_lm
 VOCAB, SEQ = 512, 32
 # every method the trainer offers with svd; every projected one with each other projector
 CASES = [(m.name, "svd") for m in trainer_methods()] + [
-    (m.name, p) for m in trainer_methods() if m.projected and "projector" not in m.group_options for p in PROJECTORS[1:]
+    (m.name, p)
+    for m in trainer_methods()
+    if m.projected and "projector" not in m.group_options
+    for p in PROJECTORS[1:]
+    if compatible(m.preset, p)  # type: ignore[arg-type]
 ]
 
 

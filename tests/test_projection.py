@@ -25,11 +25,16 @@ def captured_energy(g: torch.Tensor, left: torch.Tensor | None, right: torch.Ten
     return float(project_down(g, left, right).norm() ** 2 / g.norm() ** 2)
 
 
-@pytest.mark.parametrize("projector", ["svd", "rsvd", "dct", "random"])
+@pytest.mark.parametrize("projector", ["svd", "rsvd", "eigh", "dct", "random"])
 @pytest.mark.parametrize("proj_type", ["std", "reverse_std", "full"])
-def test_bases_are_orthonormal_and_fixed_within_the_gap(projector: str, proj_type: str) -> None:
+@pytest.mark.parametrize("switching", [False, True])
+def test_bases_are_orthonormal_and_fixed_within_the_gap(projector: str, proj_type: str, switching: bool) -> None:
+    if (projector == "eigh" and proj_type == "full") or (switching and projector == "random"):
+        pytest.skip("not a valid combination (test_errors checks that it raises)")
     params = make_params([(40, 24), (24, 40)])
-    opt = build("galore_adamw", params, rank=5, update_proj_gap=3, projector=projector, proj_type=proj_type)
+    opt = build(
+        "galore_adamw", params, rank=5, update_proj_gap=3, projector=projector, proj_type=proj_type, switching=switching
+    )
     seen = []
     for grads in grad_stream(params, 5):
         for p, g in zip(params, grads, strict=True):
@@ -151,3 +156,52 @@ def test_warnings_are_not_emitted_in_normal_use() -> None:
         opt = build("galore_adamw", params, rank=4)
         params[0].grad = torch.randn_like(params[0])
         opt.step()
+
+
+def test_switching_keeps_the_leading_directions_and_draws_the_rest_from_the_complement() -> None:
+    top = torch.linalg.qr(torch.randn(30, 8, dtype=torch.float64)).Q
+    switched = B.switch_basis(top, 3, seed=7)
+    torch.testing.assert_close(switched.T @ switched, torch.eye(8, dtype=torch.float64), atol=1e-12, rtol=0)
+    assert torch.equal(switched[:, :3], top[:, :3])  # the leading directions stay, in order
+    torch.testing.assert_close(top.T @ switched[:, 3:], torch.zeros(8, 5, dtype=torch.float64), atol=1e-12, rtol=0)
+    assert torch.equal(B.switch_basis(top, 3, seed=7), switched)  # seeded: a resumed run draws the same
+    assert not torch.equal(B.switch_basis(top, 3, seed=8), switched)
+    assert torch.equal(B.switch_basis(top, 8, seed=7), top)  # leading == rank: no switching
+
+
+def test_switching_a_nearly_full_basis_draws_from_the_discarded_directions_too() -> None:
+    top = torch.linalg.qr(torch.randn(10, 8, dtype=torch.float64)).Q  # complement: 2 columns, 6 needed
+    switched = B.switch_basis(top, 2, seed=0)
+    torch.testing.assert_close(switched.T @ switched, torch.eye(8, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_switching_dct_indices_keeps_the_best_aligned_and_draws_unselected_ones() -> None:
+    indices = torch.tensor([5, 2, 9, 0])
+    switched = B.switch_indices(indices, 16, 2, seed=3)
+    assert switched[:2].tolist() == [5, 2] and len(set(switched.tolist())) == 4
+    assert not set(switched[2:].tolist()) & {5, 2, 9, 0}
+
+
+def test_warm_started_eigenvectors_converge_to_the_exact_ones() -> None:
+    g = low_rank_plus_noise(40, 60, 6).double()
+    cov = B.covariance(g, "left")
+    exact = B.top_eigenvectors(cov, 4)
+    start = torch.linalg.qr(torch.randn(40, 4, dtype=torch.float64)).Q
+    basis = start
+    for _ in range(30):
+        basis = B.top_eigenvectors(cov, 4, basis)
+    torch.testing.assert_close(basis @ basis.T, exact @ exact.T, atol=1e-8, rtol=0)  # the same subspace
+    assert captured_energy(g, B.top_eigenvectors(cov, 4, start), None) < captured_energy(g, exact, None)
+
+
+def test_tracking_keeps_an_average_of_the_projected_covariance() -> None:
+    params = make_params([(12, 30)])
+    opt = build("alice", params, rank=4, update_proj_gap=100, leading_basis=4)
+    grads = grad_stream(params, 3)
+    expected = torch.zeros(4, 4, dtype=torch.float64)
+    for (g,) in grads:
+        params[0].grad = g
+        opt.step()
+        r = opt.bases(params[0])[0].T @ g  # 4 x 30
+        expected = 0.999 * expected + 0.001 * r @ r.T
+    torch.testing.assert_close(opt.state[params[0]]["tracked_cov"], expected, rtol=1e-12, atol=1e-15)

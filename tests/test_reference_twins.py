@@ -20,7 +20,7 @@ def assert_same_state(opt, params, twin, tol: float, where: str) -> None:  # typ
     """Weights, moments (dense, as the rule stores them) and bases of the engine equal the twin's."""
     for i, p in enumerate(params):
         torch.testing.assert_close(p.detach(), twin.params[i], rtol=tol, atol=tol, msg=f"{where}: weight {i}")
-        ours, theirs = opt.rule.moments(opt.state[p]), twin.moments(i)
+        ours, theirs = opt.rule_of(opt.param_groups[0]).moments(opt.state[p]), twin.moments(i)
         assert sorted(ours) == sorted(theirs), (where, sorted(ours), sorted(theirs))
         for key in ours:
             torch.testing.assert_close(ours[key], theirs[key], rtol=tol, atol=tol, msg=f"{where}: {key} moment {i}")
@@ -52,7 +52,7 @@ def test_engine_matches_reference(preset: str, projector: str, on_refresh: str) 
     seeds = [derive_seed(0, zlib.crc32(n.encode())) for n in names]
     lr = spec["kwargs"].get("lr")
     twin = ReferenceOptimizer(
-        twin_params, rule=spec["rule"], residual=spec["residual"], lr=lr, seeds=seeds, scale=spec["scale"], **group
+        twin_params, rule=spec["rule"], residual=spec["residual"], lr=lr, seeds=seeds, **{**spec["twin"], **group}
     )
     tol = 2e-5 if dtype == torch.float32 else 1e-10
     for t, grads in enumerate(grad_stream(engine_params, STEPS)):

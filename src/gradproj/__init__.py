@@ -9,6 +9,9 @@ Example:
 from .layerwise import LayerwiseStepper, attach_layerwise
 from .optim import (
     PRESETS,
+    RACS,
+    Alice,
+    Alice0,
     APOLLOAdamW,
     FiraAdamW,
     GaLoreAdafactor,
@@ -24,7 +27,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS",
+    "RACS",
     "APOLLOAdamW",
+    "Alice",
+    "Alice0",
     "FiraAdamW",
     "GaLoreAdafactor",
     "GaLoreAdamW",

@@ -214,7 +214,7 @@ def plan(**options: Any) -> list[MemoryPlan]:
             plans.append(lora_plan(model, setup, activations, method))
             continue
         rank = _spec(model, setup, method).resolved_rank
-        notes = [] if rank is None else [f"rank {rank}"]
+        notes = [f"rank {rank}"] if rank is not None and get_method(method).uses_rank else []
         if setup.layerwise:
             notes.append("layer-wise")
         plans.append(

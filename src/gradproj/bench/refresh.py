@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from ..projection.bases import dct_indices, dct_matrix, random_orthonormal, rsvd_basis, svd_basis
+from ..optim.engine import PROJECTION_DEFAULTS
+from ..projection.projectors import PROJECTORS, Layout, get_projector
 
 
 def low_rank_plus_noise(
@@ -43,19 +44,22 @@ def _timed(fn: Any, repeats: int, device: str) -> tuple[float, Any]:
     return statistics.median(times), result
 
 
-def energy(g: torch.Tensor, left: torch.Tensor) -> float:
-    """Fraction of ``||G||_F^2`` captured by the columns of ``left``."""
-    return float((left.T @ g).norm() ** 2 / g.norm() ** 2)
+def energy(g: torch.Tensor, left: torch.Tensor | None) -> float:
+    """Fraction of ``||G||_F^2`` captured by the columns of ``left`` (None: no projection, all of it)."""
+    return 1.0 if left is None else float((left.T @ g).norm() ** 2 / g.norm() ** 2)
 
 
 def _projector_fns(g: torch.Tensor, rank: int, power_iters: int) -> dict[str, Any]:
-    m = g.shape[0]
-    return {
-        "svd": lambda: svd_basis(g, rank, "left")[0],
-        "rsvd": lambda: rsvd_basis(g, rank, "left", seed=0, power_iters=power_iters)[0],
-        "dct": lambda: dct_matrix(m, g.dtype, g.device)[:, dct_indices(g, rank, "left")[0]],
-        "random": lambda: random_orthonormal(m, rank, 0, g.dtype, g.device),
-    }
+    """Each projector's own refresh of a left basis (every projector of the registry; ``eigh``'s timed
+    calls are warm-started from the basis of the burn-in call, as its refreshes after the first are)."""
+    layout = Layout((int(g.shape[0]), int(g.shape[1])), rank, "left", g.dtype, g.device)
+    group = {**PROJECTION_DEFAULTS, "rank": rank, "power_iters": power_iters}
+    fns = {}
+    for name in PROJECTORS:
+        state: dict[str, Any] = {"proj_seed": 0, "step": 0, "last_refresh": 0}
+        projector = get_projector(name)
+        fns[name] = lambda projector=projector, state=state: projector.refresh(g, state, layout, group)[0]
+    return fns
 
 
 def _compare(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

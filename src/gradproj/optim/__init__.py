@@ -2,12 +2,15 @@
 
 from .engine import PROJECTION_DEFAULTS, ProjectedOptimizer
 from .groups import format_summary, param_groups, state_bytes, summarize
-from .presets import PRESETS, APOLLOAdamW, FiraAdamW, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from .presets import PRESETS, RACS, Alice, Alice0, APOLLOAdamW, FiraAdamW, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 
 __all__ = [
     "PRESETS",
     "PROJECTION_DEFAULTS",
+    "RACS",
     "APOLLOAdamW",
+    "Alice",
+    "Alice0",
     "FiraAdamW",
     "GaLoreAdafactor",
     "GaLoreAdamW",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
+from collections import ChainMap
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from ..options import check, option
-from ..projection.projectors import PROJECTORS
+from ..projection.projectors import PROJECTORS, leading_count
 from ..projection.sides import PROJ_TYPES
 from .groups import ATTENTION_AND_MLP, Target, param_groups, target_weights
 from .presets import PRESETS
@@ -186,14 +187,61 @@ def _peer(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimizer:
     optimizer_class = getattr(importlib.import_module(module), cls_name)
     groups = _groups(model, spec, summary=False, names=False)
     if spec.projected:
-        ours = {"rank": spec.resolved_rank, **spec.group_options()}
+        rank = spec.resolved_rank
+        assert rank is not None
+        ours = {"rank": rank, "leading_basis": leading_count({}, rank), **spec.group_options()}
         keys = {theirs: ours[key] for key, theirs in method.peer_keys.items()}
         groups[0] = {"params": groups[0]["params"], "lr": spec.matrix_lr, **keys, **method.group_options}
         groups.reverse()  # the peers' own examples list the unprojected group first
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if method.adamw_on_rest:  # the peer sees only the matrices (reversed: last); torch's AdamW the rest
+            peer = optimizer_class(groups[-1:], lr=spec.matrix_lr, weight_decay=spec.weight_decay)
+            rest = torch.optim.AdamW(groups[:-1], lr=spec.rest_lr, weight_decay=spec.weight_decay)
+            return Joined(peer, rest)
         built: torch.optim.Optimizer = optimizer_class(groups, lr=spec.matrix_lr, weight_decay=spec.weight_decay)
     return built
+
+
+class Joined(torch.optim.Optimizer):
+    """Optimizers over disjoint parameters, stepped as one: their group dicts are this one's
+    ``param_groups`` (so a scheduler sets every learning rate), their states one view, and ``step``
+    steps each in turn. (torch has no such class; the peers that need it have no resumable state.)
+
+    Example:
+        >>> a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+        >>> opt = Joined(torch.optim.SGD([a], lr=1.0), torch.optim.AdamW([b], lr=0.1, weight_decay=0.0))
+        >>> a.grad, b.grad = torch.ones(2), torch.ones(2)
+        >>> opt.step(); [round(a[0].item(), 3), round(b[0].item(), 3)]
+        [0.0, 0.9]
+    """
+
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self.optimizers = optimizers
+        super().__init__([p for o in optimizers for g in o.param_groups for p in g["params"]], {})
+        self.param_groups = [g for o in optimizers for g in o.param_groups]  # the same dicts, not copies
+        self.state = ChainMap(*(o.state for o in optimizers))  # type: ignore[assignment]  # a view: reads reach all
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for optimizer in self.optimizers:
+            optimizer.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for optimizer, state in zip(self.optimizers, state_dict["optimizers"], strict=True):
+            optimizer.load_state_dict(state)
 
 
 def lora_rank(rank: int) -> int:

@@ -24,12 +24,13 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..projection.bases import Bases
-from ..projection.projectors import Layout, get_projector
-from ..projection.sides import project_down, project_up, resolve_side
+from ..projection.projectors import Layout, get_projector, layout_of
+from ..projection.sides import project_down, project_up
 from ..rules import make_rule
+from ..rules.base import UpdateRule
 from .placement import LOCAL, Local, all_finite, is_sharded, local, placement_of
 from .step import InBackwardStepping, ProjectedContext, StepProbe, full_step, projected_step
-from .validate import NONFINITE, _choice, check_common, check_projection
+from .validate import NONFINITE, _choice, check_common, check_projection, sharding_blocker
 
 #: Defaults filled into every group that has ``rank`` (and only those).
 PROJECTION_DEFAULTS: dict[str, Any] = {
@@ -44,6 +45,13 @@ PROJECTION_DEFAULTS: dict[str, Any] = {
     "oversample": 10,
     "power_iters": 2,
     "seed": 0,
+    "switching": False,  # a refresh keeps leading_basis leading directions and draws the rest (Alice)
+    "leading_basis": None,  # None: 40/256 of the rank (the paper's share)
+    "track_beta": 0.0,  # the eigh projector's moving average of R R^T (Alice's tracking; 0: none)
+    "compensation_scale": 0.4,  # residual="alice": alpha_c
+    "compensation_beta": 0.9,  # residual="alice": decay of the per-channel discarded energy
+    "bias_correction": True,  # Adam rules' bias correction in the low-rank space (Alice: off)
+    "rule": None,  # the rule of this group's R (None: the optimizer's; RACS: "racs")
 }
 
 
@@ -53,7 +61,8 @@ class ProjectedOptimizer(Optimizer):
     Args:
         params: parameters or groups; groups with ``rank`` are projected.
         defaults: the rule's hyper-parameters (``lr``, ``betas``, ``eps``, ``weight_decay``...).
-        rule: ``"adam"``, ``"adam8bit"`` or ``"adafactor"``.
+        rule: a name of :data:`gradproj.rules.RULES` (``"adam"``, ``"adam8bit"``, ``"adafactor"``, ``"racs"``);
+            a group may run another on its ``R`` with its own ``rule`` key.
         projection: overrides of :data:`PROJECTION_DEFAULTS` for projected groups.
         nonfinite: ``"skip"`` (default) drops a step whose gradients contain NaN/Inf, leaving
             every weight and state untouched, counts it in ``nonfinite_steps`` and warns;
@@ -89,6 +98,7 @@ class ProjectedOptimizer(Optimizer):
         if unknown:
             raise TypeError(f"unknown projection option(s) {sorted(unknown)}; valid: {sorted(PROJECTION_DEFAULTS)}")
         self.rule = make_rule(rule)
+        self._rules: dict[str, UpdateRule] = {rule: self.rule}
         self.nonfinite = nonfinite
         self.nonfinite_steps = 0
         self._projection_defaults = {**PROJECTION_DEFAULTS, **(projection or {})}
@@ -161,8 +171,14 @@ class ProjectedOptimizer(Optimizer):
 
     def layout(self, p: Tensor, group: dict[str, Any]) -> Layout:
         """Shape, effective rank, side, dtype and device of a projected parameter."""
-        shape = (int(p.shape[0]), int(p.shape[1]))
-        return Layout(shape, min(group["rank"], *shape), resolve_side(group["proj_type"], shape), p.dtype, p.device)
+        return layout_of((int(p.shape[0]), int(p.shape[1])), group, p.dtype, p.device)
+
+    def rule_of(self, group: dict[str, Any]) -> UpdateRule:
+        """The rule a group runs: its own ``rule`` (RACS's matrices) or the optimizer's."""
+        name = group.get("rule") or self.rule.name
+        if name not in self._rules:
+            self._rules[name] = make_rule(name)
+        return self._rules[name]
 
     def placement(self, p: Tensor) -> Local:
         """Where ``p``'s matrix lives: :mod:`gradproj.optim.placement` (FSDP2 rows, or all here)."""
@@ -170,10 +186,11 @@ class ProjectedOptimizer(Optimizer):
             return LOCAL
         placement = self._placements.get(p)
         if placement is None:
-            if not self.rule.shardable:
+            blocker = sharding_blocker(self._param_groups_of[p], self.rule_of(self._param_groups_of[p]))
+            if blocker is not None:
                 raise ValueError(
-                    f"{self._param_names[p]}: the {self.rule.name} rule averages over whole rows and columns, "
-                    "so it cannot step FSDP2-sharded parameters; use an Adam-based preset, or DDP"
+                    f"{self._param_names[p]}: {blocker}, so it cannot step FSDP2-sharded parameters yet; "
+                    "use GaLore, Fira or APOLLO (Adam rules), or DDP"
                 )
             placement = self._placements[p] = placement_of(p)
         return placement
@@ -187,7 +204,7 @@ class ProjectedOptimizer(Optimizer):
             state=self.state[p],
             layout=self.layout(p, group),
             projector=get_projector(group["projector"]),
-            rule=self.rule,
+            rule=self.rule_of(group),
             placement=self.placement(p),
             cache=self._basis_cache,
             key=p,
@@ -221,7 +238,7 @@ class ProjectedOptimizer(Optimizer):
             projected_step(self._context(p), local(p), grad, low)
         else:
             assert grad is not None
-            full_step(self.rule, self.placement(p), local(p), grad, self.state[p], group)
+            full_step(self.rule_of(group), self.placement(p), local(p), grad, self.state[p], group)
 
     # ------------------------------------------------- one parameter at a time
     def needs_full_gradient(self, p: Tensor) -> bool:

@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..projection.projectors import Layout, get_projector
-from ..projection.sides import low_rank_shape, resolve_side
+from ..projection.projectors import get_projector, layout_of
+from ..projection.sides import low_rank_shape
 from ..rules import make_rule
+from ..rules.limiter import limiter_bytes
 from .engine import PROJECTION_DEFAULTS
 
 Target = str | Sequence[str]
@@ -136,25 +137,29 @@ class GroupReport:
 
 
 def state_bytes(p: torch.Tensor, group: dict[str, Any], rule: str = "adam") -> int:
-    """Exact bytes of optimizer state ``p`` will hold under ``rule`` in ``group``.
+    """Exact bytes of optimizer state ``p`` will hold under ``rule`` (or the group's own ``rule``) in ``group``.
 
-    Counts moment tensors, basis tensors or indices, and the growth limiter's scalar; plain
-    ints are not counted. Matches the tensors a real optimizer allocates (tested).
+    Counts moment tensors, basis tensors or indices, Alice's tracked covariance and per-channel
+    energies, and the growth limiter's scalar; plain ints are not counted. Matches the tensors a
+    real optimizer allocates (tested).
     """
-    update_rule = make_rule(rule)
     if "rank" not in group:
-        return update_rule.state_bytes(tuple(p.shape), p.dtype)
+        return make_rule(group.get("rule") or rule).state_bytes(tuple(p.shape), p.dtype)
     options = {**PROJECTION_DEFAULTS, **group}
+    update_rule = make_rule(options["rule"] or rule)
     shape = (int(p.shape[0]), int(p.shape[1]))
-    side = resolve_side(options["proj_type"], shape)
-    layout = Layout(shape, min(options["rank"], *shape), side, p.dtype, p.device)
-    floats, ints = get_projector(options["projector"]).state_numel(layout)
-    limiter = torch.promote_types(p.dtype, torch.float32).itemsize if options["residual"] in ("fira", "apollo") else 0
+    layout = layout_of(shape, options, p.dtype, p.device)
+    floats, ints = get_projector(options["projector"]).state_numel(layout, options)
+    wide = limiter_bytes(p.dtype)
+    residual = options["residual"]
+    extra = wide if residual in ("fira", "apollo", "alice") else 0
+    if residual == "alice":  # the per-channel discarded energy: one number per uncompressed channel
+        extra += (shape[1] if layout.side == "left" else shape[0]) * wide
     return (
-        update_rule.state_bytes(low_rank_shape(shape, layout.rank, side), p.dtype)
+        update_rule.state_bytes(low_rank_shape(shape, layout.rank, layout.side), p.dtype)
         + floats * p.element_size()
         + ints * 8
-        + limiter
+        + extra
     )
 
 
@@ -176,7 +181,10 @@ def format_summary(groups: list[dict[str, Any]], rule: str = "adam") -> str:
     """A short table of what went where and the optimizer state each group will hold."""
     lines = ["group  kind        params  elements      state (MiB)  shapes"]
     for i, report in enumerate(summarize(groups, rule)):
-        kind = f"rank {groups[i]['rank']}" if report.projected else "full"
+        projector = groups[i].get("projector", PROJECTION_DEFAULTS["projector"])
+        kind = (
+            "full" if not report.projected else "matrices" if projector == "identity" else f"rank {groups[i]['rank']}"
+        )
         shapes = ", ".join("x".join(map(str, s)) for s in report.shapes[:4])
         lines.append(
             f"{i:<6} {kind:<11} {report.count:>6}  {report.numel:>12,}  {report.state_bytes / 2**20:>11.2f}  {shapes}"

@@ -125,6 +125,11 @@ class Local:
 LOCAL = Local()
 
 
+def _row_local(side: str) -> bool:
+    """Whether ``R``'s rows are the weight's rows (right bases; the identity's ``R = G``), so they stay local."""
+    return side in ("right", "none")
+
+
 def _chunk(size: int, rank: int, world: int) -> slice:
     """FSDP2's split of ``size`` rows: ``ceil(size / world)`` each, the last ones shorter or empty."""
     block = math.ceil(size / world)
@@ -150,7 +155,7 @@ class RowSharded(Local):
     def _low_rows(self, layout: Layout) -> slice:
         """Rows of ``R`` whose moments this rank keeps."""
         rows, _ = low_rank_shape(layout.shape, layout.rank, layout.side)
-        return self.rows if layout.side == "right" else _chunk(rows, self.rank, self.world)
+        return self.rows if _row_local(layout.side) else _chunk(rows, self.rank, self.world)
 
     def moment_shape(self, layout: Layout) -> tuple[int, int]:
         rows = self._low_rows(layout)
@@ -206,10 +211,10 @@ class RowSharded(Local):
         return low
 
     def share(self, low: Tensor, side: str) -> Tensor:
-        return low if side == "right" else low[_chunk(low.shape[0], self.rank, self.world)].contiguous()
+        return low if _row_local(side) else low[_chunk(low.shape[0], self.rank, self.world)].contiguous()
 
     def gather(self, u: Tensor, side: str, shape: tuple[int, int]) -> Tensor:
-        if side == "right":
+        if _row_local(side):
             return u
         padded = math.ceil(shape[0] / self.world)
         mine = torch.zeros(padded, shape[1], dtype=u.dtype, device=u.device)
@@ -237,7 +242,7 @@ class RowSharded(Local):
         rows = shape[0]
         with self.local_state(state, shape) as plain:
             moments = rule.moments(plain)
-            if layout.side == "right":  # rows of the weight: the rotation acts on the right, row by row
+            if _row_local(layout.side):  # rows of the weight: the rotation acts on the right, row by row
                 yield moments
                 rule.set_moments(plain, moments)
                 return

@@ -75,6 +75,75 @@ class APOLLOAdamW(GaLoreAdamW):
     PROJECTION: ClassVar[dict[str, Any]] = {"residual": "apollo", "projector": "random", "scale": 1.0}
 
 
+class Alice(GaLoreAdamW):
+    """Alice (Gong et al., 2025, arXiv 2502.07752, Alg. 1-3): Adam without bias correction in a
+    tracked low-rank eigenbasis, switching refreshes and compensation of the discarded part.
+
+    The basis is the leading eigenvectors of ``track_beta * P Q P^T + (1 - track_beta) G G^T``
+    (``projector="eigh"``; ``Q`` the moving average of ``R R^T``); a refresh keeps ``leading_basis``
+    of them and draws the rest from the complement (``switching``); the update is
+    ``scale * (P u + compensation_scale * C)`` (``residual="alice"``, see :mod:`gradproj.optim.residual`).
+    ``betas`` may carry the tracking decay third, as ``pytorch_optimizer.Alice`` takes it:
+    ``(beta1, beta2, track_beta)``. Defaults are the paper's (lr 0.02, scale 0.3, compensation 0.4,
+    betas 0.9/0.9/0.999, 40 of 256 leading directions, gap 200). Groups without ``rank`` run AdamW.
+    """
+
+    PROJECTION: ClassVar[dict[str, Any]] = {
+        "projector": "eigh",
+        "track_beta": 0.999,
+        "switching": True,
+        "residual": "alice",
+        "bias_correction": False,
+        "scale": 0.3,
+    }
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 0.02,
+        betas: tuple[float, ...] = (0.9, 0.9),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        nonfinite: str = "skip",
+        **projection: Any,
+    ) -> None:
+        if isinstance(betas, (tuple, list)) and len(betas) == 3:
+            projection.setdefault("track_beta", float(betas[2]))
+            betas = tuple(betas[:2])
+        super().__init__(params, lr, betas, eps, weight_decay, nonfinite=nonfinite, **projection)  # type: ignore[arg-type]
+
+
+class Alice0(Alice):
+    """Alice without tracking (the paper's Alice-0): the eigenbasis of the current ``G G^T``, found
+    from the last basis by one step of subspace iteration, with switching and compensation."""
+
+    PROJECTION: ClassVar[dict[str, Any]] = {**Alice.PROJECTION, "track_beta": 0.0}
+
+
+class RACS(GaLoreAdamW):
+    """RACS (Gong et al., 2025, Alg. 1): row- and column-scaled SGD on every matrix with ``rank``
+    (the rank itself is unused: RACS keeps one number per row and per column, no basis), AdamW on
+    the other groups. ``scale`` is the paper's ``alpha`` (0.05), ``growth_limit`` its ``gamma``,
+    ``betas[0]`` its ``beta``. See :mod:`gradproj.rules.racs`.
+    """
+
+    PROJECTION: ClassVar[dict[str, Any]] = {"projector": "identity", "rule": "racs", "scale": 0.05}
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: Betas = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        nonfinite: str = "skip",
+        **projection: Any,
+    ) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, nonfinite=nonfinite, **projection)
+
+
 class GaLoreAdafactor(ProjectedOptimizer):
     """GaLore around Adafactor, with ``transformers.Adafactor``'s arguments and defaults
     (relative step size, parameter scaling, factored second moment, update clipping)."""
@@ -127,4 +196,7 @@ PRESETS: dict[str, Any] = {  # name -> preset class; each takes its own keywords
     "galore_adafactor": GaLoreAdafactor,
     "fira_adamw": FiraAdamW,
     "apollo_adamw": APOLLOAdamW,
+    "alice": Alice,
+    "alice0": Alice0,
+    "racs": RACS,
 }

@@ -4,9 +4,10 @@ Each twin follows the published algorithm line by line on plain tensors, with ex
 dictionaries for state and no in-place tricks: GaLore (Zhao et al. 2024, Alg. 2), Fira
 (Chen et al. 2024, Alg. 1), APOLLO (Zhu et al. 2024, Alg. 1), Adafactor (Shazeer & Stern 2018,
 Alg. 4 with update clipping), Adam with 8-bit states (a quantize/dequantize round trip after
-every moment update), and the three ``on_refresh`` policies. The SVD basis is the twin's own
+every moment update), Alice's tracking, switching and compensation and RACS (Gong et al. 2025,
+Alg. 1-3), and the three ``on_refresh`` policies. The SVD basis is the twin's own
 ``torch.linalg.svd``; the rsvd, dct and random bases come from the same pure functions as the engine
-(:mod:`gradproj.projection.bases`), which have their own identity tests.
+(:mod:`gradproj.projection.bases`), as do switching's seeded draws; those have their own identity tests.
 
 Example:
     >>> import torch
@@ -25,7 +26,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..projection.bases import dct_indices, dct_matrix, derive_seed, random_bases, rsvd_basis
+from ..projection.bases import (
+    dct_indices,
+    dct_matrix,
+    derive_seed,
+    random_bases,
+    rsvd_basis,
+    switch_basis,
+    switch_indices,
+)
+from ..projection.projectors import leading_count
 from ..projection.sides import resolve_side
 from ..rules import quant
 
@@ -41,9 +51,38 @@ def _basis(g: Tensor, rank: int, side: str, projector: str, seed: int, t: int, c
     if projector == "random":
         return random_bases(derive_seed(seed, t), tuple(g.shape), rank, side, g.dtype)  # type: ignore[arg-type]
     il, ir = dct_indices(g, rank, side)
+    if cfg.get("switching"):
+        switch = derive_seed(derive_seed(seed, t), 3)
+        il = None if il is None else switch_indices(il, g.shape[0], leading_count(cfg, rank), switch)
+        ir = None if ir is None else switch_indices(ir, g.shape[1], leading_count(cfg, rank), derive_seed(switch, 2))
     left = dct_matrix(g.shape[0], g.dtype)[:, il] if il is not None else None
     right = dct_matrix(g.shape[1], g.dtype)[:, ir].T if ir is not None else None
     return left, right
+
+
+def _eigenbasis(g: Tensor, rank: int, side: str, s: dict[str, Any], beta: float) -> Tensor:
+    """Alice's refresh: the leading eigenvectors of the tracked covariance (``d x rank``)."""
+    cov = g @ g.T if side == "left" else g.T @ g
+    old = s.get("basis")
+    prev = None if old is None else (old[0] if side == "left" else old[1].T)
+    if prev is None:
+        vals, vecs = torch.linalg.eigh(cov)
+        return vecs[:, torch.argsort(vals, descending=True)[:rank]]
+    if beta > 0:
+        cov = beta * prev @ s["Q"] @ prev.T + (1 - beta) * cov
+    q = torch.linalg.qr(cov @ prev).Q  # one step of subspace iteration from the last basis
+    vals, vecs = torch.linalg.eigh(q.T @ cov @ q)
+    return q @ vecs[:, torch.argsort(vals, descending=True)]
+
+
+def _switched(basis: tuple, rank: int, seed: int, t: int, cfg: dict[str, Any]) -> tuple:  # type: ignore[type-arg]
+    """Keep the leading directions, draw the rest from the complement (the engine's seeded draw)."""
+    switch, keep = derive_seed(derive_seed(seed, t), 3), leading_count(cfg, rank)
+    left, right = basis
+    return (
+        None if left is None else switch_basis(left, keep, switch),
+        None if right is None else switch_basis(right.T, keep, derive_seed(switch, 2)).T,
+    )
 
 
 def _mm(a: Tensor | None, b: Tensor, c: Tensor | None) -> Tensor:
@@ -59,7 +98,9 @@ class ReferenceOptimizer:
         self.cfg = {
             "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.0, "scale": 0.25, "proj_type": "std",
             "projector": "svd", "on_refresh": "keep", "scale_type": "channel", "growth_limit": 1.01,
-            "oversample": 10, "power_iters": 2, "seeds": [0] * len(params),
+            "oversample": 10, "power_iters": 2, "seeds": [0] * len(params), "switching": False,
+            "leading_basis": None, "track_beta": 0.0, "compensation_scale": 0.4, "compensation_beta": 0.9,
+            "bias_correction": True, "projected_rule": None,
             "af_eps": (1e-30, 1e-3), "clip_threshold": 1.0, "decay_rate": -0.8, "beta1": None,
             "scale_parameter": True, "relative_step": True, "warmup_init": False, **cfg,
         }  # fmt: skip
@@ -85,6 +126,8 @@ class ReferenceOptimizer:
         if full_rank:  # torch.optim.AdamW: eps after bias correction
             m_hat, v_hat = m / (1 - b1**k), v / (1 - b2**k)
             return m_hat / (v_hat.sqrt() + eps), self.lr  # type: ignore[return-value]
+        if not self.cfg["bias_correction"]:  # Alice: m / sqrt(v), no correction
+            return m / (v.sqrt() + eps), self.lr  # type: ignore[return-value]
         return m / (v.sqrt() + eps), self.lr * math.sqrt(1 - b2**k) / (1 - b1**k)  # type: ignore[operator]
 
     def _adafactor(self, s: dict[str, Any], r: Tensor, w: Tensor) -> tuple[Tensor, float]:
@@ -109,15 +152,27 @@ class ReferenceOptimizer:
             rho = rho * max(c["af_eps"][1], float(w.pow(2).mean().sqrt()))  # type: ignore[operator]
         return u, rho  # type: ignore[return-value]
 
+    def _racs(self, s: dict[str, Any], g: Tensor) -> tuple[Tensor, float]:
+        beta, eps = self.cfg["betas"][0], self.cfg["eps"]
+        q_new = (g * g).mean(1)  # the fixed point from s = 1: rows, then columns
+        s_new = (g * g).T @ q_new / (q_new @ q_new)
+        s["q"] = beta * s.get("q", torch.zeros_like(q_new)) + (1 - beta) * q_new
+        s["s"] = beta * s.get("s", torch.ones_like(s_new)) + (1 - beta) * s_new  # s starts at 1
+        scaled = g / torch.sqrt((s["q"] + eps)[:, None] * (s["s"] + eps)[None, :])
+        return self._limit(s, scaled, "prev_u"), self.lr  # type: ignore[return-value]
+
     def _direction(self, s: dict[str, Any], r: Tensor, w: Tensor, full_rank: bool) -> tuple[Tensor, float]:
         s["k"] += 1
-        return self._adafactor(s, r, w) if self.rule == "adafactor" else self._adam(s, r, full_rank)
+        rule = self.rule if full_rank else (self.cfg["projected_rule"] or self.rule)
+        if rule == "racs":
+            return self._racs(s, r)
+        return self._adafactor(s, r, w) if rule == "adafactor" else self._adam(s, r, full_rank)
 
     # ------------------------------------------------------------ refresh
     def _on_refresh(self, s: dict[str, Any], old: tuple, new: tuple) -> None:  # type: ignore[type-arg]
         policy = self.cfg["on_refresh"]
         if policy == "reset":
-            for key in ("m", "v", "row", "col", "vf"):
+            for key in ("m", "v", "row", "col", "vf", "q", "s", "prev_u"):
                 s.pop(key, None)
             s["k"] = 0
         elif policy == "rotate":
@@ -131,6 +186,13 @@ class ReferenceOptimizer:
             if "row" in s:
                 v = _mm(sq(cl), torch.outer(s["row"], s["col"]) / s["row"].mean(), sq(cr))
                 s["row"], s["col"] = v.mean(1), v.mean(0)
+            if "q" in s:  # RACS: rotate the rank-one second moment, then fit it again
+                v = _mm(sq(cl), torch.outer(s["q"], s["s"]), sq(cr))
+                s["q"] = v.mean(1)
+                s["s"] = v.T @ s["q"] / (s["q"] @ s["q"])
+            if "Q" in s:  # Alice's tracked covariance, in the new basis' coordinates
+                c = cl if cl is not None else cr.T  # type: ignore[union-attr]
+                s["Q"] = c @ s["Q"] @ c.T
 
     # ------------------------------------------------------------ inspect
     def moments(self, i: int) -> dict[str, Tensor]:
@@ -142,6 +204,8 @@ class ReferenceOptimizer:
             out["second"] = s["v"]
         elif "row" in s:
             out["second"] = torch.outer(s["row"], s["col"]) / s["row"].mean()
+        elif "q" in s:
+            out["second"] = torch.outer(s["q"], s["s"])
         elif "vf" in s:
             out["second"] = s["vf"]
         return out
@@ -168,34 +232,55 @@ class ReferenceOptimizer:
         c = self.cfg
         rank = min(c["rank"], *g.shape)
         side = resolve_side(c["proj_type"], tuple(g.shape))
-        if s["t"] % c["update_proj_gap"] == 0:
-            new = _basis(g, rank, side, c["projector"], seed, s["t"], c)
+        if c["projector"] == "identity":  # RACS: R is G
+            rank, side, s["basis"] = min(g.shape), "none", (None, None)
+        elif s["t"] % c["update_proj_gap"] == 0:
+            if c["projector"] == "eigh":
+                top = _eigenbasis(g, rank, side, s, c["track_beta"])
+                new: tuple[Tensor | None, ...] = (top, None) if side == "left" else (None, top.T)
+            else:
+                new = _basis(g, rank, side, c["projector"], seed, s["t"], c)
+            if c["switching"] and c["projector"] != "dct":  # dct switches its indices in _basis
+                new = _switched(new, rank, seed, s["t"], c)
             new = tuple(None if b is None else b.to(g.dtype) for b in new)
             if "basis" in s:
                 self._on_refresh(s, s["basis"], new)
             s["basis"] = new
         left, right = s["basis"]
         r = _mm(None if left is None else left.T, g, None if right is None else right.T)
+        if c["projector"] == "eigh" and c["track_beta"] > 0:  # Alice's tracking
+            outer = r @ r.T if side == "left" else r.T @ r
+            s["Q"] = c["track_beta"] * s.get("Q", torch.zeros_like(outer)) + (1 - c["track_beta"]) * outer
         u, alpha = self._direction(s, r, w, full_rank=False)
         if self.residual == "apollo":
-            compressed = {"left": g.shape[0] / rank, "right": g.shape[1] / rank, "full": g.numel() / rank**2}[side]
+            compressed = {"left": g.shape[0] / rank, "right": g.shape[1] / rank, "full": g.numel() / rank**2,
+                          "none": 1.0}[side]  # fmt: skip
             phi = self._ratio(u, r, side) / math.sqrt(compressed)
             return math.sqrt(c["scale"]) * self._limit(s, phi * g), alpha
         delta = c["scale"] * _mm(left, u, right)
+        if self.residual == "alice":  # Alice's compensation (Alg. 3)
+            axis = 0 if side == "left" else 1
+            energy = (g * g).sum(axis) - (r * r).sum(axis)
+            s["p"] = torch.clamp(c["compensation_beta"] * s.get("p", torch.zeros_like(energy))
+                                 + (1 - c["compensation_beta"]) * energy, min=1e-8)  # fmt: skip
+            d = g.shape[0] if side == "left" else g.shape[1]
+            root = s["p"].sqrt()[None, :] if side == "left" else s["p"].sqrt()[:, None]
+            comp = math.sqrt(d - rank) * (g - _mm(left, r, right)) / root
+            return delta + c["scale"] * c["compensation_scale"] * self._limit(s, comp), alpha
         if self.residual == "fira":
             delta = delta + self._limit(s, self._ratio(u, r, side) * (g - _mm(left, r, right)))
         return delta, alpha
 
     def _ratio(self, u: Tensor, r: Tensor, side: str) -> Tensor:
-        if self.cfg["scale_type"] == "tensor" or side == "full":
+        if self.cfg["scale_type"] == "tensor" or side in ("full", "none"):
             return u.norm() / (r.norm() + 1e-8)
         if side == "left":
             return u.norm(dim=0) / (r.norm(dim=0) + 1e-8)
         return (u.norm(dim=1) / (r.norm(dim=1) + 1e-8))[:, None]
 
-    def _limit(self, s: dict[str, Any], x: Tensor) -> Tensor:
+    def _limit(self, s: dict[str, Any], x: Tensor, key: str = "prev") -> Tensor:
         gamma, n = self.cfg["growth_limit"], x.norm()
-        if "prev" in s and n / (s["prev"] + 1e-8) > gamma:
-            x = x * gamma * (s["prev"] + 1e-8) / n
-        s["prev"] = x.norm()
+        if key in s and n / (s[key] + 1e-8) > gamma:
+            x = x * gamma * (s[key] + 1e-8) / n
+        s[key] = x.norm()
         return x

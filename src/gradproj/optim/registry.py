@@ -57,6 +57,8 @@ class Method:
     baseline: bool = False  #: set beside every plan by ``gradproj memory``
     #: (module, class or "", function) that recomputes a basis, timed by the bench
     refresh: tuple[str, str, str] | None = None
+    #: a peer that steps only the targeted matrices; torch's AdamW steps the rest (as the Alice/RACS paper does)
+    adamw_on_rest: bool = False
     has_lr: bool = True  #: False: the preset's default step size is relative (Adafactor), ``lr=None``
     supports_layerwise: bool = True  #: can step inside backward (gradproj.layerwise)
     resumable: bool = True  #: its state dict loads with ``weights_only=True`` (exact resume)
@@ -68,15 +70,18 @@ class Method:
 
     @property
     def supports_fsdp(self) -> bool:
-        """Can step FSDP2 (``fully_shard``) parameters: torch's AdamW, and our presets whose rule is
-        elementwise (:attr:`gradproj.rules.base.UpdateRule.shardable`; not Adafactor)."""
+        """Can step FSDP2 (``fully_shard``) parameters: torch's AdamW, and our presets whose rule, projector
+        and residual policy have a row-sharded form (:func:`gradproj.optim.validate.sharding_blocker`)."""
         if self.kind == "torch":
             return True
         if self.kind != "preset" or self.preset is None:
             return False
         from ..rules import make_rule
+        from .validate import sharding_blocker
 
-        return make_rule(PRESETS[self.preset].RULE).shardable
+        preset = PRESETS[self.preset]
+        group = {"rank": 1, **preset.projection_defaults(), **self.group_options}
+        return sharding_blocker(group, make_rule(group["rule"] or preset.RULE)) is None
 
     @property
     def external(self) -> bool:
@@ -88,6 +93,11 @@ class Method:
         """The rank this method always uses (APOLLO-Mini: 1), or None when ``--rank`` decides."""
         rank = self.group_options.get("rank")
         return int(rank) if rank is not None else None
+
+    @property
+    def uses_rank(self) -> bool:
+        """Whether ``--rank`` changes the method (RACS keeps no basis: its matrices ignore the rank)."""
+        return self.projected and self.default_option("projector") != "identity"
 
     def default_scale(self) -> float | None:
         """The scale a projected group gets unless told otherwise (None: the method has no scale)."""
@@ -170,6 +180,12 @@ _ENTRIES = (
         demo=True,
         refresh=_OURS,
     ),
+    Method(name="alice", kind="preset", summary="Alice: tracked eigenbasis, switching, compensation",
+           preset="alice", lr=2e-2, refresh=_OURS),
+    Method(name="alice0", kind="preset", summary="Alice-0: Alice without tracking", preset="alice0", lr=2e-2,
+           refresh=_OURS),
+    Method(name="racs", kind="preset", summary="RACS: row- and column-scaled SGD on the matrices", preset="racs",
+           lr=2e-2),
     # bench variants: a method above with one option fixed
     *(
         Method(name=f"galore_adamw+{v}", kind="preset", summary=f"GaLore, {k}={v}", preset="galore_adamw",
@@ -194,6 +210,13 @@ _ENTRIES = (
     Method(name="apollo-torch", summary="apollo-torch APOLLOAdamW", cls="apollo_torch:APOLLOAdamW",
            package="apollo-torch", peer_keys=_GALORE_KEYS, group_options={"proj": "random", "scale_type": "channel"},
            scale=1.0, refresh=_APOLLO, **_PEER),  # type: ignore[arg-type]
+    Method(name="alice-pytorch-optimizer", summary="pytorch_optimizer Alice on the matrices, AdamW on the rest",
+           cls="pytorch_optimizer:Alice", package="pytorch-optimizer", adamw_on_rest=True, scale=0.3, lr=2e-2,
+           peer_keys={"rank": "rank", "update_proj_gap": "update_interval", "scale": "alpha",
+                      "leading_basis": "leading_basis"}, **_PEER),  # type: ignore[arg-type]
+    Method(name="racs-pytorch-optimizer", summary="pytorch_optimizer RACS on the matrices, AdamW on the rest",
+           cls="pytorch_optimizer:RACS", package="pytorch-optimizer", adamw_on_rest=True, scale=0.05, lr=2e-2,
+           peer_keys={"scale": "alpha"}, **_PEER),  # type: ignore[arg-type]
     Method(name="apollo-torch-mini", summary="apollo-torch APOLLOAdamW, rank 1, tensor-wise",
            cls="apollo_torch:APOLLOAdamW", package="apollo-torch", peer_keys=_GALORE_KEYS,
            group_options={"rank": 1, "proj": "random", "scale_type": "tensor"}, scale=128.0, lr=3e-3,

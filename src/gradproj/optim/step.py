@@ -113,13 +113,16 @@ def refresh(ctx: ProjectedContext, grad: Tensor, old: Bases) -> Bases:
     new = place.after_refresh(state, ctx.layout, fresh)
     if ctx.projector.cache:
         ctx.cache[ctx.key] = new
-    if first or group["on_refresh"] == "keep":
+    if first or group["on_refresh"] == "keep" or not ctx.projector.changes_basis:
         return new
     if group["on_refresh"] == "reset":
         with place.local_state(state, ctx.low_shape) as plain:
             ctx.rule.reset(plain)
         return new
     c_left, c_right = place.change_of_basis(old, new)
+    if "tracked_cov" in state:  # Alice's tracked R R^T (r x r) follows its basis: C Q C^T
+        change = c_left if c_left is not None else c_right.t()  # type: ignore[union-attr]
+        state["tracked_cov"] = (change @ state["tracked_cov"] @ change.t()).to(state["tracked_cov"].dtype)
     with place.moments_for_rotation(ctx.rule, state, ctx.layout) as moments:
         first_moment = moments.get("first")
         moments["second"] = rotate_second(moments["second"], c_left, c_right)
@@ -146,6 +149,7 @@ def projected_step(ctx: ProjectedContext, weight: Tensor, grad: Tensor | None, l
                 ctx.probe.refreshed(ctx.name, grad, old, bases, stale)
                 probe = ctx.probe
         low = place.down(grad, bases)  # the whole R (r x n, r x r) or this process's rows of it (m_i x r)
+    ctx.projector.observe(low, state, layout, group)  # Alice's tracking: the moving average of R R^T
     with place.local_state(state, ctx.low_shape) as plain:
         u, step_size = ctx.rule.direction(place.share(low, layout.side), plain, group, weight)
     u = place.gather(u, layout.side, (low.shape[0], low.shape[1]))  # shaped like low

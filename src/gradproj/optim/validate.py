@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..projection.projectors import PROJECTORS
+from ..projection.projectors import PROJECTORS, SWITCHABLE
 from ..projection.sides import PROJ_TYPES
+from ..rules import RULES
+from ..rules.base import UpdateRule
 from .residual import RESIDUALS, SCALE_TYPES
 
 ON_REFRESH = ("keep", "reset", "rotate")
@@ -59,3 +61,70 @@ def check_projection(group: dict[str, Any]) -> None:
     _int_at_least("oversample", group["oversample"], 0)
     _int_at_least("power_iters", group["power_iters"], 0)
     _int_at_least("seed", group["seed"], 0)
+    _check_alice_keys(group)
+    _check_combination(group)
+
+
+def _fraction(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{key}={value!r} is not valid; expected a number in [0, 1)")
+
+
+def _check_alice_keys(group: dict[str, Any]) -> None:
+    """Switching, tracking, compensation, bias correction and the group's own rule."""
+    for key in ("switching", "bias_correction"):
+        if not isinstance(group[key], bool):
+            raise ValueError(f"{key}={group[key]!r} is not valid; expected True or False")
+    if group["leading_basis"] is not None:
+        _int_at_least("leading_basis", group["leading_basis"], 1)
+        if group["leading_basis"] > group["rank"]:
+            raise ValueError(
+                f"leading_basis={group['leading_basis']} exceeds rank={group['rank']}; a switching refresh keeps "
+                "at most rank leading directions (use leading_basis <= rank, or None for 40/256 of the rank)"
+            )
+    _fraction("track_beta", group["track_beta"])
+    _fraction("compensation_beta", group["compensation_beta"])
+    _float_at_least("compensation_scale", group["compensation_scale"], 0.0)
+    if group["rule"] is not None:
+        _choice("rule", group["rule"], RULES)
+
+
+def combination_error(group: dict[str, Any]) -> str | None:
+    """Why a projected group's options do not fit together, or None. ``track_beta`` belongs to the eigh
+    projector and others ignore it (Alice with ``projector="svd"`` is Alice-0 on an exact SVD basis).
+
+    >>> from gradproj import Alice
+    >>> print(combination_error({**Alice.projection_defaults(), "projector": "random"}))  # doctest: +ELLIPSIS
+    switching=True needs a basis with leading directions; projector='random' has none (use one of ...)
+    """
+    projector = group["projector"]
+    if group["switching"] and projector not in SWITCHABLE:
+        return (
+            f"switching=True needs a basis with leading directions; projector={projector!r} has none "
+            f"(use one of {SWITCHABLE}, or switching=False)"
+        )
+    if group["proj_type"] == "full" and (projector == "eigh" or group["residual"] == "alice"):
+        what = "projector='eigh'" if projector == "eigh" else "residual='alice'"
+        return f"{what} needs a one-sided basis; proj_type='full' projects both sides (use std/left/right)"
+    if group["residual"] == "alice" and projector == "identity":
+        return "residual='alice' compensates what a basis discards; projector='identity' discards nothing"
+    return None
+
+
+def _check_combination(group: dict[str, Any]) -> None:
+    error = combination_error(group)
+    if error is not None:
+        raise ValueError(error)
+
+
+def sharding_blocker(group: dict[str, Any], rule: UpdateRule) -> str | None:
+    """Why this group cannot step FSDP2 row-sharded parameters yet, or None if it can."""
+    if not rule.shardable:
+        return f"the {rule.name} rule averages over whole rows and columns"
+    if "rank" not in group:
+        return None
+    if group["projector"] == "eigh":
+        return "the eigh projector's subspace iteration and tracking are not row-sharded yet"
+    if group["residual"] == "alice":
+        return "Alice's compensation sums each channel's energy across row shards, which is not implemented yet"
+    return None

@@ -202,3 +202,60 @@ def random_bases(
     left = random_orthonormal(m, rank, derive_seed(seed, 1), dtype, device) if side in ("left", "full") else None
     right = random_orthonormal(n, rank, derive_seed(seed, 2), dtype, device).t() if side in ("right", "full") else None
     return left, right
+
+
+def covariance(matrix: Tensor, side: str) -> Tensor:
+    """``G G^T`` (left: ``m x m``) or ``G^T G`` (right: ``n x n``), in the working dtype."""
+    work = matrix.to(working_dtype(matrix.dtype))
+    return work @ work.t() if side == "left" else work.t() @ work
+
+
+def top_eigenvectors(cov: Tensor, rank: int, previous: Tensor | None = None) -> Tensor:
+    """The ``rank`` leading eigenvectors of a symmetric ``d x d`` matrix, columns by decreasing eigenvalue.
+
+    Without ``previous`` this is the exact eigendecomposition; with it (``d x rank``, the last basis),
+    one step of subspace iteration warm-started there, then the Rayleigh-Ritz rotation (Alice's refresh:
+    ``Q = qr(C U)``, ``eigh(Q^T C Q)``), which costs ``O(d^2 r)`` instead of ``O(d^3)``.
+    """
+    if previous is None:
+        values, vectors = torch.linalg.eigh(cov)
+        return vectors[:, torch.argsort(values, descending=True)[:rank]]
+    q = torch.linalg.qr(cov @ previous.to(cov.dtype)).Q  # d x r
+    values, vectors = torch.linalg.eigh(q.t() @ cov @ q)  # r x r
+    return q @ vectors[:, torch.argsort(values, descending=True)]
+
+
+def _draw(count: int, size: int, seed: int) -> Tensor:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randperm(size, generator=gen)[:count]
+
+
+def switch_basis(top: Tensor, leading: int, seed: int) -> Tensor:
+    """Alice's switching: keep the ``leading`` first columns of ``top`` (``d x r``, ordered) and fill the
+    other ``r - leading`` with columns drawn at random (seeded) from a basis of the orthogonal
+    complement of ``span(top)``; if that complement is too small, the discarded columns of ``top`` join
+    the pool. The result is orthonormal.
+    """
+    r = top.shape[1]
+    if leading >= r:
+        return top
+    pool = torch.linalg.qr(top, mode="complete").Q[:, r:]  # d x (d - r)
+    if pool.shape[1] < r - leading:
+        pool = torch.cat([pool, top[:, leading:]], dim=1)
+    pick = _draw(r - leading, pool.shape[1], seed).to(top.device)
+    return torch.cat([top[:, :leading], pool[:, pick]], dim=1)
+
+
+def switch_indices(indices: Tensor, dim: int, leading: int, seed: int) -> Tensor:
+    """:func:`switch_basis` for bases that are columns of a fixed matrix (DCT): keep the ``leading``
+    first ``indices`` and draw the rest from the indices not selected (or the discarded ones, if too few)."""
+    r = indices.numel()
+    if leading >= r:
+        return indices
+    chosen = torch.zeros(dim, dtype=torch.bool)
+    chosen[indices.cpu()] = True
+    pool = torch.nonzero(~chosen).flatten()
+    if pool.numel() < r - leading:
+        pool = torch.cat([pool, indices[leading:].cpu()])
+    pick = pool[_draw(r - leading, pool.numel(), seed)]
+    return torch.cat([indices[:leading], pick.to(indices.device)])

@@ -2,17 +2,28 @@
 
 A projector keeps only tensors and plain numbers in the per-parameter state:
 
-=========  ===========================================  ==========================
-name       state it owns                                per-layer bytes
-=========  ===========================================  ==========================
-``svd``    ``basis_left`` (m x r) / ``basis_right``     m*r (or r*n) elements
-``rsvd``   same as ``svd``                              same as ``svd``
-``dct``    ``index_left`` / ``index_right`` (int64)     r indices per side
-``random`` nothing beyond the shared ``proj_seed``      0 (one int)
-=========  ===========================================  ==========================
+============  ===========================================  ==========================
+name          state it owns                                per-layer bytes
+============  ===========================================  ==========================
+``svd``       ``basis_left`` (m x r) / ``basis_right``     m*r (or r*n) elements
+``rsvd``      same as ``svd``                              same as ``svd``
+``eigh``      same, plus ``tracked_cov`` (r x r) if        m*r (+ r*r) elements
+              ``track_beta > 0``
+``dct``       ``index_left`` / ``index_right`` (int64)     r indices per side
+``random``    nothing beyond the shared ``proj_seed``      0 (one int)
+``identity``  nothing: ``R = G`` (RACS)                    0
+============  ===========================================  ==========================
 
-``dct`` shares one DCT matrix per size across layers; ``random`` regenerates its basis from
-``(proj_seed, last_refresh)`` and lets the optimizer cache it between refreshes.
+``eigh`` is Alice's tracked eigenbasis: the leading eigenvectors of
+``track_beta * P Q P^T + (1 - track_beta) * G G^T`` (``G^T G`` for a right basis), where ``Q`` is the
+moving average of ``R R^T`` kept in the low-rank space; with ``track_beta = 0`` it is the eigenbasis of
+the current ``G G^T`` (the SVD basis), found from the last basis by one step of subspace iteration.
+
+``switching=True`` (svd, rsvd, eigh, dct) keeps the ``leading_basis`` leading directions at a
+refresh and draws the others from the complement, seeded by ``(proj_seed, step)``
+(:func:`~gradproj.projection.bases.switch_basis`). ``dct`` shares one DCT matrix per size across
+layers; ``random`` regenerates its basis from ``(proj_seed, last_refresh)`` and lets the optimizer
+cache it between refreshes.
 """
 
 from __future__ import annotations
@@ -23,9 +34,27 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .bases import Bases, dct_bases, dct_indices, derive_seed, random_bases, rsvd_basis, svd_basis
+from .bases import (
+    Bases,
+    covariance,
+    dct_bases,
+    dct_indices,
+    derive_seed,
+    random_bases,
+    rsvd_basis,
+    svd_basis,
+    switch_basis,
+    switch_indices,
+    top_eigenvectors,
+    working_dtype,
+)
+from .sides import resolve_side
 
-PROJECTORS = ("svd", "rsvd", "dct", "random")
+PROJECTORS = ("svd", "rsvd", "eigh", "dct", "random", "identity")
+#: projectors whose basis has leading directions, so a refresh can switch (keep some, draw the rest)
+SWITCHABLE = ("svd", "rsvd", "eigh", "dct")
+#: Alice's default share of leading directions a switching refresh keeps: the paper's 40 of 256
+LEADING_SHARE = 40 / 256
 
 
 @dataclass(frozen=True)
@@ -39,6 +68,20 @@ class Layout:
     device: torch.device
 
 
+def layout_of(shape: tuple[int, int], group: dict[str, Any], dtype: torch.dtype, device: torch.device) -> Layout:
+    """A projected matrix's layout: the rank capped by the shape, the side from ``proj_type``
+    (``"none"`` for the identity projector, whose ``R`` is the whole gradient)."""
+    if group["projector"] == "identity":
+        return Layout(shape, min(shape), "none", dtype, device)
+    return Layout(shape, min(group["rank"], *shape), resolve_side(group["proj_type"], shape), dtype, device)
+
+
+def leading_count(group: dict[str, Any], rank: int) -> int:
+    """How many leading directions a switching refresh keeps at ``rank``."""
+    leading = group.get("leading_basis")
+    return max(1, round(rank * LEADING_SHARE)) if leading is None else min(int(leading), rank)
+
+
 def _cast(bases: Bases, layout: Layout) -> Bases:
     return tuple(  # type: ignore[return-value]
         None if b is None else b.to(dtype=layout.dtype, device=layout.device) for b in bases
@@ -49,12 +92,18 @@ def _refresh_seed(state: dict[str, Any]) -> int:
     return derive_seed(int(state["proj_seed"]), int(state["step"]))
 
 
+def _switch_seed(state: dict[str, Any]) -> int:
+    return derive_seed(_refresh_seed(state), 3)  # independent of rsvd's test matrix at the same step
+
+
 class Projector:
     """Base class: subclasses implement :meth:`compute` and the storage hooks."""
 
     name = ""
     #: whether the optimizer should keep the materialized basis between refreshes
     cache = False
+    #: whether a refresh can change the basis (the identity never does: no on_refresh policy applies)
+    changes_basis = True
 
     def refresh(self, grad: Tensor, state: dict[str, Any], layout: Layout, group: dict[str, Any]) -> Bases:
         """Compute a new basis from ``grad``, store it in ``state`` and return it materialized."""
@@ -64,7 +113,10 @@ class Projector:
         """Rebuild the current basis from ``state`` alone."""
         raise NotImplementedError
 
-    def state_numel(self, layout: Layout) -> tuple[int, int]:
+    def observe(self, low: Tensor, state: dict[str, Any], layout: Layout, group: dict[str, Any]) -> None:
+        """See every step's projected gradient ``R`` (the tracked eigenbasis keeps statistics of it)."""
+
+    def state_numel(self, layout: Layout, group: dict[str, Any] | None = None) -> tuple[int, int]:
         """(floating elements in the basis dtype, int64 elements) this projector stores."""
         raise NotImplementedError
 
@@ -74,7 +126,12 @@ class _StoredBasis(Projector):
         raise NotImplementedError
 
     def refresh(self, grad: Tensor, state: dict[str, Any], layout: Layout, group: dict[str, Any]) -> Bases:
-        left, right = _cast(self._compute(grad, state, layout, group), layout)
+        left, right = self._compute(grad, state, layout, group)
+        if group.get("switching"):
+            leading, seed = leading_count(group, layout.rank), _switch_seed(state)
+            left = None if left is None else switch_basis(left, leading, seed)
+            right = None if right is None else switch_basis(right.t(), leading, derive_seed(seed, 2)).t()
+        left, right = _cast((left, right), layout)
         for key, value in (("basis_left", left), ("basis_right", right)):
             if value is not None:
                 state[key] = value
@@ -83,7 +140,7 @@ class _StoredBasis(Projector):
     def materialize(self, state: dict[str, Any], layout: Layout) -> Bases:
         return state.get("basis_left"), state.get("basis_right")
 
-    def state_numel(self, layout: Layout) -> tuple[int, int]:
+    def state_numel(self, layout: Layout, group: dict[str, Any] | None = None) -> tuple[int, int]:
         m, n = layout.shape
         r = layout.rank
         return (m * r if layout.side != "right" else 0) + (n * r if layout.side != "left" else 0), 0
@@ -115,6 +172,11 @@ class DCTProjector(Projector):
 
     def refresh(self, grad: Tensor, state: dict[str, Any], layout: Layout, group: dict[str, Any]) -> Bases:
         left, right = dct_indices(grad, layout.rank, layout.side)
+        if group.get("switching"):
+            leading, seed = leading_count(group, layout.rank), _switch_seed(state)
+            m, n = layout.shape
+            left = None if left is None else switch_indices(left, m, leading, seed)
+            right = None if right is None else switch_indices(right, n, leading, derive_seed(seed, 2))
         for key, value in (("index_left", left), ("index_right", right)):
             if value is not None:
                 state[key] = value.to(device=layout.device)
@@ -125,7 +187,7 @@ class DCTProjector(Projector):
             return None, None
         return dct_bases(state.get("index_left"), state.get("index_right"), layout.shape, layout.dtype, layout.device)
 
-    def state_numel(self, layout: Layout) -> tuple[int, int]:
+    def state_numel(self, layout: Layout, group: dict[str, Any] | None = None) -> tuple[int, int]:
         return 0, layout.rank * (2 if layout.side == "full" else 1)
 
 
@@ -143,12 +205,64 @@ class RandomProjector(Projector):
         seed = derive_seed(int(state["proj_seed"]), int(state["last_refresh"]))
         return _cast(random_bases(seed, layout.shape, layout.rank, layout.side, layout.dtype, layout.device), layout)
 
-    def state_numel(self, layout: Layout) -> tuple[int, int]:
+    def state_numel(self, layout: Layout, group: dict[str, Any] | None = None) -> tuple[int, int]:
+        return 0, 0
+
+
+class EighProjector(_StoredBasis):
+    """Alice's tracked eigenbasis (one-sided bases only)."""
+
+    name = "eigh"
+
+    def _compute(self, grad: Tensor, state: dict[str, Any], layout: Layout, group: dict[str, Any]) -> Bases:
+        left = layout.side == "left"
+        previous = state.get("basis_left") if left else state.get("basis_right")
+        previous = None if previous is None else (previous if left else previous.t())  # d x r
+        cov = covariance(grad, layout.side)  # d x d
+        beta = float(group["track_beta"])
+        if beta > 0 and previous is not None:
+            tracked = state["tracked_cov"].to(cov.dtype)  # r x r, in the last basis' coordinates
+            basis = previous.to(cov.dtype)
+            cov = beta * (basis @ tracked @ basis.t()) + (1 - beta) * cov
+        top = top_eigenvectors(cov, layout.rank, previous)  # d x r
+        return (top, None) if left else (None, top.t())
+
+    def observe(self, low: Tensor, state: dict[str, Any], layout: Layout, group: dict[str, Any]) -> None:
+        beta = float(group["track_beta"])
+        if beta == 0:
+            return
+        work = low.to(working_dtype(low.dtype))
+        outer = work @ work.t() if layout.side == "left" else work.t() @ work  # r x r
+        tracked = state.get("tracked_cov")
+        if tracked is None:
+            tracked = state["tracked_cov"] = torch.zeros_like(outer, dtype=layout.dtype)
+        tracked.lerp_(outer.to(tracked.dtype), 1 - beta)
+
+    def state_numel(self, layout: Layout, group: dict[str, Any] | None = None) -> tuple[int, int]:
+        basis, _ = super().state_numel(layout)
+        tracking = group is not None and float(group.get("track_beta", 0)) > 0
+        return basis + (layout.rank**2 if tracking else 0), 0
+
+
+class IdentityProjector(Projector):
+    """No projection: ``R = G`` (RACS steps the whole matrix); keeps nothing."""
+
+    name = "identity"
+    changes_basis = False
+
+    def refresh(self, grad: Tensor, state: dict[str, Any], layout: Layout, group: dict[str, Any]) -> Bases:
+        return None, None
+
+    def materialize(self, state: dict[str, Any], layout: Layout) -> Bases:
+        return None, None
+
+    def state_numel(self, layout: Layout, group: dict[str, Any] | None = None) -> tuple[int, int]:
         return 0, 0
 
 
 _REGISTRY: dict[str, Projector] = {
-    p.name: p for p in (SVDProjector(), RSVDProjector(), DCTProjector(), RandomProjector())
+    p.name: p
+    for p in (SVDProjector(), RSVDProjector(), EighProjector(), DCTProjector(), RandomProjector(), IdentityProjector())
 }
 
 

@@ -44,6 +44,8 @@ def resolve_side(proj_type: str, shape: tuple[int, ...]) -> str:
 def low_rank_shape(shape: tuple[int, ...], rank: int, side: str) -> tuple[int, int]:
     """Shape of ``down(G)`` for a gradient of ``shape``."""
     m, n = shape
+    if side == "none":  # the identity projector: R is G itself
+        return (m, n)
     if side == "left":
         return (rank, n)
     if side == "right":

@@ -1,11 +1,12 @@
-"""Update rules that see only the (projected) gradient: Adam, 8-bit Adam, Adafactor."""
+"""Update rules that see only the (projected) gradient: Adam, 8-bit Adam, Adafactor, RACS."""
 
 from .adafactor import Adafactor
 from .adam import Adam
 from .adam8bit import Adam8bit
 from .base import UpdateRule
+from .racs import RACS
 
-RULES = ("adam", "adam8bit", "adafactor")
+RULES = ("adam", "adam8bit", "adafactor", "racs")
 
 
 def make_rule(name: str) -> UpdateRule:
@@ -16,7 +17,9 @@ def make_rule(name: str) -> UpdateRule:
         return Adam8bit()
     if name == "adafactor":
         return Adafactor()
+    if name == "racs":
+        return RACS()
     raise ValueError(f"rule={name!r} is not one of {RULES}")
 
 
-__all__ = ["RULES", "Adafactor", "Adam", "Adam8bit", "UpdateRule", "make_rule"]
+__all__ = ["RACS", "RULES", "Adafactor", "Adam", "Adam8bit", "UpdateRule", "make_rule"]

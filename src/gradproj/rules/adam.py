@@ -8,7 +8,8 @@ reproduce, and we follow each one in the place it is the reference:
   correction: ``p -= lr/(1-beta1^t) * m / (sqrt(v)/sqrt(1-beta2^t) + eps)``, so such a group
   is bit-for-bit ``torch.optim.AdamW``;
 * projected groups use galore-torch's (also Fira's and APOLLO's): ``u = m / (sqrt(v) + eps)``
-  with ``step_size = lr sqrt(1-beta2^t)/(1-beta1^t)``. The direction ``u`` then has the
+  with ``step_size = lr sqrt(1-beta2^t)/(1-beta1^t)`` (``lr`` alone when the group sets
+  ``bias_correction=False``, as Alice's paper-literal moments do). The direction ``u`` then has the
   scale those methods' norm-ratio scaling and growth limiter were tuned on, and their
   published ``eps`` means the same thing here.
 
@@ -51,8 +52,11 @@ def torch_denom(exp_avg_sq: Tensor, step: int, group: dict[str, Any]) -> tuple[T
 
 
 def galore_direction(exp_avg: Tensor, exp_avg_sq: Tensor, step: int, group: dict[str, Any]) -> tuple[Tensor, float]:
-    """galore-torch's ``(m / (sqrt(v) + eps), lr sqrt(1-beta2^t) / (1-beta1^t))``."""
+    """galore-torch's ``(m / (sqrt(v) + eps), lr sqrt(1-beta2^t) / (1-beta1^t))``; with the group's
+    ``bias_correction`` off (Alice's moments), the step size is ``lr`` itself."""
     beta1, beta2 = group["betas"]
+    if not group.get("bias_correction", True):
+        return exp_avg / exp_avg_sq.sqrt().add_(group["eps"]), group["lr"]
     step_size = group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
     return exp_avg / exp_avg_sq.sqrt().add_(group["eps"]), step_size
 
