@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/BENCHMARKS.md and docs/DYNAMICS.md on one CUDA device.
-# Usage: scripts/bench_cuda.sh OUT_DIR [PART]   PART: checks (tests, refresh, overhead, dynamics runs) | quality | all
+# Usage: scripts/bench_cuda.sh OUT_DIR [PART]   PART: checks (tests, refresh, overhead, dynamics runs) | quality |
+#        frontier (Alice, RACS and every peer: llama-20m, 2000 steps, 3 seeds; FRONTIER_METHODS to narrow) | all
 # quality reads the CPU sweep's learning rates from docs/records/ (each method at its best rates).
 set -uo pipefail
-out=${1:?usage: scripts/bench_cuda.sh OUT_DIR [checks|quality|all]}
+out=${1:?usage: scripts/bench_cuda.sh OUT_DIR [checks|quality|frontier|all]}
 part=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -27,4 +28,15 @@ if [[ $part == quality || $part == all ]]; then
     --gap 100 --eval-every 100 --lr-matrix 1e-3,3e-3,1e-2 --lr-other 3e-2 --lr-from docs/records/sweep_llama5m_cpu.jsonl \
     --out "$out/quality_cuda"   # one run folder per method, and quality_cuda/records.jsonl
   $gp bench table "$out/quality_cuda" --plots "$out" | tee "$out/quality_cuda.md"
+fi
+if [[ $part == frontier || $part == all ]]; then
+  # The issue-12 comparison at length: each method at its best llama-5m rates, three seeds, mean and spread.
+  methods=${FRONTIER_METHODS:-adamw,galore_adamw,fira_adamw,apollo_mini,alice,alice0,racs,galore-torch,fira,apollo-torch,alice-pytorch-optimizer,racs-pytorch-optimizer,lora-peft}
+  for seed in 0 1 2; do
+    $gp bench quality --device cuda --model llama-20m --steps 2000 --batch-size 32 --seq-len 256 --rank 96 \
+      --gap 200 --eval-every 500 --seed "$seed" --methods "$methods" \
+      --lr-from docs/records/sweep_frontier_llama5m_cpu.jsonl docs/records/sweep_llama5m_cpu.jsonl \
+      --out "$out/frontier_cuda"
+  done
+  $gp bench table "$out/frontier_cuda" | tee "$out/frontier_cuda.md"   # ends with the seeds table and its verdict
 fi

@@ -29,7 +29,12 @@ CASES: dict[str, dict[str, Any]] = {
     "layerwise": {"preset": "galore", "layerwise": True},
     "layerwise_low_rank_accum": {"preset": "galore", "layerwise": True, "low_rank": True, "accum": 2},
     "accum": {"preset": "galore", "accum": 2},
+    # Alice's compensation needs G (full exchange); its switching draws are seeded, so ranks agree
+    "alice_low_rank": {"preset": "alice", "low_rank": True},
+    "alice_layerwise_accum": {"preset": "alice", "layerwise": True, "accum": 2},
+    "racs": {"preset": "racs", "low_rank": True},  # R = G: the "low-rank" exchange is the full gradient
 }
+PRESETS = {"galore": gradproj.GaLoreAdamW, "fira": gradproj.FiraAdamW, "alice": gradproj.Alice, "racs": gradproj.RACS}
 
 
 def make_model() -> nn.Module:
@@ -39,8 +44,9 @@ def make_model() -> nn.Module:
 
 def make_optimizer(model: nn.Module, case: dict[str, Any]) -> gradproj.ProjectedOptimizer:
     groups = gradproj.param_groups(model, target_modules=["0", "2"], rank=4, update_proj_gap=GAP)
-    cls = gradproj.FiraAdamW if case["preset"] == "fira" else gradproj.GaLoreAdamW
-    return cls(groups, lr=1e-2, projector=case.get("projector", "svd"))
+    cls = PRESETS[case["preset"]]
+    projector = {"projector": case["projector"]} if "projector" in case else {}
+    return cls(groups, lr=1e-2, **projector)  # type: ignore[operator]
 
 
 def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:

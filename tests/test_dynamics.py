@@ -71,7 +71,12 @@ def test_each_quantity_equals_its_definition() -> None:
 
 @pytest.mark.parametrize(
     ("preset", "options", "one_factor"),
-    [("fira_adamw", {}, False), ("apollo_adamw", {}, False), ("apollo_adamw", {"scale_type": "tensor"}, True)],
+    [
+        ("fira_adamw", {}, False),
+        ("apollo_adamw", {}, False),
+        ("apollo_adamw", {"scale_type": "tensor"}, True),
+        ("alice", {}, False),
+    ],
 )
 def test_fira_and_apollo_scaling_factors_are_logged(preset: str, options: dict, one_factor: bool) -> None:
     w = torch.nn.Parameter(torch.randn(12, 20, dtype=torch.float64))
@@ -85,6 +90,8 @@ def test_fira_and_apollo_scaling_factors_are_logged(preset: str, options: dict, 
     for r in rows:
         assert 0 < r["scale_min"] <= r["scale_mean"] <= r["scale_max"]
         assert (r["scale_min"] == r["scale_max"]) is one_factor
+    # the residual term's norm after the limiter (Alice: the compensation's) is the limiter's own record
+    assert rows[-1]["residual_norm"] == pytest.approx(float(opt.state[w]["residual_norm"]), rel=1e-12)
 
 
 def test_galore_rows_have_no_scaling_factor_and_sampling_follows_every() -> None:

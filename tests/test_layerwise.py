@@ -20,6 +20,9 @@ PRESETS = {
     "galore-adafactor": (gradproj.GaLoreAdafactor, {"relative_step": False}),
     "fira": (gradproj.FiraAdamW, {"scale": 0.25}),
     "apollo": (gradproj.APOLLOAdamW, {}),
+    "alice": (gradproj.Alice, {}),
+    "alice0": (gradproj.Alice0, {"leading_basis": 1}),
+    "racs": (gradproj.RACS, {}),
 }
 
 
@@ -83,7 +86,7 @@ def test_layerwise_equals_standard_step_for_step(preset: str) -> None:
     assert all(p.grad is None for p in layerwise.parameters())
 
 
-@pytest.mark.parametrize("preset", ["galore", "galore-rsvd-rotate", "fira", "apollo"])
+@pytest.mark.parametrize("preset", ["galore", "galore-rsvd-rotate", "fira", "apollo", "alice", "racs"])
 @pytest.mark.parametrize("accum", [2, 4])
 def test_k_micro_batches_equal_one_batch_of_k_times_b(preset: str, accum: int) -> None:
     """7 steps with gap 3 cross two refreshes: refresh steps accumulate full, others low rank."""

@@ -74,3 +74,24 @@ def test_llama_7b_state_ratios_meet_the_design_targets() -> None:
     assert galore <= 0.35
     assert galore8 <= 0.20
     assert mini == pytest.approx(non_projected, rel=0.01)  # APOLLO-Mini ~ only embeddings, norms and head
+
+
+def _matrix_state(model: torch.nn.Module, **options: object) -> int:
+    """Bytes of state over the projected matrices alone."""
+    return summarize(gradproj.param_groups(model, **options), "adam")[0].state_bytes  # type: ignore[arg-type]
+
+
+def test_frontier_state_meets_the_issue_bounds_at_llama_7b() -> None:
+    """RACS <= 1% of AdamW's state over the matrices; Alice-0 = GaLore plus one vector (and a scalar) per
+    matrix; Alice adds its r x r tracked covariance on top."""
+    model = llama(4096, 11008, 32)
+    matrices = gradproj.param_groups(model, rank=1)[0]["params"]
+    adamw = sum(2 * p.numel() * 4 for p in matrices)
+    racs = _matrix_state(model, rank=1, **gradproj.RACS.PROJECTION)
+    assert racs <= 0.01 * adamw
+    galore = _matrix_state(model, rank=1024)
+    alice0 = _matrix_state(model, rank=1024, **gradproj.Alice0.PROJECTION)
+    alice = _matrix_state(model, rank=1024, **gradproj.Alice.PROJECTION)
+    vectors = sum(4 * (max(p.shape) + 1) for p in matrices)  # the uncompressed side's energies + the limiter
+    assert alice0 == galore + vectors
+    assert alice == alice0 + sum(4 * 1024**2 for _ in matrices)

@@ -37,7 +37,8 @@ QUANTITIES = {
     "overlap": "basis overlap with the previous basis",
     "stable_rank": "gradient stable rank ‖G‖²_F/σ₁²",
     "update_ratio": "update-to-weight norm ratio",
-    "scale_mean": "Fira/APOLLO scaling factor φ (mean)",
+    "scale_mean": "Fira/APOLLO/Alice scaling factor φ (mean)",
+    "residual_norm": "residual (compensation) norm after the limiter",
 }
 
 

@@ -10,6 +10,8 @@ EPILOG = """examples:
   gradproj bench quality --lr-matrix 1e-3,3e-3,1e-2 --out runs/sweep      # every method, lr sweep
   gradproj bench quality --lr-from runs/sweep --out runs/bench            # each at its best lr
   gradproj bench table runs/bench --plots runs/figures                     # Markdown table + figures
+  for s in 0 1 2; do gradproj bench quality --lr-from runs/sweep --seed $s --out runs/seeds; done
+  gradproj bench table runs/seeds                                          # + mean and spread over seeds
   gradproj report runs/bench/galore_adamw-lr0.01-0.03-seed0 runs/bench/adamw-lr0.001-0.1-seed0
   gradproj bench refresh --captured llama-20m --rank 64                   # real gradients
   gradproj bench overhead                                                  # cost of --dynamics-every
@@ -245,6 +247,10 @@ def run(args: argparse.Namespace) -> int:
     if args.bench == "table":
         records = read_records(args.records)
         print(table(records))
+        if len({(r["method"], r.get("config", {}).get("seed")) for r in records}) > len({r["method"] for r in records}):
+            from .seeds import seeds_table, verdict  # several seeds: mean and spread, and what they allow us to claim
+
+            print("\n" + seeds_table(records) + "\n\n" + verdict(records))
         if args.plots:
             from .plots import write_plots
 

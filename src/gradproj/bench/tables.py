@@ -150,7 +150,11 @@ def render_block(kind: str, records: list[dict[str, Any]]) -> str:
         return environment_line(records)
     if kind == "overhead":
         return overhead_table(records)
-    raise ValueError(f"unknown block kind {kind!r}; valid: quality, refresh, environment, overhead")
+    if kind in ("seeds", "verdict"):
+        from .seeds import seeds_table, verdict
+
+        return seeds_table(records) if kind == "seeds" else verdict(records)
+    raise ValueError(f"unknown block kind {kind!r}; valid: quality, refresh, environment, overhead, seeds, verdict")
 
 
 def update_document(path: Path) -> tuple[str, str]:

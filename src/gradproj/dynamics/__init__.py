@@ -22,7 +22,10 @@ Why low-rank training works, or fails, shows in a few numbers per layer:
     (weight 0.8 on the past); a ratio far above 1 is a spike. The global norm (every step) is compared
     with the mean of the previous 50 steps; spikes above 3x it are rows of their own.
 ``scale_mean`` / ``scale_min`` / ``scale_max``
-    Fira's and APOLLO's scaling factors ``phi`` (per channel or per tensor).
+    Fira's and APOLLO's scaling factors ``phi`` (per channel or per tensor); for Alice, the compensation's
+    per-channel whitening ``sqrt(d - r) / sqrt(p)``.
+``residual_norm``
+    the norm of the residual term after the growth limiter (Fira's, APOLLO's, Alice's compensation).
 
 Each layer is sampled at its refreshes and every ``every`` steps. A sample costs four norms (one
 kernel each, no device sync); a refresh adds the overlap's ``r x r`` product and five power

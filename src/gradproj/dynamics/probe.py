@@ -79,9 +79,12 @@ class Dynamics:
         update: Tensor,
         step_size: float,
         phi: Tensor | None,
+        residual_norm: Tensor | None = None,
     ) -> None:
-        """One layer's sample; the weight is about to move by ``-step_size * update``. ``phi`` is Fira's or
-        APOLLO's scaling factor as the step computed it (None for GaLore).
+        """One layer's sample; the weight is about to move by ``-step_size * update``. ``phi`` is Fira's,
+        APOLLO's or Alice's per-channel scaling factor as the step computed it (None for GaLore);
+        ``residual_norm`` the norm of the residual term after the growth limiter (Fira, APOLLO, Alice's
+        compensation), reported as ``residual_norm``.
 
         Only a few norms are taken here (one kernel each, kept as 0-d tensors: no device sync inside
         the step); ratios, energies and averages are formed from them in :meth:`drain`.
@@ -95,6 +98,8 @@ class Dynamics:
             row["grad_norm"] = norm(grad)
             if self.energy:
                 row["_low"] = norm(low)
+        if residual_norm is not None:
+            row["residual_norm"] = residual_norm
         if phi is not None:
             phi = wide(phi)
             low_phi, high_phi = torch.aminmax(phi)

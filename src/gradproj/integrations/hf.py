@@ -18,6 +18,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from typing import Any
 
 import torch
@@ -26,16 +28,23 @@ from torch import nn
 from ..optim.build import OptimizerSpec, build_optimizer
 from ..optim.groups import ATTENTION_AND_MLP
 
-#: ``optim_args`` keys and how to read them.
-OPTIM_ARGS: dict[str, type] = {
-    "rank": int,
-    "update_proj_gap": int,
-    "scale": float,
-    "proj_type": str,
-    "projector": str,
-    "on_refresh": str,
-    "other_lr": float,
-}
+#: what ``TrainingArguments`` sets itself rather than ``optim_args``
+_FROM_ARGS = ("name", "lr", "weight_decay", "target_modules")
+
+
+def _optim_args() -> dict[str, type]:
+    """Every :class:`~gradproj.optim.build.OptimizerSpec` option of a plain type, read from its fields."""
+    hints = typing.get_type_hints(OptimizerSpec)
+    out: dict[str, type] = {}
+    for f in dataclasses.fields(OptimizerSpec):
+        kinds = [t for t in (typing.get_args(hints[f.name]) or (hints[f.name],)) if t is not type(None)]
+        if f.name not in _FROM_ARGS and len(kinds) == 1 and kinds[0] in (int, float, str):
+            out[f.name] = kinds[0]
+    return out
+
+
+#: ``optim_args`` keys and how to read them: ``rank``, ``update_proj_gap``, ``scale``, ``proj_type``, ...
+OPTIM_ARGS: dict[str, type] = _optim_args()
 
 
 def parse_optim_args(text: str | None) -> dict[str, Any]:

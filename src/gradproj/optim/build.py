@@ -86,6 +86,13 @@ class OptimizerSpec:
     on_refresh: str = option(
         "keep", help="what happens to the moments when the basis changes", choices=ON_REFRESH, group="optimizer"
     )
+    leading_basis: int | None = option(
+        None,
+        help="Alice's switching refresh: leading directions it keeps, the rest drawn from the complement "
+        "(default: 40/256 of the rank, the paper's share); methods that do not switch ignore it",
+        minimum=1,
+        group="optimizer",
+    )
     weight_decay: float = option(0.0, help="decoupled weight decay", minimum=0, group="optimizer")
     target_modules: Target = option(
         ATTENTION_AND_MLP,
@@ -131,6 +138,8 @@ class OptimizerSpec:
             "projector": projector,
             "on_refresh": self.on_refresh,
         }
+        if self.leading_basis is not None:
+            options["leading_basis"] = self.leading_basis
         if self.method.kind == "peer":  # a peer's fixed options are in its own key names: _peer adds them
             return options
         fixed = {k: v for k, v in self.method.group_options.items() if k != "rank"}
@@ -172,7 +181,10 @@ def _groups(model: nn.Module, spec: OptimizerSpec, *, summary: bool, names: bool
     if summary:
         from .groups import format_summary
 
-        print(format_summary(groups))
+        preset = PRESETS[spec.method.preset] if spec.method.preset else None
+        defaults = preset.projection_defaults() if preset is not None else {}
+        shown = [{**defaults, **g} if "rank" in g else g for g in groups]  # the preset's rule and basis
+        print(format_summary(shown, preset.RULE if preset is not None else "adam"))
     if not names:  # torch < 2.6 and the peers do not know the key
         for group in groups:
             group.pop("param_names", None)
@@ -189,7 +201,8 @@ def _peer(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimizer:
     if spec.projected:
         rank = spec.resolved_rank
         assert rank is not None
-        ours = {"rank": rank, "leading_basis": leading_count({}, rank), **spec.group_options()}
+        ours = {**spec.group_options(), "rank": rank}
+        ours["leading_basis"] = leading_count(ours, rank)
         keys = {theirs: ours[key] for key, theirs in method.peer_keys.items()}
         groups[0] = {"params": groups[0]["params"], "lr": spec.matrix_lr, **keys, **method.group_options}
         groups.reverse()  # the peers' own examples list the unprojected group first

@@ -45,6 +45,7 @@ class StepProbe(Protocol):
         update: Tensor,
         step_size: float,
         phi: Tensor | None,
+        residual_norm: Tensor | None = None,
     ) -> None: ...
 
 
@@ -157,7 +158,8 @@ def projected_step(ctx: ProjectedContext, weight: Tensor, grad: Tensor | None, l
         grad, low, u, bases, layout.side, group, state, shape=layout.shape, norm=place.norm
     )  # m_i x n
     if probe is not None:
-        probe.sampled(ctx.name, state["step"], weight, grad, low, update, step_size, phi)
+        # the residual term's norm after the limiter (Fira, APOLLO, Alice's compensation): the limiter's state
+        probe.sampled(ctx.name, state["step"], weight, grad, low, update, step_size, phi, state.get("residual_norm"))
     decay(weight, group, step_size)
     weight.add_(update, alpha=-step_size)
     state["step"] += 1

@@ -69,6 +69,7 @@ _DYNAMICS_SCALARS = (
     "update_ratio",
     "grad_norm_ratio",
     "scale_mean",
+    "residual_norm",
 )
 
 
