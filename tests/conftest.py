@@ -33,6 +33,8 @@ def _spec(preset: str) -> dict[str, Any]:
     twin = {k: v for k, v in defaults.items() if k not in ("residual", "seed", "rule")}
     twin["projected_rule"] = defaults["rule"]
     twin.update({k: signature[k].default for k in ("eps", "betas") if k in signature})
+    if "betas" in twin:  # Alice's third beta is its tracking decay, already in the projection defaults
+        twin["betas"] = tuple(twin["betas"][:2])
     return {
         "kwargs": lr_kwargs(preset),
         "rule": cls.RULE,

@@ -219,3 +219,13 @@ def test_non_contiguous_parameters_step_like_contiguous_ones(preset: str) -> Non
         _step(opts[1], strided, grads)
     for a, b in zip(contiguous, strided, strict=True):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_alice_gives_its_short_beta2_to_the_subspace_only() -> None:
+    """Embeddings and norms run AdamW with Adam's betas; the subspace moments use Alice's (0.9, 0.9)."""
+    params = make_params(SHAPES, torch.float32)
+    opt = gradproj.Alice(_split_groups(params, rank=4), lr=1e-2)
+    assert opt.param_groups[0]["betas"] == (0.9, 0.9) and opt.param_groups[1]["betas"] == (0.9, 0.999)
+    tracked = gradproj.Alice0(_split_groups(params, rank=4), betas=(0.9, 0.95, 0.99))  # pytorch_optimizer's form
+    assert tracked.param_groups[0]["betas"] == (0.9, 0.95) and tracked.param_groups[0]["track_beta"] == 0.99
+    assert gradproj.Alice0(_split_groups(params, rank=4)).param_groups[0]["track_beta"] == 0.0

@@ -107,3 +107,18 @@ def test_alice_matches_pytorch_optimizer_after_the_first_basis(track_beta: float
         torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-5, atol=1e-6)
     basis, theirs_basis = opt.state[ours]["basis_left"], peer.state[theirs]["U"]
     torch.testing.assert_close(basis.abs(), theirs_basis.abs(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_peer_on_the_matrices_and_adamw_on_the_rest_report_all_their_state() -> None:
+    from gradproj.optim.build import OptimizerSpec, build_optimizer
+    from gradproj.train.logs import optimizer_state_bytes
+    from gradproj.train.models import build_causal_lm
+
+    model = build_causal_lm("llama-tiny", vocab_size=128, seq_len=16)
+    opt = build_optimizer(model, OptimizerSpec(name="racs-pytorch-optimizer", rank=8))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    parts = [optimizer_state_bytes(o) for o in opt.optimizers]  # type: ignore[attr-defined]
+    assert all(parts) and optimizer_state_bytes(opt) == sum(parts)
+    assert isinstance(opt.optimizers[1], torch.optim.AdamW)  # type: ignore[attr-defined]

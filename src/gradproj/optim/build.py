@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from collections import ChainMap
 from dataclasses import dataclass
 from typing import Any
 
@@ -233,7 +232,15 @@ class Joined(torch.optim.Optimizer):
         self.optimizers = optimizers
         super().__init__([p for o in optimizers for g in o.param_groups for p in g["params"]], {})
         self.param_groups = [g for o in optimizers for g in o.param_groups]  # the same dicts, not copies
-        self.state = ChainMap(*(o.state for o in optimizers))  # type: ignore[assignment]  # a view: reads reach all
+
+    @property  # type: ignore[override]
+    def state(self) -> dict[Any, Any]:  # type: ignore[override]
+        """Every child's per-parameter state (the same dicts), read-only here: the children own it."""
+        return {p: s for o in self.optimizers for p, s in o.state.items()}
+
+    @state.setter
+    def state(self, value: Any) -> None:  # torch's __init__ assigns an empty state; the children keep theirs
+        pass
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
