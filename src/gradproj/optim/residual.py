@@ -110,7 +110,7 @@ def combine(
     if kind == "alice":
         assert grad is not None
         compensation, phi = alice_compensation(grad, low, bases, side, group, state, norm)
-        return update + compensation * (group["scale"] * group["compensation_scale"]), phi
+        return update.add_(compensation, alpha=group["scale"] * group["compensation_scale"]), phi
     if kind != "fira":
         return update, None
     assert grad is not None
@@ -136,7 +136,9 @@ def alice_compensation(
         raise ValueError(f"residual='alice' needs a one-sided basis; got side {side!r} (use proj_type std/left/right)")
     compressed = 0 if side == "left" else 1  # energies sum over the compressed dimension
     wide = torch.promote_types(grad.dtype, torch.float32)
-    energy = grad.to(wide).square().sum(compressed) - low.to(wide).square().sum(compressed)  # n (left) or m
+    # fused reductions: no m x n temporary for the squares
+    energy = torch.linalg.vector_norm(grad, dim=compressed, dtype=wide).square()  # n (left) or m
+    energy -= torch.linalg.vector_norm(low, dim=compressed, dtype=wide).square()
     p = state.get("compensation_sq")
     if p is None:
         p = state["compensation_sq"] = torch.zeros_like(energy)
@@ -144,6 +146,10 @@ def alice_compensation(
     discarded = grad.shape[compressed] - low.shape[compressed]  # d - r
     factor = discarded**0.5 / p.sqrt()  # per channel
     factor = factor.unsqueeze(0) if side == "left" else factor.unsqueeze(1)
-    residual = grad - project_up(low, *bases)  # m x n
-    compensation = limit_growth(residual * factor.to(grad.dtype), state, group["growth_limit"], norm)
+    left, right = bases
+    if left is not None:  # one m x n allocation: G - P R
+        residual = torch.addmm(grad, left.to(grad.dtype), low.to(grad.dtype), alpha=-1)
+    else:
+        residual = torch.addmm(grad, low.to(grad.dtype), right.to(grad.dtype), alpha=-1)  # type: ignore[union-attr]
+    compensation = limit_growth(residual.mul_(factor.to(grad.dtype)), state, group["growth_limit"], norm)
     return compensation, factor
