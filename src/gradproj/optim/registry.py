@@ -181,11 +181,11 @@ _ENTRIES = (
         refresh=_OURS,
     ),
     Method(name="alice", kind="preset", summary="Alice: tracked eigenbasis, switching, compensation",
-           preset="alice", lr=2e-2, refresh=_OURS),
-    Method(name="alice0", kind="preset", summary="Alice-0: Alice without tracking", preset="alice0", lr=2e-2,
-           refresh=_OURS),
+           preset="alice", lr=3e-3, other_lr=3e-2, refresh=_OURS),
+    Method(name="alice0", kind="preset", summary="Alice-0: Alice without tracking", preset="alice0", lr=3e-3,
+           other_lr=3e-2, refresh=_OURS),
     Method(name="racs", kind="preset", summary="RACS: row- and column-scaled SGD on the matrices", preset="racs",
-           lr=2e-2),
+           lr=3e-2, other_lr=3e-2),
     # bench variants: a method above with one option fixed
     *(
         Method(name=f"galore_adamw+{v}", kind="preset", summary=f"GaLore, {k}={v}", preset="galore_adamw",
@@ -211,11 +211,13 @@ _ENTRIES = (
            package="apollo-torch", peer_keys=_GALORE_KEYS, group_options={"proj": "random", "scale_type": "channel"},
            scale=1.0, refresh=_APOLLO, **_PEER),  # type: ignore[arg-type]
     Method(name="alice-pytorch-optimizer", summary="pytorch_optimizer Alice on the matrices, AdamW on the rest",
-           cls="pytorch_optimizer:Alice", package="pytorch-optimizer", adamw_on_rest=True, scale=0.3, lr=2e-2,
+           cls="pytorch_optimizer:Alice", package="pytorch-optimizer", adamw_on_rest=True, scale=0.3, lr=3e-3,
+           other_lr=3e-2,
            peer_keys={"rank": "rank", "update_proj_gap": "update_interval", "scale": "alpha",
                       "leading_basis": "leading_basis"}, **_PEER),  # type: ignore[arg-type]
     Method(name="racs-pytorch-optimizer", summary="pytorch_optimizer RACS on the matrices, AdamW on the rest",
-           cls="pytorch_optimizer:RACS", package="pytorch-optimizer", adamw_on_rest=True, scale=0.05, lr=2e-2,
+           cls="pytorch_optimizer:RACS", package="pytorch-optimizer", adamw_on_rest=True, scale=0.05, lr=1e-3,
+           other_lr=3e-2,
            peer_keys={"scale": "alpha"}, **_PEER),  # type: ignore[arg-type]
     Method(name="apollo-torch-mini", summary="apollo-torch APOLLOAdamW, rank 1, tensor-wise",
            cls="apollo_torch:APOLLOAdamW", package="apollo-torch", peer_keys=_GALORE_KEYS,
