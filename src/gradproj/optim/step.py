@@ -121,9 +121,7 @@ def refresh(ctx: ProjectedContext, grad: Tensor, old: Bases) -> Bases:
             ctx.rule.reset(plain)
         return new
     c_left, c_right = place.change_of_basis(old, new)
-    if "tracked_cov" in state:  # Alice's tracked R R^T (r x r) follows its basis: C Q C^T
-        change = c_left if c_left is not None else c_right.t()  # type: ignore[union-attr]
-        state["tracked_cov"] = (change @ state["tracked_cov"] @ change.t()).to(state["tracked_cov"].dtype)
+    ctx.projector.rotate_state(state, c_left, c_right)  # what the projector keeps in R's coordinates
     with place.moments_for_rotation(ctx.rule, state, ctx.layout) as moments:
         first_moment = moments.get("first")
         moments["second"] = rotate_second(moments["second"], c_left, c_right)

@@ -116,6 +116,9 @@ class Projector:
     def observe(self, low: Tensor, state: dict[str, Any], layout: Layout, group: dict[str, Any]) -> None:
         """See every step's projected gradient ``R`` (the tracked eigenbasis keeps statistics of it)."""
 
+    def rotate_state(self, state: dict[str, Any], c_left: Tensor | None, c_right: Tensor | None) -> None:
+        """Carry statistics kept in ``R``'s coordinates into a new basis (``on_refresh="rotate"``)."""
+
     def state_numel(self, layout: Layout, group: dict[str, Any] | None = None) -> tuple[int, int]:
         """(floating elements in the basis dtype, int64 elements) this projector stores."""
         raise NotImplementedError
@@ -237,6 +240,13 @@ class EighProjector(_StoredBasis):
         if tracked is None:
             tracked = state["tracked_cov"] = torch.zeros_like(outer, dtype=layout.dtype)
         tracked.lerp_(outer.to(tracked.dtype), 1 - beta)
+
+    def rotate_state(self, state: dict[str, Any], c_left: Tensor | None, c_right: Tensor | None) -> None:
+        tracked = state.get("tracked_cov")
+        if tracked is None:
+            return
+        change = c_left if c_left is not None else c_right.t()  # type: ignore[union-attr]  # r x r, new <- old
+        state["tracked_cov"] = (change @ tracked @ change.t()).to(tracked.dtype)  # C Q C^T
 
     def state_numel(self, layout: Layout, group: dict[str, Any] | None = None) -> tuple[int, int]:
         basis, _ = super().state_numel(layout)
