@@ -17,14 +17,16 @@ from torch.distributed.fsdp import fully_shard
 import gradproj
 from gradproj.optim.build import OptimizerSpec, build_optimizer
 from gradproj.optim.registry import METHODS
-from gradproj.optim.validate import sharding_blocker
+from gradproj.optim.validate import combination_error, sharding_blocker
 from gradproj.projection import PROJECTORS
-from gradproj.rules import Adam
+from gradproj.rules import Adam, make_rule
 
 STEPS, GLOBAL_BATCH, GAP = 7, 8, 3
+FULL = {"proj_type": "full", "projector": "rsvd"}
 #: case -> method (a registry name), its options, the model, the rank. "state" cases also bound each
 #: rank's share of the state; "quantized" ones check that 8-bit moments did quantize. Derived from the
-#: owners: every projector, and every FSDP-capable projected method with rotate and with proj_type="full".
+#: owners: every projector, and every FSDP-capable projected method with rotate and with proj_type="full"
+#: where those fit it (Alice's compensation needs a one-sided basis).
 CASES: dict[str, dict[str, Any]] = {
     projector: {
         "options": {"projector": projector, **({"on_refresh": "reset"} if projector == "random" else {})},
@@ -34,10 +36,21 @@ CASES: dict[str, dict[str, Any]] = {
     if sharding_blocker({**gradproj.GaLoreAdamW.projection_defaults(), "rank": 1, "projector": projector}, Adam())
     is None
 }
+
+
+def _fits(method: str, options: dict[str, Any]) -> bool:
+    """Whether the method's group with these options is valid and row-shardable (their owners decide)."""
+    preset = gradproj.PRESETS[METHODS[method].preset]  # type: ignore[index]
+    group = {"rank": 1, **preset.projection_defaults(), **METHODS[method].group_options, **options}
+    rule = make_rule(group["rule"] or preset.RULE)
+    return combination_error(group) is None and sharding_blocker(group, rule) is None
+
+
 for _method in METHODS.values():
     if _method.kind == "preset" and _method.projected and _method.variant_of is None and _method.supports_fsdp:
-        CASES[f"{_method.name}_rotate"] = {"method": _method.name, "options": {"on_refresh": "rotate"}}
-        CASES[f"{_method.name}_full"] = {"method": _method.name, "options": {"proj_type": "full", "projector": "rsvd"}}
+        for _suffix, _options in (("rotate", {"on_refresh": "rotate"}), ("full", FULL)):
+            if _fits(_method.name, _options):
+                CASES[f"{_method.name}_{_suffix}"] = {"method": _method.name, "options": _options}
 # 8-bit moments that quantize (>= 4096 elements) and whose row shards start on 256-element blocks, so each
 # rank quantizes the same blocks as one process
 CASES["galore8bit_big"] = {

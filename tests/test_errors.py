@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -53,19 +55,23 @@ def test_presets_refuse_projectors_they_cannot_use(preset: str, projector: str) 
 
 
 @pytest.mark.parametrize(
-    ("preset", "reason"),
+    ("preset", "options", "reason"),
     [
-        ("alice", "eigh projector"),
-        ("alice0", "eigh projector"),
-        ("racs", "racs rule"),
-        ("galore_adafactor", "adafactor"),
+        ("galore_adafactor", {}, "adafactor rule averages"),
+        ("racs", {"projector": "svd", "on_refresh": "rotate"}, "racs rule refits"),
     ],
 )
-def test_methods_without_a_row_sharded_form_say_why(preset: str, reason: str) -> None:
+def test_methods_without_a_row_sharded_form_say_why(preset: str, options: dict[str, Any], reason: str) -> None:
+    cls = gradproj.PRESETS[preset]
+    group = {"rank": 4, **cls.projection_defaults(), **options}
+    assert reason in sharding_blocker(group, make_rule(group["rule"] or cls.RULE))  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("preset", ["alice", "alice0", "racs", "fira_adamw"])
+def test_frontier_methods_have_a_row_sharded_form(preset: str) -> None:
     cls = gradproj.PRESETS[preset]
     group = {"rank": 4, **cls.projection_defaults()}
-    assert reason in sharding_blocker(group, make_rule(group["rule"] or cls.RULE))  # type: ignore[operator]
-    assert sharding_blocker({"rank": 4, **gradproj.FiraAdamW.projection_defaults()}, make_rule("adam")) is None
+    assert sharding_blocker(group, make_rule(group["rule"] or cls.RULE)) is None
 
 
 def test_a_rejected_group_leaves_the_optimizer_unchanged() -> None:
@@ -120,6 +126,18 @@ def test_nonfinite_gradient_is_skipped_without_touching_weights_or_state(preset:
     assert all(torch.equal(a, b) for a, b in zip(params, weights, strict=True))
     for key, value in opt.state[params[0]].items():
         assert torch.equal(value, state[key]) if isinstance(value, torch.Tensor) else value == state[key]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_one_nonfinite_element_among_finite_ones_is_caught(bad: float) -> None:
+    params = make_params([(32, 16), (8,), (0, 4)], torch.float32)  # an empty one, as an FSDP2 rank may hold
+    opt = gradproj.GaLoreAdamW([{"params": params[:1], "rank": 4}, {"params": params[1:]}], nonfinite="raise")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # all finite: applied
+    params[0].grad[17, 3] = bad
+    with pytest.raises(FloatingPointError, match="param_groups\\[0\\]"):
+        opt.step()
 
 
 def test_nonfinite_gradient_can_raise_instead() -> None:

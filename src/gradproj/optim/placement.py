@@ -19,12 +19,15 @@ says how each of those reads and writes a matrix that may be split across proces
       each rank keeps its rows of ``P`` and a column block of ``Q`` (gathered when stepping);
     - Fira's and APOLLO's norms (tensor-wise ratios, the growth limiter) are all-reduced over the rows;
       per-channel ratios are local (right side: rows are local; left: ``u`` and ``R`` are whole);
+    - other sums over rows (RACS's column sweep, Alice's tracked ``R^T R`` and a left basis' per-column
+      energy) go through :meth:`Local.total`, an all-reduce; statistics with one number per column are
+      whole on every rank (``Replicate()``; their owners list them as ``replicated_state``);
     - ``on_refresh="rotate"``: ``P'^T P`` is all-reduced; moments split by rows of ``R`` are gathered
       for the rotation (once per refresh).
 
     Every state tensor of a sharded parameter is a ``DTensor`` with the full-matrix shape on the
     parameter's mesh (rows of the weight or of ``R``: ``Shard(0)``; ``Q``: ``Shard(1)``; the dct
-    indices, which every rank shares: ``Replicate()``), so
+    indices and per-column statistics, which every rank shares: ``Replicate()``), so
     ``torch.distributed.checkpoint`` sees one logical tensor per key. Low-rank moments are sharded
     by rows, which keeps each shard contiguous in the flattened moment: 8-bit moments quantize the
     same 256-element blocks as one process whenever a shard starts on a block boundary.
@@ -105,6 +108,10 @@ class Local:
         """The Frobenius norm of a whole tensor, of which this process holds ``x`` (its rows if ``rows``)."""
         return x.norm()
 
+    def total(self, x: Tensor) -> Tensor:
+        """``x``, a sum over this process's rows, summed over every process's rows (here: all of them)."""
+        return x
+
     def change_of_basis(self, old: Bases, new: Bases) -> tuple[Tensor | None, Tensor | None]:
         return change_of_basis(old, new)
 
@@ -116,9 +123,18 @@ class Local:
         rule.set_moments(state, moments)
 
     @contextlib.contextmanager
-    def local_state(self, state: dict[str, Any], shape: tuple[int, ...]) -> Iterator[dict[str, Any]]:
-        """The per-parameter state with plain tensors, for the rule (which updates it in place);
-        ``shape`` is the whole moments' shape (``R``'s, or the parameter's for full-rank groups)."""
+    def local_state(
+        self, state: dict[str, Any], shape: tuple[int, ...], replicated: tuple[str, ...] = ()
+    ) -> Iterator[dict[str, Any]]:
+        """The per-parameter state with plain tensors, for the rule, projector and residual policy (which
+        update it in place or replace tensors); ``shape`` is the whole moments' shape (``R``'s, or the
+        parameter's for full-rank groups); tensors under ``replicated`` keys are whole on every process."""
+        yield state
+
+    @contextlib.contextmanager
+    def whole_bases(self, state: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """The state as a refresh reads and writes it: the whole last basis, plain tensors; what the
+        projector stores in it is written back (and :meth:`after_refresh` keeps this process's share)."""
         yield state
 
 
@@ -226,9 +242,12 @@ class RowSharded(Local):
     def norm(self, x: Tensor, rows: bool) -> Tensor:
         if not rows:
             return x.norm()
-        square = x.pow(2).sum()
-        dist.all_reduce(square, group=self.group)
-        return square.sqrt()
+        return self.total(x.pow(2).sum()).sqrt()
+
+    def total(self, x: Tensor) -> Tensor:
+        x = x.clone()  # the caller's partial sum stays as it was
+        dist.all_reduce(x, group=self.group)
+        return x
 
     def change_of_basis(self, old: Bases, new: Bases) -> tuple[Tensor | None, Tensor | None]:
         c_left, c_right = change_of_basis(old, new)  # P'_i^T P_i: this rank's share of the sum
@@ -252,16 +271,35 @@ class RowSharded(Local):
             rule.set_moments(plain, {k: v[mine].contiguous() for k, v in full.items()})
 
     @contextlib.contextmanager
-    def local_state(self, state: dict[str, Any], shape: tuple[int, ...]) -> Iterator[dict[str, Any]]:
-        """Plain local shards for the rule; tensors it replaced are wrapped back as row shards."""
+    def local_state(
+        self, state: dict[str, Any], shape: tuple[int, ...], replicated: tuple[str, ...] = ()
+    ) -> Iterator[dict[str, Any]]:
+        """Plain local tensors; new or replaced ones are wrapped back as row shards (``Replicate()`` for
+        ``replicated`` keys, or where the tensor replaced was replicated)."""
         plain = {k: v.to_local() if is_sharded(v) else v for k, v in state.items()}
         before = dict(plain)
         yield plain
         for key, value in plain.items():
             if key in before and value is before[key] and is_sharded(state[key]):
                 continue  # updated in place: the DTensor's local tensor is this very tensor
-            sharded = isinstance(value, Tensor) and value.dim() >= 1 and not key.startswith(("basis_", "index_"))
-            state[key] = self._row_shard(value, shape, absmax=key.endswith("_absmax")) if sharded else value
+            if not isinstance(value, Tensor) or value.dim() == 0 or key.startswith(("basis_", "index_")):
+                state[key] = value  # counters, seeds, scalars (equal on every rank); bases: after_refresh
+            elif key in replicated or _replicated(state.get(key)):
+                state[key] = DTensor.from_local(value, self.mesh, [Replicate()], run_check=False)
+            else:
+                state[key] = self._row_shard(value, shape, absmax=key.endswith("_absmax"))
+
+    @contextlib.contextmanager
+    def whole_bases(self, state: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        plain = {k: v for k, v in state.items() if not is_sharded(v)}
+        for key, value in state.items():
+            if is_sharded(value) and (key.startswith("basis_") or _replicated(value)):
+                plain[key] = value.full_tensor() if key.startswith("basis_") else value.to_local()
+        before = dict(plain)
+        yield plain
+        for key, value in plain.items():
+            if value is not before.get(key):
+                state[key] = value  # a fresh whole basis or indices: after_refresh shards them
 
     def _row_shard(self, t: Tensor, shape: tuple[int, ...], *, absmax: bool) -> Tensor:
         """A moment (this rank's rows of ``shape``) or its 8-bit absmax (one float per 256 elements of
@@ -272,8 +310,15 @@ class RowSharded(Local):
             per_row = math.prod(shape[1:])
             shares = [_chunk(shape[0], k, self.world) for k in range(self.world)]
             shape = (sum(absmax_numel((share.stop - share.start) * per_row) for share in shares),)
+        else:  # the whole tensor has the rows of ``shape``: moments, 8-bit codes, one number per row
+            shape = (shape[0], *t.shape[1:])
         stride = torch.empty(shape, device="meta").stride()
         return DTensor.from_local(t, self.mesh, [Shard(0)], run_check=False, shape=torch.Size(shape), stride=stride)
+
+
+def _replicated(t: Any) -> bool:
+    """Whether ``t`` is a DTensor that every rank holds whole."""
+    return is_sharded(t) and all(isinstance(p, Replicate) for p in t.placements)
 
 
 def all_finite(flags: Tensor, sharded: list[Any]) -> bool:

@@ -229,6 +229,15 @@ _ENTRIES = (
 METHODS: dict[str, Method] = {m.name: m for m in _ENTRIES}
 
 
+def fsdp_capable() -> tuple[str, ...]:
+    """Our methods that step FSDP2-sharded parameters (variants such as ``+rotate`` left out).
+
+    >>> {"alice", "racs", "fira_adamw"} <= set(fsdp_capable())
+    True
+    """
+    return tuple(m.name for m in METHODS.values() if m.kind == "preset" and m.variant_of is None and m.supports_fsdp)
+
+
 def get_method(name: str) -> Method:
     """The method called ``name``; the error lists the valid names.
 

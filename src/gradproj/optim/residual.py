@@ -38,8 +38,9 @@ import torch
 from torch import Tensor
 
 from ..projection.sides import project_up
+from ..rules.base import ALL_ROWS, Rows
 from ..rules.limiter import TINY as _TINY
-from ..rules.limiter import Norm, limit_growth, local_norm
+from ..rules.limiter import Norm, growth_divisor, limit_growth, local_norm
 
 RESIDUALS = ("none", "fira", "apollo", "alice")
 SCALE_TYPES = ("channel", "tensor")
@@ -78,6 +79,12 @@ def scaling_factor(
     return phi / ((compressed / rank) ** 0.5 if side != "full" else (numel / low.numel()) ** 0.5)
 
 
+def replicated_state(group: dict[str, Any], side: str) -> tuple[str, ...]:
+    """The policy's state keys that every process keeps whole under a row split (FSDP2): Alice's
+    per-column energy of a left basis (a right basis' channels are the weight's rows, split like them)."""
+    return ("compensation_sq",) if group["residual"] == "alice" and side == "left" else ()
+
+
 def combine(
     grad: Tensor | None,
     low: Tensor,
@@ -88,68 +95,94 @@ def combine(
     state: dict[str, Any],
     *,
     shape: tuple[int, int] | None = None,
-    norm: Norm = local_norm,
+    rows: Rows = ALL_ROWS,
 ) -> tuple[Tensor, Tensor | None]:
     """The full-space update direction for one projected parameter (before ``-step_size``), and Fira's or
     APOLLO's scaling factor ``phi`` (None for GaLore), which probes report.
 
     ``grad`` may be None for the plain GaLore update (``residual="none"``), which needs only ``low``.
-    ``shape`` is the whole matrix's (default ``grad``'s) and ``norm`` the placement's, for a process
+    ``shape`` is the whole matrix's (default ``grad``'s) and ``rows`` the placement's sums, for a process
     that holds only rows of ``grad`` (FSDP2; see :mod:`gradproj.optim.placement`).
     """
-    kind = group["residual"]
+    kind, norm = group["residual"], rows.norm
     left, right = bases
     if kind != "none" and grad is None:
         raise ValueError(f"residual={kind!r} needs the full gradient")
     if kind == "apollo":
         assert grad is not None
         phi = scaling_factor(shape or tuple(grad.shape), low, u, side, group, norm)
-        update = limit_growth(grad * phi.to(grad.dtype), state, group["growth_limit"], norm) * group["scale"] ** 0.5
-        return update, phi
-    update = project_up(u.to(low.dtype), left, right) * group["scale"]
+        update = limit_growth(grad * phi.to(grad.dtype), state, group["growth_limit"], norm)  # a fresh tensor
+        return update.mul_(group["scale"] ** 0.5), phi
     if kind == "alice":
         assert grad is not None
-        compensation, phi = alice_compensation(grad, low, bases, side, group, state, norm)
-        return update.add_(compensation, alpha=group["scale"] * group["compensation_scale"]), phi
+        return alice_update(grad, low, u, bases, side, group, state, shape=shape, rows=rows)
+    update = project_up((u * group["scale"]).to(low.dtype), left, right)  # scaled in the low-rank space
     if kind != "fira":
         return update, None
     assert grad is not None
     phi = scaling_factor(shape or tuple(grad.shape), low, u, side, group, norm)
-    residual = grad - project_up(low, left, right)
-    return update + limit_growth(residual * phi.to(grad.dtype), state, group["growth_limit"], norm), phi
+    residual = discarded(grad, low, left, right).mul_(phi.to(grad.dtype))
+    return update.add_(limit_growth(residual, state, group["growth_limit"], norm)), phi
 
 
-def alice_compensation(
+def discarded(grad: Tensor, low: Tensor, left: Tensor | None, right: Tensor | None) -> Tensor:
+    """``G - up(R)``, the part of the gradient the basis leaves out, as a fresh tensor (m x n; one
+    allocation for a one-sided basis)."""
+    if left is not None and right is None:
+        return torch.addmm(grad, left.to(grad.dtype), low.to(grad.dtype), alpha=-1)
+    if right is not None and left is None:
+        return torch.addmm(grad, low.to(grad.dtype), right.to(grad.dtype), alpha=-1)
+    return grad - project_up(low, left, right)
+
+
+def alice_update(
     grad: Tensor,
     low: Tensor,
+    u: Tensor,
     bases: tuple[Tensor | None, Tensor | None],
     side: str,
     group: dict[str, Any],
     state: dict[str, Any],
-    norm: Norm = local_norm,
+    *,
+    shape: tuple[int, int] | None = None,
+    rows: Rows = ALL_ROWS,
 ) -> tuple[Tensor, Tensor]:
-    """Alice's limited compensation ``limit(C)`` (m x n) and its per-channel factor ``sqrt(d - r) / sqrt(p)``.
+    """Alice's update ``scale * (up(u) + compensation_scale * limit(C))`` (m x n) and its per-channel
+    factor ``sqrt(d - r) / sqrt(p)``, with one matmul and two passes over ``G``.
 
     Keeps ``p`` in ``state["compensation_sq"]`` (one number per uncompressed channel, float32 or wider).
+    The basis is orthonormal, so ``C``'s norm follows from the channel energies already at hand
+    (``||C||^2 = sum_j f_j^2 (||G_:j||^2 - ||R_:j||^2)``), and with ``w`` the limited, scaled factor
+    the update folds into ``w G + P (u - w R)`` (left; right: ``G w + (u - R w) Q``): ``C`` is never
+    formed. ``grad`` may be this process's rows of a matrix of ``shape`` (FSDP2): sums over rows go
+    through ``rows.total``.
     """
     if side not in ("left", "right"):
         raise ValueError(f"residual='alice' needs a one-sided basis; got side {side!r} (use proj_type std/left/right)")
     compressed = 0 if side == "left" else 1  # energies sum over the compressed dimension
     wide = torch.promote_types(grad.dtype, torch.float32)
     # fused reductions: no m x n temporary for the squares
-    energy = torch.linalg.vector_norm(grad, dim=compressed, dtype=wide).square()  # n (left) or m
-    energy -= torch.linalg.vector_norm(low, dim=compressed, dtype=wide).square()
+    energy = torch.linalg.vector_norm(grad, dim=compressed, dtype=wide).square()  # n (left) or m_i (right)
+    if side == "left":  # summed over the rows of G that other processes hold; R is whole here
+        energy = rows.total(energy)
+    energy -= torch.linalg.vector_norm(low, dim=compressed, dtype=wide).square()  # what the basis discards
     p = state.get("compensation_sq")
     if p is None:
         p = state["compensation_sq"] = torch.zeros_like(energy)
     p.lerp_(energy, 1 - group["compensation_beta"]).clamp_min_(ENERGY_FLOOR)
-    discarded = grad.shape[compressed] - low.shape[compressed]  # d - r
+    discarded = (shape or tuple(grad.shape))[compressed] - low.shape[compressed]  # d - r, of the whole matrix
     factor = discarded**0.5 / p.sqrt()  # per channel
-    factor = factor.unsqueeze(0) if side == "left" else factor.unsqueeze(1)
+    square = factor.square().mul_(energy.clamp_min(0)).sum()  # ||C||^2
+    if side == "right":  # channels are rows: other processes hold the rest
+        square = rows.total(square)
+    shrink = growth_divisor(square.sqrt(), state, group["growth_limit"])
+    weight = factor * (group["scale"] * group["compensation_scale"] / shrink)  # w, per channel
+    scaled_u = u.to(grad.dtype) * group["scale"]
     left, right = bases
-    if left is not None:  # one m x n allocation: G - P R
-        residual = torch.addmm(grad, left.to(grad.dtype), low.to(grad.dtype), alpha=-1)
+    if left is not None:  # scale P u + w (G - P R) = w G + P (scale u - w R)
+        w = weight.unsqueeze(0).to(grad.dtype)  # 1 x n
+        update = torch.addmm(grad * w, left.to(grad.dtype), scaled_u.sub_(low.to(grad.dtype) * w))
     else:
-        residual = torch.addmm(grad, low.to(grad.dtype), right.to(grad.dtype), alpha=-1)  # type: ignore[union-attr]
-    compensation = limit_growth(residual.mul_(factor.to(grad.dtype)), state, group["growth_limit"], norm)
-    return compensation, factor
+        w = weight.unsqueeze(1).to(grad.dtype)  # m_i x 1
+        update = torch.addmm(grad * w, scaled_u.sub_(low.to(grad.dtype) * w), right.to(grad.dtype))  # type: ignore[union-attr]
+    return update, factor.unsqueeze(0) if side == "left" else factor.unsqueeze(1)

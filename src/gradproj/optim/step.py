@@ -27,7 +27,7 @@ from ..projection.rotate import rotate_first, rotate_second
 from ..projection.sides import low_rank_shape, project_down
 from ..rules.base import UpdateRule
 from .placement import Local
-from .residual import combine
+from .residual import combine, replicated_state
 
 
 class StepProbe(Protocol):
@@ -77,6 +77,16 @@ class ProjectedContext:
     probe: StepProbe | None = None
 
     @property
+    def replicated(self) -> tuple[str, ...]:
+        """State keys every process keeps whole under a row split: per-column statistics of the rule,
+        the projector and the residual policy."""
+        return (
+            *self.rule.replicated_state,
+            *self.projector.replicated_state,
+            *replicated_state(self.group, self.layout.side),
+        )
+
+    @property
     def low_shape(self) -> tuple[int, int]:
         """The whole ``R``'s shape."""
         return low_rank_shape(self.layout.shape, self.layout.rank, self.layout.side)
@@ -101,7 +111,7 @@ def init_state(ctx: ProjectedContext, weight: Tensor) -> None:
     state["step"] = 0
     state["last_refresh"] = -1
     state["proj_seed"] = derive_seed(ctx.group["seed"], ctx.seed_key)
-    with ctx.placement.local_state(state, ctx.low_shape) as plain:
+    with ctx.placement.local_state(state, ctx.low_shape, ctx.replicated) as plain:
         ctx.rule.init_state(plain, ctx.placement.moment_shape(ctx.layout), weight, full_shape=ctx.low_shape)
 
 
@@ -110,18 +120,21 @@ def refresh(ctx: ProjectedContext, grad: Tensor, old: Bases) -> Bases:
     state, group, place = ctx.state, ctx.group, ctx.placement
     first = state["last_refresh"] < 0
     state["last_refresh"] = state["step"]
-    fresh = ctx.projector.refresh(place.full_gradient(grad), state, ctx.layout, group)
+    full = place.full_gradient(grad)
+    with place.whole_bases(state) as whole:  # the eigh projector warm-starts from the whole last basis
+        fresh = ctx.projector.refresh(full, whole, ctx.layout, group)
     new = place.after_refresh(state, ctx.layout, fresh)
     if ctx.projector.cache:
         ctx.cache[ctx.key] = new
     if first or group["on_refresh"] == "keep" or not ctx.projector.changes_basis:
         return new
     if group["on_refresh"] == "reset":
-        with place.local_state(state, ctx.low_shape) as plain:
+        with place.local_state(state, ctx.low_shape, ctx.replicated) as plain:
             ctx.rule.reset(plain)
         return new
     c_left, c_right = place.change_of_basis(old, new)
-    ctx.projector.rotate_state(state, c_left, c_right)  # what the projector keeps in R's coordinates
+    with place.local_state(state, ctx.low_shape, ctx.replicated) as plain:
+        ctx.projector.rotate_state(plain, c_left, c_right)  # what the projector keeps in R's coordinates
     with place.moments_for_rotation(ctx.rule, state, ctx.layout) as moments:
         first_moment = moments.get("first")
         moments["second"] = rotate_second(moments["second"], c_left, c_right)
@@ -148,13 +161,11 @@ def projected_step(ctx: ProjectedContext, weight: Tensor, grad: Tensor | None, l
                 ctx.probe.refreshed(ctx.name, grad, old, bases, stale)
                 probe = ctx.probe
         low = place.down(grad, bases)  # the whole R (r x n, r x r) or this process's rows of it (m_i x r)
-    ctx.projector.observe(low, state, layout, group)  # Alice's tracking: the moving average of R R^T
-    with place.local_state(state, ctx.low_shape) as plain:
-        u, step_size = ctx.rule.direction(place.share(low, layout.side), plain, group, weight)
-    u = place.gather(u, layout.side, (low.shape[0], low.shape[1]))  # shaped like low
-    update, phi = combine(
-        grad, low, u, bases, layout.side, group, state, shape=layout.shape, norm=place.norm
-    )  # m_i x n
+    with place.local_state(state, ctx.low_shape, ctx.replicated) as plain:
+        ctx.projector.observe(low, plain, layout, group, place)  # Alice's tracking: the moving average of R R^T
+        u, step_size = ctx.rule.direction(place.share(low, layout.side), plain, group, weight, place)
+        u = place.gather(u, layout.side, (low.shape[0], low.shape[1]))  # shaped like low
+        update, phi = combine(grad, low, u, bases, layout.side, group, plain, shape=layout.shape, rows=place)  # m_i x n
     if probe is not None:
         # the residual term's norm after the limiter (Fira, APOLLO, Alice's compensation): the limiter's state
         probe.sampled(ctx.name, state["step"], weight, grad, low, update, step_size, phi, state.get("residual_norm"))
@@ -175,15 +186,15 @@ def full_step(
 ) -> None:
     """A group without ``rank``: the rule in full (Adam rules: torch.optim.AdamW's arithmetic)."""
     whole = placement.whole_shape(weight)
-    with placement.local_state(state, whole) as plain:
+    with placement.local_state(state, whole, rule.replicated_state) as plain:
         if not plain:
             plain["step"] = 0
             rule.init_state(plain, tuple(weight.shape), weight, full_shape=whole)
         if group.get("lr") is not None:
             decay(weight, group, 0.0)
-            rule.apply_full(weight, grad, plain, group)
+            rule.apply_full(weight, grad, plain, group, placement)
         else:  # relative-step rules: the decay rate depends on the step size
-            u, step_size = rule.direction(grad, plain, group, weight)
+            u, step_size = rule.direction(grad, plain, group, weight, placement)
             decay(weight, group, step_size)
             weight.add_(u.to(weight.dtype), alpha=-step_size)
         plain["step"] += 1

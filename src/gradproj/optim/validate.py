@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..projection.projectors import PROJECTORS, SWITCHABLE
+from ..projection.projectors import PROJECTORS, SWITCHABLE, get_projector
 from ..projection.sides import PROJ_TYPES
 from ..rules import RULES
 from ..rules.base import UpdateRule
@@ -123,8 +123,7 @@ def sharding_blocker(group: dict[str, Any], rule: UpdateRule) -> str | None:
         return f"the {rule.name} rule averages over whole rows and columns"
     if "rank" not in group:
         return None
-    if group["projector"] == "eigh":
-        return "the eigh projector's subspace iteration and tracking are not row-sharded yet"
-    if group["residual"] == "alice":
-        return "Alice's compensation sums each channel's energy across row shards, which is not implemented yet"
+    rotates = group["on_refresh"] == "rotate" and get_projector(group["projector"]).changes_basis
+    if rule.name == "racs" and rotates:
+        return "the racs rule refits its row and column scalings from all rows at a rotation (use on_refresh='keep')"
     return None

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..rules.base import ALL_ROWS, Rows
 from .bases import (
     Bases,
     covariance,
@@ -104,6 +105,8 @@ class Projector:
     cache = False
     #: whether a refresh can change the basis (the identity never does: no on_refresh policy applies)
     changes_basis = True
+    #: state keys in ``R``'s coordinates that every process keeps whole under a row split (FSDP2)
+    replicated_state: tuple[str, ...] = ()
 
     def refresh(self, grad: Tensor, state: dict[str, Any], layout: Layout, group: dict[str, Any]) -> Bases:
         """Compute a new basis from ``grad``, store it in ``state`` and return it materialized."""
@@ -113,8 +116,11 @@ class Projector:
         """Rebuild the current basis from ``state`` alone."""
         raise NotImplementedError
 
-    def observe(self, low: Tensor, state: dict[str, Any], layout: Layout, group: dict[str, Any]) -> None:
-        """See every step's projected gradient ``R`` (the tracked eigenbasis keeps statistics of it)."""
+    def observe(
+        self, low: Tensor, state: dict[str, Any], layout: Layout, group: dict[str, Any], rows: Rows = ALL_ROWS
+    ) -> None:
+        """See every step's projected gradient ``R`` (the tracked eigenbasis keeps statistics of it);
+        ``low`` may be this process's rows of ``R`` (``rows`` completes sums over them)."""
 
     def rotate_state(self, state: dict[str, Any], c_left: Tensor | None, c_right: Tensor | None) -> None:
         """Carry statistics kept in ``R``'s coordinates into a new basis (``on_refresh="rotate"``)."""
@@ -216,6 +222,7 @@ class EighProjector(_StoredBasis):
     """Alice's tracked eigenbasis (one-sided bases only)."""
 
     name = "eigh"
+    replicated_state = ("tracked_cov",)
 
     def _compute(self, grad: Tensor, state: dict[str, Any], layout: Layout, group: dict[str, Any]) -> Bases:
         left = layout.side == "left"
@@ -230,12 +237,15 @@ class EighProjector(_StoredBasis):
         top = top_eigenvectors(cov, layout.rank, previous)  # d x r
         return (top, None) if left else (None, top.t())
 
-    def observe(self, low: Tensor, state: dict[str, Any], layout: Layout, group: dict[str, Any]) -> None:
+    def observe(
+        self, low: Tensor, state: dict[str, Any], layout: Layout, group: dict[str, Any], rows: Rows = ALL_ROWS
+    ) -> None:
         beta = float(group["track_beta"])
         if beta == 0:
             return
         work = low.to(working_dtype(low.dtype))
-        outer = work @ work.t() if layout.side == "left" else work.t() @ work  # r x r
+        # left: R (r x n) is whole on every process; right: R's rows are the weight's, so R^T R sums over them
+        outer = work @ work.t() if layout.side == "left" else rows.total(work.t() @ work)  # r x r
         tracked = state.get("tracked_cov")
         if tracked is None:
             tracked = state["tracked_cov"] = torch.zeros_like(outer, dtype=layout.dtype)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .adam import _numel
-from .base import UpdateRule
+from .base import ALL_ROWS, Rows, UpdateRule
 
 
 def _rms(x: Tensor) -> Tensor:
@@ -68,7 +68,7 @@ class Adafactor(UpdateRule):
         return rho
 
     def direction(
-        self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], param: Tensor
+        self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], param: Tensor, rows: Rows = ALL_ROWS
     ) -> tuple[Tensor, float]:
         state["moment_step"] += 1
         t = state["moment_step"]

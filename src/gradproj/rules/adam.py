@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import UpdateRule
+from .base import ALL_ROWS, Rows, UpdateRule
 
 
 def update_moments(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
@@ -74,13 +74,15 @@ class Adam(UpdateRule):
         state["moment_step"] = 0
 
     def direction(
-        self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], param: Tensor
+        self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], param: Tensor, rows: Rows = ALL_ROWS
     ) -> tuple[Tensor, float]:
         state["moment_step"] += 1
         update_moments(state["exp_avg"], state["exp_avg_sq"], grad, group)
         return galore_direction(state["exp_avg"], state["exp_avg_sq"], state["moment_step"], group)
 
-    def apply_full(self, param: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    def apply_full(
+        self, param: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any], rows: Rows = ALL_ROWS
+    ) -> None:
         state["moment_step"] += 1
         update_moments(state["exp_avg"], state["exp_avg_sq"], grad, group)
         denom, step_size = torch_denom(state["exp_avg_sq"], state["moment_step"], group)

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from . import quant
 from .adam import Adam, _numel, galore_direction, torch_denom, update_moments
+from .base import ALL_ROWS, Rows
 
 MIN_8BIT_SIZE = 4096
 
@@ -54,12 +55,14 @@ class Adam8bit(Adam):
         return exp_avg, exp_avg_sq
 
     def direction(
-        self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], param: Tensor
+        self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], param: Tensor, rows: Rows = ALL_ROWS
     ) -> tuple[Tensor, float]:
         exp_avg, exp_avg_sq = self._advance_dense(grad, state, group)
         return galore_direction(exp_avg, exp_avg_sq, state["moment_step"], group)
 
-    def apply_full(self, param: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    def apply_full(
+        self, param: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any], rows: Rows = ALL_ROWS
+    ) -> None:
         exp_avg, exp_avg_sq = self._advance_dense(grad, state, group)
         denom, step_size = torch_denom(exp_avg_sq, state["moment_step"], group)
         param.add_((exp_avg / denom).to(param.dtype), alpha=-step_size)

@@ -8,18 +8,50 @@ moments have seen, so that ``on_refresh="reset"`` restarts bias correction too.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+
+from .limiter import local_norm
+
+
+class Rows(Protocol):
+    """Sums over the rows of a matrix of which this process may hold only some rows (FSDP2 splits
+    rows across processes; a placement, :mod:`gradproj.optim.placement`, implements this)."""
+
+    def total(self, x: Tensor) -> Tensor:
+        """``x``, a sum over this process's rows, summed over the rows every process holds."""
+        ...
+
+    def norm(self, x: Tensor, rows: bool) -> Tensor:
+        """The Frobenius norm of a whole tensor of which this process holds ``x`` (its rows if ``rows``)."""
+        ...
+
+
+class AllRows:
+    """Every row is on this process: sums are already whole."""
+
+    def total(self, x: Tensor) -> Tensor:
+        return x
+
+    def norm(self, x: Tensor, rows: bool) -> Tensor:
+        return local_norm(x, rows)
+
+
+ALL_ROWS = AllRows()
 
 
 class UpdateRule:
     """Base class; see :class:`gradproj.rules.adam.Adam` for the canonical implementation."""
 
     name = ""
-    #: whether the rule is elementwise, so a process may keep moments for a block of rows alone (FSDP2)
+    #: whether a process may step a block of rows alone (FSDP2): elementwise rules, or rules whose sums
+    #: over rows go through :class:`Rows`
     shardable = True
+    #: state keys every process keeps whole and equal under a row split (per-column statistics); the
+    #: other tensors are split by rows like the moments
+    replicated_state: tuple[str, ...] = ()
 
     def init_state(
         self, state: dict[str, Any], shape: tuple[int, ...], like: Tensor, full_shape: tuple[int, ...] | None = None
@@ -29,14 +61,17 @@ class UpdateRule:
         raise NotImplementedError
 
     def direction(
-        self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], param: Tensor
+        self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], param: Tensor, rows: Rows = ALL_ROWS
     ) -> tuple[Tensor, float]:
-        """Advance the moments with ``grad``; return ``(u, step_size)``."""
+        """Advance the moments with ``grad``; return ``(u, step_size)``. ``grad`` may be this process's
+        rows of a whole gradient; ``rows`` completes sums over rows."""
         raise NotImplementedError
 
-    def apply_full(self, param: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    def apply_full(
+        self, param: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any], rows: Rows = ALL_ROWS
+    ) -> None:
         """Full-rank update ``param -= step_size * u`` (rules may fuse it)."""
-        u, step_size = self.direction(grad, state, group, param)
+        u, step_size = self.direction(grad, state, group, param, rows)
         param.add_(u.to(param.dtype), alpha=-step_size)
 
     def moments(self, state: dict[str, Any]) -> dict[str, Tensor]:

@@ -37,13 +37,22 @@ def limit_growth(
 ) -> Tensor:
     """``update``, shrunk if its norm grew by more than ``gamma`` since the last call (norm kept in ``state[key]``)."""
     norm = norm_of(update, True).to(torch.promote_types(update.dtype, torch.float32))
+    if state.get(key) is None:
+        state[key] = norm
+        return update
+    return update / growth_divisor(norm, state, gamma, key).to(update.dtype)
+
+
+def growth_divisor(norm: Tensor, state: dict[str, Any], gamma: float, key: str = "residual_norm") -> Tensor:
+    """What :func:`limit_growth` divides an update of ``norm`` by (1 on the first call), for callers that
+    know the norm without forming the update; records the limited norm in ``state[key]``."""
     previous = state.get(key)
     if previous is None:
         state[key] = norm
-        return update
+        return torch.ones_like(norm)
     limiter = torch.clamp(norm / (previous + TINY), min=gamma) / gamma
     state[key] = norm / limiter
-    return update / limiter.to(update.dtype)
+    return limiter
 
 
 def limiter_bytes(dtype: torch.dtype) -> int:

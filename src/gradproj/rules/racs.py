@@ -16,7 +16,9 @@ coupled sweep; the two coincide when every row of ``G`` has mean square 1 (teste
 gradient's overall scale otherwise (docs/ALGORITHMS.md).
 
 State: ``row_sq`` (``a``), ``col_sq`` (``b``) and the limiter's scalar: ``a + b + 1`` numbers per matrix.
-Vectors are treated as ``n x 1`` matrices. Not elementwise, so not FSDP2-shardable yet.
+Vectors are treated as ``n x 1`` matrices. Under FSDP2 a process holds some rows: ``row_sq`` is split like
+them, ``col_sq`` is whole on every process, and the column sweep and the limiter's norm are summed across
+processes (one all-reduce of ``b + 1`` numbers and one of a scalar per step).
 
 Example:
     >>> import torch
@@ -35,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import UpdateRule
+from .base import ALL_ROWS, Rows, UpdateRule
 from .limiter import limit_growth, limiter_bytes
 
 
@@ -44,19 +46,21 @@ def _matrix(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1) if x.dim() >= 2 else x.reshape(-1, 1)
 
 
-def row_column_fit(squares: Tensor) -> tuple[Tensor, Tensor]:
-    """One fixed-point sweep of the rank-one fit ``q s^T ~ squares`` from ``s = 1``: ``(q, s)``."""
-    rows = squares.mean(dim=1)  # (a,)
-    energy = rows.square().sum()
-    cols = (squares.t() @ rows) / torch.where(energy > 0, energy, torch.ones_like(energy))  # (b,)
-    return rows, cols
+def row_column_fit(squares: Tensor, split: Rows = ALL_ROWS) -> tuple[Tensor, Tensor]:
+    """One fixed-point sweep of the rank-one fit ``q s^T ~ squares`` from ``s = 1``: ``(q, s)``.
+    ``squares`` may be this process's rows of the whole (``split`` sums over all rows)."""
+    rows = squares.mean(dim=1)  # (a_i,): this process's rows
+    # one reduction for both sums over rows: the column sweep (b) and ||q||^2
+    sums = split.total(torch.cat([squares.t() @ rows, rows.square().sum().reshape(1)]))  # (b + 1,)
+    cols, energy = sums[:-1], sums[-1]
+    return rows, cols / torch.where(energy > 0, energy, torch.ones_like(energy))  # (a_i,), (b,)
 
 
 class RACS(UpdateRule):
     """Row and column scaling with the norm-growth limiter."""
 
     name = "racs"
-    shardable = False
+    replicated_state = ("col_sq",)  # one number per column: every process's rows share it
 
     def init_state(
         self, state: dict[str, Any], shape: tuple[int, ...], like: Tensor, full_shape: tuple[int, ...] | None = None
@@ -67,16 +71,16 @@ class RACS(UpdateRule):
         state["moment_step"] = 0
 
     def direction(
-        self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], param: Tensor
+        self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], param: Tensor, rows: Rows = ALL_ROWS
     ) -> tuple[Tensor, float]:
         state["moment_step"] += 1
         g = _matrix(grad)  # a x b
         beta, eps = group["betas"][0], group["eps"]
-        rows, cols = row_column_fit(g.square())
-        state["row_sq"].lerp_(rows.to(state["row_sq"].dtype), 1 - beta)
-        state["col_sq"].lerp_(cols.to(state["col_sq"].dtype), 1 - beta)
+        row_fit, col_fit = row_column_fit(g.square(), rows)
+        state["row_sq"].lerp_(row_fit.to(state["row_sq"].dtype), 1 - beta)
+        state["col_sq"].lerp_(col_fit.to(state["col_sq"].dtype), 1 - beta)
         scaled = g / ((state["row_sq"] + eps).sqrt().unsqueeze(1) * (state["col_sq"] + eps).sqrt().unsqueeze(0))
-        limited = limit_growth(scaled, state, group.get("growth_limit", 1.01), key="update_norm")
+        limited = limit_growth(scaled, state, group.get("growth_limit", 1.01), rows.norm, key="update_norm")
         return limited.reshape(grad.shape), group["lr"]
 
     def moments(self, state: dict[str, Any]) -> dict[str, Tensor]:
