@@ -39,4 +39,8 @@ if [[ $part == frontier || $part == all ]]; then
       --out "$out/frontier_cuda"
   done
   $gp bench table "$out/frontier_cuda" | tee "$out/frontier_cuda.md"   # ends with the seeds table and its verdict
+  # step time against AdamW, one step of each trainer in turn (bf16 autocast, as users train on a GPU)
+  $gp bench speed --device cuda --autocast bf16 --model llama-20m --steps 100 --batch-size 32 --seq-len 256 \
+    --rank 96 --gap 200 --repeats 2 --methods galore_adamw,fira_adamw,alice,alice0,racs,alice-pytorch-optimizer,racs-pytorch-optimizer \
+    --out "$out/speed_cuda" | tee "$out/speed_cuda.md"
 fi

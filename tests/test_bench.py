@@ -5,6 +5,7 @@ at comparable state, tables, plots, and docs/BENCHMARKS.md in sync with its comm
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -234,6 +235,49 @@ def test_dynamics_overhead_run_trains_identically() -> None:
     (row,) = overhead(CFG, every=2, repeats=1)
     assert row["same_loss"] and row["rows_per_run"] > MATRICES
     assert row["step_seconds_mean_off"] > 0 and row["step_seconds_mean_on"] > 0
+
+
+def test_speed_takes_steps_in_turn_and_ratios_to_adamw(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from gradproj.bench.timing import StepClock
+
+    order: list[tuple[str, int]] = []  # (thread, step) in the order the timed steps began
+    clock_begin = StepClock.on_step_begin
+
+    def logged(self, step):  # type: ignore[no-untyped-def]
+        order.append((threading.current_thread().name, step))
+        clock_begin(self, step)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(StepClock, "on_step_begin", logged)
+        assert main(["bench", "speed", "--model", "llama-1m", "--steps", "6", "--batch-size", "4", "--seq-len", "32",
+                     "--rank", "8", "--methods", "racs,galore_adamw", "--repeats", "2", "--out", str(tmp_path)]) == 0  # fmt: skip
+    threads = [name for name, _ in order]  # 2 rounds x 3 trainers x 6 steps, one step of each in turn
+    assert len(order) == 2 * 3 * 6 and all(len(set(threads[i : i + 3])) == 3 for i in range(0, len(order), 3))
+    assert [step for _, step in order[:6]] == [1, 1, 1, 2, 2, 2]
+    rows = {r["method"]: r for r in read_records([tmp_path])}
+    assert list(rows) == ["adamw", "racs", "galore_adamw"]  # AdamW added first, the baseline of every ratio
+    assert rows["adamw"]["vs_adamw"] == 1.0 and all(len(r["step_seconds_rounds"]) == 2 for r in rows.values())
+    assert rows["racs"]["vs_adamw"] == pytest.approx(
+        rows["racs"]["step_seconds_median"] / rows["adamw"]["step_seconds_median"]
+    )
+    assert "| racs |" in capsys.readouterr().out
+
+
+def test_round_robin_goes_on_without_a_finished_trainer() -> None:
+    from gradproj.bench.speed import RoundRobin
+
+    robin = RoundRobin(3)
+    assert robin.turn == -1  # closed until every trainer is set up
+    robin.open()
+    assert robin.turn == 0
+    robin.pass_on(0)
+    robin.leave(1)  # its turn: passed to 2
+    assert robin.turn == 2
+    robin.pass_on(2)
+    assert robin.turn == 0
+    robin.leave(0)
+    robin.leave(2)
+    assert robin.turn in (0, 1, 2)  # everyone left: nobody waits
 
 
 def test_benchmarks_doc_matches_its_committed_records(capsys) -> None:  # type: ignore[no-untyped-def]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+from ..train.config import AUTOCAST
 
 EPILOG = """examples:
   gradproj bench quality --lr-matrix 1e-3,3e-3,1e-2 --out runs/sweep      # every method, lr sweep
@@ -15,6 +18,7 @@ EPILOG = """examples:
   gradproj report runs/bench/galore_adamw-lr0.01-0.03-seed0 runs/bench/adamw-lr0.001-0.1-seed0
   gradproj bench refresh --captured llama-20m --rank 64                   # real gradients
   gradproj bench overhead                                                  # cost of --dynamics-every
+  gradproj bench speed --methods alice,racs --out runs/speed               # step time vs AdamW, alternated
   gradproj bench docs docs/BENCHMARKS.md --check                           # docs match records
 
 Every run is a `gradproj pretrain` run (the same trainer, batches, seeds and parameter split) in
@@ -120,6 +124,22 @@ def add_parsers(sub: Any) -> None:
     add_run_options(overhead, model="llama-5m", steps=120, batch=16, seq=128, rank=64, gap=50)
     overhead.add_argument("--every", type=int, default=10, help="dynamics sampling interval (default 10)")
     overhead.add_argument("--repeats", type=int, default=3, help="alternating runs of each (default 3)")
+
+    speed = bench_sub.add_parser(
+        "speed",
+        help="step time side by side: every method's trainer one step each in turn, ratios to AdamW",
+        description="Run every method's trainer (and AdamW's) in round robin, one step each in turn, for "
+        "--repeats rounds; print each method's median step and its ratio to AdamW's. A drifting host slows "
+        "every method alike, unlike the step times of bench quality, which runs methods one after another.",
+    )
+    add_run_options(speed, model="llama-5m", steps=60, batch=16, seq=64, rank=64, gap=50)
+    speed.add_argument(
+        "--methods", default="galore_adamw,fira_adamw,alice,racs", help="comma-separated (AdamW is always added)"
+    )
+    speed.add_argument("--repeats", type=int, default=1, help="rounds of the round robin (default 1)")
+    speed.add_argument(
+        "--autocast", choices=AUTOCAST, default="off", help="bf16 autocast of the forward (e.g. on CUDA); default off"
+    )
 
     docs = bench_sub.add_parser("docs", help="rebuild the generated tables of a Markdown file from its records")
     docs.add_argument("document", type=Path, help="e.g. docs/BENCHMARKS.md")
@@ -276,6 +296,16 @@ def run(args: argparse.Namespace) -> int:
         rows = overhead(_config(args), every=args.every, repeats=args.repeats)
         for row in rows:
             print(row)
+        if args.out:
+            write_records(rows, args.out / RECORDS)
+        return 0
+    if args.bench == "speed":
+        from .speed import speed, speed_table
+        from .tables import RECORDS
+
+        cfg = replace(_config(args), autocast=args.autocast)
+        rows = speed(cfg, [n for n in args.methods.split(",") if n], repeats=args.repeats)
+        print(speed_table(rows))
         if args.out:
             write_records(rows, args.out / RECORDS)
         return 0

@@ -30,7 +30,7 @@ from ..train.config import PretrainConfig
 from ..train.logs import environment, optimizer_state_bytes
 from ..train.loop import Trainer
 from ..train.pretrain import PretrainTask
-from ..train.progress import NonFiniteError
+from ..train.progress import Callback, NonFiniteError
 from ..train.text import PretrainData, prepare_pretrain_data
 from .timing import MemoryMeter, StepClock, timed_refreshes
 
@@ -88,14 +88,22 @@ def run_name(method: Method, lr_m: float, lr_o: float, seed: int) -> str:
 
 
 def run(
-    method: Method, lr_m: float, lr_o: float, data: PretrainData, base: PretrainConfig, out: Path
+    method: Method,
+    lr_m: float,
+    lr_o: float,
+    data: PretrainData,
+    base: PretrainConfig,
+    out: Path,
+    turn: tuple[Callback, Callback] | None = None,
 ) -> dict[str, Any]:
     """Train one method at one pair of learning rates through the Trainer; return its record.
 
     The run folder is ``out / run_name(...)`` (replaced if it exists). Step times are the trainer's
     optimizer steps (forward, backward, clipping, step), synchronised on CUDA; their median leaves
     out the first :data:`BURN_IN` steps. Evaluations are not timed. A run that the trainer stops for
-    non-finite steps is recorded as diverged.
+    non-finite steps is recorded as diverged. ``turn``: callbacks before and after the step clock
+    (``bench speed``'s round robin, whose runs share a process: refreshes are then not timed, since
+    timing wraps a function every thread calls).
     """
     folder = out / run_name(method, lr_m, lr_o, base.seed)
     if (folder / "config.json").exists():
@@ -103,8 +111,9 @@ def run(
     config = replace(base, optim=replace(base.optim, name=method.name, lr=lr_m, other_lr=lr_o), out=str(folder))
     memory = MemoryMeter(config.device)
     clock = StepClock(config.device)
-    trainer = Trainer(config, PretrainTask(config, data), callbacks=[clock])
-    with timed_refreshes(method.refresh, config.device) as refreshes:
+    callbacks = [clock] if turn is None else [turn[0], clock, turn[1]]
+    trainer = Trainer(config, PretrainTask(config, data), callbacks=callbacks)
+    with timed_refreshes(method.refresh if turn is None else None, config.device) as refreshes:
         try:
             result = trainer.run()
             val_loss, history, summary = result.final_eval["loss"], result.progress.history, result.summary

@@ -140,6 +140,10 @@ def overhead_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+#: the kinds of generated block a document may hold (``<!-- bench:KIND records/FILE.jsonl -->``)
+BLOCK_KINDS = ("quality", "refresh", "environment", "overhead", "seeds", "verdict", "speed")
+
+
 def render_block(kind: str, records: list[dict[str, Any]]) -> str:
     """The Markdown of one generated block."""
     if kind == "quality":
@@ -154,7 +158,11 @@ def render_block(kind: str, records: list[dict[str, Any]]) -> str:
         from .seeds import seeds_table, verdict
 
         return seeds_table(records) if kind == "seeds" else verdict(records)
-    raise ValueError(f"unknown block kind {kind!r}; valid: quality, refresh, environment, overhead, seeds, verdict")
+    if kind == "speed":
+        from .speed import speed_table
+
+        return speed_table(records)
+    raise ValueError(f"unknown block kind {kind!r}; valid: {BLOCK_KINDS}")
 
 
 def update_document(path: Path) -> tuple[str, str]:

@@ -152,9 +152,9 @@ def alice_update(
 
     Keeps ``p`` in ``state["compensation_sq"]`` (one number per uncompressed channel, float32 or wider).
     The basis is orthonormal, so ``C``'s norm follows from the channel energies already at hand
-    (``||C||^2 = sum_j f_j^2 (||G_:j||^2 - ||R_:j||^2)``), and with ``w`` the limited, scaled factor
-    the update folds into ``w G + P (u - w R)`` (left; right: ``G w + (u - R w) Q``): ``C`` is never
-    formed. ``grad`` may be this process's rows of a matrix of ``shape`` (FSDP2): sums over rows go
+    (``||C||^2 = sum_j f_j^2 (||G_:j||^2 - ||R_:j||^2)``), and with ``w = scale * compensation_scale *
+    f / limiter`` the update folds into ``w G + P (scale u - w R)`` (left; right: ``G w + (scale u - R w) Q``):
+    ``C`` is never formed. ``grad`` may be this process's rows of a matrix of ``shape`` (FSDP2): sums over rows go
     through ``rows.total``.
     """
     if side not in ("left", "right"):

@@ -1,0 +1,153 @@
+"""Step time side by side, in turn: every method's trainer in its own thread, taking one step each in
+round robin, so that a drifting host (another job, the clock) slows every method alike; each method's
+median step and its ratio to AdamW's.
+
+``bench quality`` also records step times, but it runs each method once, one after another, for
+minutes: a drift of the host lands on whichever methods ran during it, and on a shared 2-core machine
+consecutive runs of one method differ by 10-30%. Here only one trainer computes at a time (the others
+wait for their turn outside the timed region), and the step times of each method interleave with every
+other's. Each run is a ``gradproj pretrain`` run through the same trainer, batches and parameter split
+as ``bench quality``, at the method's registry learning rates (the rates do not change the arithmetic).
+
+Example:
+    >>> robin = RoundRobin(2)
+    >>> robin.open(); robin.wait(0); robin.pass_on(0); robin.turn    # 0 stepped; 1's turn
+    1
+    >>> robin.leave(1); robin.turn                                     # 1 finished: 0 steps alone
+    0
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import threading
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ..train.config import PretrainConfig
+from ..train.progress import Callback
+from .methods import get_method
+from .quality import prepare_data, run
+
+#: the method every ratio is taken against
+BASELINE = "adamw"
+
+
+class RoundRobin:
+    """Seats for trainers in threads: each waits for its turn before a step and passes it on after.
+    Nobody steps before :meth:`open` (``turn`` is -1), so that setting up one trainer never overlaps
+    another's timed step."""
+
+    def __init__(self, seats: int) -> None:
+        self.turn = -1
+        self._done = [False] * seats
+        self._changed = threading.Condition()
+        #: set when a seat's trainer is ready for its first step (or gone): set-up is over
+        self.arrived = [threading.Event() for _ in range(seats)]
+
+    def open(self) -> None:
+        with self._changed:
+            self.turn = self._next(-1)
+            self._changed.notify_all()
+
+    def wait(self, seat: int) -> None:
+        self.arrived[seat].set()
+        with self._changed:
+            self._changed.wait_for(lambda: self.turn == seat)
+
+    def pass_on(self, seat: int) -> None:
+        with self._changed:
+            self.turn = self._next(seat)
+            self._changed.notify_all()
+
+    def leave(self, seat: int) -> None:
+        """``seat``'s trainer finished (or failed): the others go on without it."""
+        self.arrived[seat].set()
+        with self._changed:
+            self._done[seat] = True
+            if self.turn == seat:
+                self.turn = self._next(seat)
+            self._changed.notify_all()
+
+    def _next(self, seat: int) -> int:
+        count = len(self._done)
+        for offset in range(1, count + 1):
+            candidate = (seat + offset) % count
+            if not self._done[candidate]:
+                return candidate
+        return seat
+
+    def callbacks(self, seat: int) -> tuple[Callback, Callback]:
+        """(before the step clock, after it): wait for the turn, then pass it on."""
+        return _Wait(self, seat), _Pass(self, seat)
+
+
+class _Wait(Callback):
+    def __init__(self, robin: RoundRobin, seat: int) -> None:
+        self.robin, self.seat = robin, seat
+
+    def on_step_begin(self, step: int) -> None:
+        self.robin.wait(self.seat)
+
+
+class _Pass(Callback):
+    def __init__(self, robin: RoundRobin, seat: int) -> None:
+        self.robin, self.seat = robin, seat
+
+    def on_step_end(self, step: int, loss: float) -> None:
+        self.robin.pass_on(self.seat)
+
+
+def speed(cfg: PretrainConfig, methods: list[str], repeats: int = 1) -> list[dict[str, Any]]:
+    """One record per method (AdamW added first if missing): its median step in each round of a round
+    robin, the median over rounds, and that against AdamW's."""
+    names = [BASELINE, *(name for name in methods if name != BASELINE)]
+    chosen = [get_method(name) for name in names]  # a bad name fails here, before any thread
+    data = prepare_data(cfg)
+    medians: dict[str, list[float]] = {name: [] for name in names}
+    with tempfile.TemporaryDirectory(prefix="gradproj-speed-") as out:
+        for _ in range(repeats):
+            robin = RoundRobin(len(chosen))
+            records: list[dict[str, Any]] = [{} for _ in chosen]
+
+            def train(seat: int, robin: RoundRobin = robin, records: list[dict[str, Any]] = records) -> None:
+                method = chosen[seat]
+                try:
+                    records[seat] = run(method, method.lr, method.other_lr, data, cfg, Path(out), robin.callbacks(seat))
+                finally:
+                    robin.leave(seat)
+
+            threads = [threading.Thread(target=train, args=(seat,)) for seat in range(len(chosen))]
+            for seat, thread in enumerate(threads):  # one set-up at a time (transformers' lazy imports race)
+                thread.start()
+                robin.arrived[seat].wait()
+            robin.open()
+            for thread in threads:
+                thread.join()
+            for method, record in zip(chosen, records, strict=True):
+                if not record:
+                    raise RuntimeError(f"bench speed: the {method.name} run failed (its error is printed above)")
+                medians[method.name].append(record["step_seconds_median"])
+    base = statistics.median(medians[BASELINE])
+    return [
+        {
+            "benchmark": "step_speed",
+            "method": name,
+            "step_seconds_median": statistics.median(times),
+            "step_seconds_rounds": times,
+            "vs_adamw": statistics.median(times) / base,
+            "rounds": repeats,
+            "config": asdict(cfg),
+        }
+        for name, times in medians.items()
+    ]
+
+
+def speed_table(records: list[dict[str, Any]]) -> str:
+    """Markdown of ``gradproj bench speed`` records, fastest first."""
+    lines = ["| method | median step ms | vs AdamW | rounds |", "|---|---:|---:|---:|"]
+    for r in sorted(records, key=lambda r: r["step_seconds_median"]):
+        lines.append(f"| {r['method']} | {1000 * r['step_seconds_median']:.1f} | {r['vs_adamw']:.2f} | {r['rounds']} |")
+    return "\n".join(lines)
