@@ -96,12 +96,14 @@ def _refresh(r: dict[str, Any]) -> str:
 
 def table(records: list[dict[str, Any]]) -> str:
     """Markdown: per method (its best run), validation perplexity, learning rates, optimizer state,
-    peak memory, median step time and time in basis refreshes, each with its ratio to AdamW."""
+    peak memory, median step time and time in basis refreshes, each with its ratio to AdamW (to the
+    first method's run when the records hold no AdamW; the header names it)."""
     rows = best_per_method(records)
     adamw = next((r for r in rows if r["method"] == "adamw"), rows[0])
+    versus = "vs AdamW" if adamw["method"] == "adamw" else f"vs {adamw['method']}"
     lines = [
-        "| method | val ppl | vs AdamW | lr (matrices / rest) | state MiB | vs AdamW | peak memory MiB "
-        "| step ms | vs AdamW | refresh s (calls) |",
+        f"| method | val ppl | {versus} | lr (matrices / rest) | state MiB | {versus} | peak memory MiB "
+        f"| step ms | {versus} | refresh s (calls) |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in sorted(rows, key=lambda r: (r["diverged"], r["val_loss"])):
