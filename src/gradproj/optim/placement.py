@@ -20,7 +20,7 @@ says how each of those reads and writes a matrix that may be split across proces
     - Fira's and APOLLO's norms (tensor-wise ratios, the growth limiter) are all-reduced over the rows;
       per-channel ratios are local (right side: rows are local; left: ``u`` and ``R`` are whole);
     - other sums over rows (RACS's column sweep, Alice's tracked ``R^T R`` and a left basis' per-column
-      energy) go through :meth:`Local.total`, an all-reduce; statistics with one number per column are
+      energy) go through :meth:`RowSharded.total`, an all-reduce; statistics with one number per column are
       whole on every rank (``Replicate()``; their owners list them as ``replicated_state``);
     - ``on_refresh="rotate"``: ``P'^T P`` is all-reduced; moments split by rows of ``R`` are gathered
       for the rotation (once per refresh).
@@ -51,6 +51,7 @@ from ..projection.bases import Bases
 from ..projection.projectors import Layout, Projector
 from ..projection.rotate import change_of_basis
 from ..projection.sides import low_rank_shape, project_down
+from ..rules.base import AllRows
 
 try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -68,8 +69,9 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if is_sharded(t) else t  # type: ignore[attr-defined, no-any-return]
 
 
-class Local:
-    """The whole matrix is on this process."""
+class Local(AllRows):
+    """The whole matrix is on this process: sums over rows are whole already (``total``, ``norm``: the
+    rules' :class:`~gradproj.rules.base.AllRows`)."""
 
     def moment_shape(self, layout: Layout) -> tuple[int, int]:
         """Shape of the low-rank moments this process keeps."""
@@ -103,14 +105,6 @@ class Local:
     def gather(self, u: Tensor, side: str, shape: tuple[int, int]) -> Tensor:
         """The inverse of :meth:`share`: ``u`` as :meth:`down` shaped ``R``."""
         return u
-
-    def norm(self, x: Tensor, rows: bool) -> Tensor:
-        """The Frobenius norm of a whole tensor, of which this process holds ``x`` (its rows if ``rows``)."""
-        return x.norm()
-
-    def total(self, x: Tensor) -> Tensor:
-        """``x``, a sum over this process's rows, summed over every process's rows (here: all of them)."""
-        return x
 
     def change_of_basis(self, old: Bases, new: Bases) -> tuple[Tensor | None, Tensor | None]:
         return change_of_basis(old, new)
