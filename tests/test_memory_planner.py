@@ -133,7 +133,7 @@ def test_cli_prints_a_table_and_json(capsys: pytest.CaptureFixture[str]) -> None
     assert main(["memory", "--model", "llama-60m", "--seq-len", "256", "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     plans = record["plans"]
-    assert [p["method"] for p in plans] == ["galore_adamw8bit", "adamw", "adamw8bit", "lora-peft"]
+    assert [p["method"] for p in plans] == ["galore_adamw", "adamw", "adamw8bit", "lora-peft"]  # pretrain's default
     assert all(
         math.isclose(p["total"], p["weights"] + p["gradients"] + p["optimizer"] + p["activations"]) for p in plans
     )

@@ -18,6 +18,12 @@ How each number is obtained (docs/SCALE.md has the derivations and the measureme
   temporaries; checked against PyTorch's ``MemTracker`` on CPU.
 - FSDP (``fsdp=True``): FSDP2 shards weights, gradients and state on dim 0 across ``world_size``
   ranks, each rank holding ``ceil(m / world)`` rows of every tensor.
+- Peak: weights and state, plus the larger of the start of backward (activations, and the gradients
+  of earlier micro-batches) and the optimizer step (gradients and the step's float32 temporaries
+  for the largest parameter). The trainer measures it (``summary.json``'s ``"memory"``).
+
+``gradproj memory`` takes the trainer's own flags (:class:`Setup.from_config`), so a plan and a
+``gradproj pretrain`` with the same flags describe the same run; every run records both.
 
 Example:
     >>> plans = plan(model="llama-60m", optimizer="galore_adamw", rank=128, batch=1, seq_len=256)
@@ -53,6 +59,7 @@ class MemoryPlan:
     optimizer: int
     activations: int
     note: str = ""
+    peak: int = 0  #: the most bytes alive at once (see the module docstring)
 
     @property
     def total(self) -> int:
@@ -80,6 +87,31 @@ class Setup:
     projector: str | None = None  # None: the optimizer's own (random for APOLLO, else svd)
     proj_type: str = "std"
     target_modules: str | None = None  # None: attention and MLP linears (the trainer's default)
+    grad_accum: int = 1
+    bf16_update: str = "nearest"  # kahan keeps a bf16 buffer per weight in the state
+    optim: Any = None  # the trainer's OptimizerSpec, when planned from its config (wins over the fields above)
+
+    @classmethod
+    def from_config(
+        cls, config: Any, *, vocab_size: int | None = None, world_size: int = 1, fsdp: bool = False
+    ) -> Setup:
+        """The plan of a trainer config (:class:`gradproj.train.config.PretrainConfig`): the same flags."""
+        return cls(
+            model=config.model or "",
+            optimizer=config.optim.name,
+            rank=config.optim.rank,
+            layerwise=config.layerwise,
+            batch=config.batch_size,
+            seq_len=getattr(config, "seq_len", None) or config.max_length,  # fine-tuning: examples' length
+            dtype=config.dtype,
+            activation_checkpointing=config.activation_checkpointing,
+            world_size=world_size,
+            fsdp=fsdp,
+            vocab_size=vocab_size or config.vocab_size,
+            grad_accum=config.grad_accum,
+            bf16_update=config.weight_update if config.dtype == "bf16" else "nearest",
+            optim=config.optim,
+        )
 
 
 def meta_model(setup: Setup) -> nn.Module:
@@ -107,7 +139,7 @@ def optimizer_state_bytes(model: nn.Module, setup: Setup, method: str) -> int:
     from .optim.engine import ProjectedOptimizer
     from .optim.groups import state_bytes
 
-    optimizer = build_optimizer(model, _spec(model, setup, method))
+    optimizer = build_optimizer(model, _spec(model, setup, method), bf16_update=_rounding(setup, method))
     total = 0.0
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -119,10 +151,19 @@ def optimizer_state_bytes(model: nn.Module, setup: Setup, method: str) -> int:
     return int(total)
 
 
+def _rounding(setup: Setup, method: str) -> str:
+    return setup.bf16_update if not get_method(method).peer else "nearest"
+
+
 def _spec(model: nn.Module, setup: Setup, method: str) -> Any:
+    from dataclasses import replace
+
     from .optim.build import OptimizerSpec
     from .train.models import default_rank
 
+    if setup.optim is not None:
+        spec = replace(setup.optim, name=method)
+        return spec if spec.rank is not None else replace(spec, rank=default_rank(model))
     return OptimizerSpec(
         name=method,
         rank=setup.rank if setup.rank is not None else default_rank(model),
@@ -133,9 +174,24 @@ def _spec(model: nn.Module, setup: Setup, method: str) -> Any:
 
 
 def gradient_bytes(model: nn.Module, setup: Setup) -> int:
-    """Gradients alive at once: all of them, or the largest one with layer-wise updates."""
+    """Gradients alive at once: all of them, or the largest one with layer-wise updates (with
+    ``grad_accum > 1`` a refresh step keeps every full gradient until the last micro-batch)."""
     sizes = [p.numel() * p.element_size() * _rows(p, setup) for p in model.parameters() if p.requires_grad]
-    return int(max(sizes) if setup.layerwise else sum(sizes))
+    return int(max(sizes) if setup.layerwise and setup.grad_accum == 1 else sum(sizes))
+
+
+#: float32 bytes per element of the largest parameter that one step holds besides the state: the
+#: update (and, for bf16 weights, the float32 copies of the weight and the gradient, and the random bits)
+STEP_TEMPORARIES = {"fp32": 8, "bf16": 16}
+
+
+def peak_bytes(model: nn.Module, setup: Setup, weights: int, gradients: int, state: int, activations: int) -> int:
+    """The planned peak: weights and state, plus the larger of the start of backward (activations and
+    the gradients earlier micro-batches left) and the step (gradients and its temporaries)."""
+    held = gradients if setup.grad_accum > 1 else 0
+    largest = max((p.numel() * _rows(p, setup) for p in model.parameters() if p.requires_grad), default=0)
+    temporaries = int(STEP_TEMPORARIES[setup.dtype] * largest)
+    return weights + state + max(activations + held, gradients + temporaries)
 
 
 def weight_bytes(model: nn.Module, setup: Setup) -> int:
@@ -186,19 +242,29 @@ def lora_plan(model: nn.Module, setup: Setup, activations: int, method: str) -> 
     adapters = sum(rank * (w.shape[0] + w.shape[1]) for w in targets)
     if setup.fsdp:
         adapters = math.ceil(adapters / setup.world_size)
+    weights, gradients, state = (
+        weight_bytes(model, setup) + 4 * adapters,
+        4 * adapters,
+        2 * 4 * adapters + 8 * len(targets),
+    )
     return MemoryPlan(
         method=method,
-        weights=weight_bytes(model, setup) + 4 * adapters,
-        gradients=4 * adapters,
-        optimizer=2 * 4 * adapters + 4 * 2 * len(targets),
+        weights=weights,
+        gradients=gradients,
+        optimizer=state,
         activations=activations,
         note=f"rank {rank}; adapters only are trained",
+        peak=weights + state + activations + gradients,
     )
 
 
 def plan(**options: Any) -> list[MemoryPlan]:
     """Plans for ``options['optimizer']`` and the baselines; options are :class:`Setup`'s fields."""
-    setup = Setup(**options)
+    return plan_setup(Setup(**options))
+
+
+def plan_setup(setup: Setup) -> list[MemoryPlan]:
+    """Plans for ``setup.optimizer`` and the baselines (:func:`plan` with a :class:`Setup`)."""
     if setup.world_size < 1 or setup.batch < 1 or setup.seq_len < 1:
         raise ValueError("world_size, batch and seq_len must be >= 1")
     model = meta_model(setup)
@@ -207,46 +273,61 @@ def plan(**options: Any) -> list[MemoryPlan]:
         from .train.models import check_rank
 
         check_rank(model, spec.target_modules, spec.rank)
-    activations = activation_bytes(model.config, setup) if _is_llama_like(model.config) else 0
-    plans = []
-    for method in (setup.optimizer, *(b.name for b in baseline_methods() if b.name != setup.optimizer)):
-        if get_method(method).kind == "lora":
-            plans.append(lora_plan(model, setup, activations, method))
-            continue
-        rank = _spec(model, setup, method).resolved_rank
-        notes = [f"rank {rank}"] if rank is not None and get_method(method).uses_rank else []
-        if setup.layerwise:
-            notes.append("layer-wise")
-        plans.append(
-            MemoryPlan(
-                method=method,
-                weights=weight_bytes(model, setup),
-                gradients=gradient_bytes(model, setup),
-                optimizer=optimizer_state_bytes(model, setup, method),
-                activations=activations,
-                note=", ".join(notes),
-            )
-        )
-    return plans
+    methods = (setup.optimizer, *(b.name for b in baseline_methods() if b.name != setup.optimizer))
+    return [plan_model(model, setup, method) for method in methods]
 
 
-def _is_llama_like(config: Any) -> bool:
-    return all(hasattr(config, k) for k in ("hidden_size", "intermediate_size", "num_attention_heads"))
+def plan_model(model: nn.Module, setup: Setup, method: str | None = None) -> MemoryPlan:
+    """The plan of ``method`` (default: the setup's) on ``model``, whose parameters may be on the meta
+    device (the planner) or real (the trainer, before its first step: optimizer state is created lazily)."""
+    method = method or setup.optimizer
+    if get_method(method).kind == "lora":  # counted from the shapes: building peft's adapters would change the model
+        return lora_plan(model, setup, planned_activations(model, setup) or 0, method)
+    rank = _spec(model, setup, method).resolved_rank
+    notes = [f"rank {rank}"] if rank is not None and get_method(method).uses_rank else []
+    if setup.layerwise:
+        notes.append("layer-wise")
+    if setup.dtype == "bf16":
+        notes.append(f"bf16 update {_rounding(setup, method)}")
+    weights, gradients = weight_bytes(model, setup), gradient_bytes(model, setup)
+    state, activations = optimizer_state_bytes(model, setup, method), planned_activations(model, setup) or 0
+    return MemoryPlan(
+        method=method,
+        weights=weights,
+        gradients=gradients,
+        optimizer=state,
+        activations=activations,
+        note=", ".join(notes),
+        peak=peak_bytes(model, setup, weights, gradients, state, activations),
+    )
+
+
+#: ``model_type`` of the decoders whose activations :func:`activation_bytes` counts (transformers' LLaMA code)
+MODELLED_DECODERS = ("llama",)
+
+
+def planned_activations(model: nn.Module, setup: Setup) -> int | None:
+    """:func:`activation_bytes` for a LLaMA-style decoder; None for models it does not model (encoders)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in MODELLED_DECODERS:
+        return None
+    return activation_bytes(config, setup)
 
 
 def format_plans(plans: list[MemoryPlan], setup: Setup) -> str:
     """A table in GiB, the requested method first, ratios to AdamW's total."""
     adamw = next(p for p in plans if p.method == "adamw")
-    head = f"{'method':<18}{'weights':>9}{'grads':>9}{'optim':>9}{'activ.':>9}{'total':>9}{'vs AdamW':>10}  note"
+    columns = "".join(f"{name:>9}" for name in ("weights", "grads", "optim", "activ.", "peak", "total"))
+    head = f"{'method':<18}{columns}{'vs AdamW':>10}  note"
     lines = [head]
     for p in plans:
-        gib = [x / 2**30 for x in (p.weights, p.gradients, p.optimizer, p.activations, p.total)]
+        gib = [x / 2**30 for x in (p.weights, p.gradients, p.optimizer, p.activations, p.peak or p.total, p.total)]
         cells = "".join(f"{x:>9.2f}" for x in gib)
         lines.append(f"{p.method:<18}{cells}{p.total / adamw.total:>9.0%}   {p.note}")
     scope = f"per rank of {setup.world_size} (FSDP2)" if setup.fsdp else "per device"
     ckpt = ", activation checkpointing" if setup.activation_checkpointing else ""
     lines.append(
         f"GiB {scope}; {setup.model} in {setup.dtype}, batch {setup.batch} x {setup.seq_len} tokens{ckpt}. "
-        "Total is an upper bound (gradients and activations overlap only partly)."
+        "Total is an upper bound (gradients and activations overlap only partly); peak is what the trainer measures."
     )
     return "\n".join(lines)

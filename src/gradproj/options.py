@@ -43,6 +43,7 @@ def option(
     flag: str | None = None,
     group: str | None = None,
     resumable: bool = False,
+    planned: bool = False,
 ) -> Any:
     """A dataclass field with its own description.
 
@@ -50,7 +51,8 @@ def option(
     ``above`` (exclusive) bounds, ``choices`` (a tuple, or a function returning one: the command
     line's choices; validation uses them too unless the owner validates itself), ``flag`` (the
     command-line name, default ``--field-name``), ``group`` (the ``--help`` section) and
-    ``resumable`` (``--resume`` may change it). ``None`` values skip the checks: None means "the
+    ``resumable`` (``--resume`` may change it) and ``planned`` (``gradproj memory`` takes the same flag:
+    it changes what the run holds in memory). ``None`` values skip the checks: None means "the
     default of whoever resolves it".
     """
     metadata = {
@@ -61,6 +63,7 @@ def option(
         "flag": flag,
         "group": group,
         "resumable": resumable,
+        "planned": planned,
     }
     if default_factory is not _NO_DEFAULT:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)

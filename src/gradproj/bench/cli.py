@@ -141,6 +141,23 @@ def add_parsers(sub: Any) -> None:
         "--autocast", choices=AUTOCAST, default="off", help="bf16 autocast of the forward (e.g. on CUDA); default off"
     )
 
+    precision = bench_sub.add_parser(
+        "precision",
+        help="bf16 weights (nearest, stochastic, kahan) against float32 on the same run: perplexity, memory",
+    )
+    add_run_options(precision, model="llama-5m", steps=600, batch=16, seq=128, rank=64, gap=200)
+    precision.add_argument(
+        "--methods", default="galore_adamw,adamw", help="comma-separated (default galore_adamw,adamw)"
+    )
+    memory = bench_sub.add_parser(
+        "memory",
+        help="planned against measured bytes over models x {fp32, bf16} x checkpointing x layer-wise (2 steps each)",
+    )
+    add_run_options(memory, model="llama-5m", steps=2, batch=4, seq=256, rank=64, gap=200)
+    memory.add_argument(
+        "--models", default="llama-tiny,llama-1m,llama-5m,llama-20m,llama-60m", help="comma-separated model shapes"
+    )
+
     docs = bench_sub.add_parser("docs", help="rebuild the generated tables of a Markdown file from its records")
     docs.add_argument("document", type=Path, help="e.g. docs/BENCHMARKS.md")
     docs.add_argument("--check", action="store_true", help="exit 1 if the document is not up to date")
@@ -308,6 +325,21 @@ def run(args: argparse.Namespace) -> int:
         print(speed_table(rows))
         if args.out:
             write_records(rows, args.out / RECORDS)
+        return 0
+    if args.bench in ("precision", "memory"):
+        from .precision import memory_matrix, memory_table, precision_runs, precision_table
+        from .tables import RECORDS
+
+        cfg, out = _config(args), _out(args)
+        if args.bench == "precision":
+            rows = precision_runs(cfg, [n for n in args.methods.split(",") if n], out)
+            print(precision_table(rows))
+        else:
+            rows = memory_matrix(
+                replace(cfg, eval_tokens=2 * cfg.seq_len), [n for n in args.models.split(",") if n], out
+            )
+            print(memory_table(rows))
+        write_records(rows, out / RECORDS)
         return 0
     from .refresh import captured_benchmark, captured_gradients, format_rows, refresh_benchmark
 

@@ -143,7 +143,7 @@ def overhead_table(records: list[dict[str, Any]]) -> str:
 
 
 #: the kinds of generated block a document may hold (``<!-- bench:KIND records/FILE.jsonl -->``)
-BLOCK_KINDS = ("quality", "refresh", "environment", "overhead", "seeds", "verdict", "speed")
+BLOCK_KINDS = ("quality", "refresh", "environment", "overhead", "seeds", "verdict", "speed", "precision", "memory")
 
 
 def render_block(kind: str, records: list[dict[str, Any]]) -> str:
@@ -156,6 +156,10 @@ def render_block(kind: str, records: list[dict[str, Any]]) -> str:
         return environment_line(records)
     if kind == "overhead":
         return overhead_table(records)
+    if kind in ("precision", "memory"):
+        from .precision import memory_table, precision_table
+
+        return precision_table(records) if kind == "precision" else memory_table(records)
     if kind in ("seeds", "verdict"):
         from .seeds import seeds_table, verdict
 

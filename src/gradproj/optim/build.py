@@ -28,6 +28,7 @@ from ..options import check, option
 from ..projection.projectors import PROJECTORS, leading_count
 from ..projection.sides import PROJ_TYPES
 from .groups import ATTENTION_AND_MLP, Target, param_groups, target_weights
+from .precision import LOW_PRECISION
 from .presets import PRESETS
 from .registry import Method, get_method, trainer_methods
 from .validate import ON_REFRESH
@@ -146,26 +147,42 @@ class OptimizerSpec:
 
 
 def build_optimizer(
-    model: nn.Module, spec: OptimizerSpec, *, summary: bool = False, layerwise: bool = False
+    model: nn.Module,
+    spec: OptimizerSpec,
+    *,
+    summary: bool = False,
+    layerwise: bool = False,
+    bf16_update: str = "nearest",
 ) -> torch.optim.Optimizer:
     """The optimizer ``spec`` names, over ``model``'s trainable parameters.
 
     ``layerwise`` (stepping inside backward) needs a gradproj optimizer: torch's AdamW is then
-    replaced by the engine without ranks, which is torch's AdamW bit for bit (tested).
+    replaced by the engine without ranks, which is torch's AdamW bit for bit (tested). So it is for a
+    model with bf16 weights: the engine keeps float32 moments and rounds each step by ``bf16_update``
+    (:mod:`gradproj.optim.precision`), where torch's AdamW would keep bf16 moments.
     """
     method = spec.method
     if layerwise and not method.supports_layerwise:
         raise ValueError(f"--optimizer {method.name} cannot step layer-wise; use one of gradproj's own methods")
+    low_precision = any(p.dtype in LOW_PRECISION for p in model.parameters())
+    if method.peer and bf16_update != "nearest":
+        raise ValueError(
+            f"--bf16-update {bf16_update} needs one of gradproj's optimizers; --optimizer {method.name} rounds "
+            "its own updates (use --bf16-update nearest)"
+        )
     if method.kind == "lora":
         return _lora(model, spec)
     if method.kind == "peer":
         return _peer(model, spec)
-    if method.kind == "torch" and not layerwise:
+    if method.kind == "torch" and not layerwise and not low_precision:
         groups = _groups(model, spec, summary=summary, names=False)
         return torch.optim.AdamW(groups, lr=spec.matrix_lr, weight_decay=spec.weight_decay, **method.constructor)
     assert method.preset is not None
     groups = _groups(model, spec, summary=summary, names=True)
-    return PRESETS[method.preset](groups, lr=spec.matrix_lr, weight_decay=spec.weight_decay, **method.constructor)
+    preset = PRESETS[method.preset]
+    return preset(
+        groups, lr=spec.matrix_lr, weight_decay=spec.weight_decay, bf16_update=bf16_update, **method.constructor
+    )
 
 
 def _groups(model: nn.Module, spec: OptimizerSpec, *, summary: bool, names: bool) -> list[dict[str, Any]]:

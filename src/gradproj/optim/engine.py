@@ -23,14 +23,18 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..projection.bases import Bases
+from ..projection.bases import Bases, derive_seed
 from ..projection.projectors import Layout, get_projector, layout_of
 from ..projection.sides import project_down, project_up
 from ..rules import make_rule
 from ..rules.base import UpdateRule
 from .placement import LOCAL, Local, all_finite, is_sharded, local, placement_of
+from .precision import BF16_UPDATES, compute_dtype, widen, working_weight
 from .step import InBackwardStepping, ProjectedContext, StepProbe, full_step, projected_step
 from .validate import NONFINITE, _choice, check_common, check_projection, sharding_blocker
+
+#: mixed into a parameter's seed key for its stochastic rounding (independent of its basis draws)
+_ROUNDING = 0x5EED
 
 #: Defaults filled into every group that has ``rank`` (and only those).
 PROJECTION_DEFAULTS: dict[str, Any] = {
@@ -67,6 +71,9 @@ class ProjectedOptimizer(Optimizer):
         nonfinite: ``"skip"`` (default) drops a step whose gradients contain NaN/Inf, leaving
             every weight and state untouched, counts it in ``nonfinite_steps`` and warns;
             ``"raise"`` raises :class:`FloatingPointError` instead, also before any change.
+        bf16_update: how a bf16 weight's float32 step is rounded back: ``"nearest"``, ``"stochastic"``
+            or ``"kahan"`` (a compensation buffer in the state); see :mod:`gradproj.optim.precision`.
+            A group may set its own. Weights in float32/float64 are stepped in place either way.
     """
 
     #: the update rule a preset runs (a name of :data:`gradproj.rules.RULES`)
@@ -92,8 +99,11 @@ class ProjectedOptimizer(Optimizer):
         rule: str,
         projection: dict[str, Any] | None = None,
         nonfinite: str = "skip",
+        bf16_update: str = "nearest",
     ) -> None:
         _choice("nonfinite", nonfinite, NONFINITE)
+        _choice("bf16_update", bf16_update, BF16_UPDATES)
+        defaults = {**defaults, "bf16_update": bf16_update}
         unknown = set(projection or {}) - set(PROJECTION_DEFAULTS)
         if unknown:
             raise TypeError(f"unknown projection option(s) {sorted(unknown)}; valid: {sorted(PROJECTION_DEFAULTS)}")
@@ -121,7 +131,10 @@ class ProjectedOptimizer(Optimizer):
             for key, value in self._projection_defaults.items():
                 param_group.setdefault(key, value)
         merged = {**self.defaults, **param_group}
-        check_common(merged)  # before torch appends the group, so a bad group leaves no trace
+        check_common(merged)
+        _choice(
+            "bf16_update", merged.get("bf16_update", "nearest"), BF16_UPDATES
+        )  # before torch appends the group, so a bad group leaves no trace
         if "rank" in merged:
             check_projection(merged)
         super().add_param_group(param_group)
@@ -200,6 +213,7 @@ class ProjectedOptimizer(Optimizer):
     def _context(self, p: Tensor) -> ProjectedContext:
         group = self._param_groups_of[p]
         return ProjectedContext(
+            compute=compute_dtype(p.dtype),
             name=self._param_names[p],
             seed_key=self._param_keys[p],
             group=group,
@@ -235,12 +249,22 @@ class ProjectedOptimizer(Optimizer):
         return loss
 
     def _step_one(self, p: Tensor, group: dict[str, Any], grad: Tensor | None, low: Tensor | None = None) -> None:
-        """One parameter: the projected step, or the rule in full for a group without ``rank``."""
-        if "rank" in group:
-            projected_step(self._context(p), local(p), grad, low)
-        else:
-            assert grad is not None
-            full_step(self.rule_of(group), self.placement(p), local(p), grad, self.state[p], group)
+        """One parameter: the projected step, or the rule in full for a group without ``rank``; a
+        low-precision weight is stepped on float32 copies (:mod:`gradproj.optim.precision`)."""
+        state, placement, wide = self.state[p], self.placement(p), compute_dtype(p.dtype)
+        seed = derive_seed(group.get("seed", 0), self._param_keys[p], _ROUNDING)
+
+        def keep(into: dict[str, Any], key: str, value: Tensor) -> None:
+            with placement.local_state(into, placement.whole_shape(local(p))) as plain:
+                plain[key] = value
+
+        with working_weight(local(p), state, group, seed, local=local, keep=keep) as weight:
+            grad, low = widen(grad, wide), widen(low, wide)
+            if "rank" in group:
+                projected_step(self._context(p), weight, grad, low)
+            else:
+                assert grad is not None
+                full_step(self.rule_of(group), placement, weight, grad, state, group)
 
     # ------------------------------------------------- one parameter at a time
     def needs_full_gradient(self, p: Tensor) -> bool:
@@ -254,13 +278,15 @@ class ProjectedOptimizer(Optimizer):
         return not self.state[p] or self._context(p).refresh_due()
 
     def project_gradient(self, p: Tensor, grad: Tensor) -> Tensor:
-        """``down(grad)`` in ``p``'s current basis; valid when :meth:`needs_full_gradient` is False.
-        Linear, so projected micro-batch gradients can be summed instead of full ones."""
-        return project_down(grad, *self.bases(p))
+        """``down(grad)`` in ``p``'s current basis, in the step's dtype (float32 for bf16 weights); valid
+        when :meth:`needs_full_gradient` is False. Linear, so projected micro-batch gradients can be
+        summed instead of full ones."""
+        wide = compute_dtype(p.dtype)
+        return project_down(grad.to(wide), *(widen(b, wide) for b in self.bases(p)))
 
     def lift_gradient(self, p: Tensor, low: Tensor) -> Tensor:
         """``up(low)``: the full-shape gradient whose projection is ``low`` (no scale applied)."""
-        return project_up(low, *self.bases(p))
+        return project_up(low, *(widen(b, low.dtype) for b in self.bases(p)))
 
     @torch.no_grad()
     def step_parameter(self, p: Tensor, grad: Tensor | None = None, *, low: Tensor | None = None) -> bool:

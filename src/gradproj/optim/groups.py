@@ -139,27 +139,33 @@ class GroupReport:
 def state_bytes(p: torch.Tensor, group: dict[str, Any], rule: str = "adam") -> int:
     """Exact bytes of optimizer state ``p`` will hold under ``rule`` (or the group's own ``rule``) in ``group``.
 
-    Counts moment tensors, basis tensors or indices, Alice's tracked covariance and per-channel
-    energies, and the growth limiter's scalar; plain ints are not counted. Matches the tensors a
-    real optimizer allocates (tested).
+    Counts moment tensors (in the step's dtype: float32 for bf16 weights), basis tensors (in the
+    weight's dtype) or indices, Alice's tracked covariance and per-channel energies, the growth
+    limiter's scalar, and a bf16 weight's kahan compensation buffer; plain ints are not counted.
+    Matches the tensors a real optimizer allocates (tested).
     """
+    from .precision import compensated, compute_dtype
+
+    wide = compute_dtype(p.dtype)
+    buffer = p.numel() * p.element_size() if compensated(p, group) else 0
     if "rank" not in group:
-        return make_rule(group.get("rule") or rule).state_bytes(tuple(p.shape), p.dtype)
+        return make_rule(group.get("rule") or rule).state_bytes(tuple(p.shape), wide) + buffer
     options = {**PROJECTION_DEFAULTS, **group}
     update_rule = make_rule(options["rule"] or rule)
     shape = (int(p.shape[0]), int(p.shape[1]))
     layout = layout_of(shape, options, p.dtype, p.device)
     floats, ints = get_projector(options["projector"]).state_numel(layout, options)
-    wide = limiter_bytes(p.dtype)
+    limiter = limiter_bytes(wide)
     residual = options["residual"]
-    extra = wide if residual in ("fira", "apollo", "alice") else 0
+    extra = limiter if residual in ("fira", "apollo", "alice") else 0
     if residual == "alice":  # the per-channel discarded energy: one number per uncompressed channel
-        extra += (shape[1] if layout.side == "left" else shape[0]) * wide
+        extra += (shape[1] if layout.side == "left" else shape[0]) * limiter
     return (
-        update_rule.state_bytes(low_rank_shape(shape, layout.rank, layout.side), p.dtype)
+        update_rule.state_bytes(low_rank_shape(shape, layout.rank, layout.side), wide)
         + floats * p.element_size()
         + ints * 8
         + extra
+        + buffer
     )
 
 

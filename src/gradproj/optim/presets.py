@@ -44,11 +44,14 @@ class GaLoreAdamW(ProjectedOptimizer):
         weight_decay: float = 0.0,
         *,
         nonfinite: str = "skip",
+        bf16_update: str = "nearest",
         **projection: Any,
     ) -> None:
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         projection = {**self.PROJECTION, **projection}
-        super().__init__(params, defaults, rule=self.RULE, projection=projection, nonfinite=nonfinite)
+        super().__init__(
+            params, defaults, rule=self.RULE, projection=projection, nonfinite=nonfinite, bf16_update=bf16_update
+        )
 
 
 class GaLoreAdamW8bit(GaLoreAdamW):
@@ -110,6 +113,7 @@ class Alice(GaLoreAdamW):
         *,
         rest_betas: Betas = (0.9, 0.999),
         nonfinite: str = "skip",
+        bf16_update: str = "nearest",
         **projection: Any,
     ) -> None:
         if not isinstance(betas, (tuple, list)) or len(betas) not in (2, 3):
@@ -117,7 +121,9 @@ class Alice(GaLoreAdamW):
         if len(betas) == 3:
             projection.setdefault("track_beta", float(betas[2]))
         self._subspace_betas = (float(betas[0]), float(betas[1]))  # before torch adds the groups
-        super().__init__(params, lr, rest_betas, eps, weight_decay, nonfinite=nonfinite, **projection)
+        super().__init__(
+            params, lr, rest_betas, eps, weight_decay, nonfinite=nonfinite, bf16_update=bf16_update, **projection
+        )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "rank" in param_group:  # the subspace moments' betas, unless the group sets its own
@@ -150,9 +156,12 @@ class RACS(GaLoreAdamW):
         weight_decay: float = 0.0,
         *,
         nonfinite: str = "skip",
+        bf16_update: str = "nearest",
         **projection: Any,
     ) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, nonfinite=nonfinite, **projection)
+        super().__init__(
+            params, lr, betas, eps, weight_decay, nonfinite=nonfinite, bf16_update=bf16_update, **projection
+        )
 
 
 class GaLoreAdafactor(ProjectedOptimizer):
@@ -175,6 +184,7 @@ class GaLoreAdafactor(ProjectedOptimizer):
         warmup_init: bool = False,
         *,
         nonfinite: str = "skip",
+        bf16_update: str = "nearest",
         **projection: Any,
     ) -> None:
         if lr is not None and relative_step:
@@ -197,7 +207,9 @@ class GaLoreAdafactor(ProjectedOptimizer):
             "warmup_init": warmup_init,
         }
         projection = {**self.PROJECTION, **projection}
-        super().__init__(params, defaults, rule=self.RULE, projection=projection, nonfinite=nonfinite)
+        super().__init__(
+            params, defaults, rule=self.RULE, projection=projection, nonfinite=nonfinite, bf16_update=bf16_update
+        )
 
 
 #: Every preset by the name the CLI and configs use.

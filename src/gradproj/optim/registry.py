@@ -61,6 +61,7 @@ class Method:
     adamw_on_rest: bool = False
     has_lr: bool = True  #: False: the preset's default step size is relative (Adafactor), ``lr=None``
     supports_layerwise: bool = True  #: can step inside backward (gradproj.layerwise)
+    eight_bit: str | None = None  #: the same method with 8-bit moments (what the pre-flight check may suggest)
     resumable: bool = True  #: its state dict loads with ``weights_only=True`` (exact resume)
 
     @property
@@ -145,6 +146,7 @@ _ENTRIES = (
         lr=1e-3,
         demo=True,
         baseline=True,
+        eight_bit="adamw8bit",
     ),
     Method(
         name="adamw8bit",
@@ -155,7 +157,8 @@ _ENTRIES = (
         lr=1e-3,
         baseline=True,
     ),
-    Method(name="galore_adamw", kind="preset", summary="GaLore", preset="galore_adamw", demo=True, refresh=_OURS),
+    Method(name="galore_adamw", kind="preset", summary="GaLore", preset="galore_adamw", demo=True, refresh=_OURS,
+           eight_bit="galore_adamw8bit"),
     Method(name="galore_adamw8bit", kind="preset", summary="GaLore, 8-bit moments", preset="galore_adamw8bit",
            refresh=_OURS),
     Method(

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import torch
 from torch import Tensor
 
 from ..projection.bases import Bases, derive_seed
@@ -27,6 +28,7 @@ from ..projection.rotate import rotate_first, rotate_second
 from ..projection.sides import low_rank_shape, project_down
 from ..rules.base import UpdateRule
 from .placement import Local
+from .precision import widen
 from .residual import combine, replicated_state
 
 
@@ -75,6 +77,8 @@ class ProjectedContext:
     cache: dict[Any, Bases]  #: materialized bases kept between refreshes (projectors with ``cache``)
     key: Any  #: this parameter's key in ``cache``
     probe: StepProbe | None = None
+    #: the dtype the step computes in (float32 for bf16 weights; their bases are stored in bf16)
+    compute: torch.dtype | None = None
 
     @property
     def replicated(self) -> tuple[str, ...]:
@@ -92,14 +96,20 @@ class ProjectedContext:
         return low_rank_shape(self.layout.shape, self.layout.rank, self.layout.side)
 
     def bases(self) -> Bases:
-        """The current basis, as the placement uses it."""
+        """The current basis, as the placement uses it, in the step's dtype."""
         cached = self.cache.get(self.key) if self.projector.cache else None
         if cached is not None:
-            return cached
+            return self.widen(cached)
         bases = self.placement.materialize(self.state, self.layout, self.projector)
         if self.projector.cache and not absent(bases):
             self.cache[self.key] = bases
-        return bases
+        return self.widen(bases)
+
+    def widen(self, bases: Bases) -> Bases:
+        """``bases`` (stored in the weight's dtype) in the dtype the step computes in."""
+        if self.compute is None:
+            return bases
+        return widen(bases[0], self.compute), widen(bases[1], self.compute)
 
     def refresh_due(self) -> bool:
         return self.state["step"] % self.group["update_proj_gap"] == 0 or self.state["last_refresh"] < 0
@@ -126,6 +136,7 @@ def refresh(ctx: ProjectedContext, grad: Tensor, old: Bases) -> Bases:
     new = place.after_refresh(state, ctx.layout, fresh)
     if ctx.projector.cache:
         ctx.cache[ctx.key] = new
+    new = ctx.widen(new)
     if first or group["on_refresh"] == "keep" or not ctx.projector.changes_basis:
         return new
     if group["on_refresh"] == "reset":

@@ -130,6 +130,12 @@ def format_summary(summary: dict[str, Any], config: TrainConfig) -> str:
         )
     else:
         rows.append(("held-out", f"loss {ev['loss']:.3f}, accuracy {ev['accuracy']:.4f}, F1 {ev['f1']:.4f}"))
+    memory = summary.get("memory")
+    if memory and memory.get("measured"):
+        from .memory_check import format_memory
+
+        rounding = f", bf16 update {summary['bf16_update']}" if summary.get("bf16_update") else ""
+        rows.append(("memory", f"{format_memory(memory)} ({summary.get('dtype', 'fp32')} weights{rounding})"))
     dynamics = summary.get("dynamics")
     if dynamics and dynamics["samples"]:
         rows.append(

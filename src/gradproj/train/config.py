@@ -25,7 +25,25 @@ from ..optim.build import OptimizerSpec
 from ..options import check, flatten, meta, option
 
 AUTOCAST = ("auto", "bf16", "off")
-LOOP, OUTPUTS, DATA = "schedule and loop", "outputs", "model and data"
+#: the weights' dtype (``--dtype``); the optimizer state keeps its own (float32 moments, 8-bit codes)
+DTYPES = ("fp32", "bf16")
+LOOP, OUTPUTS, DATA, MEMORY = "schedule and loop", "outputs", "model and data", "memory and precision"
+
+
+def _bf16_updates() -> tuple[str, ...]:
+    from ..optim.precision import BF16_UPDATES
+
+    return BF16_UPDATES
+
+
+def _bf16_update_help() -> str:
+    from ..optim.precision import DEFAULT_BF16_UPDATE
+
+    return (
+        "with --dtype bf16: how each step's float32 result is rounded into the weights: nearest (pure bf16, small "
+        "updates are lost), stochastic (unbiased, no memory), kahan (a bf16 compensation buffer per weight, "
+        f"counted in the state) (default {DEFAULT_BF16_UPDATE}: the best measured, docs/TRAINING.md)"
+    )
 
 
 def _llama_shapes() -> str:
@@ -39,7 +57,7 @@ class TrainConfig:
     """What every run shares: optimizer, schedule, loop, outputs."""
 
     optim: OptimizerSpec = option(
-        default_factory=OptimizerSpec, help="the optimizer and its options", group="optimizer"
+        default_factory=OptimizerSpec, help="the optimizer and its options", group="optimizer", planned=True
     )
     steps: int = option(600, help="optimizer steps", minimum=1, group=LOOP, resumable=True)
     warmup: int | None = option(
@@ -49,13 +67,40 @@ class TrainConfig:
     clip: float = option(
         1.0, help="global gradient-norm clip, 0 = off (the norm is still logged)", minimum=0, group=LOOP
     )
-    batch_size: int = option(16, help="sequences (or examples) per micro-batch", minimum=1, group=LOOP)
-    grad_accum: int = option(1, help="micro-batches per optimizer step", minimum=1, group=LOOP)
+    batch_size: int = option(16, help="sequences (or examples) per micro-batch", minimum=1, group=LOOP, planned=True)
+    grad_accum: int = option(1, help="micro-batches per optimizer step", minimum=1, group=LOOP, planned=True)
     layerwise: bool = option(
         False,
         help="step each parameter inside backward: gradient memory of about one layer; clipping bounds by the "
         "previous step's and the running norm (docs/SCALE.md)",
-        group=LOOP,
+        group=MEMORY,
+        planned=True,
+    )
+    dtype: str = option(
+        "fp32",
+        help="the weights' dtype; the optimizer keeps float32 moments (8-bit codes for 8-bit methods) either way",
+        choices=DTYPES,
+        group=MEMORY,
+        planned=True,
+    )
+    bf16_update: str | None = option(
+        None,
+        help=_bf16_update_help,
+        choices=_bf16_updates,
+        group=MEMORY,
+        planned=True,
+    )
+    activation_checkpointing: bool = option(
+        False,
+        help="keep only each transformer block's input and recompute the block in backward "
+        "(transformers' gradient checkpointing): activation memory of about one block, ~30% more compute",
+        group=MEMORY,
+        planned=True,
+    )
+    preflight: bool = option(
+        True,
+        help="on CUDA, do not compare the memory plan with the device's free memory before the first step",
+        group=MEMORY,
     )
     low_rank_comm: bool = option(
         False, help="under torchrun: all-reduce the low-rank P^T G between basis refreshes instead of G", group=LOOP
@@ -102,6 +147,18 @@ class TrainConfig:
             raise ValueError(f"warmup={self.warmup!r} is not valid; expected 0 <= warmup < steps ({self.steps})")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio!r} is not valid; expected a number in [0, 1]")
+        if self.bf16_update is not None and self.dtype != "bf16":
+            raise ValueError(
+                f"--bf16-update {self.bf16_update} needs --dtype bf16 (with --dtype {self.dtype} every update is "
+                "added in full precision); drop --bf16-update or add --dtype bf16"
+            )
+
+    @property
+    def weight_update(self) -> str:
+        """How bf16 weights round each step (``--bf16-update``, or the measured default)."""
+        from ..optim.precision import DEFAULT_BF16_UPDATE
+
+        return self.bf16_update or DEFAULT_BF16_UPDATE
 
     @property
     def warmup_steps(self) -> int:
@@ -167,15 +224,17 @@ def upgrade(values: dict[str, Any]) -> dict[str, Any]:
 class PretrainConfig(TrainConfig):
     """Pre-training a causal LM from scratch."""
 
-    model: str = option("llama-5m", help=_llama_shapes, group=DATA)
+    model: str = option("llama-5m", help=_llama_shapes, group=DATA, planned=True)
     data: str | None = option(
         None, help="text file, folder of .txt, or hf:NAME[:CONFIG] (default: embedded Shakespeare)", group=DATA
     )
     tokenizer: str | None = option(
         None, help="Hugging Face tokenizer path/name (default: BPE trained on the data, cached)", group=DATA
     )
-    vocab_size: int = option(4096, help="trained BPE size (ignored with --tokenizer)", minimum=2, group=DATA)
-    seq_len: int = option(128, help="tokens per sequence", minimum=2, group=DATA)
+    vocab_size: int = option(
+        4096, help="trained BPE size (ignored with --tokenizer)", minimum=2, group=DATA, planned=True
+    )
+    seq_len: int = option(128, help="tokens per sequence", minimum=2, group=DATA, planned=True)
     eval_tokens: int = option(
         65_536, help="held-out tokens per evaluation (fixed windows, the same every time)", minimum=2, group=DATA
     )

@@ -23,25 +23,27 @@ from typing import Any
 from ..options import meta, resolve
 
 #: The ``--help`` sections, in the order they are listed.
-SECTIONS = ("model and data", "optimizer", "schedule and loop", "outputs")
+SECTIONS = ("model and data", "optimizer", "memory and precision", "schedule and loop", "outputs")
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> dict[str, Any]:
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, planned: bool = False) -> dict[str, Any]:
     """Add one flag per described field of the dataclass ``cls`` (recursing into nested configs);
-    returns the argument groups by section name, so a command can add flags of its own."""
+    returns the argument groups by section name, so a command can add flags of its own. ``planned``:
+    only the fields that change what a run holds in memory (``gradproj memory``'s flags; a nested
+    config marked so contributes all of its fields)."""
     groups = {name: parser.add_argument_group(name) for name in SECTIONS}
-    _add_fields(groups, cls, cls(), prefix="")
+    _add_fields(groups, cls, cls(), prefix="", planned=planned)
     return groups
 
 
-def _add_fields(groups: dict[str, Any], cls: type, defaults: Any, prefix: str) -> None:
+def _add_fields(groups: dict[str, Any], cls: type, defaults: Any, prefix: str, planned: bool) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         info, default = meta(cls, f.name), getattr(defaults, f.name)
-        if not info:
+        if not info or (planned and not info.get("planned")):
             continue
         if dataclasses.is_dataclass(default):  # a nested config: its fields are flags of their own
-            _add_fields(groups, type(default), default, prefix=f"{prefix}{f.name}.")
+            _add_fields(groups, type(default), default, prefix=f"{prefix}{f.name}.", planned=False)
             continue
         name = f.name.replace("_", "-")
         kind = _scalar(hints[f.name])

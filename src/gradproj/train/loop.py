@@ -19,6 +19,8 @@ from torch import nn
 
 from ..dynamics import Dynamics
 from ..layerwise import LayerwiseStepper, attach_layerwise
+from ..memory import DTYPES as WEIGHT_DTYPES
+from ..memory import Setup
 from ..optim.build import build_optimizer
 from .checkpoint import (
     CheckpointError,
@@ -29,7 +31,8 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .logs import RunLogger, environment, optimizer_state_bytes
-from .models import check_rank, default_rank
+from .memory_check import MemoryMeter, planned, preflight
+from .models import check_rank, default_rank, enable_activation_checkpointing
 from .parallel import Parallel
 from .progress import (
     Callback,
@@ -43,6 +46,10 @@ from .progress import (
 )
 
 __all__ = ["Task", "Trainer"]
+
+
+def _sum(counts: dict[str, int | None]) -> int:
+    return sum(v for k, v in counts.items() if v is not None and k != "peak")
 
 
 class Task(Protocol):
@@ -84,6 +91,8 @@ class Trainer:
         self.train_model: nn.Module | None = None  # the model, or its DDP wrapper under torchrun
         self.dynamics: Dynamics | None = None  # set in _setup unless --dynamics-every 0
         self.optimizer: torch.optim.Optimizer | None = None  # set in _setup
+        self.memory: MemoryMeter | None = None  # measures one step against the plan (set in _setup)
+        self.planned: dict[str, int | None] = {}
 
     def _run_dir(self, resume: str | Path | None) -> Path:
         if self.config.out:
@@ -151,7 +160,11 @@ class Trainer:
         """Model, optimizer and schedule from the config; their state from the checkpoint if resuming."""
         cfg, task = self.config, self.task
         torch.manual_seed(cfg.seed)
-        model = task.build_model().to(self.parallel.device(cfg.device))
+        device = torch.device(self.parallel.device(cfg.device))
+        model = task.build_model().to(dtype=WEIGHT_DTYPES[cfg.dtype])
+        model.train()  # from_pretrained returns eval mode: no dropout, and transformers checkpoints only in training
+        if cfg.activation_checkpointing:
+            enable_activation_checkpointing(model)
         spec = cfg.optimizer_spec(default_rank(model))
         if spec.projected and spec.method.fixed_rank is None:
             check_rank(model, spec.target_modules, spec.resolved_rank or 1)
@@ -161,7 +174,13 @@ class Trainer:
                 f"--resume with --optimizer {spec.name} ({spec.method.summary}): its state does not load with "
                 "torch.load(weights_only=True), so it cannot be resumed; use one of gradproj's optimizers"
             )
-        optimizer = self.optimizer = build_optimizer(model, spec, layerwise=cfg.layerwise)
+        setup = Setup.from_config(cfg, vocab_size=getattr(model.config, "vocab_size", None))
+        self.planned = planned(setup, model)
+        if device.type == "cuda" and cfg.preflight:  # before anything is on the device
+            preflight(setup, self.planned["peak"] or _sum(self.planned), torch.cuda.mem_get_info(device)[0])
+        model = model.to(device)
+        rounding = cfg.weight_update if cfg.dtype == "bf16" else "nearest"
+        optimizer = self.optimizer = build_optimizer(model, spec, layerwise=cfg.layerwise, bf16_update=rounding)
         self.train_model, self.stepper = self.parallel.wrap(
             model, optimizer, low_rank=cfg.low_rank_comm, layerwise=cfg.layerwise, clip=cfg.clip
         )
@@ -180,6 +199,10 @@ class Trainer:
             if self.dynamics is not None and dynamics is not None:
                 self.dynamics.load_state_dict(dynamics)
             progress = Progress(**saved)
+        # the first step with optimizer state: the second of a new run, the next one of a resumed run
+        # (peers' frozen adapters and tensor subclasses are beyond MemTracker: their runs record the plan only)
+        if not spec.method.peer:
+            self.memory = MemoryMeter(device, progress.step + (2 if progress.step == 0 and cfg.steps >= 2 else 1))
         self._write_run_files()
         return model, optimizer, scheduler, progress
 
@@ -191,18 +214,23 @@ class Trainer:
         state untouched. Returns the mean loss (NaN if skipped), the gradient norm and the units."""
         if self.dynamics is not None:  # rows carry the trainer's step number (layer-wise steps run in backward)
             self.dynamics.step = progress.step + 1
-        loss, finite, units = self._forward_backward(model, progress)
-        finite, norm = self._gradient_norm(optimizer, finite)
-        if self.dynamics is not None:
-            self.dynamics.observe_grad_norm(progress.step + 1, norm)
-        applied = self.skips.admit(progress, applied=finite, norm=norm)
-        if applied:
-            optimizer.step()  # a no-op with --layerwise: every parameter was stepped in backward
-            progress.seen += units
-        optimizer.zero_grad(set_to_none=True)
+        meter = self.memory if self.memory is not None and self.memory.wants(progress.step + 1) else None
+        resident = tuple(getattr(self.task, "resident_tensors", tuple)())  # the corpus: batches are views of it
+        with meter.measure(model, optimizer, resident) if meter is not None else contextlib.nullcontext():
+            loss, finite, units = self._forward_backward(model, progress, meter)
+            finite, norm = self._gradient_norm(optimizer, finite)
+            if self.dynamics is not None:
+                self.dynamics.observe_grad_norm(progress.step + 1, norm)
+            applied = self.skips.admit(progress, applied=finite, norm=norm)
+            if applied:
+                optimizer.step()  # a no-op with --layerwise: every parameter was stepped in backward
+                progress.seen += units
+            optimizer.zero_grad(set_to_none=True)
         return (loss if applied else math.nan), norm, units
 
-    def _forward_backward(self, model: nn.Module, progress: Progress) -> tuple[float, bool, int]:
+    def _forward_backward(
+        self, model: nn.Module, progress: Progress, meter: MemoryMeter | None = None
+    ) -> tuple[float, bool, int]:
         """Backward over ``grad_accum`` micro-batches (this rank's slice of each); the mean loss over
         ranks, whether every rank's loss was finite, and the units (tokens or examples) of all ranks."""
         cfg, task, parallel = self.config, self.task, self.parallel
@@ -222,6 +250,8 @@ class Trainer:
                 # with --layerwise, the last micro-batch's backward steps every parameter; under DDP every
                 # rank runs backward (collectives must line up): a NaN reaches the averaged gradient instead
                 loss.backward()
+            if meter is not None:
+                meter.after_backward(model, micro == 0, self.stepper)
             total += float(loss.detach())
         return parallel.mean(total), parallel.every(finite), units
 
@@ -331,4 +361,12 @@ class Trainer:
             else sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad),
             **self.task.describe(),
             **({"dynamics": self.dynamics.summary()} if self.dynamics is not None else {}),
+            "dtype": self.config.dtype,
+            "bf16_update": self.config.weight_update if self.config.dtype == "bf16" else None,
+            "memory": {
+                "planned": self.planned,
+                "measured": self.memory.measured if self.memory is not None else {},
+                "measured_step": self.memory.step if self.memory is not None else None,
+                "device": str(self.parallel.device(self.config.device)),
+            },
         }

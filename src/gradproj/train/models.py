@@ -81,6 +81,21 @@ def build_causal_lm(name: str, *, vocab_size: int, seq_len: int) -> nn.Module:
     return model
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each transformer block in backward (transformers' own mechanism, non-reentrant
+    ``torch.utils.checkpoint``): only the blocks' inputs are kept from the forward."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"--activation-checkpointing: {type(model).__name__} does not support it (transformers' "
+            "supports_gradient_checkpointing is False); drop the flag"
+        )
+    new = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x's name
+    if new is not None:
+        new(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
+
+
 def default_rank(model: nn.Module) -> int:
     """A quarter of the hidden size: the paper's ratio (128/512 for LLaMA-60M ... 512/2048 for 1B)."""
     return max(1, int(getattr(getattr(model, "config", None), "hidden_size", 512)) // 4)
