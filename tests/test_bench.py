@@ -282,3 +282,15 @@ def test_round_robin_goes_on_without_a_finished_trainer() -> None:
 
 def test_benchmarks_doc_matches_its_committed_records(capsys) -> None:  # type: ignore[no-untyped-def]
     assert main(["bench", "docs", str(ROOT / "docs" / "BENCHMARKS.md"), "--check"]) == 0
+
+
+def test_speed_times_activation_checkpointing_in_the_same_round_robin(tmp_path: Path) -> None:
+    assert main(["bench", "speed", "--model", "llama-1m", "--steps", "4", "--batch-size", "4", "--seq-len", "32",
+                 "--rank", "8", "--methods", "galore_adamw", "--checkpointing", "--out", str(tmp_path)]) == 0  # fmt: skip
+    rows = {r["method"]: r for r in read_records([tmp_path])}
+    assert list(rows) == ["adamw", "galore_adamw", "adamw+checkpointing", "galore_adamw+checkpointing"]
+    ckpt = rows["galore_adamw+checkpointing"]
+    assert ckpt["config"]["activation_checkpointing"] and not rows["galore_adamw"]["config"]["activation_checkpointing"]
+    assert ckpt["vs_without_checkpointing"] == pytest.approx(
+        ckpt["step_seconds_median"] / rows["galore_adamw"]["step_seconds_median"]
+    )

@@ -138,6 +138,11 @@ def add_parsers(sub: Any) -> None:
     )
     speed.add_argument("--repeats", type=int, default=1, help="rounds of the round robin (default 1)")
     speed.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help="also run every method with --activation-checkpointing in the same round robin (its cost in time)",
+    )
+    speed.add_argument(
         "--autocast", choices=AUTOCAST, default="off", help="bf16 autocast of the forward (e.g. on CUDA); default off"
     )
 
@@ -321,7 +326,9 @@ def run(args: argparse.Namespace) -> int:
         from .tables import RECORDS
 
         cfg = replace(_config(args), autocast=args.autocast)
-        rows = speed(cfg, [n for n in args.methods.split(",") if n], repeats=args.repeats)
+        rows = speed(
+            cfg, [n for n in args.methods.split(",") if n], repeats=args.repeats, checkpointing=args.checkpointing
+        )
         print(speed_table(rows))
         if args.out:
             write_records(rows, args.out / RECORDS)

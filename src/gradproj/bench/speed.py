@@ -22,7 +22,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import threading
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -100,36 +100,44 @@ class _Pass(Callback):
         self.robin.pass_on(self.seat)
 
 
-def speed(cfg: PretrainConfig, methods: list[str], repeats: int = 1) -> list[dict[str, Any]]:
+def speed(
+    cfg: PretrainConfig, methods: list[str], repeats: int = 1, checkpointing: bool = False
+) -> list[dict[str, Any]]:
     """One record per method (AdamW added first if missing): its median step in each round of a round
-    robin, the median over rounds, and that against AdamW's."""
+    robin, the median over rounds, and that against AdamW's. ``checkpointing``: every method also runs
+    with activation checkpointing in the same round robin (``NAME+checkpointing``, its ratio to NAME)."""
     names = [BASELINE, *(name for name in methods if name != BASELINE)]
-    chosen = [get_method(name) for name in names]  # a bad name fails here, before any thread
+    seats = [(name, get_method(name), cfg) for name in names]  # a bad name fails here, before any thread
+    if checkpointing:
+        seats += [
+            (f"{name}+checkpointing", method, replace(c, activation_checkpointing=True)) for name, method, c in seats
+        ]
     data = prepare_data(cfg)
-    medians: dict[str, list[float]] = {name: [] for name in names}
+    medians: dict[str, list[float]] = {name: [] for name, _, _ in seats}
     with tempfile.TemporaryDirectory(prefix="gradproj-speed-") as out:
         for _ in range(repeats):
-            robin = RoundRobin(len(chosen))
-            records: list[dict[str, Any]] = [{} for _ in chosen]
+            robin = RoundRobin(len(seats))
+            records: list[dict[str, Any]] = [{} for _ in seats]
 
             def train(seat: int, robin: RoundRobin = robin, records: list[dict[str, Any]] = records) -> None:
-                method = chosen[seat]
+                _, method, config = seats[seat]
+                folder = Path(out) / str(seat)  # a method may sit twice (with and without checkpointing)
                 try:
-                    records[seat] = run(method, method.lr, method.other_lr, data, cfg, Path(out), robin.callbacks(seat))
+                    records[seat] = run(method, method.lr, method.other_lr, data, config, folder, robin.callbacks(seat))
                 finally:
                     robin.leave(seat)
 
-            threads = [threading.Thread(target=train, args=(seat,)) for seat in range(len(chosen))]
+            threads = [threading.Thread(target=train, args=(seat,)) for seat in range(len(seats))]
             for seat, thread in enumerate(threads):  # one set-up at a time (transformers' lazy imports race)
                 thread.start()
                 robin.arrived[seat].wait()
             robin.open()
             for thread in threads:
                 thread.join()
-            for method, record in zip(chosen, records, strict=True):
+            for (name, _, _), record in zip(seats, records, strict=True):
                 if not record:
-                    raise RuntimeError(f"bench speed: the {method.name} run failed (its error is printed above)")
-                medians[method.name].append(record["step_seconds_median"])
+                    raise RuntimeError(f"bench speed: the {name} run failed (its error is printed above)")
+                medians[name].append(record["step_seconds_median"])
     base = statistics.median(medians[BASELINE])
     return [
         {
@@ -138,10 +146,15 @@ def speed(cfg: PretrainConfig, methods: list[str], repeats: int = 1) -> list[dic
             "step_seconds_median": statistics.median(times),
             "step_seconds_rounds": times,
             "vs_adamw": statistics.median(times) / base,
+            **(
+                {"vs_without_checkpointing": statistics.median(times) / statistics.median(medians[name.split("+")[0]])}
+                if name.endswith("+checkpointing")
+                else {}
+            ),
             "rounds": repeats,
-            "config": asdict(cfg),
+            "config": asdict(config),
         }
-        for name, times in medians.items()
+        for (name, _, config), times in zip(seats, medians.values(), strict=True)
     ]
 
 
@@ -149,5 +162,8 @@ def speed_table(records: list[dict[str, Any]]) -> str:
     """Markdown of ``gradproj bench speed`` records, fastest first."""
     lines = ["| method | median step ms | vs AdamW | rounds |", "|---|---:|---:|---:|"]
     for r in sorted(records, key=lambda r: r["step_seconds_median"]):
-        lines.append(f"| {r['method']} | {1000 * r['step_seconds_median']:.1f} | {r['vs_adamw']:.2f} | {r['rounds']} |")
+        plain = f" ({r['vs_without_checkpointing']:.2f}x without)" if "vs_without_checkpointing" in r else ""
+        lines.append(
+            f"| {r['method']} | {1000 * r['step_seconds_median']:.1f} | {r['vs_adamw']:.2f}{plain} | {r['rounds']} |"
+        )
     return "\n".join(lines)

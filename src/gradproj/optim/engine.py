@@ -29,7 +29,7 @@ from ..projection.sides import project_down, project_up
 from ..rules import make_rule
 from ..rules.base import UpdateRule
 from .placement import LOCAL, Local, all_finite, is_sharded, local, placement_of
-from .precision import BF16_UPDATES, compute_dtype, widen, working_weight
+from .precision import BF16_UPDATES, LOW_PRECISION, compute_dtype, widen, working_weight
 from .step import InBackwardStepping, ProjectedContext, StepProbe, full_step, projected_step
 from .validate import NONFINITE, _choice, check_common, check_projection, sharding_blocker
 
@@ -251,6 +251,9 @@ class ProjectedOptimizer(Optimizer):
     def _step_one(self, p: Tensor, group: dict[str, Any], grad: Tensor | None, low: Tensor | None = None) -> None:
         """One parameter: the projected step, or the rule in full for a group without ``rank``; a
         low-precision weight is stepped on float32 copies (:mod:`gradproj.optim.precision`)."""
+        if p.dtype not in LOW_PRECISION:
+            self._step_weight(p, group, local(p), grad, low)
+            return
         state, placement, wide = self.state[p], self.placement(p), compute_dtype(p.dtype)
         seed = derive_seed(group.get("seed", 0), self._param_keys[p], _ROUNDING)
 
@@ -259,12 +262,17 @@ class ProjectedOptimizer(Optimizer):
                 plain[key] = value
 
         with working_weight(local(p), state, group, seed, local=local, keep=keep) as weight:
-            grad, low = widen(grad, wide), widen(low, wide)
-            if "rank" in group:
-                projected_step(self._context(p), weight, grad, low)
-            else:
-                assert grad is not None
-                full_step(self.rule_of(group), placement, weight, grad, state, group)
+            self._step_weight(p, group, weight, widen(grad, wide), widen(low, wide))
+
+    def _step_weight(
+        self, p: Tensor, group: dict[str, Any], weight: Tensor, grad: Tensor | None, low: Tensor | None
+    ) -> None:
+        """Step ``weight`` (``p``'s local tensor, or its float32 working copy) in place."""
+        if "rank" in group:
+            projected_step(self._context(p), weight, grad, low)
+        else:
+            assert grad is not None
+            full_step(self.rule_of(group), self.placement(p), weight, grad, self.state[p], group)
 
     # ------------------------------------------------- one parameter at a time
     def needs_full_gradient(self, p: Tensor) -> bool:

@@ -31,7 +31,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .logs import RunLogger, environment, optimizer_state_bytes
-from .memory_check import MemoryMeter, planned, preflight
+from .memory_check import StepMemoryMeter, planned, preflight
 from .models import check_rank, default_rank, enable_activation_checkpointing
 from .parallel import Parallel
 from .progress import (
@@ -91,7 +91,7 @@ class Trainer:
         self.train_model: nn.Module | None = None  # the model, or its DDP wrapper under torchrun
         self.dynamics: Dynamics | None = None  # set in _setup unless --dynamics-every 0
         self.optimizer: torch.optim.Optimizer | None = None  # set in _setup
-        self.memory: MemoryMeter | None = None  # measures one step against the plan (set in _setup)
+        self.memory: StepMemoryMeter | None = None  # measures one step against the plan (set in _setup)
         self.planned: dict[str, int | None] = {}
 
     def _run_dir(self, resume: str | Path | None) -> Path:
@@ -202,7 +202,7 @@ class Trainer:
         # the first step with optimizer state: the second of a new run, the next one of a resumed run
         # (peers' frozen adapters and tensor subclasses are beyond MemTracker: their runs record the plan only)
         if not spec.method.peer:
-            self.memory = MemoryMeter(device, progress.step + (2 if progress.step == 0 and cfg.steps >= 2 else 1))
+            self.memory = StepMemoryMeter(device, progress.step + (2 if progress.step == 0 and cfg.steps >= 2 else 1))
         self._write_run_files()
         return model, optimizer, scheduler, progress
 
@@ -229,7 +229,7 @@ class Trainer:
         return (loss if applied else math.nan), norm, units
 
     def _forward_backward(
-        self, model: nn.Module, progress: Progress, meter: MemoryMeter | None = None
+        self, model: nn.Module, progress: Progress, meter: StepMemoryMeter | None = None
     ) -> tuple[float, bool, int]:
         """Backward over ``grad_accum`` micro-batches (this rank's slice of each); the mean loss over
         ranks, whether every rank's loss was finite, and the units (tokens or examples) of all ranks."""

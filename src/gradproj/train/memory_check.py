@@ -49,7 +49,7 @@ def planned(setup: Any, model: nn.Module) -> dict[str, int | None]:
     }
 
 
-class MemoryMeter:
+class StepMemoryMeter:
     """Measures one training step (:data:`FIELDS`) with PyTorch's ``MemTracker`` (and CUDA's allocator)."""
 
     def __init__(self, device: torch.device, step: int) -> None:
