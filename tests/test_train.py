@@ -71,6 +71,8 @@ def test_same_seed_same_losses_other_seed_differs(data, tmp_path: Path) -> None:
         {"optim": {"name": "adamw"}, "grad_accum": 2},
         {"optim": {"name": "galore_adamw"}, "layerwise": True, "grad_accum": 2},
         {"optim": {"name": "adamw"}, "layerwise": True},
+        {"optim": {"name": "galore_adamw"}, "dtype": "bf16"},  # stochastic rounding: its bits from (seed, step)
+        {"optim": {"name": "adamw"}, "dtype": "bf16", "bf16_update": "kahan"},  # the buffer in the checkpoint
     ],
     ids=lambda o: "-".join(str(v) for v in flatten(o).values()),
 )

@@ -186,12 +186,15 @@ STEP_TEMPORARIES = {"fp32": 8, "bf16": 16}
 
 
 def peak_bytes(model: nn.Module, setup: Setup, weights: int, gradients: int, state: int, activations: int) -> int:
-    """The planned peak: weights and state, plus the larger of the start of backward (activations and
-    the gradients earlier micro-batches left) and the step (gradients and its temporaries)."""
+    """The planned peak: weights and state, plus the largest of the start of backward (activations and
+    the gradients earlier micro-batches left), its end (gradients, and with checkpointing the first
+    block recomputed) and the step (gradients and its temporaries)."""
     held = gradients if setup.grad_accum > 1 else 0
     largest = max((p.numel() * _rows(p, setup) for p in model.parameters() if p.requires_grad), default=0)
     temporaries = int(STEP_TEMPORARIES[setup.dtype] * largest)
-    return weights + state + max(activations + held, gradients + temporaries)
+    config = getattr(model, "config", None)
+    recompute = recompute_bytes(config, setup) if planned_activations(model, setup) is not None else 0
+    return weights + state + max(activations + held, gradients + recompute, gradients + temporaries)
 
 
 def weight_bytes(model: nn.Module, setup: Setup) -> int:
@@ -215,6 +218,24 @@ def activation_bytes(config: Any, setup: Setup) -> int:
     With activation checkpointing each layer keeps only its input (``e h``) and one layer's
     activations are alive again while it is recomputed.
     """
+    per_layer, inputs, model_level, head_temporaries = _per_token_terms(config, setup)
+    if setup.activation_checkpointing:
+        per_token = inputs + model_level + max(head_temporaries, per_layer)
+    else:
+        per_token = config.num_hidden_layers * per_layer + model_level + head_temporaries
+    return int(per_token * setup.batch * setup.seq_len)
+
+
+def recompute_bytes(config: Any, setup: Setup) -> int:
+    """With activation checkpointing, what backward still holds beside the gradients when it reaches
+    the first block: every block's saved input and that block's recomputed activations."""
+    per_layer, inputs, _, _ = _per_token_terms(config, setup)
+    return int((inputs + per_layer) * setup.batch * setup.seq_len) if setup.activation_checkpointing else 0
+
+
+def _per_token_terms(config: Any, setup: Setup) -> tuple[float, float, float, float]:
+    """Bytes per token: one block's saved activations, every block's input (what checkpointing keeps),
+    the model level and the loss head's backward temporaries (see :func:`activation_bytes`)."""
     e = torch.tensor([], dtype=DTYPES[setup.dtype]).element_size()
     h, f, a = config.hidden_size, config.intermediate_size, config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or a
@@ -222,12 +243,7 @@ def activation_bytes(config: Any, setup: Setup) -> int:
     norm = (4 + 2 * e) * h + 4
     per_layer = 2 * norm + e * (2 * h + 2 * h_kv) + 4 * a + 4 * e * f
     model_level = 16 + 2 * e * d / setup.batch + norm + 4 * vocab
-    head_temporaries = 2 * 4 * vocab
-    if setup.activation_checkpointing:
-        per_token = layers * e * h + model_level + max(head_temporaries, per_layer)
-    else:
-        per_token = layers * per_layer + model_level + head_temporaries
-    return int(per_token * setup.batch * setup.seq_len)
+    return per_layer, layers * e * h, model_level, 2 * 4 * vocab
 
 
 def lora_plan(model: nn.Module, setup: Setup, activations: int, method: str) -> MemoryPlan:

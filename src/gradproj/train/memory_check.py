@@ -7,8 +7,8 @@ Measured, on the second step (the first one with optimizer state; the first if t
 - weights: the model's parameters as PyTorch's ``MemTracker`` sees them at the step's peak;
 - gradients: the gradient tensors alive before the step (layer-wise: the stepper's measured peak);
 - optimizer state: every tensor in the optimizer's state after the step;
-- activations: what ``MemTracker`` counts as activations and temporaries at the peak of the first
-  micro-batch's forward and backward;
+- activations: the most bytes ``MemTracker`` counts as activations and temporaries at once during
+  the first micro-batch's forward and backward;
 - peak: ``MemTracker``'s peak of every tensor on the device over the step, the task's own data
   (the tokenized corpus) left out as the planner does (CPU), or
   ``torch.cuda.max_memory_allocated`` over the run so far (CUDA). Not RSS: tensors only.
@@ -68,9 +68,7 @@ class StepMemoryMeter:
     ) -> Iterator[None]:
         """Track every tensor during the step run inside; ``resident`` are the task's own tensors (the
         tokenized corpus: batches are views of it), counted apart and left out of the peak."""
-        from torch.distributed._tools.mem_tracker import MemTracker
-
-        tracker = self._tracker = MemTracker()
+        tracker = self._tracker = _tracker()
         tracker.track_external(model, optimizer, *resident)
         with tracker, warnings.catch_warnings():
             # its gradient hook also runs for gradients that layer-wise stepping already freed (None): harmless
@@ -89,9 +87,8 @@ class StepMemoryMeter:
         """Called after each micro-batch's backward of the measured step."""
         if self._tracker is None:
             return
-        if first_micro_batch:
-            peak = self._snapshot("peak")
-            self.measured["activations"] = peak.get("ACT", 0) + peak.get("TEMP", 0)
+        if first_micro_batch:  # the most activations and temporaries alive at once (not at the step's peak)
+            self.measured["activations"] = int(self._tracker.activation_peak.get(self.device, 0))
         self._tracker.reset_mod_stats()  # the next micro-batch's forward is a new iteration to MemTracker
         if stepper is not None:
             self.measured["gradients"] = int(stepper.peak_gradient_bytes)
@@ -102,6 +99,27 @@ class StepMemoryMeter:
     def _snapshot(self, kind: str) -> dict[str, int]:
         snapshot = self._tracker.get_tracker_snapshot(kind).get(self.device, {})
         return {str(key).split(".")[-1]: int(value) for key, value in snapshot.items()}
+
+
+def _tracker() -> Any:
+    """A ``MemTracker`` that also keeps the most activation and temporary bytes alive at once per
+    device: its own peak snapshot is taken where the total peaks, which with checkpointing can be the
+    end of backward (every gradient, few activations)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class Tracker(MemTracker):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.activation_peak: dict[torch.device, int] = {}
+
+        def _update_peak_stats(self, peak_state: Any) -> None:  # after every op MemTracker dispatches
+            super()._update_peak_stats(peak_state)
+            for device, snapshot in self._curr_mem_snap.items():
+                used = sum(v for k, v in snapshot.items() if str(k).split(".")[-1] in ("ACT", "TEMP"))
+                if used > self.activation_peak.get(device, 0):
+                    self.activation_peak[device] = used
+
+    return Tracker()
 
 
 def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
