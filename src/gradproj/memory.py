@@ -43,9 +43,8 @@ import torch
 from torch import nn
 
 from .optim.groups import ATTENTION_AND_MLP, target_weights
+from .optim.precision import WEIGHT_DTYPES as DTYPES
 from .optim.registry import baseline_methods, get_method
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ Example:
     >>> rows = [{"method": "adamw", "dtype": "fp32", "bf16_update": None, "val_ppl": 50.0, "weights": 4},
     ...         {"method": "adamw", "dtype": "bf16", "bf16_update": "nearest", "val_ppl": 55.0, "weights": 2}]
     >>> print(precision_table(rows).splitlines()[-1])
-    | adamw | bf16, nearest | 55.00 | 1.100 | 0.50 |
+    | adamw | bf16, nearest | 55.00 | 1.100 | 0.50 | 0.00 |
 """
 
 from __future__ import annotations
@@ -64,14 +64,17 @@ def precision_runs(base: PretrainConfig, methods: list[str], out: Path) -> list[
 
 def precision_table(records: list[dict[str, Any]]) -> str:
     """Held-out perplexity of each variant and its ratio to the same method in float32."""
-    lines = ["| method | weights | held-out ppl | vs fp32 | weight bytes vs fp32 |", "|---|---|---|---|---|"]
+    lines = [
+        "| method | weights | held-out ppl | vs fp32 | weight bytes vs fp32 | optimizer state MiB |",
+        "|---|---|---|---|---|---|",
+    ]
     fp32 = {r["method"]: r for r in records if r["dtype"] == "fp32"}
     for r in records:
         ref = fp32.get(r["method"], r)
         label = r["dtype"] + (f", {r['bf16_update']}" if r.get("bf16_update") else "")
         lines.append(
             f"| {r['method']} | {label} | {r['val_ppl']:.2f} | {r['val_ppl'] / ref['val_ppl']:.3f} | "
-            f"{r['weights'] / ref['weights']:.2f} |"
+            f"{r['weights'] / ref['weights']:.2f} | {r.get('optimizer_state', 0) / 2**20:.2f} |"
         )
     return "\n".join(lines)
 

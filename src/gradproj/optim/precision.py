@@ -40,7 +40,9 @@ from ..projection.bases import derive_seed
 
 #: the write-back of a bf16 weight's step (see the module docstring)
 BF16_UPDATES = ("nearest", "stochastic", "kahan")
-#: ``--bf16-update``'s default: the best of nearest/stochastic/kahan measured against float32 (docs/TRAINING.md)
+#: the weights' dtypes a run may choose (``--dtype``), by name
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+#: ``--bf16-update``'s default: the best of nearest/stochastic/kahan measured against float32 (docs/BENCHMARKS.md)
 DEFAULT_BF16_UPDATE = "stochastic"
 #: weight dtypes the optimizer widens to float32 for its arithmetic
 LOW_PRECISION = (torch.bfloat16, torch.float16)

@@ -25,9 +25,13 @@ from ..optim.build import OptimizerSpec
 from ..options import check, flatten, meta, option
 
 AUTOCAST = ("auto", "bf16", "off")
-#: the weights' dtype (``--dtype``); the optimizer state keeps its own (float32 moments, 8-bit codes)
-DTYPES = ("fp32", "bf16")
 LOOP, OUTPUTS, DATA, MEMORY = "schedule and loop", "outputs", "model and data", "memory and precision"
+
+
+def _dtypes() -> tuple[str, ...]:
+    from ..optim.precision import WEIGHT_DTYPES
+
+    return tuple(WEIGHT_DTYPES)
 
 
 def _bf16_updates() -> tuple[str, ...]:
@@ -42,7 +46,7 @@ def _bf16_update_help() -> str:
     return (
         "with --dtype bf16: how each step's float32 result is rounded into the weights: nearest (pure bf16, small "
         "updates are lost), stochastic (unbiased, no memory), kahan (a bf16 compensation buffer per weight, "
-        f"counted in the state) (default {DEFAULT_BF16_UPDATE}: the best measured, docs/TRAINING.md)"
+        f"counted in the state) (default {DEFAULT_BF16_UPDATE}: the best measured, docs/BENCHMARKS.md)"
     )
 
 
@@ -79,7 +83,7 @@ class TrainConfig:
     dtype: str = option(
         "fp32",
         help="the weights' dtype; the optimizer keeps float32 moments (8-bit codes for 8-bit methods) either way",
-        choices=DTYPES,
+        choices=_dtypes,
         group=MEMORY,
         planned=True,
     )

@@ -19,9 +19,9 @@ from torch import nn
 
 from ..dynamics import Dynamics
 from ..layerwise import LayerwiseStepper, attach_layerwise
-from ..memory import DTYPES as WEIGHT_DTYPES
 from ..memory import Setup
 from ..optim.build import build_optimizer
+from ..optim.precision import WEIGHT_DTYPES
 from .checkpoint import (
     CheckpointError,
     load_checkpoint,
