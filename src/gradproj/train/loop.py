@@ -215,8 +215,10 @@ class Trainer:
         if self.dynamics is not None:  # rows carry the trainer's step number (layer-wise steps run in backward)
             self.dynamics.step = progress.step + 1
         meter = self.memory if self.memory is not None and self.memory.wants(progress.step + 1) else None
-        resident = tuple(getattr(self.task, "resident_tensors", tuple)())  # the corpus: batches are views of it
-        with meter.measure(model, optimizer, resident) if meter is not None else contextlib.nullcontext():
+        measuring: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if meter is not None:  # the task's corpus is counted apart: batches are views of it
+            measuring = meter.measure(model, optimizer, tuple(getattr(self.task, "resident_tensors", tuple)()))
+        with measuring:
             loss, finite, units = self._forward_backward(model, progress, meter)
             finite, norm = self._gradient_norm(optimizer, finite)
             if self.dynamics is not None:

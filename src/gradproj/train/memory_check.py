@@ -53,6 +53,8 @@ class StepMemoryMeter:
     """Measures one training step (:data:`FIELDS`) with PyTorch's ``MemTracker`` (and CUDA's allocator)."""
 
     def __init__(self, device: torch.device, step: int) -> None:
+        if device.type == "cuda" and device.index is None:  # MemTracker names devices with their index
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device, self.step = device, step  #: the step measured (1-based)
         self.measured: dict[str, int] = {}
         self._tracker: Any = None
