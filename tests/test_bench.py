@@ -280,8 +280,9 @@ def test_round_robin_goes_on_without_a_finished_trainer() -> None:
     assert robin.turn in (0, 1, 2)  # everyone left: nobody waits
 
 
-def test_benchmarks_doc_matches_its_committed_records(capsys) -> None:  # type: ignore[no-untyped-def]
-    assert main(["bench", "docs", str(ROOT / "docs" / "BENCHMARKS.md"), "--check"]) == 0
+@pytest.mark.parametrize("document", ["BENCHMARKS.md", "SCALE.md"])
+def test_benchmarks_doc_matches_its_committed_records(capsys, document: str) -> None:  # type: ignore[no-untyped-def]
+    assert main(["bench", "docs", str(ROOT / "docs" / document), "--check"]) == 0
 
 
 def test_speed_times_activation_checkpointing_in_the_same_round_robin(tmp_path: Path) -> None:

@@ -97,7 +97,8 @@ class TrainConfig:
     activation_checkpointing: bool = option(
         False,
         help="keep only each transformer block's input and recompute the block in backward "
-        "(transformers' gradient checkpointing): activation memory of about one block, ~30% more compute",
+        "(transformers' gradient checkpointing): activation memory of about one block, one more forward per block "
+        "(its measured cost: docs/SCALE.md)",
         group=MEMORY,
         planned=True,
     )
