@@ -213,7 +213,7 @@ class ProjectedOptimizer(Optimizer):
     def _context(self, p: Tensor) -> ProjectedContext:
         group = self._param_groups_of[p]
         return ProjectedContext(
-            compute=compute_dtype(p.dtype),
+            compute=compute_dtype(p.dtype) if p.dtype in LOW_PRECISION else None,  # None: no widening
             name=self._param_names[p],
             seed_key=self._param_keys[p],
             group=group,
