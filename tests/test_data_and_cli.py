@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from gradproj.cli import main
 from gradproj.data import encode_corpus, load_corpus, train_tokenizer
@@ -26,12 +27,17 @@ def test_corpus_is_split_by_play_without_overlap(corpus) -> None:  # type: ignor
     assert not any(name.endswith("_f.txt") for name in corpus.train_plays)  # no First-Folio near-duplicates
 
 
-def test_tokenizer_round_trips_real_text(corpus) -> None:  # type: ignore[no-untyped-def]
+def test_tokenizer_round_trips_real_text(corpus, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     tokenizer = train_tokenizer(corpus.train, 4096)
-    sample = corpus.validation[:2000]
-    ids = encode_corpus(tokenizer, sample)
+    sample = corpus.validation[:2000] + "\n\nExeunt."
+    ids = encode_corpus(tokenizer, sample, cache=tmp_path)
     assert tokenizer.decode(ids.tolist()) == sample + "\n\n"
     assert ids.numel() < len(sample) / 2  # BPE actually compresses English (bytes would be 1 per char)
+    expected = [i for chunk in sample.split("\n\n") for i in tokenizer.encode(chunk + "\n\n").ids]
+    assert ids.tolist() == expected  # each document encoded on its own (a batch of them, in order)
+    (cached,) = (tmp_path / "tokens").iterdir()
+    torch.save(ids[:3], cached)  # the cache is what is read back (a stale entry would show)
+    assert encode_corpus(tokenizer, sample, cache=tmp_path).tolist() == ids[:3].tolist()
 
 
 def test_demo_learns_real_text_below_the_unigram_baseline(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

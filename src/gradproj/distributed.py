@@ -44,15 +44,26 @@ from .layerwise import LayerwiseStepper
 from .optim.engine import ProjectedOptimizer
 
 
+def default_backend() -> str:
+    """gloo on CPU; with CUDA, nccl for CUDA tensors and gloo for the CPU ones (the loop's small agreements)."""
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+
+
 def init_from_env(backend: str | None = None) -> tuple[int, int]:
-    """Join the process group ``torchrun`` describes (gloo on CPU, nccl with CUDA); returns
+    """Join the process group ``torchrun`` describes (:func:`default_backend`); returns
     ``(rank, world_size)``; ``(0, 1)`` when not launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return 0, 1
+        return (0, 1) if not dist.is_initialized() else (dist.get_rank(), dist.get_world_size())
     if not dist.is_initialized():
-        dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+        dist.init_process_group(backend or default_backend())
     return dist.get_rank(), dist.get_world_size()
+
+
+def join_single_process_group(backend: str | None = None) -> None:
+    """A process group of one, without torchrun (an in-memory store): FSDP2 and
+    ``torch.distributed.checkpoint`` need a group even when there is one shard."""
+    dist.init_process_group(backend or default_backend(), store=dist.HashStore(), rank=0, world_size=1)
 
 
 @dataclass

@@ -17,7 +17,10 @@ How each number is obtained (docs/SCALE.md has the derivations and the measureme
   saves for backward, counted tensor by tensor from the code, plus the loss head's backward
   temporaries; checked against PyTorch's ``MemTracker`` on CPU.
 - FSDP (``fsdp=True``): FSDP2 shards weights, gradients and state on dim 0 across ``world_size``
-  ranks, each rank holding ``ceil(m / world)`` rows of every tensor.
+  ranks, each rank holding ``ceil(m / world)`` rows of every tensor (the trainer's layout,
+  :mod:`gradproj.train.sharded`). The peak adds the root unit's gathered weights (final norm and
+  head: FSDP2 keeps them unsharded from their forward to the end of backward); a block's or the
+  embedding's gathered weights live only while it runs.
 - Peak: weights and state, plus the larger of the start of backward (activations, and the gradients
   of earlier micro-batches) and the optimizer step (gradients and the step's float32 temporaries
   for the largest parameter). The trainer measures it (``summary.json``'s ``"memory"``).
@@ -91,10 +94,9 @@ class Setup:
     optim: Any = None  # the trainer's OptimizerSpec, when planned from its config (wins over the fields above)
 
     @classmethod
-    def from_config(
-        cls, config: Any, *, vocab_size: int | None = None, world_size: int = 1, fsdp: bool = False
-    ) -> Setup:
-        """The plan of a trainer config (:class:`gradproj.train.config.PretrainConfig`): the same flags."""
+    def from_config(cls, config: Any, *, vocab_size: int | None = None, world_size: int = 1) -> Setup:
+        """The plan of a trainer config (:class:`gradproj.train.config.PretrainConfig`) on ``world_size``
+        ranks: the same flags."""
         return cls(
             model=config.model or "",
             optimizer=config.optim.name,
@@ -105,7 +107,7 @@ class Setup:
             dtype=config.dtype,
             activation_checkpointing=config.activation_checkpointing,
             world_size=world_size,
-            fsdp=fsdp,
+            fsdp=config.fsdp,
             vocab_size=vocab_size or config.vocab_size,
             grad_accum=config.grad_accum,
             bf16_update=config.weight_update if config.dtype == "bf16" else "nearest",
@@ -187,17 +189,28 @@ STEP_TEMPORARIES = {"fp32": 8, "bf16": 16}
 def peak_bytes(model: nn.Module, setup: Setup, weights: int, gradients: int, state: int, activations: int) -> int:
     """The planned peak: weights and state, plus the largest of the start of backward (activations and
     the gradients earlier micro-batches left), its end (gradients, and with checkpointing the first
-    block recomputed) and the step (gradients and its temporaries)."""
+    block recomputed) and the step (gradients and its temporaries); under FSDP2 backward also holds
+    the root unit's gathered weights."""
     held = gradients if setup.grad_accum > 1 else 0
+    gathered = gathered_root_bytes(model) if setup.fsdp else 0
     largest = max((p.numel() * _rows(p, setup) for p in model.parameters() if p.requires_grad), default=0)
     temporaries = int(STEP_TEMPORARIES[setup.dtype] * largest)
     config = getattr(model, "config", None)
     recompute = recompute_bytes(config, setup) if planned_activations(model, setup) is not None else 0
-    return weights + state + max(activations + held, gradients + recompute, gradients + temporaries)
+    backward = max(activations + held, gradients + recompute) + gathered
+    return weights + state + max(backward, gradients + temporaries)
 
 
 def weight_bytes(model: nn.Module, setup: Setup) -> int:
+    """This rank's weights (its shards under FSDP2)."""
     return int(sum(p.numel() * p.element_size() * _rows(p, setup) for p in model.parameters()))
+
+
+def gathered_root_bytes(model: nn.Module) -> int:
+    """Bytes of the root FSDP2 unit's weights, whole (:func:`gradproj.train.sharded.root_parameters`)."""
+    from .train.sharded import root_parameters
+
+    return sum(p.numel() * p.element_size() for p in root_parameters(model))
 
 
 def activation_bytes(config: Any, setup: Setup) -> int:

@@ -25,7 +25,7 @@ what it measured (summary.json, "memory"); docs/SCALE.md shows them side by side
 
 
 def add_parser(sub: Any) -> None:
-    from .train.config import PretrainConfig
+    from .train.config import SCALE, PretrainConfig
     from .train.flags import add_config_flags
 
     p = sub.add_parser(
@@ -37,10 +37,10 @@ def add_parser(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     groups = add_config_flags(p, PretrainConfig, planned=True)
-    out = groups["outputs"]
-    out.add_argument("--world-size", dest="world_size", type=int, default=1, help="ranks (with --fsdp: shards)")
-    out.add_argument("--fsdp", action="store_true", help="FSDP2: weights, gradients and state sharded over the ranks")
-    out.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    groups[SCALE].add_argument(
+        "--world-size", dest="world_size", type=int, default=1, help="ranks (with --fsdp: shards; else replicas)"
+    )
+    groups["outputs"].add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,9 +48,9 @@ def run(args: argparse.Namespace) -> int:
     from .train.config import PretrainConfig
     from .train.flags import given
 
-    flags = {k: v for k, v in given(args).items() if k not in ("command", "world_size", "fsdp", "json")}
+    flags = {k: v for k, v in given(args).items() if k not in ("command", "world_size", "json")}
     try:
-        setup = Setup.from_config(PretrainConfig.from_dict(flags), world_size=args.world_size, fsdp=args.fsdp)
+        setup = Setup.from_config(PretrainConfig.from_dict(flags), world_size=args.world_size)
         plans = plan_setup(setup)
     except ValueError as error:
         print(f"gradproj memory: {error}")

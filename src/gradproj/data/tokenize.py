@@ -41,9 +41,21 @@ def train_tokenizer(text: str, vocab_size: int = 4096, cache: Path | None = None
     return tokenizer
 
 
-def encode_corpus(tokenizer: Any, text: str) -> torch.Tensor:
-    """Token ids of ``text`` as one int64 tensor (documents joined as they are)."""
-    ids: list[int] = []
-    for chunk in text.split("\n\n"):
-        ids.extend(tokenizer.encode(chunk + "\n\n").ids)
-    return torch.tensor(ids, dtype=torch.int64)
+def encode_corpus(tokenizer: Any, text: str, cache: Path | None = None) -> torch.Tensor:
+    """Token ids of ``text`` as one int64 tensor (documents joined as they are), cached by a hash of
+    the tokenizer and the text: every run on the same data reads them back instead of encoding again."""
+    key = hashlib.sha256(tokenizer.to_str().encode() + b"\0" + text.encode()).hexdigest()[:24]
+    path = (cache or cache_dir()) / "tokens" / f"{key}.pt"
+    if path.exists():
+        try:
+            ids: torch.Tensor = torch.load(path, weights_only=True)
+            return ids
+        except Exception:  # a damaged cache file is rebuilt
+            path.unlink(missing_ok=True)
+    chunks = [chunk + "\n\n" for chunk in text.split("\n\n")]
+    ids = torch.tensor([i for encoding in tokenizer.encode_batch(chunks) for i in encoding.ids], dtype=torch.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")  # several processes (torchrun ranks) may encode at once
+    torch.save(ids, tmp)
+    tmp.replace(path)
+    return ids

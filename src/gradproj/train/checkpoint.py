@@ -176,6 +176,7 @@ def resume_config(cls: type[TrainConfig], resume: Path, given: dict[str, Any]) -
     if saved.get("kind") not in (None, cls.__name__):
         raise CheckpointError(f"--resume {resume}: a {saved['kind']} run cannot be resumed as a {cls.__name__}")
     base = {k: v for k, v in upgrade(saved).items() if k not in ("kind", "out")}
+    given = {k: v for k, v in given.items() if not (v is None and k in cls.RESOLVED_AT_START)}
     config = cls.from_dict(_overlay(base, given))
     changed = config.changed_on_resume(saved)
     if changed:

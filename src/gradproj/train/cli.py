@@ -12,6 +12,7 @@ import argparse
 import math
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -98,9 +99,34 @@ def run(args: argparse.Namespace) -> int:
             f"gradproj {args.command}: {stop}; continue with --resume {stop.checkpoint.parent.parent}", file=sys.stderr
         )
         return stop.code
+    except Exception as error:  # under torchrun: one message from the rank that failed, one line from the others
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1 or os.environ.get("GRADPROJ_DEBUG"):
+            raise
+        rank = os.environ.get("RANK", "?")
+        if _lost_a_peer(error):
+            print(
+                f"gradproj {args.command}: rank {rank} stopped: another rank failed (its error is above)",
+                file=sys.stderr,
+            )
+        else:
+            traceback.print_exc()
+            print(
+                f"gradproj {args.command}: rank {rank} failed: {type(error).__name__}: {error}; every rank stops, "
+                "and the checkpoints already written are whole (resume with --resume RUN)",
+                file=sys.stderr,
+            )
+        return 1
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun the summary is rank 0's
         print(format_summary(result.summary, config))
     return 0
+
+
+def _lost_a_peer(error: Exception) -> bool:
+    """Whether a collective failed because another rank went away (gloo's and NCCL's words for it)."""
+    text = str(error)
+    return any(
+        sign in text for sign in ("closed by peer", "reset by peer", "Broken pipe", "NCCL communicator was aborted")
+    )
 
 
 def format_summary(summary: dict[str, Any], config: TrainConfig) -> str:

@@ -26,6 +26,9 @@ from ..options import check, flatten, meta, option
 
 AUTOCAST = ("auto", "bf16", "off")
 LOOP, OUTPUTS, DATA, MEMORY = "schedule and loop", "outputs", "model and data", "memory and precision"
+SCALE = "several processes (torchrun)"
+#: The ``--help`` sections, in the order they are listed.
+SECTIONS = (DATA, "optimizer", MEMORY, SCALE, LOOP, OUTPUTS)
 
 
 def _dtypes() -> tuple[str, ...]:
@@ -71,8 +74,31 @@ class TrainConfig:
     clip: float = option(
         1.0, help="global gradient-norm clip, 0 = off (the norm is still logged)", minimum=0, group=LOOP
     )
-    batch_size: int = option(16, help="sequences (or examples) per micro-batch", minimum=1, group=LOOP, planned=True)
-    grad_accum: int = option(1, help="micro-batches per optimizer step", minimum=1, group=LOOP, planned=True)
+    batch_size: int = option(
+        16,
+        help="sequences (or examples) per micro-batch and rank (a memory setting: with --global-batch fixed, --resume "
+        "may change it)",
+        minimum=1,
+        group=LOOP,
+        planned=True,
+        resumable=True,
+    )
+    grad_accum: int = option(
+        1,
+        help="micro-batches per optimizer step (derived from --global-batch when the number of ranks changes)",
+        minimum=1,
+        group=LOOP,
+        planned=True,
+        resumable=True,
+    )
+    global_batch: int | None = option(
+        None,
+        help="sequences (or examples) per optimizer step over all ranks (default --batch-size x --grad-accum x ranks, "
+        "recorded at the start): the run's maths; on another number of ranks --grad-accum (and if need be "
+        "--batch-size) is derived from it, so every world size computes the same steps on the same data",
+        minimum=1,
+        group=LOOP,
+    )
     layerwise: bool = option(
         False,
         help="step each parameter inside backward: gradient memory of about one layer; clipping bounds by the "
@@ -108,7 +134,15 @@ class TrainConfig:
         group=MEMORY,
     )
     low_rank_comm: bool = option(
-        False, help="under torchrun: all-reduce the low-rank P^T G between basis refreshes instead of G", group=LOOP
+        False, help="DDP: all-reduce the low-rank P^T G between basis refreshes instead of G", group=SCALE
+    )
+    fsdp: bool = option(
+        False,
+        help="shard weights, gradients and optimizer state over the ranks with PyTorch's FSDP2 (fully_shard per "
+        "transformer block and at the root) and save sharded checkpoints (torch.distributed.checkpoint) that resume "
+        "on any number of ranks; without torchrun: one process, one shard (docs/SCALE.md)",
+        group=SCALE,
+        planned=True,
     )
     seed: int = option(0, help="model, data order and basis seed", group=LOOP)
     device: str = option("cpu", help="cpu, cuda, cuda:1 ...", group=LOOP)
@@ -157,6 +191,29 @@ class TrainConfig:
                 f"--bf16-update {self.bf16_update} needs --dtype bf16 (with --dtype {self.dtype} every update is "
                 "added in full precision); drop --bf16-update or add --dtype bf16"
             )
+        if self.fsdp:
+            self._check_fsdp()
+
+    def _check_fsdp(self) -> None:
+        """What FSDP2 does not combine with, named with what to use instead."""
+        from ..optim.registry import fsdp_capable
+
+        method = self.optim.method
+        if not method.supports_fsdp:
+            raise ValueError(
+                f"--fsdp with --optimizer {method.name}: it cannot step FSDP2-sharded parameters; use one of "
+                f"{', '.join(fsdp_capable())} or adamw, or drop --fsdp (DDP under torchrun)"
+            )
+        if self.low_rank_comm:
+            raise ValueError(
+                "--low-rank-comm is DDP's (it replaces DDP's all-reduce); FSDP2 reduce-scatters each rank's rows of "
+                "the gradient instead: drop one of --fsdp and --low-rank-comm"
+            )
+        if self.layerwise:
+            raise ValueError(
+                "--layerwise with --fsdp: not supported yet (FSDP2 hands over reduced gradient shards after backward, "
+                "already 1/world of the gradients per rank); use --fsdp alone, or --layerwise with DDP or one process"
+            )
 
     @property
     def weight_update(self) -> str:
@@ -168,6 +225,9 @@ class TrainConfig:
     @property
     def warmup_steps(self) -> int:
         return self.warmup if self.warmup is not None else max(1, self.steps // 10)
+
+    #: Fields a run resolves when it starts and records (None given: keep the recorded value on resume).
+    RESOLVED_AT_START: ClassVar[tuple[str, ...]] = ("global_batch",)
 
     #: Default learning rates are the method's times this factor (and ``OTHER_LR`` for the rest, if set).
     LR_FACTOR: ClassVar[float] = 1.0

@@ -21,9 +21,7 @@ import typing
 from typing import Any
 
 from ..options import meta, resolve
-
-#: The ``--help`` sections, in the order they are listed.
-SECTIONS = ("model and data", "optimizer", "memory and precision", "schedule and loop", "outputs")
+from .config import SECTIONS
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, planned: bool = False) -> dict[str, Any]:

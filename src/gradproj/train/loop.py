@@ -21,6 +21,7 @@ from ..dynamics import Dynamics
 from ..layerwise import LayerwiseStepper, attach_layerwise
 from ..memory import Setup
 from ..optim.build import build_optimizer
+from ..optim.placement import is_sharded, local
 from ..optim.precision import WEIGHT_DTYPES
 from .checkpoint import (
     CheckpointError,
@@ -44,8 +45,14 @@ from .progress import (
     lr_factor,
     progress_bar,
 )
+from .sharded_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
 
 __all__ = ["Task", "Trainer"]
+
+
+def _bytes(p: torch.Tensor) -> int:
+    """Bytes of ``p`` on this rank (its local shard under FSDP2)."""
+    return local(p).numel() * p.element_size()
 
 
 def _sum(counts: dict[str, int | None]) -> int:
@@ -80,11 +87,12 @@ class Trainer:
     ) -> None:
         if resume is not None:  # the saved settings, checked against this config (the CLI's path too)
             config = resume_config(type(config), Path(resume), config.to_dict())
-        self.config, self.task, self.callbacks = config, task, tuple(callbacks)
         self.checkpoint = resolve_checkpoint(Path(resume)) if resume is not None else None
-        self.parallel = Parallel()
+        self.parallel = Parallel(fsdp=config.fsdp)
+        config = self.parallel.batches(config)  # the global batch recorded; this world size's micro-batches
+        self.config, self.task, self.callbacks = config, task, tuple(callbacks)
         self.run_dir = Path(self.parallel.same_on_every_rank(str(self._run_dir(resume))))
-        self.skips = SkipPolicy(config.max_nonfinite, self.run_dir)
+        self.skips = SkipPolicy(config.max_nonfinite, self.run_dir, report=self.parallel.main)
         self._signal: int | None = None
         self.rank: int | None = None  # the rank the optimizer uses, resolved in _setup (None: full rank)
         self.stepper: LayerwiseStepper | None = None  # set in _setup with --layerwise
@@ -174,31 +182,34 @@ class Trainer:
                 f"--resume with --optimizer {spec.name} ({spec.method.summary}): its state does not load with "
                 "torch.load(weights_only=True), so it cannot be resumed; use one of gradproj's optimizers"
             )
-        setup = Setup.from_config(cfg, vocab_size=getattr(model.config, "vocab_size", None))
+        setup = Setup.from_config(
+            cfg, vocab_size=getattr(model.config, "vocab_size", None), world_size=self.parallel.world
+        )
         self.planned = planned(setup, model)
         if device.type == "cuda" and cfg.preflight:  # before anything is on the device
             preflight(setup, self.planned["peak"] or _sum(self.planned), torch.cuda.mem_get_info(device)[0])
-        model = model.to(device)
+        model = self.parallel.prepare(model.to(device), device)  # FSDP2: this rank's rows from here on
         rounding = cfg.weight_update if cfg.dtype == "bf16" else "nearest"
         optimizer = self.optimizer = build_optimizer(model, spec, layerwise=cfg.layerwise, bf16_update=rounding)
         self.train_model, self.stepper = self.parallel.wrap(
             model, optimizer, low_rank=cfg.low_rank_comm, layerwise=cfg.layerwise, clip=cfg.clip
         )
-        if cfg.layerwise and self.parallel.world == 1:
-            clip = cfg.clip if cfg.clip > 0 else None
-            self.stepper = attach_layerwise(optimizer, grad_accum=cfg.grad_accum, max_grad_norm=clip)  # type: ignore[arg-type]
-        if cfg.dynamics_every and self.parallel.main:  # every rank sees the same gradients; rank 0 writes
-            self.dynamics = Dynamics(optimizer, every=cfg.dynamics_every, energy=not cfg.low_rank_comm)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
         )
-        progress = Progress()
-        if self.checkpoint is not None:
-            saved = load_checkpoint(self.checkpoint, model, optimizer, scheduler)
+        progress, dynamics = Progress(), None
+        if self.checkpoint is not None:  # before layer-wise hooks and dynamics see a step (a sharded load takes one)
+            load = load_sharded_checkpoint if cfg.fsdp else load_checkpoint
+            saved = load(self.checkpoint, model, optimizer, scheduler)
             dynamics = saved.pop("dynamics", None)  # spike statistics and totals, as of the checkpoint
-            if self.dynamics is not None and dynamics is not None:
-                self.dynamics.load_state_dict(dynamics)
             progress = Progress(**saved)
+        if cfg.layerwise and self.parallel.world == 1:
+            clip = cfg.clip if cfg.clip > 0 else None
+            self.stepper = attach_layerwise(optimizer, grad_accum=cfg.grad_accum, max_grad_norm=clip)  # type: ignore[arg-type]
+        if cfg.dynamics_every and self.parallel.main and not cfg.fsdp:  # every rank sees the same gradients
+            self.dynamics = Dynamics(optimizer, every=cfg.dynamics_every, energy=not cfg.low_rank_comm)
+            if dynamics is not None:
+                self.dynamics.load_state_dict(dynamics)
         # the first step with optimizer state: the second of a new run, the next one of a resumed run
         # (peers' frozen adapters and tensor subclasses are beyond MemTracker: their runs record the plan only)
         if not spec.method.peer:
@@ -247,7 +258,7 @@ class Trainer:
                 loss = task.loss(self.train_model or model, batch) / cfg.grad_accum
                 if not torch.isfinite(loss):
                     finite = False
-                    if parallel.world == 1:
+                    if not parallel.collective:
                         continue
                 # with --layerwise, the last micro-batch's backward steps every parameter; under DDP every
                 # rank runs backward (collectives must line up): a NaN reaches the averaged gradient instead
@@ -266,7 +277,8 @@ class Trainer:
         if stepper is None:
             params = [p for group in optimizer.param_groups for p in group["params"]]
             clip = self.config.clip if self.config.clip > 0 else math.inf
-            return finite_loss, float(torch.nn.utils.clip_grad_norm_(params, clip))
+            norm = torch.nn.utils.clip_grad_norm_(params, clip)  # FSDP2: a DTensor of the global norm
+            return finite_loss, float(norm.full_tensor() if is_sharded(norm) else norm)  # type: ignore[attr-defined]
         if not finite_loss:
             stepper.discard()
             return False, math.nan
@@ -280,24 +292,28 @@ class Trainer:
         model.eval()
         with torch.no_grad(), self._autocast():
             metrics = self.task.evaluate(model)
+        if self.config.fsdp:  # FSDP2 keeps the root's weights gathered after a forward without backward
+            model.reshard()  # type: ignore[operator]
         model.train()
         logger.write("eval", progress.step, metrics)
         progress.history.append({"step": progress.step, **metrics})
         return metrics
 
     def _save(self, model: nn.Module, optimizer: Any, scheduler: Any, progress: Progress, logger: RunLogger) -> Path:
-        """Rank 0 writes (every rank holds the same weights and state); the others wait for it. The
-        dynamics rows so far are logged first, so the saved spike statistics are those of the logged rows."""
+        """Rank 0 writes (every rank holds the same weights and state) while the others wait; under
+        ``--fsdp`` every rank writes its shards. The dynamics rows so far are logged first, so the saved
+        spike statistics are those of the logged rows."""
+        state: dict[str, Any] = {k: v for k, v in progress.__dict__.items()}
+        if self.dynamics is not None:
+            logger.write_dynamics(self.dynamics.drain())
+            state["dynamics"] = self.dynamics.state_dict()
+        meta = {"config": self.config.to_dict(), "task": self.task.describe(), "world_size": self.parallel.world}
+        args = (self.run_dir, progress.step, model, optimizer, scheduler, state)
+        if self.config.fsdp:
+            return save_sharded_checkpoint(*args, keep=self.config.keep, meta=meta)
         path = self.run_dir / "checkpoints" / f"step-{progress.step:08d}"
         if self.parallel.main:
-            state: dict[str, Any] = {k: v for k, v in progress.__dict__.items()}
-            if self.dynamics is not None:
-                logger.write_dynamics(self.dynamics.drain())
-                state["dynamics"] = self.dynamics.state_dict()
-            meta = {"config": self.config.to_dict(), "task": self.task.describe(), "world_size": self.parallel.world}
-            path = save_checkpoint(
-                self.run_dir, progress.step, model, optimizer, scheduler, state, keep=self.config.keep, meta=meta
-            )
+            path = save_checkpoint(*args, keep=self.config.keep, meta=meta)
         self.parallel.barrier()
         return path
 
@@ -360,7 +376,10 @@ class Trainer:
             # layer-wise: the most gradient bytes alive at once; standard: every gradient, held until the step
             "gradient_bytes": self.stepper.peak_gradient_bytes
             if self.stepper is not None
-            else sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad),
+            else sum(_bytes(p) for p in model.parameters() if p.requires_grad),
+            "weight_bytes": sum(_bytes(p) for p in model.parameters()),  # this rank's (a shard under --fsdp)
+            "world_size": self.parallel.world,
+            "global_batch": self.config.global_batch,
             **self.task.describe(),
             **({"dynamics": self.dynamics.summary()} if self.dynamics is not None else {}),
             "dtype": self.config.dtype,

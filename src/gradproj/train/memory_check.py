@@ -77,7 +77,12 @@ class StepMemoryMeter:
             warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass")
             yield
         peak = self._snapshot("peak")
-        self.measured["weights"] = peak.get("PARAM", 0)
+        from ..optim.placement import is_sharded, local
+
+        if any(is_sharded(p) for p in model.parameters()):  # FSDP2: the resident shards (gathered copies: peak)
+            self.measured["weights"] = sum(local(p).numel() * p.element_size() for p in model.parameters())
+        else:
+            self.measured["weights"] = peak.get("PARAM", 0)
         self.measured["optimizer_state"] = _state_bytes(optimizer)
         if self.device.type == "cuda":
             self.measured["peak"] = int(torch.cuda.max_memory_allocated(self.device))
@@ -95,7 +100,10 @@ class StepMemoryMeter:
         if stepper is not None:
             self.measured["gradients"] = int(stepper.peak_gradient_bytes)
         else:
-            grads = {p.grad.untyped_storage().data_ptr(): p.grad for p in model.parameters() if p.grad is not None}
+            from ..optim.placement import local  # FSDP2: this rank's shard of each gradient
+
+            shards = [local(p.grad) for p in model.parameters() if p.grad is not None]
+            grads = {g.untyped_storage().data_ptr(): g for g in shards}
             self.measured["gradients"] = sum(g.untyped_storage().nbytes() for g in grads.values())
 
     def _snapshot(self, kind: str) -> dict[str, int]:

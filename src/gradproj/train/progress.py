@@ -65,6 +65,7 @@ class SkipPolicy:
 
     limit: int
     run_dir: Path
+    report: bool = True  # print each skip (under torchrun rank 0 does: every rank skips the same steps)
 
     def admit(self, progress: Progress, *, applied: bool, norm: float) -> bool:
         """Record the outcome of step ``progress.step + 1``; True if it may be applied."""
@@ -74,7 +75,8 @@ class SkipPolicy:
         progress.skipped += 1
         progress.consecutive += 1
         step = progress.step + 1
-        print(f"gradproj: step {step} skipped: non-finite loss or gradient norm ({norm})", flush=True)
+        if self.report:
+            print(f"gradproj: step {step} skipped: non-finite loss or gradient norm ({norm})", flush=True)
         if progress.consecutive >= self.limit:
             from .checkpoint import latest_checkpoint
 

@@ -1,0 +1,75 @@
+"""FSDP2 in the trainer: the model sharded the way torchtitan does it, one ``fully_shard`` per
+transformer block and one at the root, on a 1-D mesh of every rank.
+
+Each rank then holds about ``1/world`` of every weight's rows, of its gradient (FSDP2 reduce-scatters
+it) and, through :class:`gradproj.optim.placement.RowSharded`, of the optimizer state. A block's
+weights are all-gathered for its forward and again for its backward (freed in between), so the
+unsharded weights of one block are alive at a time. With bf16 weights the gradients are reduced in
+float32 (``MixedPrecisionPolicy(reduce_dtype=float32)``): a sum over ranks in bf16 would lose the
+bits stochastic rounding keeps.
+
+Example (one process: a group of one, as ``--fsdp`` without torchrun joins)::
+
+    from gradproj.distributed import join_single_process_group
+    from gradproj.train.models import build_causal_lm
+    join_single_process_group()
+    model = shard_model(build_causal_lm("llama-tiny", vocab_size=256, seq_len=32), torch.device("cpu"))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks: the classes transformers lists in ``_no_split_modules`` (the unit
+    it never splits across devices), e.g. ``LlamaDecoderLayer`` or ``BertLayer``."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names and m is not model]
+    if not blocks:
+        raise ValueError(
+            f"--fsdp: {type(model).__name__} names no transformer block class (transformers' _no_split_modules is "
+            f"{sorted(names) or 'empty'}), so it cannot be sharded block by block; drop --fsdp"
+        )
+    return blocks
+
+
+def _untied_input_embeddings(model: nn.Module) -> nn.Module | None:
+    """The input embeddings, unless they share their weight with the head (then the root holds both)."""
+    embed: Any = getattr(model, "get_input_embeddings", lambda: None)()
+    head: Any = getattr(model, "get_output_embeddings", lambda: None)()
+    if embed is None or (head is not None and head.weight is embed.weight):
+        return None
+    return embed  # type: ignore[no-any-return]
+
+
+def root_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters :func:`shard_model` leaves to the root unit: those outside every transformer
+    block and the (untied) input embeddings, i.e. the final norm and the head of a causal LM. FSDP2
+    keeps the root's weights gathered from its forward to the end of backward."""
+    units = [*transformer_blocks(model), _untied_input_embeddings(model)]
+    inside = {id(p) for unit in units if unit is not None for p in unit.parameters()}
+    return [p for p in model.parameters() if id(p) not in inside]
+
+
+def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """``fully_shard`` every transformer block and the input embeddings (each gathered only while it
+    runs), then the root (final norm and head, needed first in backward), on one mesh of all ranks, as
+    torchtitan does; the model's parameters become ``DTensor`` row shards in place."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("shard",))
+    dtype = next(model.parameters()).dtype
+    policy = MixedPrecisionPolicy(reduce_dtype=torch.float32 if dtype != torch.float32 else None)
+    embed = _untied_input_embeddings(model)
+    for unit in [*([embed] if embed is not None else []), *transformer_blocks(model)]:
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
