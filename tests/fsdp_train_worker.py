@@ -1,6 +1,6 @@
 """Run by ``torchrun`` from tests/test_fsdp_trainer.py: the trainer under ``--fsdp`` on CPU/gloo.
 
-``methods OUT``: one short run per FSDP-capable trainer method (``OUT/<method>``).
+``methods OUT``: one short run per FSDP-capable trainer method (``OUT/<method>``), and one in bf16.
 ``interrupt OUT``: an uninterrupted run (``OUT/straight``); the same run stopped by SIGTERM sent to
 rank 1 alone after step 3 (``OUT/stopped``, which every rank saves once) and resumed on this many
 ranks (``OUT/resumed``); a run whose loss is NaN on rank 1 only at step 3 (``OUT/nan``; every rank's
@@ -33,10 +33,18 @@ TINY += ["--no-tensorboard", "--eval-tokens", "256", "--eval-every", "0", "--dyn
 METHOD_RUN = [*TINY, "--steps", "4", "--save-every", "0", "--no-checkpoints"]
 LONG_RUN = [*TINY, "--steps", "6", "--save-every", "2", "--optimizer", "galore_adamw"]
 FAULT_STEP, STOP_STEP, NAN_STEP = 5, 3, 3
+#: one run in bf16 weights (stochastic rounding, gradients reduced in float32): "<method>-bf16"
+BF16_RUN = "galore_adamw-bf16"
 
 
 def fsdp_methods() -> list[str]:
     return [m.name for m in trainer_methods() if METHODS[m.name].supports_fsdp]
+
+
+def run_options(run: str) -> list[str]:
+    """A run's name as its method and flags: "galore_adamw" or "galore_adamw-bf16"."""
+    method, _, dtype = run.partition("-")
+    return [method, *(["--dtype", dtype] if dtype else [])]
 
 
 def rank() -> int:
@@ -91,9 +99,10 @@ def trainer(argv: list[str], *, callbacks: tuple[Callback, ...] = (), nan: bool 
 
 
 def methods(out: Path) -> None:
-    for name in fsdp_methods():
-        argv = ["pretrain", *METHOD_RUN, "--fsdp", "--batch-size", "4", "--optimizer", name, "--out", str(out / name)]
-        assert run(build_parser().parse_args(argv)) == 0, name
+    for name in [*fsdp_methods(), BF16_RUN]:
+        method, *options = run_options(name)
+        argv = ["pretrain", *METHOD_RUN, "--fsdp", "--batch-size", "4", "--optimizer", method, *options]
+        assert run(build_parser().parse_args([*argv, "--out", str(out / name)])) == 0, name
 
 
 def interrupt(out: Path) -> None:

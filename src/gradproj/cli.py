@@ -25,6 +25,8 @@ from .report import add_parser as add_report_parser
 from .report import run as run_report
 from .train.cli import add_parsers as add_train_parsers
 from .train.cli import run as run_training
+from .train.export import add_parser as add_export_parser
+from .train.export import run as run_export
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_train_parsers(sub)
     add_memory_parser(sub)
-
+    add_export_parser(sub)
     add_bench_parsers(sub)
     add_report_parser(sub)
     return parser
@@ -51,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_memory(args)
     if args.command == "report":
         return run_report(args)
+    if args.command == "export":
+        return run_export(args)
     return run_bench(args)
 
 

@@ -85,6 +85,7 @@ class Setup:
     activation_checkpointing: bool = False
     world_size: int = 1
     fsdp: bool = False
+    fsdp_replicate: int = 1  # HSDP: replicas of the shards (each rank holds 1 / (world / replicate) of the rows)
     vocab_size: int = 32000
     projector: str | None = None  # None: the optimizer's own (random for APOLLO, else svd)
     proj_type: str = "std"
@@ -108,6 +109,7 @@ class Setup:
             activation_checkpointing=config.activation_checkpointing,
             world_size=world_size,
             fsdp=config.fsdp,
+            fsdp_replicate=config.fsdp_replicate,
             vocab_size=vocab_size or config.vocab_size,
             grad_accum=config.grad_accum,
             bf16_update=config.weight_update if config.dtype == "bf16" else "nearest",
@@ -128,10 +130,11 @@ def meta_model(setup: Setup) -> nn.Module:
 
 def _rows(p: torch.Tensor, setup: Setup) -> float:
     """The fraction of ``p`` one rank holds: FSDP2 shards dim 0, padded to a multiple of world."""
-    if not setup.fsdp or setup.world_size == 1:
+    shards = setup.world_size // setup.fsdp_replicate
+    if not setup.fsdp or shards <= 1:
         return 1.0
     rows = p.shape[0] if p.dim() else 1
-    return math.ceil(rows / setup.world_size) / rows
+    return math.ceil(rows / shards) / rows
 
 
 def optimizer_state_bytes(model: nn.Module, setup: Setup, method: str) -> int:

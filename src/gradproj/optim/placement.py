@@ -25,6 +25,10 @@ says how each of those reads and writes a matrix that may be split across proces
     - ``on_refresh="rotate"``: ``P'^T P`` is all-reduced; moments split by rows of ``R`` are gathered
       for the rotation (once per refresh).
 
+    Under HSDP (a 2-D ``(replicate, shard)`` mesh) rows are split over the shard dimension and every
+    replica holds the same rows, gradients (FSDP2 all-reduces them across replicas) and state, which is
+    ``Replicate()`` on the replicate dimension.
+
     Every state tensor of a sharded parameter is a ``DTensor`` with the full-matrix shape on the
     parameter's mesh (rows of the weight or of ``R``: ``Shard(0)``; ``Q``: ``Shard(1)``; the dct
     indices and per-column statistics, which every rank shares: ``Replicate()``), so
@@ -152,7 +156,7 @@ class RowSharded(Local):
     def __init__(self, p: Any) -> None:
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-        self.mesh, self.group = p.device_mesh, p.device_mesh.get_group()
+        self.mesh, self.group = p.device_mesh, shard_group(p)
         self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
         shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
         self.rows = slice(offset[0], offset[0] + shape[0])
@@ -174,7 +178,14 @@ class RowSharded(Local):
     def _wrap(self, t: Tensor, shape: tuple[int, ...], dim: int) -> Tensor:
         """``t`` as this rank's ``Shard(dim)`` of a DTensor of the full ``shape``."""
         stride = torch.empty(shape, device="meta").stride()
-        return DTensor.from_local(t, self.mesh, [Shard(dim)], run_check=False, shape=torch.Size(shape), stride=stride)
+        return DTensor.from_local(
+            t, self.mesh, self._placed(Shard(dim)), run_check=False, shape=torch.Size(shape), stride=stride
+        )
+
+    def _placed(self, placement: Any) -> list[Any]:
+        """``placement`` on the shard dimension of the mesh; HSDP's replicate dimension (a 2-D mesh) holds
+        the same state on every replica: ``Replicate()``."""
+        return [Replicate()] * (self.mesh.ndim - 1) + [placement]
 
     def full_gradient(self, grad: Tensor) -> Tensor:
         out = torch.empty(self.shape, dtype=grad.dtype, device=grad.device)
@@ -199,7 +210,7 @@ class RowSharded(Local):
             )
         for key in ("index_left", "index_right"):  # dct: the same r indices on every rank
             if key in state and not is_sharded(state[key]):
-                state[key] = DTensor.from_local(state[key], self.mesh, [Replicate()], run_check=False)
+                state[key] = DTensor.from_local(state[key], self.mesh, self._placed(Replicate()), run_check=False)
         left, right = bases
         return (None if left is None else left[self.rows]), right
 
@@ -279,7 +290,7 @@ class RowSharded(Local):
             if not isinstance(value, Tensor) or value.dim() == 0 or key.startswith(("basis_", "index_")):
                 state[key] = value  # counters, seeds, scalars (equal on every rank); bases: after_refresh
             elif key in replicated or _replicated(state.get(key)):
-                state[key] = DTensor.from_local(value, self.mesh, [Replicate()], run_check=False)
+                state[key] = DTensor.from_local(value, self.mesh, self._placed(Replicate()), run_check=False)
             else:
                 state[key] = self._row_shard(value, shape, absmax=key.endswith("_absmax"))
 
@@ -307,7 +318,16 @@ class RowSharded(Local):
         else:  # the whole tensor has the rows of ``shape``: moments, 8-bit codes, one number per row
             shape = (shape[0], *t.shape[1:])
         stride = torch.empty(shape, device="meta").stride()
-        return DTensor.from_local(t, self.mesh, [Shard(0)], run_check=False, shape=torch.Size(shape), stride=stride)
+        return DTensor.from_local(
+            t, self.mesh, self._placed(Shard(0)), run_check=False, shape=torch.Size(shape), stride=stride
+        )
+
+
+def shard_group(p: Any) -> Any:
+    """The process group ``p``'s rows are split over: its mesh's last dimension (FSDP2's only one; under
+    HSDP, a 2-D ``(replicate, shard)`` mesh, the shard dimension: replicas hold equal rows and gradients)."""
+    mesh = p.device_mesh
+    return mesh.get_group(mesh.ndim - 1)
 
 
 def _replicated(t: Any) -> bool:
@@ -319,7 +339,7 @@ def all_finite(flags: Tensor, sharded: list[Any]) -> bool:
     """Whether every rank's gradients are finite (one all-reduce when any parameter is sharded)."""
     ok = flags.all().to(torch.int32).reshape(1).cpu()
     if sharded:
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=sharded[0].device_mesh.get_group())
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=shard_group(sharded[0]))
     return bool(ok[0])
 
 

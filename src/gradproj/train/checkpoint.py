@@ -124,14 +124,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint folder, or a run folder (its newest checkpoint)."""
+def resolve_checkpoint(path: Path, what: str = "--resume") -> Path:
+    """A checkpoint folder, or a run folder (its newest checkpoint); ``what`` names it in the error."""
     path = Path(path)
     if PATTERN.match(path.name) and path.is_dir():
         return path
     found = latest_checkpoint(path)
     if found is None:
-        raise CheckpointError(f"--resume {path}: no checkpoint found (expected {path}/checkpoints/step-XXXXXXXX)")
+        raise CheckpointError(f"{what} {path}: no checkpoint found (expected {path}/checkpoints/step-XXXXXXXX)")
     return found
 
 

@@ -144,6 +144,15 @@ class TrainConfig:
         group=SCALE,
         planned=True,
     )
+    fsdp_replicate: int = option(
+        1,
+        help="with --fsdp: HSDP, N replicas of a model sharded over ranks / N (a 2-D mesh: shard within a node, "
+        "replicate across nodes; gradients all-reduced across replicas); --resume may change it",
+        minimum=1,
+        group=SCALE,
+        planned=True,
+        resumable=True,
+    )
     seed: int = option(0, help="model, data order and basis seed", group=LOOP)
     device: str = option("cpu", help="cpu, cuda, cuda:1 ...", group=LOOP)
     autocast: str = option("auto", help="auto: bf16 on CUDA, off on CPU", choices=AUTOCAST, group=LOOP)
@@ -193,6 +202,8 @@ class TrainConfig:
             )
         if self.fsdp:
             self._check_fsdp()
+        elif self.fsdp_replicate > 1:
+            raise ValueError(f"--fsdp-replicate {self.fsdp_replicate} needs --fsdp (it replicates FSDP2 shards)")
 
     def _check_fsdp(self) -> None:
         """What FSDP2 does not combine with, named with what to use instead."""

@@ -88,7 +88,7 @@ class Trainer:
         if resume is not None:  # the saved settings, checked against this config (the CLI's path too)
             config = resume_config(type(config), Path(resume), config.to_dict())
         self.checkpoint = resolve_checkpoint(Path(resume)) if resume is not None else None
-        self.parallel = Parallel(fsdp=config.fsdp)
+        self.parallel = Parallel(fsdp=config.fsdp, replicate=config.fsdp_replicate)
         config = self.parallel.batches(config)  # the global batch recorded; this world size's micro-batches
         self.config, self.task, self.callbacks = config, task, tuple(callbacks)
         self.run_dir = Path(self.parallel.same_on_every_rank(str(self._run_dir(resume))))

@@ -57,12 +57,12 @@ class Parallel:
     """This process's place in the run: ``rank`` of ``world`` (0 of 1 without torchrun); ``fsdp``
     shards the model with FSDP2 instead of replicating it with DDP."""
 
-    def __init__(self, *, fsdp: bool = False) -> None:
+    def __init__(self, *, fsdp: bool = False, replicate: int = 1) -> None:
         self._owns_group = not (dist.is_available() and dist.is_initialized())
         self.rank, self.world = init_from_env()
         if fsdp and self.world == 1 and not dist.is_initialized():
             join_single_process_group()
-        self.fsdp = fsdp
+        self.fsdp, self.replicate = fsdp, replicate
         self.comm: GradientComm | None = None
         self.ddp: nn.Module | None = None
 
@@ -92,7 +92,7 @@ class Parallel:
             return model
         from .sharded import shard_model
 
-        return shard_model(model, device)
+        return shard_model(model, device, self.replicate)
 
     @property
     def main(self) -> bool:
@@ -171,6 +171,7 @@ class Parallel:
         try:
             yield
         finally:
-            if self.world > 1 and self._owns_group and dist.is_initialized():
-                dist.barrier()  # leave together: gloo aborts a rank whose peer has already gone
+            if self._owns_group and dist.is_initialized():  # torchrun's group, or --fsdp's group of one
+                if self.world > 1:
+                    dist.barrier()  # leave together: gloo aborts a rank whose peer has already gone
                 dist.destroy_process_group()

@@ -56,16 +56,31 @@ def root_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if id(p) not in inside]
 
 
-def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
+def device_mesh(device: torch.device, replicate: int = 1) -> Any:
+    """All ranks as one shard dimension, or HSDP's ``(replicate, shard)`` grid of ``replicate`` rows."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    if replicate == 1:
+        return init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
+    if world % replicate:
+        raise ValueError(
+            f"--fsdp-replicate {replicate} does not divide the {world} ranks; use a divisor of {world} "
+            "(e.g. the number of nodes)"
+        )
+    return init_device_mesh(device.type, (replicate, world // replicate), mesh_dim_names=("replicate", "shard"))
+
+
+def shard_model(model: nn.Module, device: torch.device, replicate: int = 1) -> nn.Module:
     """``fully_shard`` every transformer block and the input embeddings (each gathered only while it
     runs), then the root (final norm and head, needed first in backward), on one mesh of all ranks, as
-    torchtitan does; the model's parameters become ``DTensor`` row shards in place."""
-    from torch.distributed.device_mesh import init_device_mesh
+    torchtitan does; the model's parameters become ``DTensor`` row shards in place. ``replicate > 1``:
+    HSDP (:func:`device_mesh`)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("shard",))
+    mesh = device_mesh(device, replicate)
     dtype = next(model.parameters()).dtype
     policy = MixedPrecisionPolicy(reduce_dtype=torch.float32 if dtype != torch.float32 else None)
     embed = _untied_input_embeddings(model)
