@@ -1,6 +1,6 @@
 """Run by ``torchrun`` from tests/test_fsdp_trainer.py: the trainer under ``--fsdp`` on CPU/gloo.
 
-``methods OUT``: one short run per FSDP-capable trainer method (``OUT/<method>``), and one in bf16.
+``methods OUT``: one short run per FSDP-capable trainer method (``OUT/<method>``), and :data:`FLAG_RUNS`.
 ``interrupt OUT``: an uninterrupted run (``OUT/straight``); the same run stopped by SIGTERM sent to
 rank 1 alone after step 3 (``OUT/stopped``, which every rank saves once) and resumed on this many
 ranks (``OUT/resumed``); a run whose loss is NaN on rank 1 only at step 3 (``OUT/nan``; every rank's
@@ -33,8 +33,10 @@ TINY += ["--no-tensorboard", "--eval-tokens", "256", "--eval-every", "0", "--dyn
 METHOD_RUN = [*TINY, "--steps", "4", "--save-every", "0", "--no-checkpoints"]
 LONG_RUN = [*TINY, "--steps", "6", "--save-every", "2", "--optimizer", "galore_adamw"]
 FAULT_STEP, STOP_STEP, NAN_STEP = 5, 3, 3
-#: one run in bf16 weights (stochastic rounding, gradients reduced in float32): "<method>-bf16"
-BF16_RUN = "galore_adamw-bf16"
+#: runs with a memory flag: bf16 weights (stochastic rounding, gradients reduced in float32), and
+#: activation checkpointing (each block gathers its weights again for the recompute): "<method>-<flag>"
+FLAG_RUNS = ("galore_adamw-bf16", "galore_adamw-checkpointing")
+FLAGS = {"bf16": ["--dtype", "bf16"], "checkpointing": ["--activation-checkpointing"]}
 
 
 def fsdp_methods() -> list[str]:
@@ -43,8 +45,8 @@ def fsdp_methods() -> list[str]:
 
 def run_options(run: str) -> list[str]:
     """A run's name as its method and flags: "galore_adamw" or "galore_adamw-bf16"."""
-    method, _, dtype = run.partition("-")
-    return [method, *(["--dtype", dtype] if dtype else [])]
+    method, _, flag = run.partition("-")
+    return [method, *(FLAGS[flag] if flag else [])]
 
 
 def rank() -> int:
@@ -99,7 +101,7 @@ def trainer(argv: list[str], *, callbacks: tuple[Callback, ...] = (), nan: bool 
 
 
 def methods(out: Path) -> None:
-    for name in [*fsdp_methods(), BF16_RUN]:
+    for name in [*fsdp_methods(), *FLAG_RUNS]:
         method, *options = run_options(name)
         argv = ["pretrain", *METHOD_RUN, "--fsdp", "--batch-size", "4", "--optimizer", method, *options]
         assert run(build_parser().parse_args([*argv, "--out", str(out / name)])) == 0, name

@@ -98,17 +98,23 @@ def save_checkpoint(
     for name in FILES:
         _fsync_file(tmp / name)
     _fsync_dir(tmp)
-    if final.exists():  # re-saving a step (after a resume): move the old one aside first
-        old = root / f".step-{step:08d}.old-{os.getpid()}"
+    commit(tmp, final)
+    for stale in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def commit(tmp: Path, final: Path) -> None:
+    """Rename a finished checkpoint folder into place: the commit point, before which the old
+    checkpoints are untouched (re-saving a step after a resume moves the old one aside first)."""
+    if final.exists():
+        old = final.parent / f"{tmp.name}.old"
         final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        tmp.rename(final)  # the commit point: before it the old checkpoints are untouched
-    _fsync_dir(root)
-    for stale in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(stale, ignore_errors=True)
-    return final
+        tmp.rename(final)
+    _fsync_dir(final.parent)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

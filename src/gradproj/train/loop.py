@@ -206,7 +206,9 @@ class Trainer:
         if cfg.layerwise and self.parallel.world == 1:
             clip = cfg.clip if cfg.clip > 0 else None
             self.stepper = attach_layerwise(optimizer, grad_accum=cfg.grad_accum, max_grad_norm=clip)  # type: ignore[arg-type]
-        if cfg.dynamics_every and self.parallel.main and not cfg.fsdp:  # every rank sees the same gradients
+        if cfg.dynamics_every and cfg.fsdp and self.parallel.main:
+            print("gradproj: --fsdp: no training dynamics (the probes read whole gradients and bases)", flush=True)
+        elif cfg.dynamics_every and self.parallel.main:  # every rank sees the same gradients; rank 0 writes
             self.dynamics = Dynamics(optimizer, every=cfg.dynamics_every, energy=not cfg.low_rank_comm)
             if dynamics is not None:
                 self.dynamics.load_state_dict(dynamics)

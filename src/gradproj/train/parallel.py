@@ -61,6 +61,7 @@ class Parallel:
         self._owns_group = not (dist.is_available() and dist.is_initialized())
         self.rank, self.world = init_from_env()
         if fsdp and self.world == 1 and not dist.is_initialized():
+            print("gradproj: --fsdp without torchrun: one process, one shard (torchrun --nproc-per-node N shards it)")
             join_single_process_group()
         self.fsdp, self.replicate = fsdp, replicate
         self.comm: GradientComm | None = None

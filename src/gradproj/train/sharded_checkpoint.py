@@ -22,6 +22,7 @@ first with every key: a step on small random gradients creates it (its values ar
 
 from __future__ import annotations
 
+import enum
 import io
 import json
 import os
@@ -36,7 +37,16 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, _fsync_dir, _fsync_file, _reason, list_checkpoints, rng_states, set_rng_states
+from .checkpoint import (
+    CheckpointError,
+    _fsync_dir,
+    _fsync_file,
+    _reason,
+    commit,
+    list_checkpoints,
+    rng_states,
+    set_rng_states,
+)
 
 FORMAT = "dcp"
 FILES = (".metadata", "trainer.pt", "meta.json")
@@ -107,23 +117,11 @@ def save_sharded_checkpoint(
         for name in FILES[1:]:
             _fsync_file(tmp / name)
         _fsync_dir(tmp)
-        _commit(tmp, final, root)
+        commit(tmp, final)
         for stale in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(stale, ignore_errors=True)
     dist.barrier()
     return final
-
-
-def _commit(tmp: Path, final: Path, root: Path) -> None:
-    """Rename the finished folder into place: the one moment the new checkpoint replaces nothing but its name."""
-    if final.exists():  # re-saving a step (after a resume): move the old one aside first
-        old = root / f"{tmp.name}.old"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
-    _fsync_dir(root)
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -138,11 +136,24 @@ class _MetadataUnpickler(pickle.Unpickler):
     )
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("builtins", "getattr"):  # how some Pythons pickle an enum member
+            return _enum_member
         if (module, name) in self.SAFE or module.startswith(self.SAFE_MODULES):
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not a DCP metadata record")
+
+
+def _enum_member(cls: Any, name: str) -> Any:
+    """``getattr`` for the one use DCP's metadata makes of it: a member of one of DCP's enums."""
+    if (
+        isinstance(cls, type)
+        and issubclass(cls, enum.Enum)
+        and cls.__module__.startswith("torch.distributed.checkpoint")
+    ):
+        return cls[name]
+    raise pickle.UnpicklingError(f"getattr({cls!r}, {name!r}) is not a DCP enum member")
 
 
 def _safe_reader(path: Path) -> Any:
