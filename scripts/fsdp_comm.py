@@ -4,7 +4,8 @@
 
 Trains ``--model`` (default llama-20m) for 4 steps with a basis refresh every 2 for AdamW and the
 low-rank methods, counts what each collective is handed (gradproj.bench.comm), appends one record
-per method and step kind to the JSONL file (rank 0) and prints the markdown table docs/SCALE.md shows.
+per method to the JSONL file (rank 0) and prints the table docs/SCALE.md generates from it
+(``gradproj bench docs docs/SCALE.md``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from gradproj.bench.comm import counting_collectives
+from gradproj.bench.comm import comm_table, counting_collectives
 from gradproj.cli import build_parser
 from gradproj.distributed import init_from_env
 from gradproj.train.cli import build_config
@@ -50,22 +51,14 @@ def measure(model: str, method: str, out: Path) -> dict[str, Any]:
         result = Trainer(config, PretrainTask(config), callbacks=(counter,)).run()  # type: ignore[arg-type]
     weights = result.summary["parameters"] * 4
     # step 1 refreshes every basis; step 2 (2 % GAP != 0 after the first) does not; step 3 refreshes again
-    return {"model": model, "method": method, "world": dist.get_world_size(), "fp32_weight_bytes": weights,
-            "refresh_step": counter.steps[3], "between_refreshes": counter.steps[2]}
-
-
-def table(records: list[dict[str, Any]]) -> str:
-    rows = ["| method | step | all-gather weights | reduce-scatter grads | optimizer (all-reduce, all-gather) | total / fp32 weights |",
-            "|---|---|---|---|---|---|"]
-    for r in records:
-        for kind in ("between_refreshes", "refresh_step"):
-            s = r[kind]
-            opt = s.get("all_reduce", 0) + s.get("all_gather", 0)
-            total = sum(s.values())
-            rows.append(f"| {r['method']} | {kind.replace('_', ' ')} | {s.get('all_gather_single', 0) / 2**20:.1f} MiB | "
-                        f"{s.get('reduce_scatter_single', 0) / 2**20:.1f} MiB | {opt / 2**20:.2f} MiB | "
-                        f"{total / r['fp32_weight_bytes']:.2f}x |")
-    return "\n".join(rows)
+    return {
+        "model": model,
+        "method": method,
+        "world": dist.get_world_size(),
+        "fp32_weight_bytes": weights,
+        "refresh_step": counter.steps[3],
+        "between_refreshes": counter.steps[2],
+    }
 
 
 if __name__ == "__main__":
@@ -77,7 +70,7 @@ if __name__ == "__main__":
         with path.open("a") as handle:
             for record in records:
                 handle.write(json.dumps(record) + "\n")
-        print(table(records))
+        print(comm_table(records))
     dist.barrier()
     sys.stdout.flush()
     os._exit(0)

@@ -223,3 +223,18 @@ def test_checkpoint_metadata_that_would_run_code_is_refused(tmp_path: Path) -> N
     with pytest.raises(CheckpointError, match=r"posix\.system is not a DCP metadata record"):
         _weights(tmp_path)
     assert not marker.exists()
+
+
+def test_the_collective_counter_counts_what_each_rank_hands_over() -> None:
+    from gradproj.bench.comm import counting_collectives
+    from gradproj.distributed import join_single_process_group
+
+    join_single_process_group()
+    try:
+        with counting_collectives() as sent:
+            dist.all_reduce(torch.ones(10))  # 40 bytes
+            dist.all_gather([torch.empty(3, dtype=torch.float64)], torch.ones(3, dtype=torch.float64))  # 24
+        dist.all_reduce(torch.ones(5))  # after the block: not counted, the functions restored
+        assert (sent["all_reduce"], sent["all_gather"]) == (40, 24)
+    finally:
+        dist.destroy_process_group()

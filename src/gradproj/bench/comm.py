@@ -69,3 +69,22 @@ def counting_collectives() -> Iterator[dict[str, int]]:
     finally:
         for name, function in originals.items():
             setattr(dist, name, function)
+
+
+def comm_table(records: list[dict[str, Any]]) -> str:
+    """docs/SCALE.md's table: per method, a step between refreshes and a refresh step, by collective."""
+    rows = [
+        "| method | step | all-gather weights | reduce-scatter grads | optimizer (all-reduce, all-gather) | "
+        "total / fp32 weights |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        for kind in ("between_refreshes", "refresh_step"):
+            sent = r[kind]
+            optimizer = sent.get("all_reduce", 0) + sent.get("all_gather", 0)
+            rows.append(
+                f"| {r['method']} | {kind.replace('_', ' ')} | {sent.get('all_gather_single', 0) / 2**20:.1f} MiB | "
+                f"{sent.get('reduce_scatter_single', 0) / 2**20:.1f} MiB | {optimizer / 2**20:.2f} MiB | "
+                f"{sum(sent.values()) / r['fp32_weight_bytes']:.2f}x |"
+            )
+    return "\n".join(rows)

@@ -143,7 +143,18 @@ def overhead_table(records: list[dict[str, Any]]) -> str:
 
 
 #: the kinds of generated block a document may hold (``<!-- bench:KIND records/FILE.jsonl -->``)
-BLOCK_KINDS = ("quality", "refresh", "environment", "overhead", "seeds", "verdict", "speed", "precision", "memory")
+BLOCK_KINDS = (
+    "quality",
+    "refresh",
+    "environment",
+    "overhead",
+    "seeds",
+    "verdict",
+    "speed",
+    "precision",
+    "memory",
+    "comm",
+)
 
 
 def render_block(kind: str, records: list[dict[str, Any]]) -> str:
@@ -168,6 +179,10 @@ def render_block(kind: str, records: list[dict[str, Any]]) -> str:
         from .speed import speed_table
 
         return speed_table(records)
+    if kind == "comm":
+        from .comm import comm_table
+
+        return comm_table(records)
     raise ValueError(f"unknown block kind {kind!r}; valid: {BLOCK_KINDS}")
 
 

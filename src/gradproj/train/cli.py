@@ -33,7 +33,9 @@ def add_parsers(sub: Any) -> None:
         "  gradproj pretrain --optimizer fira_adamw --rank 64 --projector rsvd --steps 1000\n"
         "  gradproj pretrain --model llama-60m --data hf:allenai/c4:en --tokenizer t5-base \\\n"
         "      --seq-len 256 --batch-size 512 --steps 10000 --device cuda    # the paper's 60M run\n"
-        "  gradproj pretrain --resume runs/pretrain-galore_adamw-20261122-101500",
+        "  gradproj pretrain --resume runs/pretrain-galore_adamw-20261122-101500\n"
+        "  torchrun --standalone --nproc-per-node 8 -m gradproj.cli pretrain --fsdp --model llama-1b --device cuda\n"
+        "      # FSDP2 over 8 GPUs: sharded weights, gradients, state and checkpoints (resume on any number)",
     )
     _add_flags(pre, PretrainConfig)
 

@@ -138,9 +138,9 @@ class TrainConfig:
     )
     fsdp: bool = option(
         False,
-        help="shard weights, gradients and optimizer state over the ranks with PyTorch's FSDP2 (fully_shard per "
-        "transformer block and at the root) and save sharded checkpoints (torch.distributed.checkpoint) that resume "
-        "on any number of ranks; without torchrun: one process, one shard (docs/SCALE.md)",
+        help="shard weights, gradients and optimizer state over the ranks with PyTorch's FSDP2 (fully_shard on the "
+        "embeddings, each transformer block and the root) and save sharded checkpoints (torch.distributed.checkpoint) "
+        "that resume on any number of ranks; without torchrun: one process, one shard (docs/SCALE.md)",
         group=SCALE,
         planned=True,
     )
