@@ -102,8 +102,8 @@ def save_sharded_checkpoint(
     dist.barrier()
     payload = {"model": model.state_dict(), "optim": _optimizer_tensors(model, optimizer)}
     dcp.save(payload, storage_writer=FileSystemWriter(tmp, sync_files=True))  # .metadata last, by rank 0
-    whole = optimizer.state_dict()  # counters and seeds: the same on every rank, rank 0's are saved
     if rank == 0:
+        whole = optimizer.state_dict()  # counters and seeds: the same on every rank, rank 0's are saved
         names = _names(model, optimizer)
         plain = {
             names[i]: {k: v for k, v in state.items() if not _sharded_tensor(v)} for i, state in whole["state"].items()
