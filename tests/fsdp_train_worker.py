@@ -4,7 +4,7 @@
 ``interrupt OUT``: an uninterrupted run (``OUT/straight``); the same run stopped by SIGTERM sent to
 rank 1 alone after step 3 (``OUT/stopped``, which every rank saves once) and resumed on this many
 ranks (``OUT/resumed``); a run whose loss is NaN on rank 1 only at step 3 (``OUT/nan``; every rank's
-skipped-step count in ``OUT/nan/skipped-<rank>.json``).
+skipped-step count in ``OUT/nan/skipped-<rank>.json``); 8-bit GaLore's run (``OUT/eight_bit``).
 ``fault OUT``: rank 1 raises at the start of step 5, after the checkpoint of step 4.
 """
 
@@ -126,6 +126,8 @@ def interrupt(out: Path) -> None:
         shutil.copytree(out / "stopped" / "checkpoints", resumed / "checkpoints")
     dist.barrier()
     trainer(["--resume", str(resumed), "--out", str(resumed)]).run()
+    eight_bit = [*LONG_RUN[:-2], "--optimizer", "galore_adamw8bit", "--fsdp", "--batch-size", per_rank]
+    trainer([*eight_bit, "--out", str(out / "eight_bit")]).run()  # re-sharded by the test
     result = trainer([*common, "--out", str(out / "nan")], nan=True).run()
     (out / "nan" / f"skipped-{rank()}.json").write_text(json.dumps(result.progress.skipped))
 

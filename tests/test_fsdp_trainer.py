@@ -192,19 +192,19 @@ def test_a_sharded_checkpoint_exports_to_one_hugging_face_folder(interrupted: Pa
     assert main(["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2  # one line, no traceback
 
 
-def test_eight_bit_moments_resume_on_the_world_size_that_wrote_them(tmp_path: Path) -> None:
-    from gradproj.distributed import join_single_process_group
-    from gradproj.train.checkpoint import CheckpointError
-    from gradproj.train.sharded_checkpoint import _check_world_size
+def test_eight_bit_moments_re_shard_from_two_ranks_to_one_process(interrupted: Path, tmp_path: Path) -> None:
+    from gradproj.cli import main
+    from gradproj.train.sharded_checkpoint import _safe_reader
 
-    (tmp_path / "meta.json").write_text(json.dumps({"world_size": 2}))
-    join_single_process_group()
-    try:
-        _check_world_size(tmp_path, {"w.exp_avg": torch.zeros(2)})  # float moments re-shard: no error
-        with pytest.raises(CheckpointError, match=r"quantized in blocks of each of 2 ranks' rows.*resume on 2 ranks"):
-            _check_world_size(tmp_path, {"w.exp_avg_codes": torch.zeros(2), "w.exp_avg_absmax": torch.zeros(1)})
-    finally:
-        dist.destroy_process_group()
+    written = interrupted / "eight_bit" / "checkpoints"
+    keys = _safe_reader(written / f"step-{4:08d}").read_metadata().state_dict_metadata
+    assert any(key.endswith("exp_avg_absmax") for key in keys)  # the embeddings' moments did quantize
+    run = tmp_path / "run"
+    shutil.copytree(written / f"step-{4:08d}", run / "checkpoints" / f"step-{4:08d}")
+    assert main(["pretrain", "--resume", str(run)]) == 0  # 2 writers' blocks dequantized, quantized again
+    two_ranks, resumed = _weights(written / f"step-{6:08d}"), _weights(run / f"checkpoints/step-{6:08d}")
+    for name, value in two_ranks.items():  # one more 8-bit rounding (measured 4.6e-4 over 2 steps; one process
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=2e-3)  # vs 2 ranks, no checkpoint: 7.1e-4)
 
 
 def test_checkpoint_metadata_that_would_run_code_is_refused(tmp_path: Path) -> None:

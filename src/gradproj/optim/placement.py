@@ -144,7 +144,7 @@ def _row_local(side: str) -> bool:
     return side in ("right", "none")
 
 
-def _chunk(size: int, rank: int, world: int) -> slice:
+def row_chunk(size: int, rank: int, world: int) -> slice:
     """FSDP2's split of ``size`` rows: ``ceil(size / world)`` each, the last ones shorter or empty."""
     block = math.ceil(size / world)
     return slice(min(size, rank * block), min(size, (rank + 1) * block))
@@ -169,7 +169,7 @@ class RowSharded(Local):
     def _low_rows(self, layout: Layout) -> slice:
         """Rows of ``R`` whose moments this rank keeps."""
         rows, _ = low_rank_shape(layout.shape, layout.rank, layout.side)
-        return self.rows if _row_local(layout.side) else _chunk(rows, self.rank, self.world)
+        return self.rows if _row_local(layout.side) else row_chunk(rows, self.rank, self.world)
 
     def moment_shape(self, layout: Layout) -> tuple[int, int]:
         rows = self._low_rows(layout)
@@ -189,7 +189,7 @@ class RowSharded(Local):
 
     def full_gradient(self, grad: Tensor) -> Tensor:
         out = torch.empty(self.shape, dtype=grad.dtype, device=grad.device)
-        parts = [out[_chunk(self.shape[0], r, self.world)] for r in range(self.world)]
+        parts = [out[row_chunk(self.shape[0], r, self.world)] for r in range(self.world)]
         padded = math.ceil(self.shape[0] / self.world)
         buffers = [torch.zeros(padded, *self.shape[1:], dtype=grad.dtype, device=grad.device) for _ in parts]
         mine = torch.zeros_like(buffers[0])
@@ -206,7 +206,7 @@ class RowSharded(Local):
         if "basis_right" in state:  # r x n: a column block, gathered when stepping (as FSDP gathers weights)
             q = state["basis_right"]
             state["basis_right"] = self._wrap(
-                q[:, _chunk(q.shape[1], self.rank, self.world)].clone(), tuple(q.shape), 1
+                q[:, row_chunk(q.shape[1], self.rank, self.world)].clone(), tuple(q.shape), 1
             )
         for key in ("index_left", "index_right"):  # dct: the same r indices on every rank
             if key in state and not is_sharded(state[key]):
@@ -232,7 +232,7 @@ class RowSharded(Local):
         return low
 
     def share(self, low: Tensor, side: str) -> Tensor:
-        return low if _row_local(side) else low[_chunk(low.shape[0], self.rank, self.world)].contiguous()
+        return low if _row_local(side) else low[row_chunk(low.shape[0], self.rank, self.world)].contiguous()
 
     def gather(self, u: Tensor, side: str, shape: tuple[int, int]) -> Tensor:
         if _row_local(side):
@@ -272,7 +272,7 @@ class RowSharded(Local):
                 return
             full = {k: self.gather(v, layout.side, (rows, v.shape[1])) for k, v in moments.items()}
             yield full
-            mine = _chunk(rows, self.rank, self.world)
+            mine = row_chunk(rows, self.rank, self.world)
             rule.set_moments(plain, {k: v[mine].contiguous() for k, v in full.items()})
 
     @contextlib.contextmanager
@@ -313,7 +313,7 @@ class RowSharded(Local):
             from ..rules.quant import absmax_numel
 
             per_row = math.prod(shape[1:])
-            shares = [_chunk(shape[0], k, self.world) for k in range(self.world)]
+            shares = [row_chunk(shape[0], k, self.world) for k in range(self.world)]
             shape = (sum(absmax_numel((share.stop - share.start) * per_row) for share in shares),)
         else:  # the whole tensor has the rows of ``shape``: moments, 8-bit codes, one number per row
             shape = (shape[0], *t.shape[1:])

@@ -18,6 +18,8 @@ from .adam import Adam, _numel, galore_direction, torch_denom, update_moments
 from .base import ALL_ROWS, Rows
 
 MIN_8BIT_SIZE = 4096
+#: the quantized moments' state keys (stored as ``<key>_codes`` and ``<key>_absmax``) and whether their map is signed
+QUANTIZED = {"exp_avg": True, "exp_avg_sq": False}
 
 
 class Adam8bit(Adam):
@@ -71,8 +73,10 @@ class Adam8bit(Adam):
         if "exp_avg" in state:
             return {"first": state["exp_avg"].clone(), "second": state["exp_avg_sq"].clone()}
         return {
-            "first": quant.dequantize(state["exp_avg_codes"], state["exp_avg_absmax"], signed=True),
-            "second": quant.dequantize(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], signed=False),
+            "first": quant.dequantize(state["exp_avg_codes"], state["exp_avg_absmax"], signed=QUANTIZED["exp_avg"]),
+            "second": quant.dequantize(
+                state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], signed=QUANTIZED["exp_avg_sq"]
+            ),
         }
 
     def set_moments(self, state: dict[str, Any], moments: dict[str, Tensor]) -> None:
@@ -80,8 +84,8 @@ class Adam8bit(Adam):
         if "exp_avg" in state:  # stored unquantized since init_state (a small moment)
             state["exp_avg"], state["exp_avg_sq"] = first, second
             return
-        state["exp_avg_codes"], state["exp_avg_absmax"] = quant.quantize(first, signed=True)
-        state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"] = quant.quantize(second, signed=False)
+        state["exp_avg_codes"], state["exp_avg_absmax"] = quant.quantize(first, signed=QUANTIZED["exp_avg"])
+        state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"] = quant.quantize(second, signed=QUANTIZED["exp_avg_sq"])
 
     def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         numel = _numel(shape)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import enum
 import io
 import json
+import math
 import os
 import pickle
 import shutil
@@ -44,6 +45,7 @@ from .checkpoint import (
     _reason,
     commit,
     list_checkpoints,
+    read_meta,
     rng_states,
     set_rng_states,
 )
@@ -112,7 +114,8 @@ def save_sharded_checkpoint(
         state = {"trainer": trainer_state, "rng": rng_states(), "optimizer": optim}
         state["scheduler"] = scheduler.state_dict() if scheduler is not None else {}
         torch.save(state, tmp / "trainer.pt")
-        info = {"step": step, "format": FORMAT, "world_size": dist.get_world_size(), **(meta or {})}
+        info = {"step": step, "format": FORMAT, "world_size": dist.get_world_size(), "shards": _shards(model)}
+        info.update(meta or {})
         (tmp / "meta.json").write_text(json.dumps(info, indent=2, default=str))
         for name in FILES[1:]:
             _fsync_file(tmp / name)
@@ -212,13 +215,18 @@ def load_sharded_checkpoint(
     if not optimizer.state:
         prime_optimizer_state(optimizer)
     target = {"model": model.state_dict(), "optim": _optimizer_tensors(model, optimizer)}
-    _check_world_size(path, target["optim"])
+    saved_shards = int(read_meta(path).get("shards", read_meta(path).get("world_size", 1)))
+    moved = _eight_bit_moments(target["optim"]) if saved_shards != _shards(model) else {}
     try:
+        if moved:  # read them whole, in the layout they were written in (see requantize)
+            _read_whole(path, target["optim"], moved)
         dcp.load(target, storage_reader=_safe_reader(path))
     except Exception as error:
         raise CheckpointError(
             f"checkpoint {path}: its shards do not fit this model and optimizer ({_reason(error)})"
         ) from None
+    for base, (codes, absmax) in moved.items():
+        requantize(target["optim"], base, codes, absmax, saved_shards)
     names, optim = _names(model, optimizer), saved["optimizer"]
     tensors = target["optim"]
     state = {}
@@ -234,18 +242,64 @@ def load_sharded_checkpoint(
     return trainer_state
 
 
-def _check_world_size(path: Path, state: dict[str, Tensor]) -> None:
-    """8-bit moments keep one absmax per 256 elements of each rank's rows: their blocks depend on the
-    split, so such a checkpoint resumes on the world size that wrote it (named in the error)."""
-    from .checkpoint import read_meta
+def _shards(model: nn.Module) -> int:
+    """How many ranks split each row range (the mesh's shard dimension; 1 for a plain model)."""
+    from ..optim.placement import is_sharded
 
-    saved = int(read_meta(path).get("world_size", 1))
-    if saved != dist.get_world_size() and any(key.endswith("_absmax") for key in state):
-        raise CheckpointError(
-            f"checkpoint {path}: its 8-bit moments were quantized in blocks of each of {saved} ranks' rows and "
-            f"cannot be re-sharded to {dist.get_world_size()}; resume on {saved} ranks (a non-8-bit method "
-            "re-shards to any number)"
-        )
+    for p in model.parameters():
+        if is_sharded(p):
+            return int(p.device_mesh.size(p.device_mesh.ndim - 1))  # type: ignore[attr-defined]
+    return 1
+
+
+def _eight_bit_moments(state: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+    """``"<parameter>.<moment>"`` -> this rank's (codes, absmax) of every 8-bit moment in ``state``."""
+    bases = [key.removesuffix("_absmax") for key in state if key.endswith("_absmax")]
+    return {base: (state[f"{base}_codes"], state[f"{base}_absmax"]) for base in bases}
+
+
+def _read_whole(path: Path, state: dict[str, Tensor], moved: dict[str, Any]) -> None:
+    """Point ``state``'s entries of the ``moved`` moments at plain tensors of the saved shapes: DCP then
+    reads them whole on every rank (the absmax's saved shape depends on the world that wrote it)."""
+    metadata = _safe_reader(path).read_metadata().state_dict_metadata
+    for base in moved:
+        for key in (f"{base}_codes", f"{base}_absmax"):
+            saved = metadata[f"optim.{key}"]
+            state[key] = torch.empty(tuple(saved.size), dtype=saved.properties.dtype)
+
+
+def requantize(state: dict[str, Tensor], base: str, codes: Tensor, absmax: Tensor, saved_shards: int) -> None:
+    """8-bit moments written by ``saved_shards`` ranks, for this rank's rows on another split.
+
+    Each writer quantized its own rows in 256-element blocks (:mod:`gradproj.rules.quant`), so the
+    whole codes and the concatenated absmax are dequantized writer by writer, this rank's rows cut out
+    and quantized again in its own blocks (one more rounding, at the 8-bit error; a same-size resume
+    loads the codes as they are and stays bit-exact). ``codes``/``absmax`` are this rank's tensors,
+    filled in place; ``state`` gets them back in place of the whole ones."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    from ..optim.placement import local, row_chunk
+    from ..rules import quant
+    from ..rules.adam8bit import QUANTIZED
+
+    signed = QUANTIZED[base.rsplit(".", 1)[1]]
+    whole_codes, whole_absmax = state[f"{base}_codes"], state[f"{base}_absmax"]
+    rows, per_row = whole_codes.shape[0], math.prod(whole_codes.shape[1:])
+    parts, start = [], 0
+    for writer in range(saved_shards):
+        block = whole_codes[row_chunk(rows, writer, saved_shards)]
+        count = quant.absmax_numel(block.numel())
+        if block.numel():
+            parts.append(quant.dequantize(block, whole_absmax[start : start + count], signed=signed))
+        start += count
+    moment = torch.cat(parts) if parts else torch.zeros(whole_codes.shape)  # rows x ...
+    shape, offset = compute_local_shape_and_global_offset(codes.shape, codes.device_mesh, codes.placements)  # type: ignore[attr-defined]
+    mine = moment[offset[0] : offset[0] + shape[0]]
+    if mine.numel() and per_row:
+        new_codes, new_absmax = quant.quantize(mine, signed=signed)
+        local(codes).copy_(new_codes)
+        local(absmax).copy_(new_absmax)
+    state[f"{base}_codes"], state[f"{base}_absmax"] = codes, absmax
 
 
 def _param(model: nn.Module, name: str) -> Tensor:
