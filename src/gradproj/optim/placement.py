@@ -73,6 +73,11 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if is_sharded(t) else t  # type: ignore[attr-defined, no-any-return]
 
 
+def local_bytes(t: Tensor) -> int:
+    """Bytes of ``t`` this process holds (its local shard for a DTensor)."""
+    return local(t).numel() * t.element_size()
+
+
 class Local(AllRows):
     """The whole matrix is on this process: sums over rows are whole already (``total``, ``norm``: the
     rules' :class:`~gradproj.rules.base.AllRows`)."""

@@ -21,7 +21,7 @@ from ..dynamics import Dynamics
 from ..layerwise import LayerwiseStepper, attach_layerwise
 from ..memory import Setup
 from ..optim.build import build_optimizer
-from ..optim.placement import is_sharded, local
+from ..optim.placement import is_sharded, local_bytes
 from ..optim.precision import WEIGHT_DTYPES
 from .checkpoint import (
     CheckpointError,
@@ -48,11 +48,6 @@ from .progress import (
 from .sharded_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
 
 __all__ = ["Task", "Trainer"]
-
-
-def _bytes(p: torch.Tensor) -> int:
-    """Bytes of ``p`` on this rank (its local shard under FSDP2)."""
-    return local(p).numel() * p.element_size()
 
 
 def _sum(counts: dict[str, int | None]) -> int:
@@ -378,8 +373,8 @@ class Trainer:
             # layer-wise: the most gradient bytes alive at once; standard: every gradient, held until the step
             "gradient_bytes": self.stepper.peak_gradient_bytes
             if self.stepper is not None
-            else sum(_bytes(p) for p in model.parameters() if p.requires_grad),
-            "weight_bytes": sum(_bytes(p) for p in model.parameters()),  # this rank's (a shard under --fsdp)
+            else sum(local_bytes(p) for p in model.parameters() if p.requires_grad),
+            "weight_bytes": sum(local_bytes(p) for p in model.parameters()),  # this rank's (a shard under --fsdp)
             "world_size": self.parallel.world,
             "global_batch": self.config.global_batch,
             **self.task.describe(),

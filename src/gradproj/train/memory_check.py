@@ -77,10 +77,10 @@ class StepMemoryMeter:
             warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass")
             yield
         peak = self._snapshot("peak")
-        from ..optim.placement import is_sharded, local
+        from ..optim.placement import is_sharded, local_bytes
 
         if any(is_sharded(p) for p in model.parameters()):  # FSDP2: the resident shards (gathered copies: peak)
-            self.measured["weights"] = sum(local(p).numel() * p.element_size() for p in model.parameters())
+            self.measured["weights"] = sum(local_bytes(p) for p in model.parameters())
         else:
             self.measured["weights"] = peak.get("PARAM", 0)
         self.measured["optimizer_state"] = _state_bytes(optimizer)

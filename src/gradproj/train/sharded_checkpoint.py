@@ -14,8 +14,8 @@ optimizer state, its parameter groups and extras, the schedule, data position an
 renamed into place once every rank's shards and DCP's ``.metadata`` are on disk, so an interrupted
 save never replaces the last good one.
 
-Loading unpickles nothing: DCP's tensors load with ``torch.load(weights_only=True)``, its
-``.metadata`` through an unpickler that admits DCP's own record classes only (:class:`SafeReader`),
+Loading unpickles nothing that could run code: DCP's tensors load with ``torch.load(weights_only=True)``,
+its ``.metadata`` through an unpickler that admits DCP's own record classes only (:class:`_MetadataUnpickler`),
 and ``trainer.pt`` with ``weights_only=True``. DCP loads in place, so the optimizer state must exist
 first with every key: a step on small random gradients creates it (its values are all overwritten).
 """
@@ -61,10 +61,10 @@ def _sharded_tensor(value: Any) -> bool:
     return isinstance(value, Tensor) and (is_sharded(value) or value.dim() > 0)
 
 
-def _names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    """The parameter name of each optimizer position (as ``state_dict`` numbers them)."""
+def _ordered(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[tuple[str, Tensor]]:
+    """Each optimizer position's parameter name and parameter (as ``state_dict`` numbers them)."""
     names = {p: name for name, p in model.named_parameters()}
-    return [names[p] for group in optimizer.param_groups for p in group["params"]]
+    return [(names[p], p) for group in optimizer.param_groups for p in group["params"]]
 
 
 def _optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
@@ -106,7 +106,7 @@ def save_sharded_checkpoint(
     dcp.save(payload, storage_writer=FileSystemWriter(tmp, sync_files=True))  # .metadata last, by rank 0
     if rank == 0:
         whole = optimizer.state_dict()  # counters and seeds: the same on every rank, rank 0's are saved
-        names = _names(model, optimizer)
+        names = [name for name, _ in _ordered(model, optimizer)]
         plain = {
             names[i]: {k: v for k, v in state.items() if not _sharded_tensor(v)} for i, state in whole["state"].items()
         }
@@ -215,7 +215,8 @@ def load_sharded_checkpoint(
     if not optimizer.state:
         prime_optimizer_state(optimizer)
     target = {"model": model.state_dict(), "optim": _optimizer_tensors(model, optimizer)}
-    saved_shards = int(read_meta(path).get("shards", read_meta(path).get("world_size", 1)))
+    meta = read_meta(path)
+    saved_shards = int(meta.get("shards", meta.get("world_size", 1)))
     moved = _eight_bit_moments(target["optim"]) if saved_shards != _shards(model) else {}
     try:
         if moved:  # read them whole, in the layout they were written in (see requantize)
@@ -227,11 +228,10 @@ def load_sharded_checkpoint(
         ) from None
     for base, (codes, absmax) in moved.items():
         requantize(target["optim"], base, codes, absmax, saved_shards)
-    names, optim = _names(model, optimizer), saved["optimizer"]
-    tensors = target["optim"]
+    optim, tensors = saved["optimizer"], target["optim"]
     state = {}
-    for i, name in enumerate(names):
-        keys = [k for k, v in optimizer.state[_param(model, name)].items() if _sharded_tensor(v)]
+    for i, (name, p) in enumerate(_ordered(model, optimizer)):
+        keys = [k for k, v in optimizer.state[p].items() if _sharded_tensor(v)]
         state[i] = {**optim["plain_state"].get(name, {}), **{k: tensors[f"{name}.{k}"] for k in keys}}
     optimizer.load_state_dict({"state": state, "param_groups": optim["param_groups"], "gradproj": optim["extra"]})
     model.load_state_dict(target["model"])
@@ -244,11 +244,11 @@ def load_sharded_checkpoint(
 
 def _shards(model: nn.Module) -> int:
     """How many ranks split each row range (the mesh's shard dimension; 1 for a plain model)."""
-    from ..optim.placement import is_sharded
+    from ..optim.placement import is_sharded, shard_group
 
     for p in model.parameters():
         if is_sharded(p):
-            return int(p.device_mesh.size(p.device_mesh.ndim - 1))  # type: ignore[attr-defined]
+            return dist.get_world_size(shard_group(p))
     return 1
 
 
@@ -300,10 +300,6 @@ def requantize(state: dict[str, Tensor], base: str, codes: Tensor, absmax: Tenso
         local(codes).copy_(new_codes)
         local(absmax).copy_(new_absmax)
     state[f"{base}_codes"], state[f"{base}_absmax"] = codes, absmax
-
-
-def _param(model: nn.Module, name: str) -> Tensor:
-    return model.get_parameter(name)
 
 
 def consolidated_weights(path: Path) -> dict[str, Tensor]:
