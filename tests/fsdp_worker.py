@@ -16,9 +16,11 @@ from torch.distributed.fsdp import fully_shard
 
 import gradproj
 from gradproj.optim.build import OptimizerSpec, build_optimizer
+from gradproj.optim.placement import RowSharded
 from gradproj.optim.registry import METHODS
 from gradproj.optim.validate import combination_error, sharding_blocker
 from gradproj.projection import PROJECTORS
+from gradproj.projection.projectors import _REGISTRY
 from gradproj.rules import Adam, make_rule
 
 STEPS, GLOBAL_BATCH, GAP = 7, 8, 3
@@ -111,10 +113,36 @@ def shard(model: nn.Module) -> nn.Module:
     return model
 
 
-def run_case(name: str, rank: int, world: int) -> dict[str, Any]:
+#: projector refreshes computed on this process, by projector name, and all-gathers of a whole gradient
+#: ("full_gradient"), counted by count_refreshes
+REFRESHES: dict[str, int] = {}
+
+
+def count_refreshes() -> None:
+    """Count every projector's refresh computations on this process (into REFRESHES)."""
+    for projector in _REGISTRY.values():
+        compute = projector.refresh
+
+        def counted(*args: Any, _compute: Any = compute, _name: str = projector.name, **kwargs: Any) -> Any:
+            REFRESHES[_name] = REFRESHES.get(_name, 0) + 1
+            return _compute(*args, **kwargs)
+
+        projector.refresh = counted  # type: ignore[method-assign]
+    all_gather = RowSharded.full_gradient
+
+    def counted_gather(self: RowSharded, grad: torch.Tensor) -> torch.Tensor:
+        REFRESHES["full_gradient"] = REFRESHES.get("full_gradient", 0) + 1
+        return all_gather(self, grad)
+
+    RowSharded.full_gradient = counted_gather  # type: ignore[method-assign]
+
+
+def run_case(name: str, rank: int, world: int, spread: bool = True) -> dict[str, Any]:
     kind = CASES[name].get("model", "small")
     model = shard(make_model(kind))
     opt = make_optimizer(model, CASES[name])
+    opt.spread = spread
+    REFRESHES.clear()
     for step in range(STEPS):
         x, y = global_batch(step, IN_FEATURES[kind])
         local = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
@@ -129,11 +157,18 @@ def run_case(name: str, rank: int, world: int) -> dict[str, Any]:
         is_dtensor(v) for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim()
     )
     quantized = any("exp_avg_codes" in s for s in opt.state.values())
+    counts = torch.tensor(
+        [sum(n for k, n in REFRESHES.items() if k != "full_gradient"), REFRESHES.get("full_gradient", 0)]
+    )
+    everyone_counts = [torch.zeros_like(counts) for _ in range(world)]
+    dist.all_gather(everyone_counts, counts)
     return {
         "weights": weights,
         "state_bytes": [int(t) for t in everyone],
         "dtensor_state": sharded,
         "quantized": quantized,
+        "refreshes": [int(t[0]) for t in everyone_counts],
+        "gradient_all_gathers": [int(t[1]) for t in everyone_counts],
     }
 
 
@@ -163,7 +198,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    count_refreshes()
     results: dict[str, Any] = {name: run_case(name, rank, world) for name in CASES}
+    results["svd_unspread"] = run_case("svd", rank, world, spread=False)
     results["adafactor_error"] = unsupported_rule_error()
     if rank == 0:
         torch.save(results, args.out)

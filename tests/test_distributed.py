@@ -123,5 +123,21 @@ def test_fsdp2_matches_one_process_with_sharded_state(fsdp_results: dict[str, An
         assert max(per_rank) <= 0.56 * single_state  # about 1/world: rows of W and of R, row/column-sharded bases
 
 
+@pytest.mark.parametrize("projector", ["svd", "rsvd", "eigh", "dct"])
+def test_fsdp2_spreads_each_refresh_over_the_ranks(fsdp_results: dict[str, Any], projector: str) -> None:
+    # two projected matrices, refreshed at steps 0, 3 and 6: six refreshes, three computed on each rank
+    assert fsdp_results[projector]["refreshes"] == [3, 3]
+    assert fsdp_results[projector]["gradient_all_gathers"] == [0, 0]  # each gradient went to its owner alone
+    assert fsdp_results["svd_unspread"]["refreshes"] == [6, 6]  # spread=False repeats each on every rank
+    assert fsdp_results["svd_unspread"]["gradient_all_gathers"] == [6, 6]
+    for key, value in fsdp_results["svd_unspread"]["weights"].items():  # and the bits are the same
+        assert torch.equal(fsdp_results["svd"]["weights"][key], value)
+
+
+def test_fsdp2_seeded_bases_gather_no_gradient(fsdp_results: dict[str, Any]) -> None:
+    assert fsdp_results["random"]["gradient_all_gathers"] == [0, 0]
+    assert fsdp_results["random"]["refreshes"] == [6, 6]  # rebuilt from its seed on every rank: nothing to share
+
+
 def test_fsdp2_refuses_a_rule_that_cannot_be_sharded(fsdp_results: dict[str, Any]) -> None:
     assert "adafactor rule averages over whole rows and columns" in fsdp_results["adafactor_error"]

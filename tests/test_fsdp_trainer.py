@@ -234,7 +234,9 @@ def test_the_collective_counter_counts_what_each_rank_hands_over() -> None:
         with counting_collectives() as sent:
             dist.all_reduce(torch.ones(10))  # 40 bytes
             dist.all_gather([torch.empty(3, dtype=torch.float64)], torch.ones(3, dtype=torch.float64))  # 24
+            dist.gather(torch.ones(2), [torch.empty(2)], dst=0)  # to this rank: its own rows stay here
+            dist.broadcast(torch.ones(3), src=0)  # 12, sent by this rank (receivers count nothing)
         dist.all_reduce(torch.ones(5))  # after the block: not counted, the functions restored
-        assert (sent["all_reduce"], sent["all_gather"]) == (40, 24)
+        assert (sent["all_reduce"], sent["all_gather"], sent["gather"], sent["broadcast"]) == (40, 24, 0, 12)
     finally:
         dist.destroy_process_group()

@@ -205,3 +205,22 @@ def test_tracking_keeps_an_average_of_the_projected_covariance() -> None:
         r = opt.bases(params[0])[0].T @ g  # 4 x 30
         expected = 0.999 * expected + 0.001 * r @ r.T
     torch.testing.assert_close(opt.state[params[0]]["tracked_cov"], expected, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("projector", ["svd", "rsvd", "eigh", "dct"])
+@pytest.mark.parametrize("side", ["left", "right", "full"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fresh_entries_are_what_a_refresh_writes(projector: str, side: str, dtype: torch.dtype) -> None:
+    # what other ranks allocate to receive a refresh computed on one rank (gradproj.optim.spread)
+    from gradproj.projection.projectors import Layout, get_projector
+
+    if projector == "eigh" and side == "full":
+        pytest.skip("eigh bases are one-sided")
+    proj = get_projector(projector)
+    layout = Layout((24, 40), 5, side, dtype, torch.device("cpu"))
+    group = {"oversample": 4, "power_iters": 1, "track_beta": 0.0, "switching": False}
+    state: dict[str, object] = {"step": 0, "last_refresh": 0, "proj_seed": 1}
+    proj.refresh(low_rank_plus_noise(24, 40, 8), state, layout, group)
+    written = {k: (tuple(v.shape), v.dtype) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    assert written == proj.fresh_entries(layout)
+    assert get_projector("random").fresh_entries(layout) == {} and not get_projector("random").reads_gradient

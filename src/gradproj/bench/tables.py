@@ -154,6 +154,7 @@ BLOCK_KINDS = (
     "precision",
     "memory",
     "comm",
+    "spread",
 )
 
 
@@ -179,10 +180,10 @@ def render_block(kind: str, records: list[dict[str, Any]]) -> str:
         from .speed import speed_table
 
         return speed_table(records)
-    if kind == "comm":
-        from .comm import comm_table
+    if kind in ("comm", "spread"):
+        from .comm import comm_table, spread_table
 
-        return comm_table(records)
+        return comm_table(records) if kind == "comm" else spread_table(records)
     raise ValueError(f"unknown block kind {kind!r}; valid: {BLOCK_KINDS}")
 
 

@@ -30,7 +30,8 @@ from ..rules import make_rule
 from ..rules.base import UpdateRule
 from .placement import LOCAL, Local, all_finite, is_sharded, local, placement_of
 from .precision import BF16_UPDATES, LOW_PRECISION, compute_dtype, widen, working_weight
-from .step import InBackwardStepping, ProjectedContext, StepProbe, full_step, projected_step
+from .spread import spread_refreshes, spreadable
+from .step import InBackwardStepping, ProjectedContext, StepProbe, full_step, projected_step, refresh_due
 from .validate import NONFINITE, _choice, check_common, check_projection, sharding_blocker
 
 #: mixed into a parameter's seed key for its stochastic rounding (independent of its basis draws)
@@ -123,6 +124,10 @@ class ProjectedOptimizer(Optimizer):
         self.probe: StepProbe | None = None
         self._basis_cache: dict[Tensor, Bases] = {}
         self._placements: dict[Tensor, Local] = {}
+        #: FSDP2: compute each due refresh on one rank and broadcast it (:mod:`gradproj.optim.spread`);
+        #: False repeats every refresh on every rank (the same bits, world times the work)
+        self.spread = True
+        self._prepared: dict[Tensor, dict[str, Tensor]] = {}  # this step's refreshes from other ranks
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------- groups
@@ -210,7 +215,7 @@ class ProjectedOptimizer(Optimizer):
             placement = self._placements[p] = placement_of(p)
         return placement
 
-    def _context(self, p: Tensor) -> ProjectedContext:
+    def _context(self, p: Tensor, prepared: dict[str, Tensor] | None = None) -> ProjectedContext:
         group = self._param_groups_of[p]
         return ProjectedContext(
             compute=compute_dtype(p.dtype) if p.dtype in LOW_PRECISION else None,  # None: no widening
@@ -225,6 +230,7 @@ class ProjectedOptimizer(Optimizer):
             cache=self._basis_cache,
             key=p,
             probe=self.probe,
+            prepared=prepared,
         )
 
     # ------------------------------------------------------------------- step
@@ -239,14 +245,32 @@ class ProjectedOptimizer(Optimizer):
             return loss
         if not self._gradients_are_finite():
             return loss
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{self._param_names[p]} has a sparse gradient, which is not supported")
-                self._step_one(p, group, local(p.grad))
+        self._prepared = self._spread_refreshes()
+        try:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    if p.grad.is_sparse:
+                        raise RuntimeError(f"{self._param_names[p]} has a sparse gradient, which is not supported")
+                    self._step_one(p, group, local(p.grad))
+        finally:
+            self._prepared = {}  # a step that raised leaves nothing for the next one
         return loss
+
+    def _spread_refreshes(self) -> dict[Tensor, dict[str, Tensor]]:
+        """This step's due refreshes of row-sharded matrices, each computed on one rank and shared."""
+        if not self.spread:
+            return {}
+        due = []
+        for group in self.param_groups:
+            for p in group["params"] if "rank" in group else ():
+                if p.grad is None or not is_sharded(p) or p.grad.is_sparse or not refresh_due(self.state[p], group):
+                    continue
+                ctx = self._context(p)
+                if spreadable(ctx):
+                    due.append((p, ctx, local(p.grad).to(compute_dtype(p.dtype))))  # as _step_one widens it
+        return spread_refreshes(due)
 
     def _step_one(self, p: Tensor, group: dict[str, Any], grad: Tensor | None, low: Tensor | None = None) -> None:
         """One parameter: the projected step, or the rule in full for a group without ``rank``; a
@@ -269,7 +293,7 @@ class ProjectedOptimizer(Optimizer):
     ) -> None:
         """Step ``weight`` (``p``'s local tensor, or its float32 working copy) in place."""
         if "rank" in group:
-            projected_step(self._context(p), weight, grad, low)
+            projected_step(self._context(p, self._prepared.pop(p, None)), weight, grad, low)
         else:
             assert grad is not None
             full_step(self.rule_of(group), self.placement(p), weight, grad, self.state[p], group)
@@ -282,8 +306,7 @@ class ProjectedOptimizer(Optimizer):
         group = self._param_groups_of[p]
         if "rank" not in group or group["residual"] != "none":
             return True
-        # refresh_due covers "no basis yet": last_refresh is -1 until the first refresh stores one
-        return not self.state[p] or self._context(p).refresh_due()
+        return refresh_due(self.state[p], group)
 
     def project_gradient(self, p: Tensor, grad: Tensor) -> Tensor:
         """``down(grad)`` in ``p``'s current basis, in the step's dtype (float32 for bf16 weights); valid

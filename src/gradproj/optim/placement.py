@@ -15,8 +15,10 @@ says how each of those reads and writes a matrix that may be split across proces
     - ``left``/``full`` (``R = P^T G``, r x n, or ``P^T G Q^T``): ``R = sum_i P_i^T G_i`` is all-reduced;
       each rank keeps the moments of its rows of ``R`` (``ceil(r / world)`` each, possibly none) and the
       rows of ``u`` are all-gathered to form ``P_i u``;
-    - a refresh all-gathers the full gradient and computes the basis exactly as one process would;
-      each rank keeps its rows of ``P`` and a column block of ``Q`` (gathered when stepping);
+    - a refresh computes the basis from the whole gradient exactly as one process would: on one rank,
+      which gathers it (:meth:`RowSharded.gather_to`) and broadcasts the basis (:mod:`gradproj.optim.spread`),
+      or on every rank from an all-gather (:meth:`RowSharded.full_gradient`); each rank keeps its rows of
+      ``P`` and a column block of ``Q`` (gathered when stepping);
     - Fira's and APOLLO's norms (tensor-wise ratios, the growth limiter) are all-reduced over the rows;
       per-channel ratios are local (right side: rows are local; left: ``u`` and ``R`` are whole);
     - other sums over rows (RACS's column sweep, Alice's tracked ``R^T R`` and a left basis' per-column
@@ -44,7 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -134,10 +136,15 @@ class Local(AllRows):
         parameter's for full-rank groups); tensors under ``replicated`` keys are whole on every process."""
         yield state
 
+    def whole_view(self, state: dict[str, Any], last_basis: bool) -> dict[str, Any]:
+        """The state as a refresh reads it, plain tensors (a new dict): every statistic a refresh may
+        read whole, and the whole last basis if ``last_basis`` (under FSDP2 that gathers it)."""
+        return dict(state)
+
     @contextlib.contextmanager
-    def whole_bases(self, state: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """The state as a refresh reads and writes it: the whole last basis, plain tensors; what the
-        projector stores in it is written back (and :meth:`after_refresh` keeps this process's share)."""
+    def whole_bases(self, state: dict[str, Any], last_basis: bool = True) -> Iterator[dict[str, Any]]:
+        """:meth:`whole_view` for a refresh to write into: what the projector stores in it is written
+        back (and :meth:`after_refresh` keeps this process's share)."""
         yield state
 
 
@@ -193,16 +200,46 @@ class RowSharded(Local):
         return [Replicate()] * (self.mesh.ndim - 1) + [placement]
 
     def full_gradient(self, grad: Tensor) -> Tensor:
-        out = torch.empty(self.shape, dtype=grad.dtype, device=grad.device)
-        parts = [out[row_chunk(self.shape[0], r, self.world)] for r in range(self.world)]
-        padded = math.ceil(self.shape[0] / self.world)
-        buffers = [torch.zeros(padded, *self.shape[1:], dtype=grad.dtype, device=grad.device) for _ in parts]
-        mine = torch.zeros_like(buffers[0])
-        mine[: grad.shape[0]] = grad
+        mine = self._padded(grad)
+        buffers = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(buffers, mine, group=self.group)
-        for part, buffer in zip(parts, buffers, strict=True):
-            part.copy_(buffer[: part.shape[0]])
-        return out
+        return self._assembled(buffers)
+
+    def gather_to(self, grad: Tensor, owner: int) -> Callable[[], Tensor | None]:
+        """Start sending this rank's rows of ``grad`` to ``owner`` (a rank of the shard group), without
+        waiting; the function returned waits, and gives the owner the whole gradient (others: None)."""
+        mine = self._padded(grad)
+        buffers = [torch.empty_like(mine) for _ in range(self.world)] if self.rank == owner else None
+        dst = dist.get_global_rank(self.group, owner)
+        work = dist.gather(mine, buffers, dst=dst, group=self.group, async_op=True)
+
+        def whole() -> Tensor | None:
+            work.wait()
+            if buffers is None:
+                return None
+            assembled = self._assembled(buffers)
+            buffers.clear()  # one whole copy at a time
+            return assembled
+
+        return whole
+
+    def broadcast_from(self, tensors: list[Tensor], owner: int) -> list[Any]:
+        """Start sending ``tensors`` from ``owner`` to every rank of the shard group, in place (the
+        others pass buffers of the same shapes); returns the works to wait on."""
+        src = dist.get_global_rank(self.group, owner)
+        return [dist.broadcast(t, src=src, group=self.group, async_op=True) for t in tensors]
+
+    def _padded(self, grad: Tensor) -> Tensor:
+        """This rank's rows of a ``self.shape`` matrix in a buffer of FSDP2's (equal) shard size."""
+        rows = math.ceil(self.shape[0] / self.world)
+        padded = torch.zeros(rows, *self.shape[1:], dtype=grad.dtype, device=grad.device)
+        padded[: grad.shape[0]] = grad
+        return padded
+
+    def _assembled(self, buffers: list[Tensor]) -> Tensor:
+        """The whole matrix from every rank's :meth:`_padded` rows."""
+        chunks = [row_chunk(self.shape[0], r, self.world) for r in range(self.world)]
+        return torch.cat([b[: c.stop - c.start] for b, c in zip(buffers, chunks, strict=True)])
 
     def after_refresh(self, state: dict[str, Any], layout: Layout, bases: Bases) -> Bases:
         if "basis_left" in state:  # m x r: this rank's rows, like the weight
@@ -299,12 +336,18 @@ class RowSharded(Local):
             else:
                 state[key] = self._row_shard(value, shape, absmax=key.endswith("_absmax"))
 
-    @contextlib.contextmanager
-    def whole_bases(self, state: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def whole_view(self, state: dict[str, Any], last_basis: bool) -> dict[str, Any]:
         plain = {k: v for k, v in state.items() if not is_sharded(v)}
         for key, value in state.items():
-            if is_sharded(value) and (key.startswith("basis_") or _replicated(value)):
-                plain[key] = value.full_tensor() if key.startswith("basis_") else value.to_local()
+            if is_sharded(value) and key.startswith("basis_") and last_basis:
+                plain[key] = value.full_tensor()
+            elif _replicated(value):
+                plain[key] = value.to_local()
+        return plain
+
+    @contextlib.contextmanager
+    def whole_bases(self, state: dict[str, Any], last_basis: bool = True) -> Iterator[dict[str, Any]]:
+        plain = self.whole_view(state, last_basis)
         before = dict(plain)
         yield plain
         for key, value in plain.items():

@@ -79,6 +79,9 @@ class ProjectedContext:
     probe: StepProbe | None = None
     #: the dtype the step computes in (float32 for bf16 weights; their bases are stored in bf16)
     compute: torch.dtype | None = None
+    #: this step's refresh, computed on another rank and shared (:mod:`gradproj.optim.spread`): the
+    #: entries the projector would write (:meth:`~gradproj.projection.projectors.Projector.fresh_entries`)
+    prepared: dict[str, Tensor] | None = None
 
     @property
     def replicated(self) -> tuple[str, ...]:
@@ -112,15 +115,24 @@ class ProjectedContext:
         return widen(bases[0], self.compute), widen(bases[1], self.compute)
 
     def refresh_due(self) -> bool:
-        return self.state["step"] % self.group["update_proj_gap"] == 0 or self.state["last_refresh"] < 0
+        return refresh_due(self.state, self.group)
+
+
+def refresh_due(state: dict[str, Any], group: dict[str, Any]) -> bool:
+    """Whether a parameter with this state refreshes its basis on its next step: on its first step
+    (no state, or no basis yet) and every ``update_proj_gap`` steps."""
+    return not state or state["step"] % group["update_proj_gap"] == 0 or state["last_refresh"] < 0
+
+
+def initial_counters(ctx: ProjectedContext) -> dict[str, int]:
+    """The step counters and the basis seed a parameter's state starts with."""
+    return {"step": 0, "last_refresh": -1, "proj_seed": derive_seed(ctx.group["seed"], ctx.seed_key)}
 
 
 def init_state(ctx: ProjectedContext, weight: Tensor) -> None:
     """Step counters, the seed, and zeroed moments of this process's share of ``R``."""
     state = ctx.state
-    state["step"] = 0
-    state["last_refresh"] = -1
-    state["proj_seed"] = derive_seed(ctx.group["seed"], ctx.seed_key)
+    state.update(initial_counters(ctx))
     with ctx.placement.local_state(state, ctx.low_shape, ctx.replicated) as plain:
         ctx.rule.init_state(plain, ctx.placement.moment_shape(ctx.layout), weight, full_shape=ctx.low_shape)
 
@@ -130,10 +142,7 @@ def refresh(ctx: ProjectedContext, grad: Tensor, old: Bases) -> Bases:
     state, group, place = ctx.state, ctx.group, ctx.placement
     first = state["last_refresh"] < 0
     state["last_refresh"] = state["step"]
-    full = place.full_gradient(grad)
-    with place.whole_bases(state) as whole:  # the eigh projector warm-starts from the whole last basis
-        fresh = ctx.projector.refresh(full, whole, ctx.layout, group)
-    new = place.after_refresh(state, ctx.layout, fresh)
+    new = place.after_refresh(state, ctx.layout, fresh_basis(ctx, grad))
     if ctx.projector.cache:
         ctx.cache[ctx.key] = new
     new = ctx.widen(new)
@@ -152,6 +161,18 @@ def refresh(ctx: ProjectedContext, grad: Tensor, old: Bases) -> Bases:
         if first_moment is not None:
             moments["first"] = rotate_first(first_moment, c_left, c_right)
     return new
+
+
+def fresh_basis(ctx: ProjectedContext, grad: Tensor) -> Bases:
+    """Store this refresh's basis (whole) in the state and return it: computed here from the whole
+    gradient, or the one another rank computed (``ctx.prepared``)."""
+    if ctx.prepared is not None:
+        ctx.state.update(ctx.prepared)
+        return ctx.projector.materialize(ctx.prepared, ctx.layout)
+    place, projector = ctx.placement, ctx.projector
+    full = place.full_gradient(grad) if projector.reads_gradient else grad  # a seeded basis reads no gradient
+    with place.whole_bases(ctx.state, last_basis=projector.warm_starts) as whole:
+        return projector.refresh(full, whole, ctx.layout, ctx.group)
 
 
 def projected_step(ctx: ProjectedContext, weight: Tensor, grad: Tensor | None, low: Tensor | None = None) -> None:

@@ -107,6 +107,10 @@ class Projector:
     changes_basis = True
     #: state keys in ``R``'s coordinates that every process keeps whole under a row split (FSDP2)
     replicated_state: tuple[str, ...] = ()
+    #: whether a refresh reads the gradient (under FSDP2 that gathers it whole; a seeded basis does not)
+    reads_gradient = True
+    #: whether a refresh reads the last basis (the eigh projector warm-starts from it)
+    warm_starts = False
 
     def refresh(self, grad: Tensor, state: dict[str, Any], layout: Layout, group: dict[str, Any]) -> Bases:
         """Compute a new basis from ``grad``, store it in ``state`` and return it materialized."""
@@ -115,6 +119,11 @@ class Projector:
     def materialize(self, state: dict[str, Any], layout: Layout) -> Bases:
         """Rebuild the current basis from ``state`` alone."""
         raise NotImplementedError
+
+    def fresh_entries(self, layout: Layout) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """``{key: (shape, dtype)}`` of what :meth:`refresh` writes into the state, in a fixed order: what
+        a refresh computed on one rank sends the others (:mod:`gradproj.optim.spread`)."""
+        return {}
 
     def observe(
         self, low: Tensor, state: dict[str, Any], layout: Layout, group: dict[str, Any], rows: Rows = ALL_ROWS
@@ -148,6 +157,11 @@ class _StoredBasis(Projector):
 
     def materialize(self, state: dict[str, Any], layout: Layout) -> Bases:
         return state.get("basis_left"), state.get("basis_right")
+
+    def fresh_entries(self, layout: Layout) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        (m, n), r = layout.shape, layout.rank
+        left = {"basis_left": ((m, r), layout.dtype)} if layout.side in ("left", "full") else {}
+        return {**left, **({"basis_right": ((r, n), layout.dtype)} if layout.side in ("right", "full") else {})}
 
     def state_numel(self, layout: Layout, group: dict[str, Any] | None = None) -> tuple[int, int]:
         m, n = layout.shape
@@ -196,6 +210,10 @@ class DCTProjector(Projector):
             return None, None
         return dct_bases(state.get("index_left"), state.get("index_right"), layout.shape, layout.dtype, layout.device)
 
+    def fresh_entries(self, layout: Layout) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        sides = {"index_left": ("left", "full"), "index_right": ("right", "full")}
+        return {key: ((layout.rank,), torch.int64) for key, on in sides.items() if layout.side in on}
+
     def state_numel(self, layout: Layout, group: dict[str, Any] | None = None) -> tuple[int, int]:
         return 0, layout.rank * (2 if layout.side == "full" else 1)
 
@@ -203,6 +221,7 @@ class DCTProjector(Projector):
 class RandomProjector(Projector):
     name = "random"
     cache = True
+    reads_gradient = False
 
     def refresh(self, grad: Tensor, state: dict[str, Any], layout: Layout, group: dict[str, Any]) -> Bases:
         # the optimizer has already set state["last_refresh"]; the seed follows from it
@@ -223,6 +242,7 @@ class EighProjector(_StoredBasis):
 
     name = "eigh"
     replicated_state = ("tracked_cov",)
+    warm_starts = True
 
     def _compute(self, grad: Tensor, state: dict[str, Any], layout: Layout, group: dict[str, Any]) -> Bases:
         left = layout.side == "left"
@@ -269,6 +289,7 @@ class IdentityProjector(Projector):
 
     name = "identity"
     changes_basis = False
+    reads_gradient = False
 
     def refresh(self, grad: Tensor, state: dict[str, Any], layout: Layout, group: dict[str, Any]) -> Bases:
         return None, None
