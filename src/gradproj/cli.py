@@ -9,6 +9,8 @@ gradproj bench quality --device cuda  # every method and peer side by side, lear
 gradproj bench table runs/quality.jsonl --plots runs/figures
 gradproj bench refresh                # svd vs rsvd vs dct vs random basis refreshes
 gradproj report RUN_DIR [RUN_B]       # HTML page of a run's loss and training dynamics
+gradproj generate RUN_DIR --prompt "ROMEO:"   # text from the model a run trained (RUN_DIR/model)
+gradproj export CHECKPOINT --out DIR  # any checkpoint as a Hugging Face folder
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from .train.cli import add_parsers as add_train_parsers
 from .train.cli import run as run_training
 from .train.export import add_parser as add_export_parser
 from .train.export import run as run_export
+from .train.generate import add_parser as add_generate_parser
+from .train.generate import run as run_generate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parsers(sub)
     add_memory_parser(sub)
     add_export_parser(sub)
+    add_generate_parser(sub)
     add_bench_parsers(sub)
     add_report_parser(sub)
     return parser
@@ -55,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_report(args)
     if args.command == "export":
         return run_export(args)
+    if args.command == "generate":
+        return run_generate(args)
     return run_bench(args)
 
 

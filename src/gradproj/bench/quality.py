@@ -71,6 +71,7 @@ def bench_config(
         autocast="off",
         save_every=0,
         checkpoints=False,
+        export=False,
         log_every=1,
         progress=False,
         tensorboard=False,

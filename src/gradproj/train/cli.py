@@ -158,6 +158,9 @@ def format_summary(summary: dict[str, Any], config: TrainConfig) -> str:
         )
     else:
         rows.append(("held-out", f"loss {ev['loss']:.3f}, accuracy {ev['accuracy']:.4f}, F1 {ev['f1']:.4f}"))
+    if summary.get("model_dir"):
+        kind = "AutoModelForCausalLM" if "ppl" in ev else "AutoModelForSequenceClassification"
+        rows.append(("exported", f"{summary['model_dir']} ({kind}.from_pretrained; gradproj generate for text)"))
     memory = summary.get("memory")
     if memory and memory.get("measured"):
         from .memory_check import format_memory

@@ -172,6 +172,12 @@ class TrainConfig:
         group=OUTPUTS,
         resumable=True,
     )
+    export: bool = option(
+        True,
+        help="no final model folder (RUN/model, a Hugging Face folder; gradproj export writes one later)",
+        group=OUTPUTS,
+        resumable=True,
+    )
     log_every: int = option(10, help="steps between log rows", minimum=1, group=OUTPUTS, resumable=True)
     out: str | None = option(
         None, help="run folder (default runs/<command>-<optimizer>-<time>)", group=OUTPUTS, resumable=True

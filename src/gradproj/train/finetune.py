@@ -21,6 +21,7 @@ from torch import nn
 
 from ..data.embedded import LabelledTexts, load_bbc_news, minilm_path
 from .config import FinetuneConfig
+from .export import label_names
 from .loop import Trainer
 from .parallel import rank_zero_first
 from .progress import RunResult
@@ -109,6 +110,7 @@ class FinetuneTask:
             tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         except Exception as error:
             raise ValueError(f"--model {self.model_path}: no tokenizer ({type(error).__name__}: {error})") from None
+        self.tokenizer = tokenizer
         self.train, self.held_out = (
             self._encode(tokenizer, train_texts, train_y),
             self._encode(tokenizer, held_texts, held_y),
@@ -134,7 +136,7 @@ class FinetuneTask:
         logging.disable_progress_bar()  # a bar for loading 103 tensors is noise in the run's output
         try:
             model: nn.Module = AutoModelForSequenceClassification.from_pretrained(
-                self.model_path, num_labels=len(self.labels)
+                self.model_path, **label_names(self.labels)
             )
         except Exception as error:
             raise ValueError(f"--model {self.model_path}: could not load ({type(error).__name__}: {error})") from None
@@ -176,6 +178,9 @@ class FinetuneTask:
         metrics = {"loss": total / len(held), "accuracy": float((predicted == held.labels).double().mean())}
         metrics["f1"] = f1_score(predicted, held.labels, len(self.labels), binary=self.binary_f1)
         return metrics
+
+    def export_tokenizer(self) -> Any:
+        return self.tokenizer
 
     def describe(self) -> dict[str, Any]:
         return {

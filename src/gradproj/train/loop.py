@@ -66,6 +66,7 @@ class Task(Protocol):
     def count(self, batch: dict[str, torch.Tensor]) -> int: ...
     def evaluate(self, model: nn.Module) -> dict[str, float]: ...
     def describe(self) -> dict[str, Any]: ...
+    def export_tokenizer(self) -> Any: ...  # a transformers tokenizer, saved next to the exported model
 
 
 class Trainer:
@@ -147,13 +148,13 @@ class Trainer:
                             self._save(model, optimizer, scheduler, progress, logger)
                         meter.exclude(time.perf_counter() - paused)
             final = self._evaluate(model, progress, logger)
-            if cfg.checkpoints:
-                self._save(model, optimizer, scheduler, progress, logger)
+            last = self._save(model, optimizer, scheduler, progress, logger) if cfg.checkpoints else None
         finally:
             bar.close()
             logger.write_dynamics(self.dynamics.drain() if self.dynamics else [])
             logger.close()
         summary = self._summary(model, progress, final, losses, optimizer)
+        summary["model_dir"] = self._export(model, last)
         summary["seconds"] = time.perf_counter() - started
         if main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -314,10 +315,29 @@ class Trainer:
         self.parallel.barrier()
         return path
 
+    def _export(self, model: nn.Module, checkpoint: Path | None) -> str | None:
+        """The final model as a Hugging Face folder (``RUN/model``), by rank 0: the live model, or under
+        ``--fsdp`` the final checkpoint read back (its shards, once); None without one."""
+        from .export import MODEL_DIR, export_checkpoint, write_model_folder
+
+        out = self.run_dir / MODEL_DIR
+        if not self.config.export or (self.config.fsdp and checkpoint is None):
+            return None  # nothing to read the shards from (--no-checkpoints); gradproj export needs a checkpoint
+        if self.parallel.main:
+            if self.config.fsdp:
+                export_checkpoint(checkpoint, out)  # type: ignore[arg-type]
+            else:
+                write_model_folder(model, self.task.export_tokenizer(), out)
+        self.parallel.barrier()
+        return str(out)
+
     def _write_run_files(self) -> None:
         if not self.parallel.main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        from .export import TOKENIZER_DIR
+
+        self.task.export_tokenizer().save_pretrained(str(self.run_dir / TOKENIZER_DIR))  # gradproj export reads it
         config = {**self.config.to_dict(), "resolved_rank": self.rank, "task": self.task.describe()}
         (self.run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
         (self.run_dir / "environment.json").write_text(json.dumps(environment(self.config.device), indent=2))

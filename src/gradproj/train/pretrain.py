@@ -51,6 +51,9 @@ class PretrainTask:
         mean, tokens = heldout_loss(model, self.eval_windows)
         return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": float(tokens)}
 
+    def export_tokenizer(self) -> Any:
+        return self.data.tokenizer.as_transformers()
+
     def resident_tensors(self) -> tuple[torch.Tensor, ...]:
         """What the task keeps for the whole run (the memory meter counts it apart from the step's)."""
         return (self.data.train.ids, self.data.validation.ids, self.eval_windows)

@@ -124,6 +124,15 @@ class Tokenizer:
         except Exception as error:
             raise ValueError(f"--tokenizer {name}: could not load ({type(error).__name__}: {error})") from None
 
+    def as_transformers(self) -> Any:
+        """This tokenizer as a ``transformers`` one, to save next to a model (our BPE has no special
+        tokens: text is joined by blank lines, so a model trained on it has no BOS, EOS or padding)."""
+        if self.hugging_face:
+            return self.backend
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast(tokenizer_object=self.backend, clean_up_tokenization_spaces=False)
+
     @property
     def vocab_size(self) -> int:
         return len(self.backend) if self.hugging_face else int(self.backend.get_vocab_size())
