@@ -93,6 +93,24 @@ def test_export_writes_the_final_folder_from_a_checkpoint(run: Any, tmp_path: Pa
         assert (out / name).read_text() == (result.run_dir / "model" / name).read_text(), name
 
 
+def test_init_from_an_exported_model_continues_from_its_weights(run: Any, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from gradproj.train.pretrain import PretrainTask, next_token_loss
+
+    result, data = run
+    options = {k: v for k, v in TINY.items() if k != "model"}  # the architecture is the weights' own
+    config = PretrainConfig(**options, init_from=str(result.run_dir), steps=1, out=str(tmp_path / "more"))  # type: ignore[arg-type]
+    task = PretrainTask(config)
+    assert torch.equal(task.data.train.ids, data.train.ids)  # the exported tokenizer gives the run's own tokens
+    continued = pretrain(config)
+    exported = AutoModelForCausalLM.from_pretrained(result.run_dir / "model")
+    with torch.no_grad():
+        first = float(next_token_loss(exported, task.batch(0, config.batch_size)["tokens"]))
+    assert continued.losses[0] == pytest.approx(first, rel=1e-6)  # step 1 ran on the exported weights
+    assert continued.summary["model_name"] == str(result.run_dir)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -100,6 +118,9 @@ def test_export_writes_the_final_folder_from_a_checkpoint(run: Any, tmp_path: Pa
         (["generate", "{run}", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens 0: must be at least 1"),
         (["generate", "{run}", "--prompt", "x", "--temperature", "0"], "--temperature 0.0: must be above 0"),
         (["generate", "{weightless}", "--prompt", "x"], "could not load a causal LM"),
+        (["pretrain", "--init-from", "{weightless}", "--steps", "1"], "could not load a causal LM"),
+        (["pretrain", "--init-from", "{empty}", "--steps", "1"], "neither a model folder"),
+        (["pretrain", "--init-from", "{run}", "--model", "llama-1m", "--steps", "1"], "is not a --model llama-1m"),
     ],
 )
 def test_bad_input_is_one_line(

@@ -190,8 +190,8 @@ def test_any_hugging_face_causal_lm_config(tmp_path: Path, text_file: Path, caps
 
     weights = load_file(run / "checkpoints/step-00000002/model.safetensors")
     assert "model.layers.0.self_attn.q_proj.bias" in weights  # Qwen2's biased projections: not a LLaMA
-    assert "not a loadable Hugging Face config" in _error(
-        capsys, ["--data", str(text_file), "--model", str(tmp_path / "run")]
+    assert "not a loadable Hugging Face config" in _error(  # a folder with no config (a run folder has model/)
+        capsys, ["--data", str(text_file), "--model", str(tmp_path / "run" / "checkpoints")]
     )
 
 

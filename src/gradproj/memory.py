@@ -99,7 +99,7 @@ class Setup:
         """The plan of a trainer config (:class:`gradproj.train.config.PretrainConfig`) on ``world_size``
         ranks: the same flags."""
         return cls(
-            model=config.model or "",
+            model=getattr(config, "model_name", None) or config.model or "",  # pre-training: --init-from's too
             optimizer=config.optim.name,
             rank=config.optim.rank,
             layerwise=config.layerwise,

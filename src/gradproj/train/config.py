@@ -53,6 +53,10 @@ def _bf16_update_help() -> str:
     )
 
 
+#: the pre-training model when neither ``--model`` nor ``--init-from`` names one
+DEFAULT_MODEL = "llama-5m"
+
+
 def _llama_shapes() -> str:
     from .models import LLAMA_SHAPES
 
@@ -306,7 +310,19 @@ def upgrade(values: dict[str, Any]) -> dict[str, Any]:
 class PretrainConfig(TrainConfig):
     """Pre-training a causal LM from scratch."""
 
-    model: str = option("llama-5m", help=_llama_shapes, group=DATA, planned=True)
+    model: str | None = option(
+        None,
+        help=lambda: f"{_llama_shapes()} (default: {DEFAULT_MODEL}, or --init-from's own)",
+        group=DATA,
+        planned=True,
+    )
+    init_from: str | None = option(
+        None,
+        help="start from these weights instead of random ones: a run folder (its exported model), a Hugging Face "
+        "folder or a causal-LM name; its tokenizer unless --tokenizer",
+        group=DATA,
+        planned=True,
+    )
     data: str | None = option(
         None, help="text file, folder of .txt, or hf:NAME[:CONFIG] (default: embedded Shakespeare)", group=DATA
     )
@@ -320,6 +336,23 @@ class PretrainConfig(TrainConfig):
     eval_tokens: int = option(
         65_536, help="held-out tokens per evaluation (fixed windows, the same every time)", minimum=2, group=DATA
     )
+
+    @property
+    def model_name(self) -> str:
+        """The architecture: ``model``, else ``init_from``'s (its config), else :data:`DEFAULT_MODEL`."""
+        return self.model or self.init_from or DEFAULT_MODEL
+
+    @property
+    def tokenizer_name(self) -> str | None:
+        """The Hugging Face tokenizer to use: ``tokenizer``, else ``init_from``'s; None: train a BPE."""
+        if self.tokenizer or not self.init_from:
+            return self.tokenizer
+        from .export import model_folder
+
+        try:
+            return model_folder(self.init_from)
+        except ValueError as error:
+            raise ValueError(f"--init-from {error}") from None
 
 
 @dataclass(kw_only=True)

@@ -31,6 +31,17 @@ MODEL_DIR, TOKENIZER_DIR = "model", "tokenizer"
 SAMPLING = {"do_sample": True, "temperature": 0.8, "top_k": 50, "max_new_tokens": 64}
 
 
+def model_folder(name: str) -> str:
+    """``name`` as a model to load: a run folder means its exported final model (``RUN/model``); a
+    folder must hold a ``config.json``; anything else is a Hugging Face name."""
+    path = Path(name)
+    if (path / MODEL_DIR / "config.json").is_file():
+        return str(path / MODEL_DIR)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ValueError(f"{name}: neither a model folder (no config.json) nor a run folder with {MODEL_DIR}/")
+    return name
+
+
 def write_model_folder(model: nn.Module, tokenizer: Any, out: Path) -> Path:
     """``model`` (a transformers model) and ``tokenizer`` as a Hugging Face folder at ``out``, written to
     a temporary folder and renamed into place (an interrupted export leaves the previous one whole)."""
@@ -90,7 +101,8 @@ def _skeleton(path: Path, meta: dict[str, Any]) -> nn.Module:
     config, task = meta.get("config", {}), meta.get("task", {})
     with torch.device("meta"):
         if config.get("kind") == "PretrainConfig":
-            return build_causal_lm(config["model"], vocab_size=task["vocab_size"], seq_len=config["seq_len"])
+            name = task.get("model") or config["model"]  # the architecture the run resolved (--init-from's)
+            return build_causal_lm(name, vocab_size=task["vocab_size"], seq_len=config["seq_len"])
         if config.get("kind") == "FinetuneConfig":
             labels = task["labels"]
             hf_config = AutoConfig.from_pretrained(task["model_path"], **label_names(labels))

@@ -12,22 +12,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from .export import MODEL_DIR, SAMPLING
-
-
-def model_folder(name: str) -> str:
-    """``name`` as a model to load: a run folder means its exported final model (``RUN/model``)."""
-    path = Path(name)
-    if (path / MODEL_DIR / "config.json").is_file():
-        return str(path / MODEL_DIR)
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise ValueError(f"{name}: neither a model folder (no config.json) nor a run folder with {MODEL_DIR}/")
-    return name
+from .export import SAMPLING, model_folder
 
 
 def load_causal_lm(name: str) -> tuple[Any, Any]:

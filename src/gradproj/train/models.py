@@ -64,8 +64,10 @@ def model_config(name: str, *, vocab_size: int, seq_len: int) -> Any:
         )
     from transformers import AutoConfig
 
+    from .export import model_folder
+
     try:
-        config = AutoConfig.from_pretrained(name)
+        config = AutoConfig.from_pretrained(model_folder(name))  # a run folder: its exported model's
     except Exception as error:  # offline, no such repository, not a config folder
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"--model {name}: not a loadable Hugging Face config ({reason})") from None
@@ -79,6 +81,53 @@ def build_causal_lm(name: str, *, vocab_size: int, seq_len: int) -> nn.Module:
 
     model: nn.Module = AutoModelForCausalLM.from_config(model_config(name, vocab_size=vocab_size, seq_len=seq_len))
     return model
+
+
+#: the config fields that make two causal LMs the same architecture (``--init-from`` against ``--model``)
+ARCHITECTURE = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+)
+
+
+def load_causal_lm_weights(name: str, *, model: str | None, vocab_size: int, seq_len: int) -> nn.Module:
+    """The causal LM at ``name`` (a run folder, a Hugging Face folder or name) with its weights, for
+    ``--init-from``; refused when it is not ``model``'s architecture (if given) or has another vocabulary
+    than the tokenizer's ``vocab_size``."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    from .export import model_folder
+
+    folder = model_folder(name)
+    logging.disable_progress_bar()
+    try:
+        loaded: nn.Module = AutoModelForCausalLM.from_pretrained(folder)
+    except Exception as error:  # no weights, not a causal LM, offline and not cached ...
+        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise ValueError(f"--init-from {name}: could not load a causal LM ({reason})") from None
+    finally:
+        logging.enable_progress_bar()
+    have = getattr(loaded, "config").to_dict()  # noqa: B009  (a transformers model's)
+    if int(have["vocab_size"]) != vocab_size:
+        raise ValueError(
+            f"--init-from {name}: its embeddings have {have['vocab_size']} tokens, the tokenizer {vocab_size}; "
+            "drop --tokenizer (the model's own is the default) or give the one it was trained with"
+        )
+    if model is not None:
+        want = model_config(model, vocab_size=vocab_size, seq_len=seq_len).to_dict()
+        differ = [f"{k} {have.get(k)} vs {want.get(k)}" for k in ARCHITECTURE if have.get(k) != want.get(k)]
+        if differ:
+            raise ValueError(
+                f"--init-from {name} is not a --model {model} ({', '.join(differ)}); drop --model (the weights' "
+                "own architecture is the default) or give the matching one"
+            )
+    return loaded
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:

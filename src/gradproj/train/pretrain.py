@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import PretrainConfig
 from .loop import Trainer
-from .models import build_causal_lm
+from .models import build_causal_lm, load_causal_lm_weights
 from .parallel import rank_zero_first
 from .progress import RunResult
 from .text import PretrainData, prepare_pretrain_data
@@ -30,13 +30,15 @@ class PretrainTask:
 
     def __init__(self, config: PretrainConfig, data: PretrainData | None = None) -> None:
         self.config = config
-        self.data = data or prepare_pretrain_data(config.data, config.tokenizer, config.vocab_size, config.seq_len)
+        self.data = data or prepare_pretrain_data(config.data, config.tokenizer_name, config.vocab_size, config.seq_len)
         count = min(config.eval_tokens // config.seq_len, self.data.validation.windows)
         self.eval_windows = torch.stack([self.data.validation.window(i) for i in range(max(1, count))])
 
     def build_model(self) -> nn.Module:
-        cfg = self.config
-        return build_causal_lm(cfg.model, vocab_size=self.data.tokenizer.vocab_size, seq_len=cfg.seq_len)
+        cfg, vocab = self.config, self.data.tokenizer.vocab_size
+        if cfg.init_from:  # continued pre-training from real weights
+            return load_causal_lm_weights(cfg.init_from, model=cfg.model, vocab_size=vocab, seq_len=cfg.seq_len)
+        return build_causal_lm(cfg.model_name, vocab_size=vocab, seq_len=cfg.seq_len)
 
     def batch(self, position: int, size: int) -> dict[str, torch.Tensor]:
         return {"tokens": self.data.train.batch(position, size, self.config.seed)}  # batch x (seq_len + 1)
@@ -60,6 +62,7 @@ class PretrainTask:
 
     def describe(self) -> dict[str, Any]:
         return {
+            "model": self.config.model_name,
             "data": self.data.source,
             "train_tokens": int(self.data.train.ids.numel()),
             "heldout_tokens": int(self.data.validation.ids.numel()),

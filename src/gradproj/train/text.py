@@ -138,9 +138,12 @@ class Tokenizer:
         return len(self.backend) if self.hugging_face else int(self.backend.get_vocab_size())
 
     def encode(self, docs: list[str]) -> torch.Tensor:
-        """All documents as one int64 stream (BPE: joined by a blank line; HF: by the EOS token)."""
+        """All documents as one int64 stream: joined by the EOS token of a Hugging Face tokenizer that
+        has one, else by a blank line (our BPE, and one exported with a gradproj model: the same ids)."""
         if not self.hugging_face:
             return encode_corpus(self.backend, "\n\n".join(docs))
+        if self.backend.eos_token_id is None and getattr(self.backend, "is_fast", False):
+            return encode_corpus(self.backend.backend_tokenizer, "\n\n".join(docs))
         eos = [self.backend.eos_token_id] if self.backend.eos_token_id is not None else []
         ids = [i for doc in docs for i in self.backend(doc, add_special_tokens=False)["input_ids"] + eos]
         return torch.tensor(ids, dtype=torch.int64)
