@@ -155,6 +155,7 @@ BLOCK_KINDS = (
     "memory",
     "comm",
     "spread",
+    "sft",
 )
 
 
@@ -180,6 +181,10 @@ def render_block(kind: str, records: list[dict[str, Any]]) -> str:
         from .speed import speed_table
 
         return speed_table(records)
+    if kind == "sft":
+        from .sft import sft_table
+
+        return sft_table(records)
     if kind in ("comm", "spread"):
         from .comm import comm_table, spread_table
 

@@ -37,7 +37,7 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt, or does not fit the run resuming from it."""
 
 
-def _reason(error: Exception) -> str:
+def error_reason(error: Exception) -> str:
     """The first line of an underlying error: enough to say why, short enough for one line."""
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
@@ -160,13 +160,13 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     try:
         load_model(model, str(path / "model.safetensors"), strict=True)
     except Exception as error:
-        raise CheckpointError(f"checkpoint {path}: model weights do not load ({_reason(error)})") from None
+        raise CheckpointError(f"checkpoint {path}: model weights do not load ({error_reason(error)})") from None
     try:
         optimizer_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
         state = torch.load(path / "trainer.pt", weights_only=True, map_location="cpu")
         optimizer.load_state_dict(optimizer_state)
     except Exception as error:
-        raise CheckpointError(f"checkpoint {path}: optimizer state does not load ({_reason(error)})") from None
+        raise CheckpointError(f"checkpoint {path}: optimizer state does not load ({error_reason(error)})") from None
     if scheduler is not None and state["scheduler"]:
         scheduler.load_state_dict(state["scheduler"])
     set_rng_states(state["rng"])

@@ -41,13 +41,16 @@ def add_parsers(sub: Any) -> None:
 
     fine = sub.add_parser(
         "finetune",
-        help="fine-tune a pretrained encoder for classification (default: MiniLM on BBC News, offline)",
+        help="fine-tune an encoder for classification (MiniLM on BBC News, offline) or a causal LM on pairs",
         formatter_class=formatter,
-        description="Fine-tune a pretrained encoder for sequence classification with any gradproj optimizer.",
+        description="Fine-tune a pretrained encoder for sequence classification, or a causal LM on prompt/response "
+        "pairs (--task causal-lm: the loss on responses only), with any gradproj optimizer.",
         epilog="examples:\n"
         "  gradproj finetune                                   # all-MiniLM-L6-v2 on BBC News (CPU, minutes)\n"
         "  gradproj finetune --optimizer adamw --steps 200\n"
-        "  gradproj finetune --model roberta-base --task mrpc --device cuda   # GLUE, needs the network",
+        "  gradproj finetune --model roberta-base --task mrpc --device cuda   # GLUE, needs the network\n"
+        "  gradproj finetune --task causal-lm --model runs/pretrain-...      # a run's model on BBC News as text\n"
+        "  gradproj finetune --task causal-lm --model RUN --data chat.jsonl  # {prompt, response} or {messages}",
     )
     _add_flags(fine, FinetuneConfig)
 
@@ -149,7 +152,15 @@ def format_summary(summary: dict[str, Any], config: TrainConfig) -> str:
         ("steps", f"{summary['steps']} ({summary['skipped_steps']} skipped) in {summary['seconds']:.0f} s"),
         ("train loss", f"{summary['final_train_loss']:.3f} (mean of the last 10 steps)"),
     ]
-    if "ppl" in ev:
+    if "unigram_ppl" not in summary and "ppl" in ev:  # causal-LM fine-tuning: on the responses
+        match = f", exact match {ev['exact_match']:.4f} (majority answer {summary['majority_share']:.4f})"
+        rows.append(
+            (
+                "held-out",
+                f"response loss {ev['loss']:.3f}, perplexity {ev['ppl']:.2f}" + (match if "exact_match" in ev else ""),
+            )
+        )
+    elif "ppl" in ev:
         rows.append(
             (
                 "held-out",
@@ -159,7 +170,7 @@ def format_summary(summary: dict[str, Any], config: TrainConfig) -> str:
     else:
         rows.append(("held-out", f"loss {ev['loss']:.3f}, accuracy {ev['accuracy']:.4f}, F1 {ev['f1']:.4f}"))
     if summary.get("model_dir"):
-        kind = "AutoModelForCausalLM" if "ppl" in ev else "AutoModelForSequenceClassification"
+        kind = "AutoModelForCausalLM" if "ppl" in ev else "AutoModelForSequenceClassification"  # (SFT: ppl too)
         rows.append(("exported", f"{summary['model_dir']} ({kind}.from_pretrained; gradproj generate for text)"))
     memory = summary.get("memory")
     if memory and memory.get("measured"):
@@ -178,5 +189,8 @@ def format_summary(summary: dict[str, Any], config: TrainConfig) -> str:
         )
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
-    final = f"final perplexity: {ev['ppl']:.2f}" if "ppl" in ev else f"final accuracy: {ev['accuracy']:.4f}"
+    if "exact_match" in ev:
+        final = f"final exact match: {ev['exact_match']:.4f}"
+    else:
+        final = f"final perplexity: {ev['ppl']:.2f}" if "ppl" in ev else f"final accuracy: {ev['accuracy']:.4f}"
     return "\n".join([*lines, final]) if math.isfinite(ev["loss"]) else "\n".join([*lines, "final: diverged"])

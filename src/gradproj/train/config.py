@@ -357,7 +357,8 @@ class PretrainConfig(TrainConfig):
 
 @dataclass(kw_only=True)
 class FinetuneConfig(TrainConfig):
-    """Fine-tuning a pretrained encoder for sequence classification.
+    """Fine-tuning a pretrained encoder for sequence classification, or a causal LM on prompt/response
+    pairs (``task="causal-lm"``, :mod:`gradproj.train.sft`).
 
     Default learning rates are 0.3x the pre-training recipe's for the matrices (GaLore 3e-3, AdamW
     3e-4) and 3e-4 for embeddings, norms and head: the best of a small sweep on BBC News
@@ -374,7 +375,16 @@ class FinetuneConfig(TrainConfig):
         None, help="Hugging Face model path/name (default: embedded all-MiniLM-L6-v2)", group=DATA
     )
     task: str = option(
-        "bbc-news", help="bbc-news (embedded) or a GLUE task: cola, sst2, mrpc, qqp, mnli, qnli, rte", group=DATA
+        "bbc-news",
+        help="bbc-news (embedded) or a GLUE task: cola, sst2, mrpc, qqp, mnli, qnli, rte (sequence classification); "
+        "causal-lm: supervised fine-tuning of a causal LM --model on --data",
+        group=DATA,
+    )
+    data: str | None = option(
+        None,
+        help='--task causal-lm: a JSONL file, one {"prompt": ..., "response": ...} or {"messages": [...]} per line '
+        "(default: BBC News as 'Article: ... Category:' -> label)",
+        group=DATA,
     )
     max_length: int = option(128, help="tokens per example (truncated)", minimum=8, group=DATA)
     eval_examples: int = option(0, help="held-out examples per evaluation (0: all)", minimum=0, group=DATA)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, commit, read_meta, resolve_checkpoint
+from .checkpoint import CheckpointError, commit, error_reason, read_meta, resolve_checkpoint
 
 #: the folder of a run that holds its final model (``RUN/model``) and its tokenizer (``RUN/tokenizer``)
 MODEL_DIR, TOKENIZER_DIR = "model", "tokenizer"
@@ -83,7 +83,7 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
     try:
         model.load_state_dict(_weights(path, meta), assign=True, strict=False)  # the meta skeleton takes them
     except RuntimeError as error:
-        raise CheckpointError(f"checkpoint {path}: its weights do not fit its model ({_first_line(error)})") from None
+        raise CheckpointError(f"checkpoint {path}: its weights do not fit its model ({error_reason(error)})") from None
     getattr(model, "tie_weights", lambda: None)()  # a tied head was saved once, as the embeddings
     missing = [name for name, t in model.state_dict().items() if t.is_meta]
     if missing:
@@ -103,6 +103,10 @@ def _skeleton(path: Path, meta: dict[str, Any]) -> nn.Module:
         if config.get("kind") == "PretrainConfig":
             name = task.get("model") or config["model"]  # the architecture the run resolved (--init-from's)
             return build_causal_lm(name, vocab_size=task["vocab_size"], seq_len=config["seq_len"])
+        if config.get("kind") == "FinetuneConfig" and config.get("task") == "causal-lm":
+            from transformers import AutoModelForCausalLM
+
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(task["model_path"]))  # type: ignore[no-any-return]
         if config.get("kind") == "FinetuneConfig":
             labels = task["labels"]
             hf_config = AutoConfig.from_pretrained(task["model_path"], **label_names(labels))
@@ -114,10 +118,6 @@ def label_names(labels: list[str]) -> dict[str, Any]:
     """A classifier's ``num_labels``, ``id2label`` and ``label2id`` for its config."""
     names = dict(enumerate(labels))
     return {"num_labels": len(labels), "id2label": names, "label2id": {n: i for i, n in names.items()}}
-
-
-def _first_line(error: Exception) -> str:
-    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
 def checkpoint_tokenizer(path: Path, meta: dict[str, Any]) -> Any:

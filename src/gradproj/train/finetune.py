@@ -105,7 +105,7 @@ class FinetuneTask:
             train_texts, train_y, held_texts, held_y, self.labels = _glue(config.task)
             self.source = f"GLUE {config.task}"
         else:
-            raise ValueError(f"unknown task {config.task!r}; valid: bbc-news, {', '.join(GLUE)}")
+            raise ValueError(f"unknown task {config.task!r}; valid: bbc-news, causal-lm, {', '.join(GLUE)}")
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         except Exception as error:
@@ -210,5 +210,18 @@ def f1_score(predicted: torch.Tensor, target: torch.Tensor, classes: int, *, bin
 def finetune(config: FinetuneConfig, *, resume: str | Path | None = None) -> RunResult:
     """Fine-tune ``config.model`` on ``config.task``; see :class:`FinetuneConfig` for every field."""
     with rank_zero_first():  # under torchrun: one rank fetches and extracts, the others read the cache
-        task = FinetuneTask(config)
+        task = make_task(config)
     return Trainer(config, task, resume=resume).run()
+
+
+def make_task(config: FinetuneConfig) -> Any:
+    """The task ``config.task`` names: causal-LM fine-tuning, or sequence classification."""
+    if config.task == "causal-lm":
+        from .sft import CausalLMTask
+
+        return CausalLMTask(config)
+    if config.data is not None:
+        raise ValueError(
+            f"--data {config.data}: only --task causal-lm reads a data file; --task {config.task} is built in"
+        )
+    return FinetuneTask(config)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint import error_reason
 from .export import SAMPLING, model_folder
 
 
@@ -30,8 +31,7 @@ def load_causal_lm(name: str) -> tuple[Any, Any]:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder)
     except Exception as error:  # no weights, not a causal LM, offline and not cached ...
-        reason = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        raise ValueError(f"{name}: could not load a causal LM and its tokenizer ({reason.strip()})") from None
+        raise ValueError(f"{name}: could not load a causal LM and its tokenizer ({error_reason(error)})") from None
     finally:
         logging.enable_progress_bar()
     return model.eval(), tokenizer

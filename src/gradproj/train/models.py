@@ -102,6 +102,7 @@ def load_causal_lm_weights(name: str, *, model: str | None, vocab_size: int, seq
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
+    from .checkpoint import error_reason
     from .export import model_folder
 
     folder = model_folder(name)
@@ -109,8 +110,7 @@ def load_causal_lm_weights(name: str, *, model: str | None, vocab_size: int, seq
     try:
         loaded: nn.Module = AutoModelForCausalLM.from_pretrained(folder)
     except Exception as error:  # no weights, not a causal LM, offline and not cached ...
-        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        raise ValueError(f"--init-from {name}: could not load a causal LM ({reason})") from None
+        raise ValueError(f"--init-from {name}: could not load a causal LM ({error_reason(error)})") from None
     finally:
         logging.enable_progress_bar()
     have = getattr(loaded, "config").to_dict()  # noqa: B009  (a transformers model's)

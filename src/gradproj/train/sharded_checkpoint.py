@@ -42,8 +42,8 @@ from .checkpoint import (
     CheckpointError,
     _fsync_dir,
     _fsync_file,
-    _reason,
     commit,
+    error_reason,
     list_checkpoints,
     read_meta,
     rng_states,
@@ -211,7 +211,7 @@ def load_sharded_checkpoint(
     try:
         saved = torch.load(path / "trainer.pt", weights_only=True, map_location="cpu")
     except Exception as error:
-        raise CheckpointError(f"checkpoint {path}: trainer.pt does not load ({_reason(error)})") from None
+        raise CheckpointError(f"checkpoint {path}: trainer.pt does not load ({error_reason(error)})") from None
     if not optimizer.state:
         prime_optimizer_state(optimizer)
     target = {"model": model.state_dict(), "optim": _optimizer_tensors(model, optimizer)}
@@ -224,7 +224,7 @@ def load_sharded_checkpoint(
         dcp.load(target, storage_reader=_safe_reader(path))
     except Exception as error:
         raise CheckpointError(
-            f"checkpoint {path}: its shards do not fit this model and optimizer ({_reason(error)})"
+            f"checkpoint {path}: its shards do not fit this model and optimizer ({error_reason(error)})"
         ) from None
     for base, (codes, absmax) in moved.items():
         requantize(target["optim"], base, codes, absmax, saved_shards)
@@ -313,7 +313,7 @@ def consolidated_weights(path: Path) -> dict[str, Tensor]:
     try:
         metadata = reader.read_metadata()
     except Exception as error:
-        raise CheckpointError(f"checkpoint {path}: unreadable DCP metadata ({_reason(error)})") from None
+        raise CheckpointError(f"checkpoint {path}: unreadable DCP metadata ({error_reason(error)})") from None
     target = {
         key: torch.empty(tuple(info.size), dtype=info.properties.dtype)
         for key, info in metadata.state_dict_metadata.items()
