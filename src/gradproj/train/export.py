@@ -52,13 +52,10 @@ def write_model_folder(model: nn.Module, tokenizer: Any, out: Path) -> Path:
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # our BPE has no special tokens: none
         setattr(config, key, getattr(tokenizer, key, None))
     config.dtype = next(model.parameters()).dtype  # from_pretrained's dtype="auto" reads it
-    from transformers.utils import logging
+    from .models import quiet_transformers
 
-    logging.disable_progress_bar()  # "Writing model shards" for one file is noise in a run's output
-    try:
+    with quiet_transformers():  # "Writing model shards" for one file
         model.save_pretrained(str(tmp))  # type: ignore[operator]
-    finally:
-        logging.enable_progress_bar()
     tokenizer.save_pretrained(str(tmp))
     if getattr(model, "can_generate", lambda: False)():
         from transformers import GenerationConfig

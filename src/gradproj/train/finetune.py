@@ -23,6 +23,7 @@ from ..data.embedded import LabelledTexts, load_bbc_news, minilm_path
 from .config import FinetuneConfig
 from .export import label_names
 from .loop import Trainer
+from .models import quiet_transformers
 from .parallel import rank_zero_first
 from .progress import RunResult
 from .text import _permutation
@@ -129,20 +130,14 @@ class FinetuneTask:
 
     def build_model(self) -> nn.Module:
         from transformers import AutoModelForSequenceClassification
-        from transformers.utils import logging
 
-        verbosity = logging.get_verbosity()
-        logging.set_verbosity_error()  # "some weights are newly initialized": the classifier head, expected
-        logging.disable_progress_bar()  # a bar for loading 103 tensors is noise in the run's output
         try:
-            model: nn.Module = AutoModelForSequenceClassification.from_pretrained(
-                self.model_path, **label_names(self.labels)
-            )
+            with quiet_transformers(errors_only=True):  # "some weights are newly initialized": the head, expected
+                model: nn.Module = AutoModelForSequenceClassification.from_pretrained(
+                    self.model_path, **label_names(self.labels)
+                )
         except Exception as error:
             raise ValueError(f"--model {self.model_path}: could not load ({type(error).__name__}: {error})") from None
-        finally:
-            logging.set_verbosity(verbosity)
-            logging.enable_progress_bar()
         return model
 
     def batch(self, position: int, size: int) -> dict[str, torch.Tensor]:

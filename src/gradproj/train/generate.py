@@ -18,22 +18,18 @@ import torch
 
 from .checkpoint import error_reason
 from .export import SAMPLING, model_folder
+from .models import pretrained_causal_lm
 
 
 def load_causal_lm(name: str) -> tuple[Any, Any]:
-    """The model (eval mode, on the CPU) and tokenizer of a Hugging Face folder or hub name."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging
+    """The model (eval mode, on the CPU) and tokenizer of a run folder, a Hugging Face folder or hub name."""
+    from transformers import AutoTokenizer
 
-    folder = model_folder(name)
-    logging.disable_progress_bar()
+    model = pretrained_causal_lm(name, name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder)
-    except Exception as error:  # no weights, not a causal LM, offline and not cached ...
-        raise ValueError(f"{name}: could not load a causal LM and its tokenizer ({error_reason(error)})") from None
-    finally:
-        logging.enable_progress_bar()
+        tokenizer = AutoTokenizer.from_pretrained(model_folder(name))
+    except Exception as error:
+        raise ValueError(f"{name}: could not load its tokenizer ({error_reason(error)})") from None
     return model.eval(), tokenizer
 
 

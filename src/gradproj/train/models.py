@@ -9,6 +9,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -95,24 +97,45 @@ ARCHITECTURE = (
 )
 
 
-def load_causal_lm_weights(name: str, *, model: str | None, vocab_size: int, seq_len: int) -> nn.Module:
-    """The causal LM at ``name`` (a run folder, a Hugging Face folder or name) with its weights, for
-    ``--init-from``; refused when it is not ``model``'s architecture (if given) or has another vocabulary
-    than the tokenizer's ``vocab_size``."""
-    from transformers import AutoModelForCausalLM
+@contextlib.contextmanager
+def quiet_transformers(errors_only: bool = False) -> Iterator[None]:
+    """No transformers progress bars (one file's "Loading weights" is noise in a run's output) and, with
+    ``errors_only``, no warnings either (expected ones: a new classifier head, a model's sampling defaults)."""
     from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.disable_progress_bar()
+    if errors_only:
+        logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        logging.enable_progress_bar()
+
+
+def pretrained_causal_lm(name: str, what: str) -> nn.Module:
+    """The causal LM at ``name`` (a run folder: its exported model; a Hugging Face folder or name) with
+    its weights; a failure is one line starting with ``what`` (the flag or argument that named it)."""
+    from transformers import AutoModelForCausalLM
 
     from .checkpoint import error_reason
     from .export import model_folder
 
     folder = model_folder(name)
-    logging.disable_progress_bar()
     try:
-        loaded: nn.Module = AutoModelForCausalLM.from_pretrained(folder)
+        with quiet_transformers():
+            model: nn.Module = AutoModelForCausalLM.from_pretrained(folder)
     except Exception as error:  # no weights, not a causal LM, offline and not cached ...
-        raise ValueError(f"--init-from {name}: could not load a causal LM ({error_reason(error)})") from None
-    finally:
-        logging.enable_progress_bar()
+        raise ValueError(f"{what}: could not load a causal LM ({error_reason(error)})") from None
+    return model
+
+
+def load_causal_lm_weights(name: str, *, model: str | None, vocab_size: int, seq_len: int) -> nn.Module:
+    """The causal LM at ``name`` (a run folder, a Hugging Face folder or name) with its weights, for
+    ``--init-from``; refused when it is not ``model``'s architecture (if given) or has another vocabulary
+    than the tokenizer's ``vocab_size``."""
+    loaded = pretrained_causal_lm(name, f"--init-from {name}")
     have = getattr(loaded, "config").to_dict()  # noqa: B009  (a transformers model's)
     if int(have["vocab_size"]) != vocab_size:
         raise ValueError(

@@ -28,6 +28,7 @@ from .checkpoint import error_reason
 from .config import FinetuneConfig
 from .export import model_folder
 from .finetune import stratified_split
+from .models import pretrained_causal_lm, quiet_transformers
 from .sft_data import IGNORE, Pair, answer_text, bbc_pairs, chat_template_of, read_jsonl, tokenize_pairs
 from .text import _permutation
 
@@ -80,19 +81,7 @@ class CausalLMTask:
         return train, [pairs[i] for i in digest if i in held], f"{config.data} ({len(held)} held out)"
 
     def build_model(self) -> nn.Module:
-        from transformers import AutoModelForCausalLM
-        from transformers.utils import logging
-
-        logging.disable_progress_bar()
-        try:
-            model: nn.Module = AutoModelForCausalLM.from_pretrained(self.model_path)
-        except Exception as error:
-            raise ValueError(
-                f"--model {self.config.model}: could not load a causal LM ({error_reason(error)})"
-            ) from None
-        finally:
-            logging.enable_progress_bar()
-        return model
+        return pretrained_causal_lm(self.model_path, f"--model {self.config.model}")
 
     def batch(self, position: int, size: int) -> dict[str, torch.Tensor]:
         n = len(self.train)
@@ -122,7 +111,7 @@ class CausalLMTask:
             part = {
                 k: getattr(held, k)[start : start + 64].to(device) for k in ("input_ids", "attention_mask", "labels")
             }
-            loss, tokens = response_loss(model, part, reduction="sum")
+            loss, tokens = response_loss(model, part)
             total, count = total + float(loss), count + int(tokens)
         metrics = {"loss": total / count, "ppl": float(torch.tensor(total / count).clamp(max=50).exp())}
         if self.short_answers:
@@ -156,14 +145,12 @@ class CausalLMTask:
         }
 
 
-def response_loss(
-    model: nn.Module, batch: dict[str, torch.Tensor], reduction: str = "sum"
-) -> tuple[torch.Tensor, torch.Tensor]:
+def response_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The summed cross-entropy of the response tokens and their number."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]  # b x L-1 x V
     targets = batch["labels"][:, 1:]  # position t predicts token t + 1
     loss = nn.functional.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction=reduction
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum"
     )
     return loss, targets.ne(IGNORE).sum()
 
@@ -172,7 +159,6 @@ def generate_answers(model: nn.Module, tokenizer: Any, prompts: list[list[int]],
     """Greedy continuations of the token lists ``prompts`` (left-padded in batches: transformers derives
     the positions from the attention mask), decoded without special tokens."""
     from transformers import GenerationConfig
-    from transformers.utils import logging
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -185,11 +171,7 @@ def generate_answers(model: nn.Module, tokenizer: Any, prompts: list[list[int]],
         width = max(len(e) for e in encoded)
         ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)  # batch x width
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
-        verbosity = logging.get_verbosity()
-        logging.set_verbosity_error()  # the model's own sampling settings, and positions past its training length
-        try:
+        with quiet_transformers(errors_only=True):  # the model's sampling defaults, positions past its training length
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)  # type: ignore[operator]
-        finally:
-            logging.set_verbosity(verbosity)
         answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     return answers
