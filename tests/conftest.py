@@ -102,3 +102,15 @@ def build(
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=["fast", "loop"])
+def engine_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test on both of the engine's paths: ``fast`` as built (``foreach=None``), ``loop`` with the
+    fast path refusing every parameter, so that every step is the per-parameter ground truth."""
+    if request.param == "loop":
+        preset = getattr(request.node, "callspec", None) and request.node.callspec.params.get("preset")
+        if preset and gradproj.PRESETS[preset].RULE != "adam":
+            pytest.skip(f"{preset} never takes the fast path: its 'fast' run is this one")
+        monkeypatch.setattr("gradproj.optim.engine.blocker", lambda *args: "the test runs the for-loop")
+    return str(request.param)

@@ -233,7 +233,7 @@ def test_dynamics_overhead_run_trains_identically() -> None:
     from gradproj.bench.overhead import overhead
 
     (row,) = overhead(CFG, every=2, repeats=1)
-    assert row["same_loss"] and row["rows_per_run"] > MATRICES
+    assert row["loss_gap"] < 1e-4 and row["rows_per_run"] > MATRICES  # rounding apart: see overhead()
     assert row["step_seconds_mean_off"] > 0 and row["step_seconds_mean_on"] > 0
 
 

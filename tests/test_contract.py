@@ -12,6 +12,9 @@ import gradproj
 from conftest import ALL_COMBINATIONS, PAIRS, PRESET_NAMES, build, grad_stream, lr_kwargs, make_params
 from gradproj.optim.registry import METHODS
 
+#: every test here runs on the fast path and on the per-parameter step (conftest.engine_path)
+pytestmark = pytest.mark.usefixtures("engine_path")
+
 SHAPES = [(72, 64), (64, 80), (16,)]  # large enough for 8-bit quantization to engage
 
 

@@ -42,7 +42,7 @@ def test_tokenizer_round_trips_real_text(corpus, tmp_path: Path) -> None:  # typ
 
 def test_demo_learns_real_text_below_the_unigram_baseline(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    assert main(["demo", "--steps", "60", "--out", str(out)]) == 0
+    assert main(["demo", "--steps", "40", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     final = re.search(r"final held-out perplexity: ([\d.]+) .*unigram baseline ([\d.]+)", text)
     assert final is not None

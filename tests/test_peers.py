@@ -76,12 +76,15 @@ def test_fira_differs_from_released_code_when_scale_is_not_one() -> None:
 
 
 @pytest.mark.parametrize("preset", ["galore_adamw", "fira_adamw", "apollo_adamw"])
-def test_group_without_rank_is_torch_adamw_bit_for_bit(preset: str) -> None:
+@pytest.mark.parametrize("foreach", [False, None])
+def test_group_without_rank_is_torch_adamw_bit_for_bit(preset: str, foreach: bool | None) -> None:
+    """The per-parameter step is torch's for-loop AdamW; the fast path is its fused kernel."""
     shapes = [(40, 24), (24,), (5, 3, 2)]
     ours = make_params(shapes, torch.float32)
     theirs = make_params(shapes, torch.float32)
-    opt = gradproj.PRESETS[preset](ours, lr=3e-3, betas=(0.8, 0.95), eps=1e-8, weight_decay=0.1)
-    ref = torch.optim.AdamW(theirs, lr=3e-3, betas=(0.8, 0.95), eps=1e-8, weight_decay=0.1)
+    opt = gradproj.PRESETS[preset](ours, lr=3e-3, betas=(0.8, 0.95), eps=1e-8, weight_decay=0.1, foreach=foreach)
+    kernel = {"foreach": False} if foreach is False else {"fused": True}
+    ref = torch.optim.AdamW(theirs, lr=3e-3, betas=(0.8, 0.95), eps=1e-8, weight_decay=0.1, **kernel)
     grads = grad_stream(ours, 20)
     _run(opt, ours, grads)
     _run(ref, theirs, grads)

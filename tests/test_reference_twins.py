@@ -12,6 +12,9 @@ from conftest import ALL_COMBINATIONS, PRESET_SPECS, build, grad_stream, make_pa
 from gradproj.optim.reference import ReferenceOptimizer
 from gradproj.projection.bases import derive_seed
 
+#: every test here runs on the fast path and on the per-parameter step (conftest.engine_path)
+pytestmark = pytest.mark.usefixtures("engine_path")
+
 SHAPES = [(48, 24), (24, 40)]
 STEPS, GAP, RANK = 12, 4, 6
 

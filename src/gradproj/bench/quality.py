@@ -137,6 +137,7 @@ def run(
         "state_bytes": optimizer_state_bytes(trainer.optimizer) if trainer.optimizer is not None else 0,
         "step_seconds_median": clock.median(burn_in),
         "step_seconds_mean": clock.mean(burn_in),
+        "step_seconds_max": clock.max(burn_in),
         "burn_in": burn_in,
         "refresh_seconds": refreshes.seconds,
         "refreshes": refreshes.calls,

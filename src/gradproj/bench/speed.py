@@ -1,13 +1,14 @@
 """Step time side by side, in turn: every method's trainer in its own thread, taking one step each in
 round robin, so that a drifting host (another job, the clock) slows every method alike; each method's
-median step and its ratio to AdamW's.
+median, mean and slowest step and their ratios to AdamW's.
 
 ``bench quality`` also records step times, but it runs each method once, one after another, for
 minutes: a drift of the host lands on whichever methods ran during it, and on a shared 2-core machine
 consecutive runs of one method differ by 10-30%. Here only one trainer computes at a time (the others
-wait for their turn outside the timed region), and the step times of each method interleave with every
-other's. Each run is a ``gradproj pretrain`` run through the same trainer, batches and parameter split
-as ``bench quality``, at the method's registry learning rates (the rates do not change the arithmetic).
+wait for their turn, and a trainer's work between its steps is done in its own turn), and the step
+times of each method interleave with every other's. Each run is a ``gradproj pretrain`` run through
+the same trainer, batches and parameter split as ``bench quality``, at the method's registry learning
+rates (the rates do not change the arithmetic).
 
 Example:
     >>> robin = RoundRobin(2)
@@ -80,24 +81,22 @@ class RoundRobin:
         return seat
 
     def callbacks(self, seat: int) -> tuple[Callback, Callback]:
-        """(before the step clock, after it): wait for the turn, then pass it on."""
-        return _Wait(self, seat), _Pass(self, seat)
+        """(before the step clock, after it). A trainer keeps its turn from one step to the next and
+        passes it on only when it is about to wait for its next step (or leaves), so that what it does
+        between steps (batches, logs, its final evaluation) never runs beside another trainer's timed
+        step."""
+        return _Turn(self, seat), Callback()
 
 
-class _Wait(Callback):
+class _Turn(Callback):
     def __init__(self, robin: RoundRobin, seat: int) -> None:
-        self.robin, self.seat = robin, seat
+        self.robin, self.seat, self.held = robin, seat, False
 
     def on_step_begin(self, step: int) -> None:
+        if self.held:
+            self.robin.pass_on(self.seat)
         self.robin.wait(self.seat)
-
-
-class _Pass(Callback):
-    def __init__(self, robin: RoundRobin, seat: int) -> None:
-        self.robin, self.seat = robin, seat
-
-    def on_step_end(self, step: int, loss: float) -> None:
-        self.robin.pass_on(self.seat)
+        self.held = True
 
 
 def speed(
@@ -113,7 +112,8 @@ def speed(
             (f"{name}+checkpointing", method, replace(c, activation_checkpointing=True)) for name, method, c in seats
         ]
     data = prepare_data(cfg)
-    medians: dict[str, list[float]] = {name: [] for name, _, _ in seats}
+    kinds = ("median", "mean", "max")
+    times: dict[str, dict[str, list[float]]] = {kind: {name: [] for name, _, _ in seats} for kind in kinds}
     with tempfile.TemporaryDirectory(prefix="gradproj-speed-") as out:
         for _ in range(repeats):
             robin = RoundRobin(len(seats))
@@ -137,33 +137,58 @@ def speed(
             for (name, _, _), record in zip(seats, records, strict=True):
                 if not record:
                     raise RuntimeError(f"bench speed: the {name} run failed (its error is printed above)")
-                medians[name].append(record["step_seconds_median"])
-    base = statistics.median(medians[BASELINE])
+                for kind in kinds:
+                    times[kind][name].append(record[f"step_seconds_{kind}"])
+    medians = {name: statistics.median(rounds) for name, rounds in times["median"].items()}
+    means = {name: statistics.median(rounds) for name, rounds in times["mean"].items()}
     return [
         {
             "benchmark": "step_speed",
             "method": name,
-            "step_seconds_median": statistics.median(times),
-            "step_seconds_rounds": times,
-            "vs_adamw": statistics.median(times) / base,
+            "step_seconds_median": medians[name],
+            "step_seconds_rounds": times["median"][name],
+            "vs_adamw": medians[name] / medians[BASELINE],
+            # the mean over the run: refresh steps included (amortized over the gap when a run spans one)
+            "step_seconds_mean": means[name],
+            "vs_adamw_mean": means[name] / means[BASELINE],
+            "step_seconds_max": statistics.median(times["max"][name]),
+            "max_vs_median": statistics.median(times["max"][name]) / medians[name],
             **(
-                {"vs_without_checkpointing": statistics.median(times) / statistics.median(medians[name.split("+")[0]])}
+                {"vs_without_checkpointing": medians[name] / medians[name.split("+checkpointing")[0]]}
                 if name.endswith("+checkpointing")
                 else {}
             ),
             "rounds": repeats,
             "config": asdict(config),
         }
-        for (name, _, config), times in zip(seats, medians.values(), strict=True)
+        for name, _, config in seats
     ]
 
 
 def speed_table(records: list[dict[str, Any]]) -> str:
-    """Markdown of ``gradproj bench speed`` records, fastest first."""
-    lines = ["| method | median step ms | vs AdamW | rounds |", "|---|---:|---:|---:|"]
+    """Markdown of ``gradproj bench speed`` records, fastest first; the mean and the slowest step where
+    the records have them (older records kept the median alone)."""
+    amortized = all("step_seconds_mean" in r for r in records)
+    head = "| method | median step ms | vs AdamW |" + (" mean step ms | vs AdamW | slowest / median |" * amortized)
+    lines = [f"{head} rounds |", "|---|---:|---:|" + "---:|---:|---:|" * amortized + "---:|"]
     for r in sorted(records, key=lambda r: r["step_seconds_median"]):
         plain = f" ({r['vs_without_checkpointing']:.2f}x without)" if "vs_without_checkpointing" in r else ""
+        row = f"| {r['method']} | {1000 * r['step_seconds_median']:.1f} | {r['vs_adamw']:.2f}{plain} |"
+        if amortized:
+            row += f" {1000 * r['step_seconds_mean']:.1f} | {r['vs_adamw_mean']:.2f} | {r['max_vs_median']:.2f} |"
+        lines.append(f"{row} {r['rounds']} |")
+    return "\n".join(lines)
+
+
+def optimizer_step_table(records: list[dict[str, Any]]) -> str:
+    """Markdown of ``scripts/optimizer_step.py`` records (the optimizer step alone, over one gap)."""
+    lines = [
+        "| optimizer | median step ms | vs AdamW | mean over the gap, ms | vs AdamW | slowest / median |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(records, key=lambda r: r["step_seconds_mean"]):
         lines.append(
-            f"| {r['method']} | {1000 * r['step_seconds_median']:.1f} | {r['vs_adamw']:.2f}{plain} | {r['rounds']} |"
+            f"| {r['method']} | {1000 * r['step_seconds_median']:.1f} | {r['vs_adamw']:.2f} | "
+            f"{1000 * r['step_seconds_mean']:.1f} | {r['vs_adamw_mean']:.2f} | {r['max_vs_median']:.2f} |"
         )
     return "\n".join(lines)

@@ -151,6 +151,7 @@ BLOCK_KINDS = (
     "seeds",
     "verdict",
     "speed",
+    "optimizer_step",
     "precision",
     "memory",
     "comm",
@@ -177,10 +178,10 @@ def render_block(kind: str, records: list[dict[str, Any]]) -> str:
         from .seeds import seeds_table, verdict
 
         return seeds_table(records) if kind == "seeds" else verdict(records)
-    if kind == "speed":
-        from .speed import speed_table
+    if kind in ("speed", "optimizer_step"):
+        from .speed import optimizer_step_table, speed_table
 
-        return speed_table(records)
+        return speed_table(records) if kind == "speed" else optimizer_step_table(records)
     if kind == "sft":
         from .sft import sft_table
 

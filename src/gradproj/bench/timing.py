@@ -65,6 +65,10 @@ class StepClock(Callback):
         kept = self.seconds[burn_in:] or self.seconds
         return sum(kept) / len(kept)
 
+    def max(self, burn_in: int) -> float:
+        """The slowest step after the burn-in (a refresh step, where every matrix refreshes at once)."""
+        return max(self.seconds[burn_in:] or self.seconds)
+
 
 @dataclass
 class RefreshClock:

@@ -27,10 +27,12 @@ from torch import nn
 from ..options import check, option
 from ..projection.projectors import PROJECTORS, leading_count
 from ..projection.sides import PROJ_TYPES
+from .fast import fused_adamw_supported
 from .groups import ATTENTION_AND_MLP, Target, param_groups, target_weights
 from .precision import LOW_PRECISION
 from .presets import PRESETS
 from .registry import Method, get_method, trainer_methods
+from .step import REFRESH_SCHEDULES
 from .validate import ON_REFRESH
 
 #: Rank of a projected method when none is given (galore-torch's default); the trainer gives hidden / 4.
@@ -86,6 +88,13 @@ class OptimizerSpec:
     on_refresh: str = option(
         "keep", help="what happens to the moments when the basis changes", choices=ON_REFRESH, group="optimizer"
     )
+    refresh_offset: str = option(
+        "aligned",
+        help="when each matrix refreshes: all on the same step (galore-torch's schedule), or staggered, each at "
+        "its own phase within the gap so that no step carries every SVD",
+        choices=REFRESH_SCHEDULES,
+        group="optimizer",
+    )
     leading_basis: int | None = option(
         None,
         help="Alice's switching refresh: leading directions it keeps, the rest drawn from the complement "
@@ -137,6 +146,7 @@ class OptimizerSpec:
             "proj_type": self.proj_type,
             "projector": projector,
             "on_refresh": self.on_refresh,
+            "refresh_offset": 0 if self.refresh_offset == "aligned" else self.refresh_offset,
         }
         if self.leading_basis is not None:
             options["leading_basis"] = self.leading_basis
@@ -170,13 +180,20 @@ def build_optimizer(
             f"--bf16-update {bf16_update} needs one of gradproj's optimizers; --optimizer {method.name} rounds "
             "its own updates (use --bf16-update nearest)"
         )
+    if method.peer and spec.refresh_offset != "aligned":
+        raise ValueError(
+            f"--refresh-offset {spec.refresh_offset} needs one of gradproj's optimizers; --optimizer {method.name} "
+            "refreshes every matrix on the same step (use --refresh-offset aligned)"
+        )
     if method.kind == "lora":
         return _lora(model, spec)
     if method.kind == "peer":
         return _peer(model, spec)
     if method.kind == "torch" and not layerwise and not low_precision:
         groups = _groups(model, spec, summary=summary, names=False)
-        return torch.optim.AdamW(groups, lr=spec.matrix_lr, weight_decay=spec.weight_decay, **method.constructor)
+        # torch's fastest kernel where it has one (its own default on a CPU is the for-loop)
+        kernel = {"fused": fused_adamw_supported([p for g in groups for p in g["params"]]), **method.constructor}
+        return torch.optim.AdamW(groups, lr=spec.matrix_lr, weight_decay=spec.weight_decay, **kernel)
     assert method.preset is not None
     groups = _groups(model, spec, summary=summary, names=True)
     preset = PRESETS[method.preset]

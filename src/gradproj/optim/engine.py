@@ -28,10 +28,19 @@ from ..projection.projectors import Layout, get_projector, layout_of
 from ..projection.sides import project_down, project_up
 from ..rules import make_rule
 from ..rules.base import UpdateRule
+from .fast import FOREACH, FastPath, blocker
 from .placement import LOCAL, Local, all_finite, is_sharded, local, placement_of
 from .precision import BF16_UPDATES, LOW_PRECISION, compute_dtype, widen, working_weight
 from .spread import spread_refreshes, spreadable
-from .step import InBackwardStepping, ProjectedContext, StepProbe, full_step, projected_step, refresh_due
+from .step import (
+    InBackwardStepping,
+    ProjectedContext,
+    StepProbe,
+    full_step,
+    projected_step,
+    refresh_due,
+    refresh_phases,
+)
 from .validate import NONFINITE, _choice, check_common, check_projection, sharding_blocker
 
 #: mixed into a parameter's seed key for its stochastic rounding (independent of its basis draws)
@@ -57,6 +66,7 @@ PROJECTION_DEFAULTS: dict[str, Any] = {
     "compensation_beta": 0.9,  # residual="alice": decay of the per-channel discarded energy
     "bias_correction": True,  # Adam rules' bias correction in the low-rank space (Alice: off)
     "rule": None,  # the rule of this group's R (None: the optimizer's; RACS: "racs")
+    "refresh_offset": 0,  # steps into each gap a matrix refreshes at; "staggered": spread over the gap
 }
 
 
@@ -75,6 +85,9 @@ class ProjectedOptimizer(Optimizer):
         bf16_update: how a bf16 weight's float32 step is rounded back: ``"nearest"``, ``"stochastic"``
             or ``"kahan"`` (a compensation buffer in the state); see :mod:`gradproj.optim.precision`.
             A group may set its own. Weights in float32/float64 are stepped in place either way.
+        foreach: the batched fast path (:mod:`gradproj.optim.fast`): None (default) takes it wherever it
+            applies, as torch does; True raises, naming the parameter and why, where it cannot; False
+            steps every parameter on its own (the ground truth the fast path is tested against).
     """
 
     #: the update rule a preset runs (a name of :data:`gradproj.rules.RULES`)
@@ -101,8 +114,13 @@ class ProjectedOptimizer(Optimizer):
         projection: dict[str, Any] | None = None,
         nonfinite: str = "skip",
         bf16_update: str = "nearest",
+        foreach: bool | None = None,
     ) -> None:
         _choice("nonfinite", nonfinite, NONFINITE)
+        _choice("foreach", foreach, FOREACH)
+        self.foreach = foreach
+        self._fast = FastPath()
+        self._fast_capable: dict[Tensor, bool] = {}
         _choice("bf16_update", bf16_update, BF16_UPDATES)
         defaults = {**defaults, "bf16_update": bf16_update}
         unknown = set(projection or {}) - set(PROJECTION_DEFAULTS)
@@ -116,6 +134,7 @@ class ProjectedOptimizer(Optimizer):
         self._param_keys: dict[Tensor, int] = {}
         self._param_names: dict[Tensor, str] = {}
         self._param_groups_of: dict[Tensor, dict[str, Any]] = {}
+        self._refresh_phases: dict[Tensor, int] = {}
         #: plain numbers that helpers (layer-wise stepping) keep with the optimizer's checkpoint
         self.extra_state: dict[str, float | int] = {}
         #: what steps the parameters inside backward (:class:`gradproj.layerwise.LayerwiseStepper`), if any
@@ -158,6 +177,21 @@ class ProjectedOptimizer(Optimizer):
             except ValueError:
                 self.param_groups.pop()
                 raise
+            phases = refresh_phases(group["refresh_offset"], len(group["params"]), group["update_proj_gap"])
+            self._refresh_phases.update(zip(group["params"], phases, strict=True))
+        self._check_fast_path(group)
+
+    def _check_fast_path(self, group: dict[str, Any]) -> None:
+        """Which of ``group``'s parameters the fast path may step; with ``foreach=True``, none may be refused."""
+        rule = self.rule_of(group)
+        for p in group["params"]:
+            reason = None if self.foreach is False else blocker(p, group, rule)
+            if reason is not None and self.foreach:
+                self.param_groups.pop()
+                raise ValueError(
+                    f"foreach=True cannot step {self._param_names[p]}: {reason}; use foreach=None or False"
+                )
+            self._fast_capable[p] = self.foreach is not False and reason is None
 
     def _check_matrices(self, group: dict[str, Any]) -> None:
         for p in group["params"]:
@@ -231,6 +265,7 @@ class ProjectedOptimizer(Optimizer):
             key=p,
             probe=self.probe,
             prepared=prepared,
+            phase=self._refresh_phases.get(p, 0),
         )
 
     # ------------------------------------------------------------------- step
@@ -248,12 +283,18 @@ class ProjectedOptimizer(Optimizer):
         self._prepared = self._spread_refreshes()
         try:
             for group in self.param_groups:
+                batched = []
                 for p in group["params"]:
                     if p.grad is None:
                         continue
                     if p.grad.is_sparse:
                         raise RuntimeError(f"{self._param_names[p]} has a sparse gradient, which is not supported")
-                    self._step_one(p, group, local(p.grad))
+                    if self._fast_capable[p] and self._fast.takes(self, p, group):
+                        batched.append(p)
+                    else:
+                        self._step_one(p, group, local(p.grad))
+                if batched:  # each parameter's step is independent of the others': the order does not matter
+                    (self._fast.projected if "rank" in group else self._fast.full)(self, group, batched)
         finally:
             self._prepared = {}  # a step that raised leaves nothing for the next one
         return loss

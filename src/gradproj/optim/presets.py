@@ -27,6 +27,11 @@ from .engine import ProjectedOptimizer
 Betas = tuple[float, float]
 
 
+def engine_options(nonfinite: str, bf16_update: str, foreach: bool | None) -> dict[str, Any]:
+    """The engine's own keywords, which every preset takes and passes on unchanged."""
+    return {"nonfinite": nonfinite, "bf16_update": bf16_update, "foreach": foreach}
+
+
 class GaLoreAdamW(ProjectedOptimizer):
     """GaLore (Zhao et al., 2024): AdamW on ``P^T G``, update ``scale * P u``.
 
@@ -45,13 +50,12 @@ class GaLoreAdamW(ProjectedOptimizer):
         *,
         nonfinite: str = "skip",
         bf16_update: str = "nearest",
+        foreach: bool | None = None,
         **projection: Any,
     ) -> None:
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
-        projection = {**self.PROJECTION, **projection}
-        super().__init__(
-            params, defaults, rule=self.RULE, projection=projection, nonfinite=nonfinite, bf16_update=bf16_update
-        )
+        options = engine_options(nonfinite, bf16_update, foreach)
+        super().__init__(params, defaults, rule=self.RULE, projection={**self.PROJECTION, **projection}, **options)
 
 
 class GaLoreAdamW8bit(GaLoreAdamW):
@@ -114,6 +118,7 @@ class Alice(GaLoreAdamW):
         rest_betas: Betas = (0.9, 0.999),
         nonfinite: str = "skip",
         bf16_update: str = "nearest",
+        foreach: bool | None = None,
         **projection: Any,
     ) -> None:
         if not isinstance(betas, (tuple, list)) or len(betas) not in (2, 3):
@@ -122,7 +127,15 @@ class Alice(GaLoreAdamW):
             projection.setdefault("track_beta", float(betas[2]))
         self._subspace_betas = (float(betas[0]), float(betas[1]))  # before torch adds the groups
         super().__init__(
-            params, lr, rest_betas, eps, weight_decay, nonfinite=nonfinite, bf16_update=bf16_update, **projection
+            params,
+            lr,
+            rest_betas,
+            eps,
+            weight_decay,
+            nonfinite=nonfinite,
+            bf16_update=bf16_update,
+            foreach=foreach,
+            **projection,
         )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -157,10 +170,19 @@ class RACS(GaLoreAdamW):
         *,
         nonfinite: str = "skip",
         bf16_update: str = "nearest",
+        foreach: bool | None = None,
         **projection: Any,
     ) -> None:
         super().__init__(
-            params, lr, betas, eps, weight_decay, nonfinite=nonfinite, bf16_update=bf16_update, **projection
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            nonfinite=nonfinite,
+            bf16_update=bf16_update,
+            foreach=foreach,
+            **projection,
         )
 
 
@@ -185,6 +207,7 @@ class GaLoreAdafactor(ProjectedOptimizer):
         *,
         nonfinite: str = "skip",
         bf16_update: str = "nearest",
+        foreach: bool | None = None,
         **projection: Any,
     ) -> None:
         if lr is not None and relative_step:
@@ -206,10 +229,8 @@ class GaLoreAdafactor(ProjectedOptimizer):
             "relative_step": relative_step,
             "warmup_init": warmup_init,
         }
-        projection = {**self.PROJECTION, **projection}
-        super().__init__(
-            params, defaults, rule=self.RULE, projection=projection, nonfinite=nonfinite, bf16_update=bf16_update
-        )
+        options = engine_options(nonfinite, bf16_update, foreach)
+        super().__init__(params, defaults, rule=self.RULE, projection={**self.PROJECTION, **projection}, **options)
 
 
 #: Every preset by the name the CLI and configs use.

@@ -98,9 +98,9 @@ class ReferenceOptimizer:
         self.cfg = {
             "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.0, "scale": 0.25, "proj_type": "std",
             "projector": "svd", "on_refresh": "keep", "scale_type": "channel", "growth_limit": 1.01,
-            "oversample": 10, "power_iters": 2, "seeds": [0] * len(params), "switching": False,
-            "leading_basis": None, "track_beta": 0.0, "compensation_scale": 0.4, "compensation_beta": 0.9,
-            "bias_correction": True, "projected_rule": None,
+            "oversample": 10, "power_iters": 2, "seeds": [0] * len(params), "refresh_phases": [0] * len(params),
+            "switching": False, "leading_basis": None, "track_beta": 0.0, "compensation_scale": 0.4,
+            "compensation_beta": 0.9, "bias_correction": True, "projected_rule": None,
             "af_eps": (1e-30, 1e-3), "clip_threshold": 1.0, "decay_rate": -0.8, "beta1": None,
             "scale_parameter": True, "relative_step": True, "warmup_init": False, **cfg,
         }  # fmt: skip
@@ -217,24 +217,25 @@ class ReferenceOptimizer:
     # ---------------------------------------------------------------- step
     def step(self, grads: list[Tensor]) -> None:
         """Apply one step; ``grads[i]`` is the gradient of ``params[i]``; params change in place."""
-        for w, g, s, seed in zip(self.params, grads, self.state, self.cfg["seeds"], strict=True):
+        phases = self.cfg["refresh_phases"]
+        for w, g, s, seed, phase in zip(self.params, grads, self.state, self.cfg["seeds"], phases, strict=True):
             lr_decay = self.lr
             if "rank" not in self.cfg:
                 u, alpha = self._direction(s, g, w, full_rank=True)
                 delta = u
             else:
-                delta, alpha = self._projected(w, g, s, seed)
+                delta, alpha = self._projected(w, g, s, seed, phase)
             lr_decay = self.lr if self.lr is not None else alpha
             w.copy_(w * (1 - lr_decay * self.cfg["weight_decay"]) - alpha * delta)
             s["t"] += 1
 
-    def _projected(self, w: Tensor, g: Tensor, s: dict[str, Any], seed: int) -> tuple[Tensor, float]:
+    def _projected(self, w: Tensor, g: Tensor, s: dict[str, Any], seed: int, phase: int) -> tuple[Tensor, float]:
         c = self.cfg
         rank = min(c["rank"], *g.shape)
         side = resolve_side(c["proj_type"], tuple(g.shape))
         if c["projector"] == "identity":  # RACS: R is G
             rank, side, s["basis"] = min(g.shape), "none", (None, None)
-        elif s["t"] % c["update_proj_gap"] == 0:
+        elif s["t"] == 0 or (s["t"] - phase) % c["update_proj_gap"] == 0:
             if c["projector"] == "eigh":
                 top = _eigenbasis(g, rank, side, s, c["track_beta"])
                 new: tuple[Tensor | None, ...] = (top, None) if side == "left" else (None, top.T)

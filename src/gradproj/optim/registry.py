@@ -138,7 +138,7 @@ _ENTRIES = (
     Method(
         name="adamw",
         kind="torch",
-        summary="torch.optim.AdamW",
+        summary="torch.optim.AdamW (its fused kernel on CPU and CUDA)",
         cls="torch.optim:AdamW",
         preset="galore_adamw",  # layer-wise / FSDP: the engine without ranks, torch's AdamW bit for bit
         constructor={"eps": 1e-8},
@@ -193,8 +193,14 @@ _ENTRIES = (
     *(
         Method(name=f"galore_adamw+{v}", kind="preset", summary=f"GaLore, {k}={v}", preset="galore_adamw",
                group_options={k: v}, variant_of="galore_adamw", refresh=_OURS)
-        for k, v in (("projector", "rsvd"), ("projector", "dct"), ("projector", "random"), ("on_refresh", "rotate"))
+        for k, v in (("projector", "rsvd"), ("projector", "dct"), ("projector", "random"), ("on_refresh", "rotate"),
+                     ("refresh_offset", "staggered"))
     ),
+    Method(name="adamw+loop", kind="torch", summary="torch.optim.AdamW, for-loop (torch's default on a CPU)",
+           cls="torch.optim:AdamW", constructor={"eps": 1e-8, "fused": False, "foreach": False}, projected=False,
+           lr=1e-3, variant_of="adamw", supports_layerwise=False),
+    Method(name="galore_adamw+loop", kind="preset", summary="GaLore, foreach=False (the per-parameter step)",
+           preset="galore_adamw", constructor={"foreach": False}, variant_of="galore_adamw", refresh=_OURS),
     Method(name="fira_adamw+rotate", kind="preset", summary="Fira, on_refresh=rotate", preset="fira_adamw",
            group_options={"on_refresh": "rotate"}, variant_of="fira_adamw", lr=3e-3, refresh=_OURS),
     # peers

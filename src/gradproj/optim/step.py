@@ -5,8 +5,9 @@ as a function over an explicit context (torch.optim's functional split: the
 Where the matrix lives (one process, FSDP2 rows, ...) is the context's placement
 (:mod:`gradproj.optim.placement`); the step never asks. Per step, for ``W`` (m x n) and its gradient:
 
-1. on the first step and every ``update_proj_gap`` steps, recompute the basis from the full ``G``
-   (the projector), and carry the moments into it (``on_refresh``: keep, reset, rotate);
+1. on the first step and every ``update_proj_gap`` steps (at the matrix's own phase when the group
+   staggers them), recompute the basis from the full ``G`` (the projector), and carry the moments
+   into it (``on_refresh``: keep, reset, rotate);
 2. ``R = down(G)``; the rule advances the moments with this process's share of ``R``: ``(u, s)``;
 3. the update is ``combine(G, R, u)`` (GaLore's ``scale * up(u)``, plus Fira's or APOLLO's terms);
 4. decoupled decay ``W *= 1 - lr * weight_decay``, then ``W -= s * update``.
@@ -82,6 +83,8 @@ class ProjectedContext:
     #: this step's refresh, computed on another rank and shared (:mod:`gradproj.optim.spread`): the
     #: entries the projector would write (:meth:`~gradproj.projection.projectors.Projector.fresh_entries`)
     prepared: dict[str, Tensor] | None = None
+    #: steps into each ``update_proj_gap`` at which this matrix refreshes (:func:`refresh_phases`)
+    phase: int = 0
 
     @property
     def replicated(self) -> tuple[str, ...]:
@@ -120,13 +123,36 @@ class ProjectedContext:
 
 def refresh_due(state: dict[str, Any], group: dict[str, Any]) -> bool:
     """Whether a parameter with this state refreshes its basis on its next step: on its first step
-    (no state, or no basis yet) and every ``update_proj_gap`` steps."""
-    return not state or state["step"] % group["update_proj_gap"] == 0 or state["last_refresh"] < 0
+    (no state, or no basis yet) and then whenever ``step - refresh_phase`` is a multiple of
+    ``update_proj_gap`` (the phase is 0 unless the group staggers its refreshes)."""
+    if not state or state["last_refresh"] < 0:
+        return True
+    return (state["step"] - state.get("refresh_phase", 0)) % group["update_proj_gap"] == 0
+
+
+#: the trainer's ``--refresh-offset``: every matrix at phase 0 (galore-torch's schedule), or spread out
+REFRESH_SCHEDULES = ("aligned", "staggered")
+
+
+def refresh_phases(offset: int | str, count: int, gap: int) -> list[int]:
+    """The refresh phase of each of a group's ``count`` matrices: ``offset`` itself for every one, or,
+    for ``"staggered"``, phases spread evenly over the gap in the group's order (the ``j``-th of
+    ``count`` refreshes ``floor(j * gap / count)`` steps into each gap), so that a step carries at most
+    ``ceil(count / gap)`` refreshes instead of all of them. Every rank builds the same groups, so every
+    rank agrees.
+
+    >>> refresh_phases("staggered", 4, 200), refresh_phases(3, 2, 200)
+    ([0, 50, 100, 150], [3, 3])
+    """
+    if offset == "staggered":
+        return [j * gap // count for j in range(count)]
+    return [int(offset)] * count
 
 
 def initial_counters(ctx: ProjectedContext) -> dict[str, int]:
-    """The step counters and the basis seed a parameter's state starts with."""
-    return {"step": 0, "last_refresh": -1, "proj_seed": derive_seed(ctx.group["seed"], ctx.seed_key)}
+    """The step counters, the refresh phase and the basis seed a parameter's state starts with."""
+    seed = derive_seed(ctx.group["seed"], ctx.seed_key)
+    return {"step": 0, "last_refresh": -1, "refresh_phase": ctx.phase, "proj_seed": seed}
 
 
 def init_state(ctx: ProjectedContext, weight: Tensor) -> None:
@@ -220,8 +246,7 @@ def full_step(
     whole = placement.whole_shape(weight)
     with placement.local_state(state, whole, rule.replicated_state) as plain:
         if not plain:
-            plain["step"] = 0
-            rule.init_state(plain, tuple(weight.shape), weight, full_shape=whole)
+            init_full_state(rule, plain, weight, whole)
         if group.get("lr") is not None:
             decay(weight, group, 0.0)
             rule.apply_full(weight, grad, plain, group, placement)
@@ -230,3 +255,9 @@ def full_step(
             decay(weight, group, step_size)
             weight.add_(u.to(weight.dtype), alpha=-step_size)
         plain["step"] += 1
+
+
+def init_full_state(rule: UpdateRule, state: dict[str, Any], weight: Tensor, whole: tuple[int, ...]) -> None:
+    """A group without ``rank``: the step counter and the rule's zeroed state for this process's ``weight``."""
+    state["step"] = 0
+    rule.init_state(state, tuple(weight.shape), weight, full_shape=whole)

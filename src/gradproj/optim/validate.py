@@ -15,7 +15,7 @@ ON_REFRESH = ("keep", "reset", "rotate")
 NONFINITE = ("skip", "raise")
 
 
-def _choice(key: str, value: Any, valid: Sequence[str]) -> None:
+def _choice(key: str, value: Any, valid: Sequence[Any]) -> None:
     if value not in valid:
         raise ValueError(f"{key}={value!r} is not valid; expected one of {tuple(valid)}")
 
@@ -51,6 +51,7 @@ def check_projection(group: dict[str, Any]) -> None:
     """Keys of a group that has ``rank``."""
     _int_at_least("rank", group["rank"], 1)
     _int_at_least("update_proj_gap", group["update_proj_gap"], 1)
+    _check_refresh_offset(group["refresh_offset"], group["update_proj_gap"])
     _float_at_least("scale", group["scale"], 0.0, strict=True)
     _choice("proj_type", group["proj_type"], PROJ_TYPES)
     _choice("projector", group["projector"], PROJECTORS)
@@ -63,6 +64,14 @@ def check_projection(group: dict[str, Any]) -> None:
     _int_at_least("seed", group["seed"], 0)
     _check_alice_keys(group)
     _check_combination(group)
+
+
+def _check_refresh_offset(offset: Any, gap: int) -> None:
+    valid = isinstance(offset, int) and not isinstance(offset, bool) and 0 <= offset < gap
+    if offset != "staggered" and not valid:
+        raise ValueError(
+            f"refresh_offset={offset!r} is not valid; expected 'staggered' or an int in [0, update_proj_gap={gap})"
+        )
 
 
 def _fraction(key: str, value: Any) -> None:

@@ -125,6 +125,10 @@ class Projector:
         a refresh computed on one rank sends the others (:mod:`gradproj.optim.spread`)."""
         return {}
 
+    def observes(self, group: dict[str, Any]) -> bool:
+        """Whether :meth:`observe` keeps anything for a group with these options."""
+        return False
+
     def observe(
         self, low: Tensor, state: dict[str, Any], layout: Layout, group: dict[str, Any], rows: Rows = ALL_ROWS
     ) -> None:
@@ -256,6 +260,9 @@ class EighProjector(_StoredBasis):
             cov = beta * (basis @ tracked @ basis.t()) + (1 - beta) * cov
         top = top_eigenvectors(cov, layout.rank, previous)  # d x r
         return (top, None) if left else (None, top.t())
+
+    def observes(self, group: dict[str, Any]) -> bool:
+        return float(group["track_beta"]) > 0
 
     def observe(
         self, low: Tensor, state: dict[str, Any], layout: Layout, group: dict[str, Any], rows: Rows = ALL_ROWS

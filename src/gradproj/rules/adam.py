@@ -54,11 +54,15 @@ def torch_denom(exp_avg_sq: Tensor, step: int, group: dict[str, Any]) -> tuple[T
 def galore_direction(exp_avg: Tensor, exp_avg_sq: Tensor, step: int, group: dict[str, Any]) -> tuple[Tensor, float]:
     """galore-torch's ``(m / (sqrt(v) + eps), lr sqrt(1-beta2^t) / (1-beta1^t))``; with the group's
     ``bias_correction`` off (Alice's moments), the step size is ``lr`` itself."""
-    beta1, beta2 = group["betas"]
+    return exp_avg / exp_avg_sq.sqrt().add_(group["eps"]), galore_step_size(step, group)
+
+
+def galore_step_size(step: int, group: dict[str, Any]) -> float:
+    """The step size of :func:`galore_direction` at the ``step``-th moment update."""
     if not group.get("bias_correction", True):
-        return exp_avg / exp_avg_sq.sqrt().add_(group["eps"]), group["lr"]
-    step_size = group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
-    return exp_avg / exp_avg_sq.sqrt().add_(group["eps"]), step_size
+        return float(group["lr"])
+    beta1, beta2 = group["betas"]
+    return float(group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step))
 
 
 class Adam(UpdateRule):

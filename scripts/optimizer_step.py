@@ -1,0 +1,99 @@
+"""The optimizer step alone, side by side: every optimizer steps the same model shape with the same
+fixed gradients, one step each in turn (so a drifting host slows them alike), over one whole
+``update_proj_gap`` after a first step; appends one record per optimizer with its median, mean and
+slowest step, and their ratios to torch's fused AdamW.
+
+    python scripts/optimizer_step.py docs/records/optimizer_step_llama20m_cpu.jsonl
+
+``bench speed`` times the trainer's whole step (forward, backward, clipping, step); this isolates the
+part the optimizers differ in, where a refresh step's cost is not hidden in the noise of a forward
+pass. The mean over the gap is the amortized step (every matrix refreshes once in it, aligned or
+staggered); the slowest step is the aligned refresh step, or the worst staggered one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradproj.optim.build import OptimizerSpec, build_optimizer
+from gradproj.train.models import build_causal_lm
+
+#: name in the record -> (registry method, OptimizerSpec overrides)
+LINEUP: dict[str, tuple[str, dict[str, Any]]] = {
+    "adamw": ("adamw", {}),  # torch's fused kernel: the baseline
+    "adamw+loop": ("adamw+loop", {}),
+    "galore_adamw": ("galore_adamw", {}),
+    "galore_adamw+staggered": ("galore_adamw", {"refresh_offset": "staggered"}),
+    "galore_adamw+loop": ("galore_adamw+loop", {}),
+    "galore-torch": ("galore-torch", {}),
+}
+
+
+def build(name: str, args: argparse.Namespace) -> tuple[torch.optim.Optimizer, torch.nn.Module]:
+    method, overrides = LINEUP[name]
+    torch.manual_seed(0)
+    model = build_causal_lm(args.model, vocab_size=args.vocab, seq_len=256)
+    spec = OptimizerSpec(
+        name=method, lr=1e-3, other_lr=1e-3, rank=args.rank, update_proj_gap=args.gap, weight_decay=0.0, **overrides
+    )
+    gen = torch.Generator().manual_seed(1)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-3  # fixed: every step sees the same gradients
+    return build_optimizer(model, spec), model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path, help="JSONL file to append the records to")
+    parser.add_argument("--model", default="llama-20m")
+    parser.add_argument("--rank", type=int, default=96)
+    parser.add_argument("--gap", type=int, default=100)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--names", default=",".join(LINEUP), help=f"comma-separated, of {', '.join(LINEUP)}")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    names = args.names.split(",")
+    built = {name: build(name, args) for name in names}
+    for optimizer, _ in built.values():
+        optimizer.step()  # the first step: state allocation and every first basis
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(args.gap):  # one whole gap: every matrix refreshes once in it, on either schedule
+        for name, (optimizer, _) in built.items():
+            start = time.perf_counter()
+            optimizer.step()
+            seconds[name].append(time.perf_counter() - start)
+    base = seconds.get("adamw") or seconds[names[0]]
+    with args.out.open("a") as sink:
+        for name, times in seconds.items():
+            median, mean = statistics.median(times), statistics.fmean(times)
+            record = {
+                "benchmark": "optimizer_step",
+                "method": name,
+                "step_seconds_median": median,
+                "step_seconds_mean": mean,
+                "step_seconds_max": max(times),
+                "vs_adamw": median / statistics.median(base),
+                "vs_adamw_mean": mean / statistics.fmean(base),
+                "max_vs_median": max(times) / median,
+                "steps": len(times),
+                "config": {k: v for k, v in vars(args).items() if k != "out"},
+                "host": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
+            }
+            sink.write(json.dumps(record) + "\n")
+            slowest = max(times) / median
+            print(
+                f"{name:24s} median {1000 * median:7.1f} ms  mean {1000 * mean:7.1f} ms  slowest/median {slowest:5.2f}"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""The batched fast path (``foreach``) against the per-parameter step, and staggered refreshes."""
+
+from __future__ import annotations
+
+import io
+import zlib
+
+import pytest
+import torch
+
+import gradproj
+from conftest import grad_stream, make_params
+from gradproj.optim import step as step_module
+from gradproj.optim.reference import ReferenceOptimizer
+from gradproj.optim.step import refresh_phases
+from gradproj.projection.bases import derive_seed
+
+# tall (right side), wide (left side), square, and a vector for the full-rank group
+SHAPES = [(48, 24), (24, 40), (24, 24), (24,)]
+
+
+def _groups(params: list[torch.Tensor], **options: object) -> list[dict[str, object]]:
+    return [{"params": params[:3], "rank": 6, "update_proj_gap": 4, **options}, {"params": params[3:]}]
+
+
+def _pair(dtype: torch.dtype, **options: object):  # type: ignore[no-untyped-def]
+    fast, loop = make_params(SHAPES, dtype), make_params(SHAPES, dtype)
+    kwargs = {"lr": 1e-2, "weight_decay": 0.1}
+    return (
+        (fast, gradproj.GaLoreAdamW(_groups(fast, **options), foreach=True, **kwargs)),
+        (loop, gradproj.GaLoreAdamW(_groups(loop, **options), foreach=False, **kwargs)),
+    )
+
+
+def _step(params: list[torch.Tensor], opt: torch.optim.Optimizer, grads: list[torch.Tensor]) -> None:
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g.clone()
+    opt.step()
+
+
+@pytest.mark.parametrize("projector", ["svd", "rsvd", "random", "dct", "identity"])
+@pytest.mark.parametrize("proj_type", ["std", "full"])
+def test_fast_path_equals_the_loop_in_float64(projector: str, proj_type: str) -> None:
+    """Across three refreshes: moments bit for bit, weights to float64 rounding (the fused addmm_)."""
+    (fast, a), (loop, b) = _pair(torch.float64, projector=projector, proj_type=proj_type)
+    for grads in grad_stream(fast, 11):
+        _step(fast, a, grads)
+        _step(loop, b, grads)
+        for p, q in zip(fast, loop, strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    for p, q in zip(fast[:3], loop[:3], strict=True):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(a.state[p][key], b.state[q][key]), key
+        assert a.state[p]["step"] == b.state[q]["step"] == 11
+
+
+def test_fast_path_equals_the_loop_in_float32_without_bias_correction() -> None:
+    (fast, a), (loop, b) = _pair(torch.float32, bias_correction=False)
+    for grads in grad_stream(fast, 9):
+        _step(fast, a, grads)
+        _step(loop, b, grads)
+    for p, q, start in zip(fast, loop, make_params(SHAPES, torch.float32), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+        assert (p - start).abs().max() > 1e-3  # it trained
+
+
+def test_fast_path_takes_every_step_between_refreshes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With foreach=None the per-parameter projected step runs on refresh steps only."""
+    calls: list[int] = []
+    real = step_module.projected_step
+
+    def counted(ctx, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(ctx.state.get("step", 0))
+        return real(ctx, *args, **kwargs)
+
+    monkeypatch.setattr("gradproj.optim.engine.projected_step", counted)
+    params = make_params(SHAPES, torch.float32)
+    opt = gradproj.GaLoreAdamW(_groups(params), lr=1e-2)
+    for grads in grad_stream(params, 9):
+        _step(params, opt, grads)
+    assert sorted(calls) == [0, 0, 0, 4, 4, 4, 8, 8, 8]  # 3 matrices refresh at steps 0, 4 and 8
+
+
+@pytest.mark.parametrize(
+    ("preset", "dtype", "reason"),
+    [
+        ("fira_adamw", torch.float32, "residual='fira' has no batched step"),
+        ("galore_adamw8bit", torch.float32, "its rule 'adam8bit' has no batched step"),
+        ("galore_adamw", torch.bfloat16, "it is torch.bfloat16"),
+    ],
+)
+def test_foreach_true_names_the_parameter_and_why(preset: str, dtype: torch.dtype, reason: str) -> None:
+    params = make_params(SHAPES, dtype)
+    with pytest.raises(ValueError, match=rf"foreach=True cannot step param_groups\[0\]\.params\[0\]: {reason}"):
+        gradproj.PRESETS[preset](_groups(params), foreach=True)
+    opt = gradproj.PRESETS[preset](_groups(params), foreach=None)  # None falls back without a word
+    assert not any(opt._fast_capable[p] for p in params[:3])
+
+
+def test_foreach_must_be_none_true_or_false() -> None:
+    with pytest.raises(ValueError, match=r"foreach='yes' is not valid"):
+        gradproj.GaLoreAdamW(make_params(SHAPES), foreach="yes")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------- staggered refreshes
+def test_staggered_phases_spread_the_refreshes_over_the_gap() -> None:
+    assert refresh_phases("staggered", 3, 4) == [0, 1, 2]
+    assert refresh_phases("staggered", 6, 4) == [0, 0, 1, 2, 2, 3]  # at most ceil(6/4) on one step
+    assert refresh_phases(2, 3, 4) == [2, 2, 2]
+    params = make_params(SHAPES)
+    opt = gradproj.GaLoreAdamW(_groups(params, refresh_offset="staggered"), lr=1e-2)
+    refreshed: list[list[int]] = []
+    for grads in grad_stream(params, 10):
+        before = [opt.state[p].get("last_refresh") for p in params[:3]]
+        _step(params, opt, grads)
+        refreshed.append([i for i, p in enumerate(params[:3]) if opt.state[p]["last_refresh"] != before[i]])
+    # step 0: every matrix needs a first basis; then matrix j refreshes at j, j + 4, ...
+    assert refreshed == [[0, 1, 2], [1], [2], [], [0], [1], [2], [], [0], [1]]
+
+
+@pytest.mark.parametrize("offset", ["staggered", 3])
+def test_staggered_engine_matches_the_twin(offset: object) -> None:
+    params = make_params(SHAPES[:3])
+    twin_params = [p.detach().clone() for p in params]
+    names = [f"w{i}" for i in range(3)]
+    group = {"rank": 6, "update_proj_gap": 4, "refresh_offset": offset, "on_refresh": "rotate"}
+    opt = gradproj.GaLoreAdamW([{"params": list(zip(names, params, strict=True)), **group}], lr=1e-2)
+    seeds = [derive_seed(0, zlib.crc32(n.encode())) for n in names]
+    phases = refresh_phases(offset, 3, 4)  # type: ignore[arg-type]
+    twin = ReferenceOptimizer(
+        twin_params, rule="adam", residual="none", lr=1e-2, seeds=seeds, refresh_phases=phases, **group
+    )
+    for t, grads in enumerate(grad_stream(params, 10)):
+        _step(params, opt, grads)
+        twin.step(grads)
+        for p, q in zip(params, twin.params, strict=True):
+            torch.testing.assert_close(p.detach(), q, rtol=1e-10, atol=1e-12, msg=f"step {t}")
+
+
+def test_staggered_refreshes_resume_in_lockstep() -> None:
+    params = make_params(SHAPES, torch.float32)
+    opt = gradproj.GaLoreAdamW(_groups(params, refresh_offset="staggered"), lr=1e-2)
+    stream = grad_stream(params, 9)
+    for grads in stream[:2]:  # stop mid-gap: one matrix refreshed at step 1, the next due at step 2
+        _step(params, opt, grads)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    resumed_params = [p.detach().clone().requires_grad_() for p in params]
+    resumed = gradproj.GaLoreAdamW(_groups(resumed_params, refresh_offset="staggered"), lr=1e-2)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    for grads in stream[2:]:
+        _step(params, opt, grads)
+        _step(resumed_params, resumed, grads)
+        for a, b in zip(params, resumed_params, strict=True):
+            assert torch.equal(a, b)
+    assert [opt.state[p]["refresh_phase"] for p in params[:3]] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("offset", [4, -1, "later", True])
+def test_refresh_offset_out_of_range_is_refused(offset: object) -> None:
+    with pytest.raises(ValueError, match=r"refresh_offset=.* is not valid; expected 'staggered' or an int in \[0, "):
+        gradproj.GaLoreAdamW(_groups(make_params(SHAPES), refresh_offset=offset))
+
+
+def test_the_trainer_spec_staggers_ours_and_refuses_peers() -> None:
+    from gradproj.optim.build import OptimizerSpec, build_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 16))
+    spec = OptimizerSpec(rank=4, update_proj_gap=10, refresh_offset="staggered", target_modules="all-linear")
+    opt = build_optimizer(model, spec)
+    assert opt.param_groups[0]["refresh_offset"] == "staggered"
+    assert [opt._refresh_phases[p] for p in opt.param_groups[0]["params"]] == [0, 5]
+    aligned = build_optimizer(model, OptimizerSpec(rank=4, target_modules="all-linear"))
+    assert aligned.param_groups[0]["refresh_offset"] == 0
+    with pytest.raises(ValueError, match=r"--refresh-offset staggered needs one of gradproj's optimizers"):
+        build_optimizer(model, OptimizerSpec(name="galore-torch", refresh_offset="staggered"))
+    with pytest.raises(ValueError, match=r"refresh_offset='sometimes' is not valid; expected one of"):
+        OptimizerSpec(refresh_offset="sometimes")
