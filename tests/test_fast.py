@@ -177,3 +177,13 @@ def test_the_trainer_spec_staggers_ours_and_refuses_peers() -> None:
         build_optimizer(model, OptimizerSpec(name="galore-torch", refresh_offset="staggered"))
     with pytest.raises(ValueError, match=r"refresh_offset='sometimes' is not valid; expected one of"):
         OptimizerSpec(refresh_offset="sometimes")
+
+
+def test_the_for_loop_adamw_variant_refuses_bf16_weights() -> None:
+    from gradproj.optim.build import OptimizerSpec, build_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32)).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"--optimizer adamw\+loop is torch's AdamW with fixed kernel options"):
+        build_optimizer(model, OptimizerSpec(name="adamw+loop", target_modules="all-linear"))
+    fallback = build_optimizer(model, OptimizerSpec(name="adamw", target_modules="all-linear"))
+    assert isinstance(fallback, gradproj.ProjectedOptimizer)

@@ -194,7 +194,11 @@ def build_optimizer(
         # torch's fastest kernel where it has one (its own default on a CPU is the for-loop)
         kernel = {"fused": fused_adamw_supported([p for g in groups for p in g["params"]]), **method.constructor}
         return torch.optim.AdamW(groups, lr=spec.matrix_lr, weight_decay=spec.weight_decay, **kernel)
-    assert method.preset is not None
+    if method.preset is None:  # a kernel variant of torch's AdamW (adamw+loop): torch's own, or nothing
+        raise ValueError(
+            f"--optimizer {method.name} is torch's AdamW with fixed kernel options, which keeps bf16 moments for "
+            "bf16 weights; use --optimizer adamw (the engine's AdamW, float32 moments) for them"
+        )
     groups = _groups(model, spec, summary=summary, names=True)
     preset = PRESETS[method.preset]
     return preset(
