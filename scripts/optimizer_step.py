@@ -1,13 +1,15 @@
 """The optimizer step alone, side by side: every optimizer steps the same model shape with the same
 fixed gradients, one step each in turn (so a drifting host slows them alike), over one whole
-``update_proj_gap`` after a first step; appends one record per optimizer with its median, mean and
-slowest step, and their ratios to torch's fused AdamW.
+``update_proj_gap`` after two untimed steps (the first bases; a compile); appends one record per
+optimizer with its median, mean and slowest step, and their ratios to torch's fused AdamW.
 
     python scripts/optimizer_step.py docs/records/optimizer_step_llama20m_cpu.jsonl
 
 ``bench speed`` times the trainer's whole step (forward, backward, clipping, step); this isolates the
 part the optimizers differ in, where a refresh step's cost is not hidden in the noise of a forward
-pass. The mean over the gap is the amortized step (every matrix refreshes once in it, aligned or
+pass; our optimizers are built as the trainer builds them (``nonfinite="checked"``: the trainer's
+clipped gradient norm catches a non-finite step, so the step does not read every gradient again).
+The mean over the gap is the amortized step (every matrix refreshes once in it, aligned or
 staggered); the slowest step is the aligned refresh step, or the worst staggered one.
 """
 
@@ -33,7 +35,16 @@ LINEUP: dict[str, tuple[str, dict[str, Any]]] = {
     "galore_adamw": ("galore_adamw", {}),
     "galore_adamw+staggered": ("galore_adamw", {"refresh_offset": "staggered"}),
     "galore_adamw+loop": ("galore_adamw+loop", {}),
+    "galore_adamw+compile": ("galore_adamw+compile", {}),
     "galore-torch": ("galore-torch", {}),
+    "fira_adamw": ("fira_adamw", {}),
+    "fira_adamw+loop": ("fira_adamw+loop", {}),
+    "fira": ("fira", {}),
+    "apollo_adamw": ("apollo_adamw", {}),
+    "apollo_adamw+loop": ("apollo_adamw+loop", {}),
+    "apollo-torch": ("apollo-torch", {}),
+    "galore_adamw8bit": ("galore_adamw8bit", {}),
+    "adamw8bit-bnb": ("adamw8bit-bnb", {}),
 }
 
 
@@ -47,7 +58,7 @@ def build(name: str, args: argparse.Namespace) -> tuple[torch.optim.Optimizer, t
     gen = torch.Generator().manual_seed(1)
     for p in model.parameters():
         p.grad = torch.randn(p.shape, generator=gen) * 1e-3  # fixed: every step sees the same gradients
-    return build_optimizer(model, spec), model
+    return build_optimizer(model, spec, nonfinite="checked"), model  # as the trainer builds it (it checks the norm)
 
 
 def main() -> None:
@@ -65,6 +76,7 @@ def main() -> None:
     built = {name: build(name, args) for name in names}
     for optimizer, _ in built.values():
         optimizer.step()  # the first step: state allocation and every first basis
+        optimizer.step()  # the first fast-path step (compile=True compiles here)
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(args.gap):  # one whole gap: every matrix refreshes once in it, on either schedule
         for name, (optimizer, _) in built.items():

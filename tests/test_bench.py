@@ -5,7 +5,6 @@ at comparable state, tables, plots, and docs/BENCHMARKS.md in sync with its comm
 from __future__ import annotations
 
 import json
-import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -238,24 +237,14 @@ def test_dynamics_overhead_run_trains_identically() -> None:
 
 
 def test_speed_takes_steps_in_turn_and_ratios_to_adamw(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    from gradproj.bench.timing import StepClock
-
-    order: list[tuple[str, int]] = []  # (thread, step) in the order the timed steps began
-    clock_begin = StepClock.on_step_begin
-
-    def logged(self, step):  # type: ignore[no-untyped-def]
-        order.append((threading.current_thread().name, step))
-        clock_begin(self, step)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(StepClock, "on_step_begin", logged)
-        assert main(["bench", "speed", "--model", "llama-1m", "--steps", "6", "--batch-size", "4", "--seq-len", "32",
-                     "--rank", "8", "--methods", "racs,galore_adamw", "--repeats", "2", "--out", str(tmp_path)]) == 0  # fmt: skip
-    threads = [name for name, _ in order]  # 2 rounds x 3 trainers x 6 steps, one step of each in turn
-    assert len(order) == 2 * 3 * 6 and all(len(set(threads[i : i + 3])) == 3 for i in range(0, len(order), 3))
-    assert [step for _, step in order[:6]] == [1, 1, 1, 2, 2, 2]
+    assert main(["bench", "speed", "--model", "llama-1m", "--steps", "6", "--batch-size", "4", "--seq-len", "32",
+                 "--rank", "8", "--methods", "racs,galore_adamw", "--repeats", "2", "--out", str(tmp_path)]) == 0  # fmt: skip
     rows = {r["method"]: r for r in read_records([tmp_path])}
     assert list(rows) == ["adamw", "racs", "galore_adamw"]  # AdamW added first, the baseline of every ratio
+    for round_ in range(2):  # each trainer in its own process; their timed steps began one of each in turn
+        began = sorted((t, name) for name, r in rows.items() for t in r["step_started"][round_])
+        order = [name for _, name in began]
+        assert len(order) == 3 * 6 and all(len(set(order[i : i + 3])) == 3 for i in range(0, len(order), 3))
     assert rows["adamw"]["vs_adamw"] == 1.0 and all(len(r["step_seconds_rounds"]) == 2 for r in rows.values())
     assert rows["racs"]["vs_adamw"] == pytest.approx(
         rows["racs"]["step_seconds_median"] / rows["adamw"]["step_seconds_median"]

@@ -140,6 +140,23 @@ def test_one_nonfinite_element_among_finite_ones_is_caught(bad: float) -> None:
         opt.step()
 
 
+def test_checked_gradients_are_not_read_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    params = make_params([(32, 16), (8,)], torch.float32)
+    opt = gradproj.GaLoreAdamW([{"params": params[:1], "rank": 4}, {"params": params[1:]}], nonfinite="checked")
+    for p in params:
+        p.grad = torch.randn_like(p)
+
+    def scan() -> bool:
+        raise AssertionError("step() scanned the gradients its caller had checked")
+
+    monkeypatch.setattr(opt, "_gradients_are_finite", scan)
+    before = params[0].detach().clone()
+    opt.step()
+    assert not torch.equal(params[0], before)
+    # a layer-wise step has no caller's check: step_parameter checks its gradient either way
+    assert not opt.step_parameter(params[1], torch.full_like(params[1], float("nan")))
+
+
 def test_nonfinite_gradient_can_raise_instead() -> None:
     params = make_params([(32, 16)], torch.float32)
     opt = gradproj.GaLoreAdamW([{"params": params, "rank": 4}], nonfinite="raise")

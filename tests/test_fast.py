@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import zlib
 
 import pytest
@@ -23,12 +24,13 @@ def _groups(params: list[torch.Tensor], **options: object) -> list[dict[str, obj
     return [{"params": params[:3], "rank": 6, "update_proj_gap": 4, **options}, {"params": params[3:]}]
 
 
-def _pair(dtype: torch.dtype, **options: object):  # type: ignore[no-untyped-def]
+def _pair(dtype: torch.dtype, preset: str = "galore_adamw", **options: object):  # type: ignore[no-untyped-def]
     fast, loop = make_params(SHAPES, dtype), make_params(SHAPES, dtype)
     kwargs = {"lr": 1e-2, "weight_decay": 0.1}
+    cls = gradproj.PRESETS[preset]
     return (
-        (fast, gradproj.GaLoreAdamW(_groups(fast, **options), foreach=True, **kwargs)),
-        (loop, gradproj.GaLoreAdamW(_groups(loop, **options), foreach=False, **kwargs)),
+        (fast, cls(_groups(fast, **options), foreach=True, **kwargs)),
+        (loop, cls(_groups(loop, **options), foreach=False, **kwargs)),
     )
 
 
@@ -54,6 +56,51 @@ def test_fast_path_equals_the_loop_in_float64(projector: str, proj_type: str) ->
         assert a.state[p]["step"] == b.state[q]["step"] == 11
 
 
+#: every residual policy, on one-sided bases (the fused updates) and a two-sided one (the loop's combine)
+POLICIES = [
+    ("fira_adamw", {}),
+    ("fira_adamw", {"scale_type": "tensor"}),
+    ("fira_adamw", {"proj_type": "full"}),
+    ("apollo_adamw", {}),
+    ("apollo_adamw", {"rank": 1, "scale_type": "tensor"}),  # APOLLO-Mini
+    ("alice0", {}),
+]
+
+
+@pytest.mark.parametrize("strategy", ["one by one", "listed"])
+@pytest.mark.parametrize(("preset", "options"), [("galore_adamw", {}), *POLICIES])
+def test_every_policy_on_either_strategy_equals_the_loop_in_float64(
+    preset: str, options: dict[str, object], strategy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CPU's matrix-by-matrix order and the lists other devices take, across three refreshes."""
+    if strategy == "listed":
+        monkeypatch.setattr("gradproj.optim.fast.ONE_BY_ONE_DEVICES", ())
+    (fast, a), (loop, b) = _pair(torch.float64, preset, **options)
+    for grads in grad_stream(fast, 11):
+        _step(fast, a, grads)
+        _step(loop, b, grads)
+        for p, q in zip(fast, loop, strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    for p, q in zip(fast[:3], loop[:3], strict=True):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(a.state[p][key], b.state[q][key]), key
+        for key in ("residual_norm", "compensation_sq"):  # the limiter's and Alice's statistics
+            if key in b.state[q]:
+                torch.testing.assert_close(a.state[p][key], b.state[q][key], rtol=1e-12, atol=0)
+    assert all(a._fast_capable[p] for p in fast)
+
+
+@pytest.mark.parametrize(("preset", "options"), POLICIES[:4])
+def test_fused_policies_equal_the_loop_in_float32(preset: str, options: dict[str, object]) -> None:
+    (fast, a), (loop, b) = _pair(torch.float32, preset, **options)
+    for grads in grad_stream(fast, 9):
+        _step(fast, a, grads)
+        _step(loop, b, grads)
+    for p, q, start in zip(fast, loop, make_params(SHAPES, torch.float32), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+        assert (p - start).abs().max() > 1e-3  # it trained
+
+
 def test_fast_path_equals_the_loop_in_float32_without_bias_correction() -> None:
     (fast, a), (loop, b) = _pair(torch.float32, bias_correction=False)
     for grads in grad_stream(fast, 9):
@@ -64,7 +111,8 @@ def test_fast_path_equals_the_loop_in_float32_without_bias_correction() -> None:
         assert (p - start).abs().max() > 1e-3  # it trained
 
 
-def test_fast_path_takes_every_step_between_refreshes(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("preset", ["galore_adamw", "fira_adamw", "apollo_adamw"])
+def test_fast_path_takes_every_step_between_refreshes(preset: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """With foreach=None the per-parameter projected step runs on refresh steps only."""
     calls: list[int] = []
     real = step_module.projected_step
@@ -75,7 +123,7 @@ def test_fast_path_takes_every_step_between_refreshes(monkeypatch: pytest.Monkey
 
     monkeypatch.setattr("gradproj.optim.engine.projected_step", counted)
     params = make_params(SHAPES, torch.float32)
-    opt = gradproj.GaLoreAdamW(_groups(params), lr=1e-2)
+    opt = gradproj.PRESETS[preset](_groups(params), lr=1e-2)
     for grads in grad_stream(params, 9):
         _step(params, opt, grads)
     assert sorted(calls) == [0, 0, 0, 4, 4, 4, 8, 8, 8]  # 3 matrices refresh at steps 0, 4 and 8
@@ -84,7 +132,7 @@ def test_fast_path_takes_every_step_between_refreshes(monkeypatch: pytest.Monkey
 @pytest.mark.parametrize(
     ("preset", "dtype", "reason"),
     [
-        ("fira_adamw", torch.float32, "residual='fira' has no batched step"),
+        ("alice", torch.float32, "projector='eigh' with tracking observes every step's R"),
         ("galore_adamw8bit", torch.float32, "its rule 'adam8bit' has no batched step"),
         ("galore_adamw", torch.bfloat16, "it is torch.bfloat16"),
     ],
@@ -100,6 +148,33 @@ def test_foreach_true_names_the_parameter_and_why(preset: str, dtype: torch.dtyp
 def test_foreach_must_be_none_true_or_false() -> None:
     with pytest.raises(ValueError, match=r"foreach='yes' is not valid"):
         gradproj.GaLoreAdamW(make_params(SHAPES), foreach="yes")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------- torch.compile
+def test_compile_needs_the_fast_path() -> None:
+    with pytest.raises(ValueError, match=r"compile=True compiles the fast path, which foreach=False never takes"):
+        gradproj.GaLoreAdamW(_groups(make_params(SHAPES)), foreach=False, compile=True)
+    with pytest.raises(ValueError, match=r"compile='yes' is not valid; expected one of \(False, True\)"):
+        gradproj.GaLoreAdamW(_groups(make_params(SHAPES)), compile="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+@pytest.mark.parametrize("preset", ["galore_adamw", "fira_adamw"])
+def test_compiled_fast_path_equals_the_eager_one(preset: str) -> None:
+    """One compile for the whole test (the same function, shape and dtype): a few float32 ulps apart."""
+    shapes = [(24, 40)] * 3 + [(24,)]
+    eager, compiled = make_params(shapes, torch.float32), make_params(shapes, torch.float32)
+    cls, kwargs = gradproj.PRESETS[preset], {"lr": 1e-2, "weight_decay": 0.1}
+    a = cls(_groups(eager), **kwargs)
+    b = cls(_groups(compiled), compile=True, **kwargs)
+    for grads in grad_stream(eager, 9):
+        _step(eager, a, grads)
+        _step(compiled, b, grads)
+    for p, q, start in zip(eager, compiled, make_params(shapes, torch.float32), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+        assert (p - start).abs().max() > 1e-3  # it trained
+    for p, q in zip(eager[:3], compiled[:3], strict=True):
+        torch.testing.assert_close(a.state[p]["exp_avg_sq"], b.state[q]["exp_avg_sq"], rtol=1e-6, atol=0)
 
 
 # ------------------------------------------------------------------------- staggered refreshes

@@ -125,8 +125,10 @@ def test_a_run_resumes_resharded_on_another_world_size(
     assert summary["world_size"] == world and summary["global_batch"] == 8  # the maths kept: 8 sequences per step
     straight = _weights(interrupted / "straight" / f"checkpoints/step-{6:08d}")
     resumed = _weights(run / f"checkpoints/step-{6:08d}")
-    for name, value in straight.items():  # float sums in another order (micro-batches, reduce-scatter): not bitwise
-        torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6)
+    # float sums in another order (micro-batches, reduce-scatter), compounded over three steps: not bitwise, and
+    # up to 2e-6 on some hosts' BLAS; a resume that lost a moment or a basis is off by a whole step (about 1e-3)
+    for name, value in straight.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-5)
     two_ranks = _summary(interrupted / "straight")
     if replicate > 1:  # each replica shards like the 2-rank run (its per-tensor counters aside)
         assert summary["optimizer_state_bytes"] == pytest.approx(two_ranks["optimizer_state_bytes"], rel=1e-3)

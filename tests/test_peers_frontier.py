@@ -106,7 +106,9 @@ def test_alice_matches_pytorch_optimizer_after_the_first_basis(track_beta: float
         # the peer's refresh runs its subspace iteration in float32
         torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-5, atol=1e-6)
     basis, theirs_basis = opt.state[ours]["basis_left"], peer.state[theirs]["U"]
-    torch.testing.assert_close(basis.abs(), theirs_basis.abs(), rtol=1e-4, atol=1e-5)
+    # float32 subspace iteration, three refreshes deep: its least separated direction is about 5e-5 off
+    # on some hosts' BLAS (a wrong basis would be off by O(1))
+    torch.testing.assert_close(basis.abs(), theirs_basis.abs(), rtol=1e-4, atol=1e-4)
 
 
 def test_a_peer_on_the_matrices_and_adamw_on_the_rest_report_all_their_state() -> None:

@@ -146,6 +146,32 @@ def test_nan_step_is_skipped_and_counted(data, tmp_path: Path, monkeypatch: pyte
     assert all(torch.isfinite(w).all() for w in _weights(tmp_path, 5).values())
 
 
+def test_a_nonfinite_gradient_under_a_finite_loss_is_skipped_by_the_norm(  # type: ignore[no-untyped-def]
+    data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the trainer builds its optimizer with nonfinite="checked" (step() reads no gradient to check it):
+    # the clipped gradient norm is what must catch this step
+    real_loss = PretrainTask.loss
+    calls = {"n": 0}
+
+    def loss(self, model, batch):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 3:  # one inf row in one gradient, in this backward only
+            weight = model.model.layers[0].mlp.down_proj.weight
+
+            def poison(grad: torch.Tensor) -> torch.Tensor:
+                handle.remove()
+                return grad.index_fill(0, torch.tensor([1]), math.inf)
+
+            handle = weight.register_hook(poison)
+        return real_loss(self, model, batch)
+
+    monkeypatch.setattr(PretrainTask, "loss", loss)
+    result = pretrain(PretrainConfig(**TINY, steps=5, out=str(tmp_path)), data=data)
+    assert result.progress.skipped == 1 and math.isnan(result.losses[2])
+    assert all(torch.isfinite(w).all() for w in _weights(tmp_path, 5).values())
+
+
 def test_repeated_nan_stops_with_the_last_checkpoint_intact(
     data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]

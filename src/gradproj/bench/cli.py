@@ -128,9 +128,10 @@ def add_parsers(sub: Any) -> None:
     speed = bench_sub.add_parser(
         "speed",
         help="step time side by side: every method's trainer one step each in turn, ratios to AdamW",
-        description="Run every method's trainer (and AdamW's) in round robin, one step each in turn, for "
-        "--repeats rounds; print each method's median step and its ratio to AdamW's. A drifting host slows "
-        "every method alike, unlike the step times of bench quality, which runs methods one after another.",
+        description="Run every method's trainer (and AdamW's), each in its own process, in round robin, one "
+        "step each in turn, for --repeats rounds; print each method's median step and its ratio to AdamW's. A "
+        "drifting host slows every method alike, unlike the step times of bench quality, which runs methods "
+        "one after another.",
     )
     add_run_options(speed, model="llama-5m", steps=60, batch=16, seq=64, rank=64, gap=50)
     speed.add_argument(

@@ -103,8 +103,7 @@ def run(
     optimizer steps (forward, backward, clipping, step), synchronised on CUDA; their median leaves
     out the first :data:`BURN_IN` steps. Evaluations are not timed. A run that the trainer stops for
     non-finite steps is recorded as diverged. ``turn``: callbacks before and after the step clock
-    (``bench speed``'s round robin, whose runs share a process: refreshes are then not timed, since
-    timing wraps a function every thread calls).
+    (``bench speed``'s round robin, whose records then also hold when each step began).
     """
     folder = out / run_name(method, lr_m, lr_o, base.seed)
     if (folder / "config.json").exists():
@@ -114,7 +113,7 @@ def run(
     clock = StepClock(config.device)
     callbacks = [clock] if turn is None else [turn[0], clock, turn[1]]
     trainer = Trainer(config, PretrainTask(config, data), callbacks=callbacks)
-    with timed_refreshes(method.refresh if turn is None else None, config.device) as refreshes:
+    with timed_refreshes(method.refresh, config.device) as refreshes:
         try:
             result = trainer.run()
             val_loss, history, summary = result.final_eval["loss"], result.progress.history, result.summary
@@ -148,6 +147,7 @@ def run(
         "diverged": not math.isfinite(val_loss),
         "skipped_steps": summary.get("skipped_steps", 0),
         "dynamics_samples": summary.get("dynamics", {}).get("samples", 0),
+        **({"step_started": clock.started} if turn is not None else {}),
         "run_dir": str(folder),
         "config": asdict(config),
         "options": method.group_options,

@@ -1,4 +1,4 @@
-"""Step time side by side, in turn: every method's trainer in its own thread, taking one step each in
+"""Step time side by side, in turn: every method's trainer in its own process, taking one step each in
 round robin, so that a drifting host (another job, the clock) slows every method alike; each method's
 median, mean and slowest step and their ratios to AdamW's.
 
@@ -10,6 +10,11 @@ times of each method interleave with every other's. Each run is a ``gradproj pre
 the same trainer, batches and parameter split as ``bench quality``, at the method's registry learning
 rates (the rates do not change the arithmetic).
 
+Each trainer has a process to itself, as a user's run has: trainers in threads of one process were
+measured to slow each other's small kernels (on the 2-core CPU, llama-20m: fused AdamW's trainer step
+373 -> 465 ms, GaLore's 1.047x -> 1.155x AdamW's), which inflated every ratio of the methods that run
+many small kernels.
+
 Example:
     >>> robin = RoundRobin(2)
     >>> robin.open(); robin.wait(0); robin.pass_on(0); robin.turn    # 0 stepped; 1's turn
@@ -20,47 +25,55 @@ Example:
 
 from __future__ import annotations
 
+import multiprocessing
+import queue
 import statistics
 import tempfile
-import threading
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from ..train.config import PretrainConfig
 from ..train.progress import Callback
+from ..train.text import PretrainData
 from .methods import get_method
 from .quality import prepare_data, run
 
 #: the method every ratio is taken against
 BASELINE = "adamw"
+#: trainers start in fresh interpreters (a forked child would inherit the parent's thread pools)
+_PROCESSES = multiprocessing.get_context("spawn")
 
 
 class RoundRobin:
-    """Seats for trainers in threads: each waits for its turn before a step and passes it on after.
+    """Seats for trainers in processes: each waits for its turn before a step and passes it on after.
     Nobody steps before :meth:`open` (``turn`` is -1), so that setting up one trainer never overlaps
-    another's timed step."""
+    another's timed step. Built from ``multiprocessing`` primitives: hand it to the processes it seats."""
 
     def __init__(self, seats: int) -> None:
-        self.turn = -1
-        self._done = [False] * seats
-        self._changed = threading.Condition()
+        self._turn = _PROCESSES.Value("i", -1, lock=False)
+        self._done = _PROCESSES.Array("b", seats, lock=False)
+        self._changed = _PROCESSES.Condition()
         #: set when a seat's trainer is ready for its first step (or gone): set-up is over
-        self.arrived = [threading.Event() for _ in range(seats)]
+        self.arrived = [_PROCESSES.Event() for _ in range(seats)]
+
+    @property
+    def turn(self) -> int:
+        return int(self._turn.value)
 
     def open(self) -> None:
         with self._changed:
-            self.turn = self._next(-1)
+            self._turn.value = self._next(-1)
             self._changed.notify_all()
 
     def wait(self, seat: int) -> None:
         self.arrived[seat].set()
         with self._changed:
-            self._changed.wait_for(lambda: self.turn == seat)
+            self._changed.wait_for(lambda: self._turn.value == seat)
 
     def pass_on(self, seat: int) -> None:
         with self._changed:
-            self.turn = self._next(seat)
+            self._turn.value = self._next(seat)
             self._changed.notify_all()
 
     def leave(self, seat: int) -> None:
@@ -68,8 +81,8 @@ class RoundRobin:
         self.arrived[seat].set()
         with self._changed:
             self._done[seat] = True
-            if self.turn == seat:
-                self.turn = self._next(seat)
+            if self._turn.value == seat:
+                self._turn.value = self._next(seat)
             self._changed.notify_all()
 
     def _next(self, seat: int) -> int:
@@ -99,6 +112,29 @@ class _Turn(Callback):
         self.held = True
 
 
+def _seat(
+    robin: RoundRobin,
+    seat: int,
+    name: str,
+    data: PretrainData,
+    config: PretrainConfig,
+    folder: Path,
+    results: Any,
+    dismissed: Any,
+) -> None:
+    """One trainer's process: its run, then its record (or None if it failed) on ``results``; it exits
+    only when ``dismissed`` (tearing down an interpreter takes a CPU second, which would land on another
+    trainer's timed step)."""
+    record = None
+    try:
+        method = get_method(name)
+        record = run(method, method.lr, method.other_lr, data, config, folder, robin.callbacks(seat))
+    finally:
+        robin.leave(seat)
+        results.put((seat, record))
+        dismissed.wait()
+
+
 def speed(
     cfg: PretrainConfig, methods: list[str], repeats: int = 1, checkpointing: bool = False
 ) -> list[dict[str, Any]]:
@@ -106,7 +142,7 @@ def speed(
     robin, the median over rounds, and that against AdamW's. ``checkpointing``: every method also runs
     with activation checkpointing in the same round robin (``NAME+checkpointing``, its ratio to NAME)."""
     names = [BASELINE, *(name for name in methods if name != BASELINE)]
-    seats = [(name, get_method(name), cfg) for name in names]  # a bad name fails here, before any thread
+    seats = [(name, get_method(name).name, cfg) for name in names]  # a bad name fails here, before any process
     if checkpointing:
         seats += [
             (f"{name}+checkpointing", method, replace(c, activation_checkpointing=True)) for name, method, c in seats
@@ -114,31 +150,14 @@ def speed(
     data = prepare_data(cfg)
     kinds = ("median", "mean", "max")
     times: dict[str, dict[str, list[float]]] = {kind: {name: [] for name, _, _ in seats} for kind in kinds}
+    started: dict[str, list[list[float]]] = {name: [] for name, _, _ in seats}
     with tempfile.TemporaryDirectory(prefix="gradproj-speed-") as out:
         for _ in range(repeats):
-            robin = RoundRobin(len(seats))
-            records: list[dict[str, Any]] = [{} for _ in seats]
-
-            def train(seat: int, robin: RoundRobin = robin, records: list[dict[str, Any]] = records) -> None:
-                _, method, config = seats[seat]
-                folder = Path(out) / str(seat)  # a method may sit twice (with and without checkpointing)
-                try:
-                    records[seat] = run(method, method.lr, method.other_lr, data, config, folder, robin.callbacks(seat))
-                finally:
-                    robin.leave(seat)
-
-            threads = [threading.Thread(target=train, args=(seat,)) for seat in range(len(seats))]
-            for seat, thread in enumerate(threads):  # one set-up at a time (transformers' lazy imports race)
-                thread.start()
-                robin.arrived[seat].wait()
-            robin.open()
-            for thread in threads:
-                thread.join()
+            records = _round(seats, data, Path(out))
             for (name, _, _), record in zip(seats, records, strict=True):
-                if not record:
-                    raise RuntimeError(f"bench speed: the {name} run failed (its error is printed above)")
                 for kind in kinds:
                     times[kind][name].append(record[f"step_seconds_{kind}"])
+                started[name].append(record["step_started"])
     medians = {name: statistics.median(rounds) for name, rounds in times["median"].items()}
     means = {name: statistics.median(rounds) for name, rounds in times["mean"].items()}
     return [
@@ -159,10 +178,52 @@ def speed(
                 else {}
             ),
             "rounds": repeats,
+            "step_started": started[name],  # each round's step start times (monotonic, shared by the processes)
             "config": asdict(config),
         }
         for name, _, config in seats
     ]
+
+
+def _round(seats: list[tuple[str, str, PretrainConfig]], data: PretrainData, out: Path) -> list[dict[str, Any]]:
+    """One round robin: every seat's run in its own process; their records in seat order."""
+    robin, results, dismissed = RoundRobin(len(seats)), _PROCESSES.Queue(), _PROCESSES.Event()
+    processes = [
+        _PROCESSES.Process(
+            target=_seat, args=(robin, seat, method, data, config, out / str(seat), results, dismissed), daemon=True
+        )
+        for seat, (_, method, config) in enumerate(seats)  # a method may sit twice (with and without checkpointing)
+    ]
+    for process in processes:  # they import and build at once; nobody steps before every one is ready
+        process.start()
+    for event in robin.arrived:
+        event.wait()
+    robin.open()
+    records = _collect(results, processes)
+    dismissed.set()
+    for process in processes:
+        process.join()
+    found = []
+    for seat, (name, _, _) in enumerate(seats):
+        record = records.get(seat)
+        if not record:
+            raise RuntimeError(f"bench speed: the {name} run failed (its error is printed above)")
+        found.append(record)
+    return found
+
+
+def _collect(results: Any, processes: list[Any]) -> dict[int, dict[str, Any] | None]:
+    """Every seat's record, read before the processes are joined (a child exits once its record is read);
+    a child that died without one (killed, a crash in C) ends the wait instead of hanging it."""
+    records: dict[int, dict[str, Any] | None] = {}
+    while len(records) < len(processes):
+        try:
+            seat, record = results.get(timeout=1.0)
+            records[seat] = record
+        except queue.Empty:
+            if not any(process.is_alive() for process in processes) and results.empty():
+                break
+    return records
 
 
 def speed_table(records: list[dict[str, Any]]) -> str:

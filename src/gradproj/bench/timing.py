@@ -45,10 +45,13 @@ class StepClock(Callback):
     device: str
     seconds: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    #: when each step began (``time.monotonic``: one clock for every process of the machine)
+    started: list[float] = field(default_factory=list)
     _start: float = 0.0
 
     def on_step_begin(self, step: int) -> None:
         synchronize(self.device)
+        self.started.append(time.monotonic())
         self._start = time.perf_counter()
 
     def on_step_end(self, step: int, loss: float) -> None:

@@ -163,8 +163,12 @@ def build_optimizer(
     summary: bool = False,
     layerwise: bool = False,
     bf16_update: str = "nearest",
+    nonfinite: str = "skip",
 ) -> torch.optim.Optimizer:
     """The optimizer ``spec`` names, over ``model``'s trainable parameters.
+
+    ``nonfinite`` is our engine's (``"checked"`` where the caller skips non-finite steps itself, as the
+    trainer does from the clipped gradient norm); torch's and the peers' optimizers check nothing.
 
     ``layerwise`` (stepping inside backward) needs a gradproj optimizer: torch's AdamW is then
     replaced by the engine without ranks, which is torch's AdamW bit for bit (tested). So it is for a
@@ -201,9 +205,8 @@ def build_optimizer(
         )
     groups = _groups(model, spec, summary=summary, names=True)
     preset = PRESETS[method.preset]
-    return preset(
-        groups, lr=spec.matrix_lr, weight_decay=spec.weight_decay, bf16_update=bf16_update, **method.constructor
-    )
+    options = {"bf16_update": bf16_update, "nonfinite": nonfinite, **method.constructor}
+    return preset(groups, lr=spec.matrix_lr, weight_decay=spec.weight_decay, **options)
 
 
 def _groups(model: nn.Module, spec: OptimizerSpec, *, summary: bool, names: bool) -> list[dict[str, Any]]:

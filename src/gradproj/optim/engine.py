@@ -81,13 +81,18 @@ class ProjectedOptimizer(Optimizer):
         projection: overrides of :data:`PROJECTION_DEFAULTS` for projected groups.
         nonfinite: ``"skip"`` (default) drops a step whose gradients contain NaN/Inf, leaving
             every weight and state untouched, counts it in ``nonfinite_steps`` and warns;
-            ``"raise"`` raises :class:`FloatingPointError` instead, also before any change.
+            ``"raise"`` raises :class:`FloatingPointError` instead, also before any change;
+            ``"checked"``: the caller has checked every gradient before it calls ``step()``, which then
+            reads none of them an extra time (gradproj's trainer skips a step whose global gradient norm
+            is not finite, and builds its optimizers so). :meth:`step_parameter` checks either way.
         bf16_update: how a bf16 weight's float32 step is rounded back: ``"nearest"``, ``"stochastic"``
             or ``"kahan"`` (a compensation buffer in the state); see :mod:`gradproj.optim.precision`.
             A group may set its own. Weights in float32/float64 are stepped in place either way.
         foreach: the batched fast path (:mod:`gradproj.optim.fast`): None (default) takes it wherever it
             applies, as torch does; True raises, naming the parameter and why, where it cannot; False
             steps every parameter on its own (the ground truth the fast path is tested against).
+        compile: ``torch.compile`` each matrix's elementwise fast-path step (Adam's moments and direction
+            as one generated kernel; one compile per shape and dtype, the first step pays it).
     """
 
     #: the update rule a preset runs (a name of :data:`gradproj.rules.RULES`)
@@ -115,11 +120,15 @@ class ProjectedOptimizer(Optimizer):
         nonfinite: str = "skip",
         bf16_update: str = "nearest",
         foreach: bool | None = None,
+        compile: bool = False,
     ) -> None:
         _choice("nonfinite", nonfinite, NONFINITE)
         _choice("foreach", foreach, FOREACH)
+        _choice("compile", compile, (False, True))
+        if compile and foreach is False:
+            raise ValueError("compile=True compiles the fast path, which foreach=False never takes; use foreach=None")
         self.foreach = foreach
-        self._fast = FastPath()
+        self._fast = FastPath(compile=compile)
         self._fast_capable: dict[Tensor, bool] = {}
         _choice("bf16_update", bf16_update, BF16_UPDATES)
         defaults = {**defaults, "bf16_update": bf16_update}
@@ -219,6 +228,9 @@ class ProjectedOptimizer(Optimizer):
         first refresh, or for a parameter without ``rank``)."""
         if "rank" not in self._param_groups_of[p] or not self.state[p]:
             return None, None
+        cached = self._basis_cache.get(p)  # filled only by projectors that cache; kept in the weight's dtype
+        if cached is not None and p.dtype not in LOW_PRECISION:
+            return cached
         return self._context(p).bases()
 
     def layout(self, p: Tensor, group: dict[str, Any]) -> Layout:
@@ -278,7 +290,7 @@ class ProjectedOptimizer(Optimizer):
                 loss = closure()
         if self.layerwise is not None:  # every parameter was stepped inside backward
             return loss
-        if not self._gradients_are_finite():
+        if self.nonfinite != "checked" and not self._gradients_are_finite():
             return loss
         self._prepared = self._spread_refreshes()
         try:

@@ -27,9 +27,9 @@ from .engine import ProjectedOptimizer
 Betas = tuple[float, float]
 
 
-def engine_options(nonfinite: str, bf16_update: str, foreach: bool | None) -> dict[str, Any]:
+def engine_options(nonfinite: str, bf16_update: str, foreach: bool | None, compile: bool) -> dict[str, Any]:
     """The engine's own keywords, which every preset takes and passes on unchanged."""
-    return {"nonfinite": nonfinite, "bf16_update": bf16_update, "foreach": foreach}
+    return {"nonfinite": nonfinite, "bf16_update": bf16_update, "foreach": foreach, "compile": compile}
 
 
 class GaLoreAdamW(ProjectedOptimizer):
@@ -51,10 +51,11 @@ class GaLoreAdamW(ProjectedOptimizer):
         nonfinite: str = "skip",
         bf16_update: str = "nearest",
         foreach: bool | None = None,
+        compile: bool = False,
         **projection: Any,
     ) -> None:
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
-        options = engine_options(nonfinite, bf16_update, foreach)
+        options = engine_options(nonfinite, bf16_update, foreach, compile)
         super().__init__(params, defaults, rule=self.RULE, projection={**self.PROJECTION, **projection}, **options)
 
 
@@ -119,6 +120,7 @@ class Alice(GaLoreAdamW):
         nonfinite: str = "skip",
         bf16_update: str = "nearest",
         foreach: bool | None = None,
+        compile: bool = False,
         **projection: Any,
     ) -> None:
         if not isinstance(betas, (tuple, list)) or len(betas) not in (2, 3):
@@ -135,6 +137,7 @@ class Alice(GaLoreAdamW):
             nonfinite=nonfinite,
             bf16_update=bf16_update,
             foreach=foreach,
+            compile=compile,
             **projection,
         )
 
@@ -171,6 +174,7 @@ class RACS(GaLoreAdamW):
         nonfinite: str = "skip",
         bf16_update: str = "nearest",
         foreach: bool | None = None,
+        compile: bool = False,
         **projection: Any,
     ) -> None:
         super().__init__(
@@ -182,6 +186,7 @@ class RACS(GaLoreAdamW):
             nonfinite=nonfinite,
             bf16_update=bf16_update,
             foreach=foreach,
+            compile=compile,
             **projection,
         )
 
@@ -208,6 +213,7 @@ class GaLoreAdafactor(ProjectedOptimizer):
         nonfinite: str = "skip",
         bf16_update: str = "nearest",
         foreach: bool | None = None,
+        compile: bool = False,
         **projection: Any,
     ) -> None:
         if lr is not None and relative_step:
@@ -229,7 +235,7 @@ class GaLoreAdafactor(ProjectedOptimizer):
             "relative_step": relative_step,
             "warmup_init": warmup_init,
         }
-        options = engine_options(nonfinite, bf16_update, foreach)
+        options = engine_options(nonfinite, bf16_update, foreach, compile)
         super().__init__(params, defaults, rule=self.RULE, projection={**self.PROJECTION, **projection}, **options)
 
 

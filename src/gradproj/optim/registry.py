@@ -201,6 +201,12 @@ _ENTRIES = (
            lr=1e-3, variant_of="adamw", supports_layerwise=False),
     Method(name="galore_adamw+loop", kind="preset", summary="GaLore, foreach=False (the per-parameter step)",
            preset="galore_adamw", constructor={"foreach": False}, variant_of="galore_adamw", refresh=_OURS),
+    Method(name="galore_adamw+compile", kind="preset", summary="GaLore, compile=True (the fast path compiled)",
+           preset="galore_adamw", constructor={"compile": True}, variant_of="galore_adamw", refresh=_OURS),
+    Method(name="fira_adamw+loop", kind="preset", summary="Fira, foreach=False (the per-parameter step)",
+           preset="fira_adamw", constructor={"foreach": False}, variant_of="fira_adamw", lr=3e-3, refresh=_OURS),
+    Method(name="apollo_adamw+loop", kind="preset", summary="APOLLO, foreach=False (the per-parameter step)",
+           preset="apollo_adamw", constructor={"foreach": False}, variant_of="apollo_adamw", refresh=_OURS),
     Method(name="fira_adamw+rotate", kind="preset", summary="Fira, on_refresh=rotate", preset="fira_adamw",
            group_options={"on_refresh": "rotate"}, variant_of="fira_adamw", lr=3e-3, refresh=_OURS),
     # peers

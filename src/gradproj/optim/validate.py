@@ -12,7 +12,7 @@ from ..rules.base import UpdateRule
 from .residual import RESIDUALS, SCALE_TYPES
 
 ON_REFRESH = ("keep", "reset", "rotate")
-NONFINITE = ("skip", "raise")
+NONFINITE = ("skip", "raise", "checked")
 
 
 def _choice(key: str, value: Any, valid: Sequence[Any]) -> None:

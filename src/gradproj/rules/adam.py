@@ -54,7 +54,12 @@ def torch_denom(exp_avg_sq: Tensor, step: int, group: dict[str, Any]) -> tuple[T
 def galore_direction(exp_avg: Tensor, exp_avg_sq: Tensor, step: int, group: dict[str, Any]) -> tuple[Tensor, float]:
     """galore-torch's ``(m / (sqrt(v) + eps), lr sqrt(1-beta2^t) / (1-beta1^t))``; with the group's
     ``bias_correction`` off (Alice's moments), the step size is ``lr`` itself."""
-    return exp_avg / exp_avg_sq.sqrt().add_(group["eps"]), galore_step_size(step, group)
+    return galore_ratio(exp_avg, exp_avg_sq, group["eps"]), galore_step_size(step, group)
+
+
+def galore_ratio(exp_avg: Tensor, exp_avg_sq: Tensor, eps: float) -> Tensor:
+    """``m / (sqrt(v) + eps)``, a fresh tensor."""
+    return exp_avg / exp_avg_sq.sqrt().add_(eps)
 
 
 def galore_step_size(step: int, group: dict[str, Any]) -> float:

@@ -186,7 +186,11 @@ class Trainer:
             preflight(setup, self.planned["peak"] or _sum(self.planned), torch.cuda.mem_get_info(device)[0])
         model = self.parallel.prepare(model.to(device), device)  # FSDP2: this rank's rows from here on
         rounding = cfg.weight_update if cfg.dtype == "bf16" else "nearest"
-        optimizer = self.optimizer = build_optimizer(model, spec, layerwise=cfg.layerwise, bf16_update=rounding)
+        # nonfinite="checked": _gradient_norm skips a step whose norm is not finite, so step() need not read
+        # every gradient again to check it
+        optimizer = self.optimizer = build_optimizer(
+            model, spec, layerwise=cfg.layerwise, bf16_update=rounding, nonfinite="checked"
+        )
         self.train_model, self.stepper = self.parallel.wrap(
             model, optimizer, low_rank=cfg.low_rank_comm, layerwise=cfg.layerwise, clip=cfg.clip
         )
