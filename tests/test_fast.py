@@ -40,20 +40,37 @@ def _step(params: list[torch.Tensor], opt: torch.optim.Optimizer, grads: list[to
     opt.step()
 
 
+def _side_by_side(pair, steps: int, rtol: float, atol: float) -> None:  # type: ignore[no-untyped-def]
+    """Step the fast and the for-loop optimizer of ``pair`` on the same gradients; the weights agree
+    after every step, and the fast one trained."""
+    (fast, a), (loop, b) = pair
+    start = [p.detach().clone() for p in fast]
+    for grads in grad_stream(fast, steps):
+        _step(fast, a, grads)
+        _step(loop, b, grads)
+        for p, q in zip(fast, loop, strict=True):
+            torch.testing.assert_close(p, q, rtol=rtol, atol=atol)
+    assert all((p - s).abs().max() > 1e-3 for p, s in zip(fast, start, strict=True))
+
+
+def _same_moments(pair) -> None:  # type: ignore[no-untyped-def]
+    (fast, a), (loop, b) = pair
+    for p, q in zip(fast[:3], loop[:3], strict=True):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(a.state[p][key], b.state[q][key]), key
+        for key in ("residual_norm", "compensation_sq"):  # the limiter's and Alice's statistics
+            if key in b.state[q]:
+                torch.testing.assert_close(a.state[p][key], b.state[q][key], rtol=1e-12, atol=0)
+        assert a.state[p]["step"] == b.state[q]["step"]
+
+
 @pytest.mark.parametrize("projector", ["svd", "rsvd", "random", "dct", "identity"])
 @pytest.mark.parametrize("proj_type", ["std", "full"])
 def test_fast_path_equals_the_loop_in_float64(projector: str, proj_type: str) -> None:
     """Across three refreshes: moments bit for bit, weights to float64 rounding (the fused addmm_)."""
-    (fast, a), (loop, b) = _pair(torch.float64, projector=projector, proj_type=proj_type)
-    for grads in grad_stream(fast, 11):
-        _step(fast, a, grads)
-        _step(loop, b, grads)
-        for p, q in zip(fast, loop, strict=True):
-            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
-    for p, q in zip(fast[:3], loop[:3], strict=True):
-        for key in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(a.state[p][key], b.state[q][key]), key
-        assert a.state[p]["step"] == b.state[q]["step"] == 11
+    pair = _pair(torch.float64, projector=projector, proj_type=proj_type)
+    _side_by_side(pair, 11, rtol=1e-12, atol=1e-14)
+    _same_moments(pair)
 
 
 #: every residual policy, on one-sided bases (the fused updates) and a two-sided one (the loop's combine)
@@ -75,40 +92,20 @@ def test_every_policy_on_either_strategy_equals_the_loop_in_float64(
     """The CPU's matrix-by-matrix order and the lists other devices take, across three refreshes."""
     if strategy == "listed":
         monkeypatch.setattr("gradproj.optim.fast.ONE_BY_ONE_DEVICES", ())
-    (fast, a), (loop, b) = _pair(torch.float64, preset, **options)
-    for grads in grad_stream(fast, 11):
-        _step(fast, a, grads)
-        _step(loop, b, grads)
-        for p, q in zip(fast, loop, strict=True):
-            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
-    for p, q in zip(fast[:3], loop[:3], strict=True):
-        for key in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(a.state[p][key], b.state[q][key]), key
-        for key in ("residual_norm", "compensation_sq"):  # the limiter's and Alice's statistics
-            if key in b.state[q]:
-                torch.testing.assert_close(a.state[p][key], b.state[q][key], rtol=1e-12, atol=0)
+    pair = _pair(torch.float64, preset, **options)
+    _side_by_side(pair, 11, rtol=1e-12, atol=1e-14)
+    _same_moments(pair)
+    (fast, a), _ = pair
     assert all(a._fast_capable[p] for p in fast)
 
 
 @pytest.mark.parametrize(("preset", "options"), POLICIES[:4])
 def test_fused_policies_equal_the_loop_in_float32(preset: str, options: dict[str, object]) -> None:
-    (fast, a), (loop, b) = _pair(torch.float32, preset, **options)
-    for grads in grad_stream(fast, 9):
-        _step(fast, a, grads)
-        _step(loop, b, grads)
-    for p, q, start in zip(fast, loop, make_params(SHAPES, torch.float32), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
-        assert (p - start).abs().max() > 1e-3  # it trained
+    _side_by_side(_pair(torch.float32, preset, **options), 9, rtol=1e-6, atol=1e-6)
 
 
 def test_fast_path_equals_the_loop_in_float32_without_bias_correction() -> None:
-    (fast, a), (loop, b) = _pair(torch.float32, bias_correction=False)
-    for grads in grad_stream(fast, 9):
-        _step(fast, a, grads)
-        _step(loop, b, grads)
-    for p, q, start in zip(fast, loop, make_params(SHAPES, torch.float32), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
-        assert (p - start).abs().max() > 1e-3  # it trained
+    _side_by_side(_pair(torch.float32, bias_correction=False), 9, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("preset", ["galore_adamw", "fira_adamw", "apollo_adamw"])
