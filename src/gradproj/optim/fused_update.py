@@ -33,6 +33,7 @@ from torch import Tensor
 from ..projection.bases import Bases
 from ..rules.limiter import growth_divisor
 from .residual import combine, discarded, scaling_factor
+from .step import decay
 
 #: the sides whose channels (columns of a left basis' ``R``, rows of a right one's) the fused policies scale
 _ONE_SIDED = ("left", "right")
@@ -65,13 +66,11 @@ def step_weight(
     elif kind == "apollo" and side in _ONE_SIDED:
         phi = scaling_factor(tuple(grad.shape), low, u, side, group)
         w = limited(grad, phi, side, state, group) * group["scale"] ** 0.5
-        if group["weight_decay"] != 0:
-            weight.mul_(keep)
+        decay(weight, group, step_size)
         weight.addcmul_(grad, w.to(weight.dtype), value=-step_size)  # m x n, w per channel
     else:
         update, _ = combine(grad, low, u, bases, side, group, state)
-        if group["weight_decay"] != 0:
-            weight.mul_(keep)
+        decay(weight, group, step_size)
         weight.add_(update, alpha=-step_size)
 
 
