@@ -11,6 +11,10 @@ pass; our optimizers are built as the trainer builds them (``nonfinite="checked"
 clipped gradient norm catches a non-finite step, so the step does not read every gradient again).
 The mean over the gap is the amortized step (every matrix refreshes once in it, aligned or
 staggered); the slowest step is the aligned refresh step, or the worst staggered one.
+
+``matmul-floor`` is not an optimizer: it is the least any GaLore step can cost, measured. Every projected
+matrix gets its projection and its lift (``R = P^T G``, ``W -= lr P R``: the two ``2 r m n`` matmuls
+every implementation pays), and the rest torch's fused AdamW step; no moments, no refresh.
 """
 
 from __future__ import annotations
@@ -48,7 +52,37 @@ LINEUP: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def build(name: str, args: argparse.Namespace) -> tuple[torch.optim.Optimizer, torch.nn.Module]:
+class MatmulFloor:
+    """GaLore's projection and lift for every matrix ``optimizer`` projects, fused AdamW for the rest."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, rank: int) -> None:
+        projected = [g for g in optimizer.param_groups if "rank" in g]
+        self.matrices = [p for g in projected for p in g["params"]]
+        self.bases = []
+        for weight in self.matrices:  # the smaller side, as GaLore projects it
+            rows, cols = weight.shape
+            self.bases.append(torch.linalg.qr(torch.randn(min(rows, cols), rank))[0])  # (min(m, n), r)
+        rest = [p for g in optimizer.param_groups if "rank" not in g for p in g["params"]]
+        self.rest = torch.optim.AdamW(rest, lr=1e-3, fused=True)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for weight, basis in zip(self.matrices, self.bases, strict=True):
+            grad = weight.grad
+            assert grad is not None
+            if weight.shape[0] <= weight.shape[1]:
+                low = basis.T @ grad  # (r, n)
+                weight.addmm_(basis, low, alpha=-1e-3)
+            else:
+                low = grad @ basis  # (m, r)
+                weight.addmm_(low, basis.T, alpha=-1e-3)
+        self.rest.step()
+
+
+def build(name: str, args: argparse.Namespace) -> tuple[Any, torch.nn.Module]:
+    if name == "matmul-floor":
+        optimizer, model = build("galore_adamw", args)
+        return MatmulFloor(optimizer, args.rank), model
     method, overrides = LINEUP[name]
     torch.manual_seed(0)
     model = build_causal_lm(args.model, vocab_size=args.vocab, seq_len=256)
@@ -69,10 +103,14 @@ def main() -> None:
     parser.add_argument("--gap", type=int, default=100)
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--names", default=",".join(LINEUP), help=f"comma-separated, of {', '.join(LINEUP)}")
+    choices = [*LINEUP, "matmul-floor"]
+    parser.add_argument("--names", default=",".join(choices), help=f"comma-separated, of {', '.join(choices)}")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     names = args.names.split(",")
+    unknown = [name for name in names if name not in choices]
+    if unknown:
+        parser.error(f"--names: {', '.join(unknown)} unknown; choose from {', '.join(choices)}")
     built = {name: build(name, args) for name in names}
     for optimizer, _ in built.values():
         optimizer.step()  # the first step: state allocation and every first basis
