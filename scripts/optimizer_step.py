@@ -40,6 +40,9 @@ LINEUP: dict[str, tuple[str, dict[str, Any]]] = {
     "galore_adamw+staggered": ("galore_adamw", {"refresh_offset": "staggered"}),
     "galore_adamw+loop": ("galore_adamw+loop", {}),
     "galore_adamw+compile": ("galore_adamw+compile", {}),
+    # update_proj_gap="auto" that never refreshes (a threshold no share falls below, max_gap past the run):
+    # its cost over galore_adamw at a gap past the run (--gap 100000) is the adaptive refresh's signal alone
+    "galore_adamw+signal": ("galore_adamw", {"update_proj_gap": "auto", "energy_threshold": 1e-6, "max_gap": 10**6}),
     "galore-torch": ("galore-torch", {}),
     "fira_adamw": ("fira_adamw", {}),
     "fira_adamw+loop": ("fira_adamw+loop", {}),
@@ -86,9 +89,8 @@ def build(name: str, args: argparse.Namespace) -> tuple[Any, torch.nn.Module]:
     method, overrides = LINEUP[name]
     torch.manual_seed(0)
     model = build_causal_lm(args.model, vocab_size=args.vocab, seq_len=256)
-    spec = OptimizerSpec(
-        name=method, lr=1e-3, other_lr=1e-3, rank=args.rank, update_proj_gap=args.gap, weight_decay=0.0, **overrides
-    )
+    options = {"update_proj_gap": args.gap, **overrides}  # a line-up entry may fix its own schedule
+    spec = OptimizerSpec(name=method, lr=1e-3, other_lr=1e-3, rank=args.rank, weight_decay=0.0, **options)
     gen = torch.Generator().manual_seed(1)
     for p in model.parameters():
         p.grad = torch.randn(p.shape, generator=gen) * 1e-3  # fixed: every step sees the same gradients
@@ -102,6 +104,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=96)
     parser.add_argument("--gap", type=int, default=100)
     parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: one whole gap)")
     parser.add_argument("--threads", type=int, default=2)
     choices = [*LINEUP, "matmul-floor"]
     parser.add_argument("--names", default=",".join(choices), help=f"comma-separated, of {', '.join(choices)}")
@@ -116,7 +119,7 @@ def main() -> None:
         optimizer.step()  # the first step: state allocation and every first basis
         optimizer.step()  # the first fast-path step (compile=True compiles here)
     seconds: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(args.gap):  # one whole gap: every matrix refreshes once in it, on either schedule
+    for _ in range(args.steps or args.gap):  # one whole gap: every matrix refreshes once in it, on either schedule
         for name, (optimizer, _) in built.items():
             start = time.perf_counter()
             optimizer.step()

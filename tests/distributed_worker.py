@@ -33,7 +33,12 @@ CASES: dict[str, dict[str, Any]] = {
     "alice_low_rank": {"preset": "alice", "low_rank": True},
     "alice_layerwise_accum": {"preset": "alice", "layerwise": True, "accum": 2},
     "racs": {"preset": "racs", "low_rank": True},  # R = G: the "low-rank" exchange is the full gradient
+    # update_proj_gap="auto": every rank measures the same share of the same reduced gradient
+    "auto": {"preset": "galore", "auto": True},
+    "auto_layerwise_accum": {"preset": "fira", "auto": True, "layerwise": True, "accum": 2},
 }
+#: refresh on the signal at almost every step of the short run (min_gap 1, a strict threshold)
+AUTO = {"update_proj_gap": "auto", "min_gap": 1, "max_gap": 4, "check_every": 1, "energy_threshold": 0.99}
 PRESETS = {"galore": gradproj.GaLoreAdamW, "fira": gradproj.FiraAdamW, "alice": gradproj.Alice, "racs": gradproj.RACS}
 
 
@@ -43,7 +48,8 @@ def make_model() -> nn.Module:
 
 
 def make_optimizer(model: nn.Module, case: dict[str, Any]) -> gradproj.ProjectedOptimizer:
-    groups = gradproj.param_groups(model, target_modules=["0", "2"], rank=4, update_proj_gap=GAP)
+    schedule = AUTO if case.get("auto") else {"update_proj_gap": GAP}
+    groups = gradproj.param_groups(model, target_modules=["0", "2"], rank=4, **schedule)
     cls = PRESETS[case["preset"]]
     projector = {"projector": case["projector"]} if "projector" in case else {}
     return cls(groups, lr=1e-2, **projector)  # type: ignore[operator]

@@ -61,6 +61,12 @@ CASES["galore8bit_big"] = {
     "model": "big",
     "quantized": True,
 }
+# update_proj_gap="auto": the two squared norms are summed over the ranks, so every rank decides alike
+CASES["galore_auto"] = {
+    "method": "galore_adamw",
+    "options": {"update_proj_gap": "auto", "min_gap": 1, "max_gap": 4, "check_every": 1, "energy_threshold": 0.99},
+}
+CASES["fira_auto_full"] = {"method": "fira_adamw", "options": {**CASES["galore_auto"]["options"], **FULL}}
 IN_FEATURES = {"small": 12, "big": 32}
 
 

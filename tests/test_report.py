@@ -3,6 +3,7 @@ errors; and the page renders in headless Chromium (when it is installed: CI inst
 
 from __future__ import annotations
 
+import itertools
 import re
 import shutil
 import subprocess
@@ -12,8 +13,9 @@ import pytest
 
 from gradproj.cli import main
 from gradproj.optim.build import OptimizerSpec
-from gradproj.report import load_run, render
+from gradproj.report import load_run, refresh_steps, render
 from gradproj.train import PretrainConfig, pretrain
+from gradproj.train.cli import format_summary
 from gradproj.train.text import prepare_pretrain_data
 
 TINY = dict(model="llama-tiny", batch_size=4, seq_len=32, eval_tokens=2048, progress=False, tensorboard=False)
@@ -37,8 +39,8 @@ def _images(page: str) -> list[str]:
 
 def test_report_of_one_run_is_self_contained(runs: tuple[Path, Path]) -> None:
     page = render([load_run(runs[0])])
-    # summary, loss, heatmap, energy, drift, stable rank, update size, spikes (no Fira scaling for GaLore)
-    assert len(_images(page)) == 7
+    # loss, heatmap, refreshes, energy, drift, stable rank, update size, spikes (no Fira scaling for GaLore)
+    assert len(_images(page)) == 8
     assert "Fira/APOLLO scaling" not in page and "Subspace drift" in page
     assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing to fetch: opens offline
     assert "galore_adamw" in page
@@ -49,7 +51,7 @@ def test_report_overlays_runs_from_the_cli(runs: tuple[Path, Path], tmp_path: Pa
     assert main(["report", str(runs[0]), str(runs[1]), "--out", str(out)]) == 0
     page = out.read_text()
     assert "galore (galore_adamw)" in page and "fira (fira_adamw)" in page
-    assert len(_images(page)) == 9  # two heatmaps, and Fira's scaling factors
+    assert len(_images(page)) == 11  # two heatmaps, two refresh rasters, and Fira's scaling factors
     assert main(["report", str(runs[0])]) == 0
     assert (runs[0] / "report.html").exists()
 
@@ -84,3 +86,22 @@ def test_report_renders_in_headless_chromium(runs: tuple[Path, Path], tmp_path: 
     # the heatmap's colour map reached the screen: viridis' yellow end (253, 231, 37) and dark end
     assert any(r > 200 and g > 200 and b < 90 for _, (r, g, b) in colours)
     assert any(r < 80 and 20 < g < 120 and b > 90 for _, (r, g, b) in colours)
+
+
+def test_an_adaptive_run_shows_each_layers_refreshes(tmp_path: Path) -> None:
+    """``--update-proj-gap auto``: the report's raster holds every refresh the optimizer counted, at the
+    steps the signal chose (not a grid), and the summary prints the count against a fixed gap."""
+    data = prepare_pretrain_data(None, None, 4096, 32)
+    spec = OptimizerSpec(name="galore_adamw", update_proj_gap="auto", min_gap=2, max_gap=8, check_every=2)
+    config = PretrainConfig(**TINY, steps=16, dynamics_every=4, log_every=2, optim=spec, out=str(tmp_path / "auto"))
+    result = pretrain(config, data=data)
+    counted = result.summary["basis_refreshes"]
+    run = load_run(tmp_path / "auto")
+    steps = refresh_steps(run)
+    assert sum(map(len, steps.values())) == counted["refreshes"] and len(steps) == counted["matrices"]
+    gaps = {b - a for at in steps.values() for a, b in itertools.pairwise(at)}
+    assert gaps and min(gaps) >= 2 and max(gaps) <= 8
+    assert "Basis refreshes per layer" in render([run])
+    printed = format_summary({**result.summary, "seconds": 1.0}, config)
+    assert f"refreshes   {counted['refreshes']} over {counted['matrices']} matrices" in printed
+    assert f"a fixed gap of 200: {counted['matrices']}" in printed  # 16 steps: one refresh each at gap 200

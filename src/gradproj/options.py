@@ -44,6 +44,7 @@ def option(
     group: str | None = None,
     resumable: bool = False,
     planned: bool = False,
+    parse: Callable[[str], Any] | None = None,
 ) -> Any:
     """A dataclass field with its own description.
 
@@ -52,8 +53,9 @@ def option(
     line's choices; validation uses them too unless the owner validates itself), ``flag`` (the
     command-line name, default ``--field-name``), ``group`` (the ``--help`` section) and
     ``resumable`` (``--resume`` may change it) and ``planned`` (``gradproj memory`` takes the same flag:
-    it changes what the run holds in memory). ``None`` values skip the checks: None means "the
-    default of whoever resolves it".
+    it changes what the run holds in memory) and ``parse`` (how the command line reads a value that is
+    not one plain type, such as an int or ``"auto"``; the owner then validates the value itself).
+    ``None`` values skip the checks: None means "the default of whoever resolves it".
     """
     metadata = {
         "help": help,
@@ -64,6 +66,7 @@ def option(
         "group": group,
         "resumable": resumable,
         "planned": planned,
+        "parse": parse,
     }
     if default_factory is not _NO_DEFAULT:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)

@@ -159,6 +159,33 @@ def heatmap_figure(run: Run, key: str = "energy") -> bytes | None:
     return _png(fig)
 
 
+def refresh_steps(run: Run) -> dict[str, list[int]]:
+    """Each projected layer's refresh steps, from the probe's rows (it records every refresh)."""
+    steps: dict[str, list[int]] = {}
+    for r in run.layers:
+        if r.get("refresh"):
+            steps.setdefault(r["layer"], []).append(int(r["step"]))
+    return {layer: sorted(steps[layer]) for layer in sorted(steps, key=_layer_order)}
+
+
+def refresh_figure(run: Run) -> bytes | None:
+    """One row per layer, a tick at each of its basis refreshes: a fixed gap is a grid, ``auto`` shows
+    which layers went stale when."""
+    steps = refresh_steps(run)
+    if not steps:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(9, max(2.5, 0.16 * len(steps) + 1.2)))
+    for row, at in enumerate(steps.values()):
+        ax.plot(at, [row] * len(at), "|", color="C0", ms=6)
+    ax.set_yticks(range(len(steps)), [_short(n) for n in steps], fontsize=6)
+    ax.invert_yaxis()
+    total = sum(map(len, steps.values()))
+    ax.set(xlabel="step", title=f"{run.name}: basis refreshes ({total} over {len(steps)} layers)")
+    fig.tight_layout()
+    return _png(fig)
+
+
 def _layer_order(name: str) -> tuple[int, str]:
     parts = name.split(".")
     numbers = [int(p) for p in parts if p.isdigit()]
@@ -216,7 +243,7 @@ def _optimizer(config: dict[str, Any]) -> dict[str, Any]:
 
 def _summary_table(runs: list[Run]) -> str:
     head = "<tr><th>run</th><th>optimizer</th><th>rank / gap</th><th>steps</th><th>held-out loss</th>"
-    head += "<th>optimizer state</th><th>spikes</th><th>mean energy</th><th>mean overlap</th></tr>"
+    head += "<th>optimizer state</th><th>refreshes</th><th>spikes</th><th>mean energy</th><th>mean overlap</th></tr>"
     body = []
     for run in runs:
         c, s = _optimizer(run.config), run.summary
@@ -233,6 +260,7 @@ def _summary_table(runs: list[Run]) -> str:
             str(s.get("steps", run.train[-1]["step"] if run.train else "?")),
             f"{evals:.4f}" if isinstance(evals, float) else "?",
             f"{state / 2**20:.2f} MiB" if state else "?",
+            str((s.get("basis_refreshes") or {}).get("refreshes", "n/a")),
             str(len(run.spikes)),
             f"{sum(energies) / len(energies):.3f}" if energies else "n/a",
             f"{sum(overlaps) / len(overlaps):.3f}" if overlaps else "n/a",
@@ -260,6 +288,13 @@ def figures(runs: list[Run]) -> list[tuple[str, str, bytes | None, str]]:
         if heatmap is None:
             note = "No per-layer samples (a full-rank optimizer, or --dynamics-every 0)."
         out.append((f"energy_heatmap_{i}", f"Captured energy per layer: {run.name}", heatmap, note))
+        refreshes = refresh_figure(run)
+        if refreshes is not None:
+            note = (
+                "Each tick is one refresh of that layer's basis. With --update-proj-gap auto a layer refreshes "
+                "when its basis keeps too little of its gradient (docs/ALGORITHMS.md)."
+            )
+            out.append((f"refreshes_{i}", f"Basis refreshes per layer: {run.name}", refreshes, note))
     optional = [
         (
             "energy",

@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ..optim.adaptive import parse_gap
 from ..train.config import AUTOCAST
 
 EPILOG = """examples:
@@ -55,7 +56,9 @@ def add_run_options(
     p.add_argument("--batch-size", type=int, default=batch, help=f"sequences per step (default {batch})")
     p.add_argument("--seq-len", type=int, default=seq, help=f"tokens per sequence (default {seq})")
     p.add_argument("--rank", type=int, default=rank, help=f"projection rank of attention/MLP matrices (default {rank})")
-    p.add_argument("--gap", type=int, default=gap, help=f"update_proj_gap: steps between refreshes (default {gap})")
+    p.add_argument(
+        "--gap", type=parse_gap, default=gap, help=f"update_proj_gap: steps between refreshes, or auto (default {gap})"
+    )
     p.add_argument("--seed", type=int, default=0, help="model and data seed, shared by every method (default 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps for the curves (default: end)")

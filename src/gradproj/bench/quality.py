@@ -47,7 +47,7 @@ def bench_config(
     batch_size: int = 32,
     seq_len: int = 128,
     rank: int = 64,
-    gap: int = 50,
+    gap: int | str = 50,
     seed: int = 0,
     device: str = "cpu",
     eval_every: int = 0,

@@ -18,8 +18,10 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import typing
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,19 +34,24 @@ from ..optim.groups import ATTENTION_AND_MLP
 _FROM_ARGS = ("name", "lr", "weight_decay", "target_modules")
 
 
-def _optim_args() -> dict[str, type]:
-    """Every :class:`~gradproj.optim.build.OptimizerSpec` option of a plain type, read from its fields."""
+def _optim_args() -> dict[str, Callable[[str], Any]]:
+    """Every :class:`~gradproj.optim.build.OptimizerSpec` option of a plain type, or with its own parser
+    (``update_proj_gap``: an int or ``auto``), read from its fields."""
     hints = typing.get_type_hints(OptimizerSpec)
-    out: dict[str, type] = {}
+    out: dict[str, Callable[[str], Any]] = {}
     for f in dataclasses.fields(OptimizerSpec):
         kinds = [t for t in (typing.get_args(hints[f.name]) or (hints[f.name],)) if t is not type(None)]
-        if f.name not in _FROM_ARGS and len(kinds) == 1 and kinds[0] in (int, float, str):
+        if f.name in _FROM_ARGS:
+            continue
+        if f.metadata.get("parse") is not None:
+            out[f.name] = f.metadata["parse"]
+        elif len(kinds) == 1 and kinds[0] in (int, float, str):
             out[f.name] = kinds[0]
     return out
 
 
 #: ``optim_args`` keys and how to read them: ``rank``, ``update_proj_gap``, ``scale``, ``proj_type``, ...
-OPTIM_ARGS: dict[str, type] = _optim_args()
+OPTIM_ARGS: dict[str, Callable[[str], Any]] = _optim_args()
 
 
 def parse_optim_args(text: str | None) -> dict[str, Any]:
@@ -52,6 +59,8 @@ def parse_optim_args(text: str | None) -> dict[str, Any]:
 
     >>> parse_optim_args("rank=64, update_proj_gap=100,proj_type=left")
     {'rank': 64, 'update_proj_gap': 100, 'proj_type': 'left'}
+    >>> parse_optim_args("update_proj_gap=auto,min_gap=50")
+    {'update_proj_gap': 'auto', 'min_gap': 50}
     """
     out: dict[str, Any] = {}
     for item in (text or "").split(","):
@@ -63,6 +72,8 @@ def parse_optim_args(text: str | None) -> dict[str, Any]:
             raise ValueError(f"optim_args item {item.strip()!r} is not KEY=VALUE with KEY in {', '.join(OPTIM_ARGS)}")
         try:
             out[key] = OPTIM_ARGS[key](value.strip())
+        except argparse.ArgumentTypeError as error:  # a parser of its own words its message
+            raise ValueError(f"optim_args {key}: {error}") from None
         except ValueError:
             raise ValueError(f"optim_args {key}={value.strip()!r}: expected {OPTIM_ARGS[key].__name__}") from None
     return out

@@ -27,13 +27,15 @@ from torch import nn
 from ..options import check, option
 from ..projection.projectors import PROJECTORS, leading_count
 from ..projection.sides import PROJ_TYPES
+from .adaptive import ADAPTIVE_DEFAULTS, AUTO, parse_gap
+from .engine import PROJECTION_DEFAULTS
 from .fast import fused_adamw_supported
 from .groups import ATTENTION_AND_MLP, Target, param_groups, target_weights
 from .precision import LOW_PRECISION
 from .presets import PRESETS
 from .registry import Method, get_method, trainer_methods
 from .step import REFRESH_SCHEDULES
-from .validate import ON_REFRESH
+from .validate import ON_REFRESH, check_gap
 
 #: Rank of a projected method when none is given (galore-torch's default); the trainer gives hidden / 4.
 DEFAULT_RANK = 128
@@ -79,7 +81,34 @@ class OptimizerSpec:
         minimum=1,
         group="optimizer",
     )
-    update_proj_gap: int = option(200, help="steps between basis refreshes", minimum=1, group="optimizer")
+    update_proj_gap: int | str = option(
+        200,
+        help="steps between basis refreshes, or auto: each matrix refreshes when its basis keeps less than "
+        "--energy-threshold of the gradient's energy it kept when fresh, after --min-gap and by --max-gap steps",
+        parse=parse_gap,
+        group="optimizer",
+    )
+    min_gap: int | None = option(
+        None, help=f"auto: fewest steps between two refreshes (default {ADAPTIVE_DEFAULTS['min_gap']})", minimum=1,
+        group="optimizer",
+    )  # fmt: skip
+    max_gap: int | None = option(
+        None, help=f"auto: most steps between two refreshes (default {ADAPTIVE_DEFAULTS['max_gap']})", minimum=1,
+        group="optimizer",
+    )  # fmt: skip
+    energy_threshold: float | None = option(
+        None,
+        help="auto: refresh once the basis keeps less than this fraction of the energy share it kept at its "
+        f"refresh, in (0, 1) (default {ADAPTIVE_DEFAULTS['energy_threshold']})",
+        above=0,
+        group="optimizer",
+    )
+    check_every: int | None = option(
+        None,
+        help=f"auto: measure the kept share every this many steps (default {ADAPTIVE_DEFAULTS['check_every']})",
+        minimum=1,
+        group="optimizer",
+    )
     scale: float | None = option(None, help=_scale_help, above=0, group="optimizer")
     projector: str | None = option(None, help=_projector_help, choices=PROJECTORS, group="optimizer")
     proj_type: str = option(
@@ -112,6 +141,7 @@ class OptimizerSpec:
     def __post_init__(self) -> None:
         get_method(self.name)  # an unknown name fails here, listing the valid ones (peers included)
         check(self, skip=("name",))
+        check_gap({**PROJECTION_DEFAULTS, **self.group_options()})  # the engine's own check, before any build
 
     @property
     def method(self) -> Method:
@@ -148,6 +178,9 @@ class OptimizerSpec:
             "on_refresh": self.on_refresh,
             "refresh_offset": 0 if self.refresh_offset == "aligned" else self.refresh_offset,
         }
+        for key in ADAPTIVE_DEFAULTS:  # given ones only: the engine fills in the rest
+            if getattr(self, key) is not None:
+                options[key] = getattr(self, key)
         if self.leading_basis is not None:
             options["leading_basis"] = self.leading_basis
         if self.method.kind == "peer":  # a peer's fixed options are in its own key names: _peer adds them
@@ -188,6 +221,11 @@ def build_optimizer(
         raise ValueError(
             f"--refresh-offset {spec.refresh_offset} needs one of gradproj's optimizers; --optimizer {method.name} "
             "refreshes every matrix on the same step (use --refresh-offset aligned)"
+        )
+    if method.peer and spec.group_options().get("update_proj_gap") == AUTO:
+        raise ValueError(
+            f"--update-proj-gap auto needs one of gradproj's optimizers; --optimizer {method.name} refreshes on a "
+            "fixed gap (give --update-proj-gap a number of steps)"
         )
     if method.kind == "lora":
         return _lora(model, spec)

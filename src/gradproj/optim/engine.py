@@ -1,7 +1,8 @@
 """The projected optimizer: one ``torch.optim.Optimizer`` that composes a projector, a side,
 an update rule, a residual policy and an ``on_refresh`` policy per parameter group.
 
-A group with ``rank`` is *projected*: every ``update_proj_gap`` steps its basis is refreshed
+A group with ``rank`` is *projected*: every ``update_proj_gap`` steps (or, with ``"auto"``, when the
+basis keeps too little of the gradient: :mod:`gradproj.optim.adaptive`) its basis is refreshed
 from the current gradient ``G``; each step the rule runs on ``R = down(G)`` and the weight moves
 by ``-step_size * combine(G, R, u)`` (see :mod:`gradproj.optim.residual`). A group without
 ``rank`` runs the rule in full (Adam rules then follow torch.optim.AdamW bit for bit).
@@ -28,6 +29,7 @@ from ..projection.projectors import Layout, get_projector, layout_of
 from ..projection.sides import project_down, project_up
 from ..rules import make_rule
 from ..rules.base import UpdateRule
+from .adaptive import ADAPTIVE_DEFAULTS, adaptive, measures, read_checks
 from .fast import FOREACH, FastPath, blocker
 from .placement import LOCAL, Local, all_finite, is_sharded, local, placement_of
 from .precision import BF16_UPDATES, LOW_PRECISION, compute_dtype, widen, working_weight
@@ -67,6 +69,7 @@ PROJECTION_DEFAULTS: dict[str, Any] = {
     "bias_correction": True,  # Adam rules' bias correction in the low-rank space (Alice: off)
     "rule": None,  # the rule of this group's R (None: the optimizer's; RACS: "racs")
     "refresh_offset": 0,  # steps into each gap a matrix refreshes at; "staggered": spread over the gap
+    **ADAPTIVE_DEFAULTS,  # update_proj_gap="auto": min_gap, max_gap, energy_threshold, check_every
 }
 
 
@@ -292,6 +295,7 @@ class ProjectedOptimizer(Optimizer):
             return loss
         if self.nonfinite != "checked" and not self._gradients_are_finite():
             return loss
+        self._read_checks()
         self._prepared = self._spread_refreshes()
         try:
             for group in self.param_groups:
@@ -310,6 +314,11 @@ class ProjectedOptimizer(Optimizer):
         finally:
             self._prepared = {}  # a step that raised leaves nothing for the next one
         return loss
+
+    def _read_checks(self) -> None:
+        """The last check step's energy shares of every adaptive matrix, read back at once (one sync)."""
+        adaptive_groups = [g for g in self.param_groups if "rank" in g and adaptive(g)]
+        read_checks((self.state[p], g) for g in adaptive_groups for p in g["params"] if self.state[p])
 
     def _spread_refreshes(self) -> dict[Tensor, dict[str, Tensor]]:
         """This step's due refreshes of row-sharded matrices, each computed on one rank and shared."""
@@ -354,12 +363,12 @@ class ProjectedOptimizer(Optimizer):
     # ------------------------------------------------- one parameter at a time
     def needs_full_gradient(self, p: Tensor) -> bool:
         """Whether ``p``'s next step needs its full gradient rather than ``project_gradient``'s output:
-        groups without ``rank``, Fira/APOLLO residuals (they use ``G`` itself), and refresh steps
-        (the new basis is computed from ``G``)."""
+        groups without ``rank``, Fira/APOLLO residuals (they use ``G`` itself), refresh steps (the new
+        basis is computed from ``G``) and the steps an adaptive group measures its share on (it needs ``||G||``)."""
         group = self._param_groups_of[p]
         if "rank" not in group or group["residual"] != "none":
             return True
-        return refresh_due(self.state[p], group)
+        return refresh_due(self.state[p], group) or measures(self.state[p], group)
 
     def project_gradient(self, p: Tensor, grad: Tensor) -> Tensor:
         """``down(grad)`` in ``p``'s current basis, in the step's dtype (float32 for bf16 weights); valid

@@ -21,7 +21,8 @@ rounded once inside ``addmm_``, a limiter norm from channel norms): about 1e-7 r
 1e-16 in float64. The full-rank groups are ``torch.optim.AdamW(fused=True)`` bit for bit (tested), which
 differs from torch's for-loop AdamW by a few float32 ulps.
 
-A refresh step, a step the dynamics probe samples, a parameter's first step and everything the fast
+A refresh step, an adaptive group's check step (:mod:`gradproj.optim.adaptive`), a step the dynamics
+probe samples, a parameter's first step and everything the fast
 path cannot do (:func:`blocker`) go through the per-parameter step, so every feature keeps its one owner.
 
 Example:
@@ -46,6 +47,7 @@ from ..projection.projectors import get_projector
 from ..projection.sides import project_down
 from ..rules.adam import galore_ratio, galore_step_size, update_moments
 from ..rules.base import UpdateRule
+from .adaptive import measures
 from .fused_update import step_weight
 from .placement import is_sharded, local
 from .precision import LOW_PRECISION
@@ -100,6 +102,8 @@ class FastPath:
             return True
         state = engine.state[p]
         if refresh_due(state, group):  # the first step too: the for-loop initializes a projected state
+            return False
+        if measures(state, group):  # an adaptive group measures its signal in the per-parameter step
             return False
         return engine.probe is None or not engine.probe.wants(state["step"])
 

@@ -99,6 +99,7 @@ class ReferenceOptimizer:
             "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.0, "scale": 0.25, "proj_type": "std",
             "projector": "svd", "on_refresh": "keep", "scale_type": "channel", "growth_limit": 1.01,
             "oversample": 10, "power_iters": 2, "seeds": [0] * len(params), "refresh_phases": [0] * len(params),
+            "min_gap": 20, "max_gap": 800, "energy_threshold": 0.8, "check_every": 10,
             "switching": False, "leading_basis": None, "track_beta": 0.0, "compensation_scale": 0.4,
             "compensation_beta": 0.9, "bias_correction": True, "projected_rule": None,
             "af_eps": (1e-30, 1e-3), "clip_threshold": 1.0, "decay_rate": -0.8, "beta1": None,
@@ -235,7 +236,8 @@ class ReferenceOptimizer:
         side = resolve_side(c["proj_type"], tuple(g.shape))
         if c["projector"] == "identity":  # RACS: R is G
             rank, side, s["basis"] = min(g.shape), "none", (None, None)
-        elif s["t"] == 0 or (s["t"] - phase) % c["update_proj_gap"] == 0:
+        elif s["t"] == 0 or self._refresh_due(s, phase):
+            s["last"] = s["t"]
             if c["projector"] == "eigh":
                 top = _eigenbasis(g, rank, side, s, c["track_beta"])
                 new: tuple[Tensor | None, ...] = (top, None) if side == "left" else (None, top.T)
@@ -249,6 +251,8 @@ class ReferenceOptimizer:
             s["basis"] = new
         left, right = s["basis"]
         r = _mm(None if left is None else left.T, g, None if right is None else right.T)
+        if c["update_proj_gap"] == "auto":
+            self._signal(s, float((r * r).sum() / (g * g).sum()))
         if c["projector"] == "eigh" and c["track_beta"] > 0:  # Alice's tracking
             outer = r @ r.T if side == "left" else r.T @ r
             s["Q"] = c["track_beta"] * s.get("Q", torch.zeros_like(outer)) + (1 - c["track_beta"]) * outer
@@ -271,6 +275,27 @@ class ReferenceOptimizer:
         if self.residual == "fira":
             delta = delta + self._limit(s, self._ratio(u, r, side) * (g - _mm(left, r, right)))
         return delta, alpha
+
+    def _refresh_due(self, s: dict[str, Any], phase: int) -> bool:
+        """A fixed gap: every ``update_proj_gap`` steps from the phase. ``"auto"``: ``max_gap`` steps after
+        the last refresh, or from ``min_gap`` on once the last check fell below the threshold."""
+        c = self.cfg
+        if c["update_proj_gap"] != "auto":
+            return bool((s["t"] - phase) % c["update_proj_gap"] == 0)
+        since = s["t"] - s["last"]
+        return since >= c["max_gap"] or (since >= c["min_gap"] and s["stale"])
+
+    def _signal(self, s: dict[str, Any], energy: float) -> None:
+        """The share ``||R||^2 / ||G||^2``: the reference on the step after a refresh; on a check step
+        (``t + 1`` a multiple of ``check_every``, ``min_gap`` reached on the next step) compared with the
+        threshold."""
+        c, t = self.cfg, s["t"]
+        if t == s["last"]:
+            s["stale"] = False
+        elif t == s["last"] + 1:
+            s["reference"] = energy
+        elif (t + 1) % c["check_every"] == 0 and t + 1 - s["last"] >= c["min_gap"]:
+            s["stale"] = energy / s["reference"] < c["energy_threshold"]
 
     def _ratio(self, u: Tensor, r: Tensor, side: str) -> Tensor:
         if self.cfg["scale_type"] == "tensor" or side in ("full", "none"):

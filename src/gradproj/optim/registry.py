@@ -194,7 +194,7 @@ _ENTRIES = (
         Method(name=f"galore_adamw+{v}", kind="preset", summary=f"GaLore, {k}={v}", preset="galore_adamw",
                group_options={k: v}, variant_of="galore_adamw", refresh=_OURS)
         for k, v in (("projector", "rsvd"), ("projector", "dct"), ("projector", "random"), ("on_refresh", "rotate"),
-                     ("refresh_offset", "staggered"))
+                     ("refresh_offset", "staggered"), ("update_proj_gap", "auto"))
     ),
     Method(name="adamw+loop", kind="torch", summary="torch.optim.AdamW, for-loop (torch's default on a CPU)",
            cls="torch.optim:AdamW", constructor={"eps": 1e-8, "fused": False, "foreach": False}, projected=False,

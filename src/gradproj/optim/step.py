@@ -6,8 +6,9 @@ Where the matrix lives (one process, FSDP2 rows, ...) is the context's placement
 (:mod:`gradproj.optim.placement`); the step never asks. Per step, for ``W`` (m x n) and its gradient:
 
 1. on the first step and every ``update_proj_gap`` steps (at the matrix's own phase when the group
-   staggers them), recompute the basis from the full ``G`` (the projector), and carry the moments
-   into it (``on_refresh``: keep, reset, rotate);
+   staggers them; or when the basis keeps too little of ``G``, ``update_proj_gap="auto"``:
+   :mod:`gradproj.optim.adaptive`), recompute the basis from the full ``G`` (the projector), and carry
+   the moments into it (``on_refresh``: keep, reset, rotate);
 2. ``R = down(G)``; the rule advances the moments with this process's share of ``R``: ``(u, s)``;
 3. the update is ``combine(G, R, u)`` (GaLore's ``scale * up(u)``, plus Fira's or APOLLO's terms);
 4. decoupled decay ``W *= 1 - lr * weight_decay``, then ``W -= s * update``.
@@ -28,6 +29,7 @@ from ..projection.projectors import Layout, Projector
 from ..projection.rotate import rotate_first, rotate_second
 from ..projection.sides import low_rank_shape, project_down
 from ..rules.base import UpdateRule
+from . import adaptive
 from .placement import Local
 from .precision import widen
 from .residual import combine, replicated_state
@@ -124,9 +126,12 @@ class ProjectedContext:
 def refresh_due(state: dict[str, Any], group: dict[str, Any]) -> bool:
     """Whether a parameter with this state refreshes its basis on its next step: on its first step
     (no state, or no basis yet) and then whenever ``step - refresh_phase`` is a multiple of
-    ``update_proj_gap`` (the phase is 0 unless the group staggers its refreshes)."""
+    ``update_proj_gap`` (the phase is 0 unless the group staggers its refreshes), or, for
+    ``update_proj_gap="auto"``, when its signal says so (:func:`gradproj.optim.adaptive.due`)."""
     if not state or state["last_refresh"] < 0:
         return True
+    if adaptive.adaptive(group):
+        return adaptive.due(state, group)
     return (state["step"] - state.get("refresh_phase", 0)) % group["update_proj_gap"] == 0
 
 
@@ -139,7 +144,7 @@ def refresh_phases(offset: int | str, count: int, gap: int) -> list[int]:
     for ``"staggered"``, phases spread evenly over the gap in the group's order (the ``j``-th of
     ``count`` refreshes ``floor(j * gap / count)`` steps into each gap), so that a step carries at most
     ``ceil(count / gap)`` refreshes instead of all of them. Every rank builds the same groups, so every
-    rank agrees.
+    rank agrees. An adaptive group (``gap="auto"``) has offset 0: each matrix keeps its own time anyway.
 
     >>> refresh_phases("staggered", 4, 200), refresh_phases(3, 2, 200)
     ([0, 50, 100, 150], [3, 3])
@@ -152,13 +157,15 @@ def refresh_phases(offset: int | str, count: int, gap: int) -> list[int]:
 def initial_counters(ctx: ProjectedContext) -> dict[str, int]:
     """The step counters, the refresh phase and the basis seed a parameter's state starts with."""
     seed = derive_seed(ctx.group["seed"], ctx.seed_key)
-    return {"step": 0, "last_refresh": -1, "refresh_phase": ctx.phase, "proj_seed": seed}
+    return {"step": 0, "last_refresh": -1, "refresh_phase": ctx.phase, "proj_seed": seed, "refreshes": 0}
 
 
 def init_state(ctx: ProjectedContext, weight: Tensor) -> None:
-    """Step counters, the seed, and zeroed moments of this process's share of ``R``."""
+    """Step counters, the seed, the adaptive refresh's signal and zeroed moments of this process's share of ``R``."""
     state = ctx.state
     state.update(initial_counters(ctx))
+    if adaptive.adaptive(ctx.group):
+        state.update(adaptive.initial_energy(weight.device))
     with ctx.placement.local_state(state, ctx.low_shape, ctx.replicated) as plain:
         ctx.rule.init_state(plain, ctx.placement.moment_shape(ctx.layout), weight, full_shape=ctx.low_shape)
 
@@ -168,6 +175,9 @@ def refresh(ctx: ProjectedContext, grad: Tensor, old: Bases) -> Bases:
     state, group, place = ctx.state, ctx.group, ctx.placement
     first = state["last_refresh"] < 0
     state["last_refresh"] = state["step"]
+    state["refreshes"] = state.get("refreshes", 0) + 1  # checkpoints from before the counter start at 0
+    if adaptive.adaptive(group):
+        adaptive.refreshed(state)
     new = place.after_refresh(state, ctx.layout, fresh_basis(ctx, grad))
     if ctx.projector.cache:
         ctx.cache[ctx.key] = new
@@ -219,6 +229,9 @@ def projected_step(ctx: ProjectedContext, weight: Tensor, grad: Tensor | None, l
                 ctx.probe.refreshed(ctx.name, grad, old, bases, stale)
                 probe = ctx.probe
         low = place.down(grad, bases)  # the whole R (r x n, r x r) or this process's rows of it (m_i x r)
+        if adaptive.measures(state, group):
+            share = adaptive.captured_share(place, place.share(low, layout.side), grad)  # 0-d, on the device
+            adaptive.record(state, share)
     with place.local_state(state, ctx.low_shape, ctx.replicated) as plain:
         ctx.projector.observe(low, plain, layout, group, place)  # Alice's tracking: the moving average of R R^T
         u, step_size = ctx.rule.direction(place.share(low, layout.side), plain, group, weight, place)

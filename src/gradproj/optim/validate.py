@@ -9,6 +9,7 @@ from ..projection.projectors import PROJECTORS, SWITCHABLE, get_projector
 from ..projection.sides import PROJ_TYPES
 from ..rules import RULES
 from ..rules.base import UpdateRule
+from .adaptive import AUTO
 from .residual import RESIDUALS, SCALE_TYPES
 
 ON_REFRESH = ("keep", "reset", "rotate")
@@ -50,7 +51,7 @@ def check_common(group: dict[str, Any]) -> None:
 def check_projection(group: dict[str, Any]) -> None:
     """Keys of a group that has ``rank``."""
     _int_at_least("rank", group["rank"], 1)
-    _int_at_least("update_proj_gap", group["update_proj_gap"], 1)
+    check_gap(group)
     _check_refresh_offset(group["refresh_offset"], group["update_proj_gap"])
     _float_at_least("scale", group["scale"], 0.0, strict=True)
     _choice("proj_type", group["proj_type"], PROJ_TYPES)
@@ -66,7 +67,35 @@ def check_projection(group: dict[str, Any]) -> None:
     _check_combination(group)
 
 
-def _check_refresh_offset(offset: Any, gap: int) -> None:
+def check_gap(group: dict[str, Any]) -> None:
+    """``update_proj_gap`` (an int >= 1, or ``"auto"``) and the adaptive refresh's keys."""
+    gap = group["update_proj_gap"]
+    if gap != AUTO and (isinstance(gap, bool) or not isinstance(gap, int) or gap < 1):
+        raise ValueError(f"update_proj_gap={gap!r} is not valid; expected an integer >= 1 or {AUTO!r}")
+    _int_at_least("min_gap", group["min_gap"], 1)
+    _int_at_least("max_gap", group["max_gap"], 1)
+    if group["min_gap"] > group["max_gap"]:
+        raise ValueError(
+            f"min_gap={group['min_gap']} > max_gap={group['max_gap']}; an adaptive refresh waits at least min_gap "
+            "and at most max_gap steps (use min_gap <= max_gap)"
+        )
+    _int_at_least("check_every", group["check_every"], 1)
+    threshold = group["energy_threshold"]
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
+        raise ValueError(
+            f"energy_threshold={threshold!r} is not valid; expected a number in (0, 1): the share of the fresh "
+            "basis' captured energy below which a matrix refreshes"
+        )
+    if gap == AUTO and group["refresh_offset"] != 0:
+        raise ValueError(
+            f"refresh_offset={group['refresh_offset']!r} applies to a fixed update_proj_gap; with 'auto' each "
+            "matrix refreshes on its own signal (use refresh_offset=0)"
+        )
+
+
+def _check_refresh_offset(offset: Any, gap: int | str) -> None:
+    if not isinstance(gap, int):
+        return  # "auto": checked with the gap
     valid = isinstance(offset, int) and not isinstance(offset, bool) and 0 <= offset < gap
     if offset != "staggered" and not valid:
         raise ValueError(
@@ -115,6 +144,8 @@ def combination_error(group: dict[str, Any]) -> str | None:
     if group["proj_type"] == "full" and (projector == "eigh" or group["residual"] == "alice"):
         what = "projector='eigh'" if projector == "eigh" else "residual='alice'"
         return f"{what} needs a one-sided basis; proj_type='full' projects both sides (use std/left/right)"
+    if group.get("update_proj_gap") == AUTO and projector == "identity":
+        return "update_proj_gap='auto' refreshes a basis that keeps too little; projector='identity' keeps all of G"
     if group["residual"] == "alice" and projector == "identity":
         return "residual='alice' compensates what a basis discards; projector='identity' discards nothing"
     return None

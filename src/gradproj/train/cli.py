@@ -134,6 +134,21 @@ def _lost_a_peer(error: Exception) -> bool:
     )
 
 
+def _refresh_row(summary: dict[str, Any], config: TrainConfig) -> list[tuple[str, str]]:
+    """The basis refreshes the run did, their mean gap, and what its fixed gap (or, for ``auto``, the
+    default fixed gap) would have done over the same steps."""
+    counted = summary.get("basis_refreshes")
+    if not counted or not counted["refreshes"]:
+        return []
+    refreshes, matrices, steps = counted["refreshes"], counted["matrices"], summary["steps"]
+    gap = config.optim.update_proj_gap
+    fixed = gap if isinstance(gap, int) else type(config.optim)().update_proj_gap
+    fixed_count = matrices * math.ceil(steps / int(fixed))  # steps 0, gap, 2 gap, ... of every matrix
+    mean = f"{steps * matrices / refreshes:.0f}"
+    text = f"{refreshes} over {matrices} matrices (one per {mean} steps each; a fixed gap of {fixed}: {fixed_count})"
+    return [("refreshes", text)]
+
+
 def format_summary(summary: dict[str, Any], config: TrainConfig) -> str:
     """The final table printed after a run (the same numbers are in RUN/summary.json)."""
     ev = summary["eval"]
@@ -150,6 +165,7 @@ def format_summary(summary: dict[str, Any], config: TrainConfig) -> str:
             + ("at peak (layer-wise)" if summary["layerwise"] else "(all held until the step)"),
         ),
         ("steps", f"{summary['steps']} ({summary['skipped_steps']} skipped) in {summary['seconds']:.0f} s"),
+        *_refresh_row(summary, config),
         ("train loss", f"{summary['final_train_loss']:.3f} (mean of the last 10 steps)"),
     ]
     if "unigram_ppl" not in summary and "ppl" in ev:  # causal-LM fine-tuning: on the responses

@@ -52,7 +52,7 @@ def _add_fields(groups: dict[str, Any], cls: type, defaults: Any, prefix: str, p
             options["action"] = "store_false" if default else "store_true"
         else:
             flag = info["flag"] or f"--{name}"
-            options["type"], options["metavar"] = kind, f.name.upper()
+            options["type"], options["metavar"] = info.get("parse") or kind, f.name.upper()
             choices = resolve(info["choices"])
             if choices is not None:
                 options["choices"], options["metavar"] = choices, None

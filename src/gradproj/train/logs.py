@@ -47,6 +47,13 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in _tensors(state))
 
 
+def basis_refreshes(optimizer: torch.optim.Optimizer) -> dict[str, int] | None:
+    """How many basis refreshes (SVDs, or the projector's equivalent) gradproj's projected matrices did,
+    and over how many matrices; None for optimizers that keep no such count (torch's, the peers')."""
+    counts = [int(s["refreshes"]) for s in optimizer.state.values() if isinstance(s, dict) and "refreshes" in s]
+    return {"refreshes": sum(counts), "matrices": len(counts)} if counts else None
+
+
 def _tensors(value: Any) -> list[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         if type(value) is not torch.Tensor and hasattr(value, "__tensor_flatten__"):

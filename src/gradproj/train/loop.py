@@ -31,7 +31,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig
-from .logs import RunLogger, environment, optimizer_state_bytes
+from .logs import RunLogger, basis_refreshes, environment, optimizer_state_bytes
 from .memory_check import StepMemoryMeter, planned, preflight
 from .models import check_rank, default_rank, enable_activation_checkpointing
 from .parallel import Parallel
@@ -393,6 +393,7 @@ class Trainer:
             "final_train_loss": sum(finite) / len(finite) if finite else math.nan,
             "eval": final,
             "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+            "basis_refreshes": basis_refreshes(optimizer),  # {"refreshes", "matrices"}, or None
             "layerwise": self.stepper is not None,
             # layer-wise: the most gradient bytes alive at once; standard: every gradient, held until the step
             "gradient_bytes": self.stepper.peak_gradient_bytes
