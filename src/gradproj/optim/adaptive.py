@@ -60,9 +60,10 @@ AUTO = "auto"
 
 #: the keys an adaptive group adds (with their defaults, filled into every projected group)
 ADAPTIVE_DEFAULTS: dict[str, Any] = {
-    "min_gap": 20,  # never refresh sooner than this many steps after the last refresh
-    "max_gap": 800,  # always refresh after this many
-    "energy_threshold": 0.8,  # refresh once the kept share falls below this fraction of the fresh basis' share
+    # the settings of the best of our first measurements (docs/ALGORITHMS.md); max_gap is the fixed default gap
+    "min_gap": 10,  # never refresh sooner than this many steps after the last refresh
+    "max_gap": 200,  # always refresh after this many
+    "energy_threshold": 0.9,  # refresh once the kept share falls below this fraction of the fresh basis' share
     "check_every": 10,  # measure the share on every check_every-th step (and read it back on the next)
 }
 

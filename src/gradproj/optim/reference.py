@@ -99,7 +99,7 @@ class ReferenceOptimizer:
             "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.0, "scale": 0.25, "proj_type": "std",
             "projector": "svd", "on_refresh": "keep", "scale_type": "channel", "growth_limit": 1.01,
             "oversample": 10, "power_iters": 2, "seeds": [0] * len(params), "refresh_phases": [0] * len(params),
-            "min_gap": 20, "max_gap": 800, "energy_threshold": 0.8, "check_every": 10,
+            "min_gap": 10, "max_gap": 200, "energy_threshold": 0.9, "check_every": 10,
             "switching": False, "leading_basis": None, "track_beta": 0.0, "compensation_scale": 0.4,
             "compensation_beta": 0.9, "bias_correction": True, "projected_rule": None,
             "af_eps": (1e-30, 1e-3), "clip_threshold": 1.0, "decay_rate": -0.8, "beta1": None,
