@@ -98,8 +98,8 @@ class OptimizerSpec:
     )  # fmt: skip
     energy_threshold: float | None = option(
         None,
-        help="auto: refresh once the basis keeps less than this fraction of the energy share it kept at its "
-        f"refresh, in (0, 1) (default {ADAPTIVE_DEFAULTS['energy_threshold']})",
+        help="auto: refresh once the basis keeps less than this fraction of the energy share it kept on the step "
+        f"after its refresh, in (0, 1) (default {ADAPTIVE_DEFAULTS['energy_threshold']})",
         above=0,
         group="optimizer",
     )
