@@ -36,7 +36,12 @@ CASES: dict[str, dict[str, Any]] = {
     # update_proj_gap="auto": every rank measures the same share of the same reduced gradient
     "auto": {"preset": "galore", "auto": True},
     "auto_layerwise_accum": {"preset": "fira", "auto": True, "layerwise": True, "accum": 2},
+    # rank="auto": every rank takes the same SVD of the same reduced gradient, so the same ranks
+    "auto_rank": {"preset": "galore", "auto_rank": True},
+    "auto_rank_auto_gap": {"preset": "fira", "auto": True, "auto_rank": True},
 }
+#: a budget between rank 1 everywhere (1,440 bytes) and the cap of 8 everywhere (10,624 bytes)
+AUTO_RANK = {"rank": "auto", "state_budget": 4000, "max_rank": 8}
 #: refresh on the signal at almost every step of the short run (min_gap 1, a strict threshold)
 AUTO = {"update_proj_gap": "auto", "min_gap": 1, "max_gap": 4, "check_every": 1, "energy_threshold": 0.99}
 PRESETS = {"galore": gradproj.GaLoreAdamW, "fira": gradproj.FiraAdamW, "alice": gradproj.Alice, "racs": gradproj.RACS}
@@ -49,7 +54,8 @@ def make_model() -> nn.Module:
 
 def make_optimizer(model: nn.Module, case: dict[str, Any]) -> gradproj.ProjectedOptimizer:
     schedule = AUTO if case.get("auto") else {"update_proj_gap": GAP}
-    groups = gradproj.param_groups(model, target_modules=["0", "2"], rank=4, **schedule)
+    ranks = AUTO_RANK if case.get("auto_rank") else {"rank": 4}
+    groups = gradproj.param_groups(model, target_modules=["0", "2"], **ranks, **schedule)
     cls = PRESETS[case["preset"]]
     projector = {"projector": case["projector"]} if "projector" in case else {}
     return cls(groups, lr=1e-2, **projector)  # type: ignore[operator]

@@ -13,7 +13,7 @@ import pytest
 
 from gradproj.cli import main
 from gradproj.optim.build import OptimizerSpec
-from gradproj.report import load_run, refresh_steps, render
+from gradproj.report import load_run, rank_history, refresh_steps, render
 from gradproj.train import PretrainConfig, pretrain
 from gradproj.train.cli import format_summary
 from gradproj.train.text import prepare_pretrain_data
@@ -105,3 +105,24 @@ def test_an_adaptive_run_shows_each_layers_refreshes(tmp_path: Path) -> None:
     printed = format_summary({**result.summary, "seconds": 1.0}, config)
     assert f"refreshes   {counted['refreshes']} over {counted['matrices']} matrices" in printed
     assert f"a fixed gap of 200: {counted['matrices']}" in printed  # 16 steps: one refresh each at gap 200
+
+
+def test_an_auto_rank_run_shows_each_layers_rank_and_its_state_against_the_budget(tmp_path: Path) -> None:
+    """``--rank auto``: the report draws each layer's rank at its refreshes (the ranks the optimizer holds
+    at the end are the last ones drawn), and the summary prints the state against the budget and a fixed rank."""
+    data = prepare_pretrain_data(None, None, 4096, 32)
+    spec = OptimizerSpec(name="galore_adamw", rank="auto", state_budget="0.5x@8", update_proj_gap=4)
+    config = PretrainConfig(**TINY, steps=9, dynamics_every=4, log_every=2, optim=spec, out=str(tmp_path / "ranks"))
+    result = pretrain(config, data=data)
+    ranks = result.summary["allocated_ranks"]
+    assert ranks["state_bytes"] <= ranks["state_budget"] == ranks["fixed_state_bytes"] // 2
+    assert ranks["reference_rank"] == 8 and ranks["min"] < ranks["max"]
+    run = load_run(tmp_path / "ranks")
+    history = rank_history(run)
+    assert len(history) == ranks["matrices"] and all(len(at) == 3 for at in history.values())  # steps 0, 4, 8
+    final = sorted(at[-1][1] for at in history.values())
+    assert (final[0], final[-1], sum(final) / len(final)) == (ranks["min"], ranks["max"], ranks["mean"])
+    assert "Rank per layer" in render([run])
+    printed = format_summary({**result.summary, "seconds": 1.0}, config)
+    assert f"ranks       {ranks['min']}-{ranks['max']} (mean {ranks['mean']:.1f}) over {ranks['matrices']}" in printed
+    assert "fixed rank 8:" in printed

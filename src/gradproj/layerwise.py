@@ -52,6 +52,7 @@ import torch
 from torch import Tensor
 
 from .optim.engine import ProjectedOptimizer
+from .optim.ranks import auto_rank
 
 #: key of the previous step's gradient norm in ``optimizer.extra_state``
 NORM_KEY = "layerwise_grad_norm"
@@ -79,6 +80,12 @@ class LayerwiseStepper:
             raise ValueError(f"max_grad_norm={max_grad_norm!r} must be > 0, or None for no clipping")
         if optimizer.layerwise is not None:
             raise RuntimeError("this optimizer already steps layer-wise; detach() the other stepper first")
+        if any(auto_rank(group) for group in optimizer.param_groups):
+            raise ValueError(
+                "rank='auto' allocates the ranks of a group's matrices together on a refresh step, which "
+                "layer-wise updates (one matrix at a time inside backward) cannot do yet; use an integer rank, "
+                "or step after backward"
+            )
         if not hooks and grad_accum != 1:
             raise ValueError("without hooks (under DDP) accumulate with DistributedDataParallel.no_sync()")
         self.optimizer, self.grad_accum, self.max_grad_norm = optimizer, grad_accum, max_grad_norm

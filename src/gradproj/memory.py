@@ -141,11 +141,15 @@ def optimizer_state_bytes(model: nn.Module, setup: Setup, method: str) -> int:
     """Exact state bytes of the optimizer the trainer builds for ``method`` (a registry name)."""
     from .optim.build import build_optimizer
     from .optim.engine import ProjectedOptimizer
-    from .optim.groups import state_bytes
+    from .optim.groups import group_state_bytes, state_bytes
+    from .optim.ranks import auto_rank
 
     optimizer = build_optimizer(model, _spec(model, setup, method), bf16_update=_rounding(setup, method))
     total = 0.0
     for group in optimizer.param_groups:
+        if isinstance(optimizer, ProjectedOptimizer) and auto_rank(group):  # one process: no FSDP2 rows
+            total += group_state_bytes(group, optimizer.rule.name)
+            continue
         for p in group["params"]:
             if isinstance(optimizer, ProjectedOptimizer):
                 size = state_bytes(p, group, optimizer.rule.name)
@@ -166,8 +170,9 @@ def _spec(model: nn.Module, setup: Setup, method: str) -> Any:
     from .train.models import default_rank
 
     if setup.optim is not None:
-        spec = replace(setup.optim, name=method)
-        return spec if spec.rank is not None else replace(spec, rank=default_rank(model))
+        spec = replace(setup.optim, name=method).at_default_rank(default_rank(model))
+        # a baseline of a rank-auto run is planned at the fixed rank its budget is measured against
+        return spec if method == setup.optimizer else spec.fixed_rank_twin(default_rank(model))
     return OptimizerSpec(
         name=method,
         rank=setup.rank if setup.rank is not None else default_rank(model),
@@ -268,7 +273,7 @@ def lora_plan(model: nn.Module, setup: Setup, activations: int, method: str) -> 
     from .optim.build import lora_rank
     from .train.models import default_rank
 
-    rank = lora_rank(setup.rank if setup.rank is not None else default_rank(model))
+    rank = lora_rank(_spec(model, setup, "galore_adamw").fixed_rank_twin(default_rank(model)).rank)
     targets = target_weights(model, setup.target_modules or ATTENTION_AND_MLP).values()
     adapters = sum(rank * (w.shape[0] + w.shape[1]) for w in targets)
     if setup.fsdp:
@@ -300,7 +305,7 @@ def plan_setup(setup: Setup) -> list[MemoryPlan]:
         raise ValueError("world_size, batch and seq_len must be >= 1")
     model = meta_model(setup)
     spec = _spec(model, setup, setup.optimizer)
-    if spec.projected and spec.method.fixed_rank is None:
+    if spec.projected and spec.method.fixed_rank is None and isinstance(spec.rank, int):
         from .train.models import check_rank
 
         check_rank(model, spec.target_modules, spec.rank)

@@ -186,6 +186,34 @@ def refresh_figure(run: Run) -> bytes | None:
     return _png(fig)
 
 
+def rank_history(run: Run) -> dict[str, list[tuple[int, int]]]:
+    """Each projected layer's ``(step, rank)`` at every refresh (``rank="auto"`` changes it there)."""
+    history: dict[str, list[tuple[int, int]]] = {}
+    for r in run.layers:
+        if r.get("refresh") and r.get("rank"):
+            history.setdefault(r["layer"], []).append((int(r["step"]), int(r["rank"])))
+    return {layer: sorted(history[layer]) for layer in sorted(history, key=_layer_order)}
+
+
+def rank_figure(run: Run) -> bytes | None:
+    """Each layer's rank over the run (a step line per layer), when ranks differ between layers or
+    refreshes (``rank="auto"``); None for one fixed rank."""
+    history = rank_history(run)
+    if len({rank for at in history.values() for _, rank in at}) < 2:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    last = max(step for at in history.values() for step, _ in at) + 1
+    for i, (layer, at) in enumerate(history.items()):
+        steps, ranks = [s for s, _ in at] + [last], [r for _, r in at] + [at[-1][1]]
+        ax.step(steps, ranks, where="post", color=f"C{i % 10}", lw=1, alpha=0.8, label=_short(layer))
+    ax.set(xlabel="step", ylabel="rank", title=f"{run.name}: rank per layer (set at each refresh)")
+    if len(history) <= 12:
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def _layer_order(name: str) -> tuple[int, str]:
     parts = name.split(".")
     numbers = [int(p) for p in parts if p.isdigit()]
@@ -295,6 +323,13 @@ def figures(runs: list[Run]) -> list[tuple[str, str, bytes | None, str]]:
                 "when its basis keeps too little of its gradient (docs/ALGORITHMS.md)."
             )
             out.append((f"refreshes_{i}", f"Basis refreshes per layer: {run.name}", refreshes, note))
+        ranks = rank_figure(run)
+        if ranks is not None:
+            note = (
+                "Each layer's rank, set at its refreshes: with --rank auto the budget goes where one more "
+                "direction keeps the largest share of a gradient per byte (docs/ALGORITHMS.md)."
+            )
+            out.append((f"ranks_{i}", f"Rank per layer: {run.name}", ranks, note))
     optional = [
         (
             "energy",

@@ -157,6 +157,8 @@ BLOCK_KINDS = (
     "comm",
     "spread",
     "sft",
+    "adaptive",
+    "adaptive_verdict",
 )
 
 
@@ -190,6 +192,10 @@ def render_block(kind: str, records: list[dict[str, Any]]) -> str:
         from .comm import comm_table, spread_table
 
         return comm_table(records) if kind == "comm" else spread_table(records)
+    if kind in ("adaptive", "adaptive_verdict"):
+        from .adaptive import adaptive_table, adaptive_verdict
+
+        return adaptive_table(records) if kind == "adaptive" else adaptive_verdict(records)
     raise ValueError(f"unknown block kind {kind!r}; valid: {BLOCK_KINDS}")
 
 

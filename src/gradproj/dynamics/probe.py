@@ -45,7 +45,7 @@ class Dynamics:
         self.step: int | None = None  # the trainer's step number, if it sets one (else the optimizer's)
         self.rows: list[dict[str, Any]] = []
         self._starts: dict[str, Tensor] = {}
-        self._refreshes: dict[str, dict[str, Tensor]] = {}
+        self._refreshes: dict[str, dict[str, Tensor | int]] = {}
         self._energy_sum, self._energy_count, self._spike_count = 0.0, 0, 0
         if isinstance(optimizer, ProjectedOptimizer):
             optimizer.probe = self
@@ -62,7 +62,8 @@ class Dynamics:
 
     def refreshed(self, name: str, grad: Tensor, old: Bases, new: Bases, low_old: Tensor | None) -> None:
         """A basis was recomputed from ``grad``; ``low_old`` is ``down(grad)`` in the old basis (or None)."""
-        row: dict[str, Tensor] = {"stable_rank": stable_rank(grad, self._start(name, grad))}
+        row: dict[str, Tensor | int] = {"stable_rank": stable_rank(grad, self._start(name, grad))}
+        row["rank"] = new[0].shape[1] if new[0] is not None else new[1].shape[0] if new[1] is not None else 0
         if old[0] is not None or old[1] is not None:
             row["overlap"] = basis_overlap(old, new)
             if low_old is not None and self.energy:

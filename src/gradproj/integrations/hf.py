@@ -61,6 +61,8 @@ def parse_optim_args(text: str | None) -> dict[str, Any]:
     {'rank': 64, 'update_proj_gap': 100, 'proj_type': 'left'}
     >>> parse_optim_args("update_proj_gap=auto,min_gap=50")
     {'update_proj_gap': 'auto', 'min_gap': 50}
+    >>> parse_optim_args("rank=auto,state_budget=1x@64")
+    {'rank': 'auto', 'state_budget': '1x@64'}
     """
     out: dict[str, Any] = {}
     for item in (text or "").split(","):

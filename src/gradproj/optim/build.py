@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -33,9 +33,10 @@ from .fast import fused_adamw_supported
 from .groups import ATTENTION_AND_MLP, Target, param_groups, target_weights
 from .precision import LOW_PRECISION
 from .presets import PRESETS
+from .ranks import AUTO_RANK, RANK_DEFAULTS, parse_budget, parse_rank
 from .registry import Method, get_method, trainer_methods
 from .step import REFRESH_SCHEDULES
-from .validate import ON_REFRESH, check_gap
+from .validate import ON_REFRESH, check_gap, check_rank
 
 #: Rank of a projected method when none is given (galore-torch's default); the trainer gives hidden / 4.
 DEFAULT_RANK = 128
@@ -74,11 +75,30 @@ class OptimizerSpec:
     other_lr: float | None = option(
         None, help="learning rate of embeddings, norms and head (default: per optimizer)", above=0, group="optimizer"
     )
-    rank: int | None = option(
+    rank: int | str | None = option(
         None,
         help=f"projection rank (the trainer's default: hidden size / 4, the paper's ratio; built directly: "
-        f"{DEFAULT_RANK}); a method with a fixed rank (APOLLO-Mini: 1) ignores it",
-        minimum=1,
+        f"{DEFAULT_RANK}), or auto: each matrix's rank from its gradient's energy at every refresh, within "
+        "--state-budget; a method with a fixed rank (APOLLO-Mini: 1) ignores it",
+        parse=parse_rank,
+        group="optimizer",
+    )
+    state_budget: str | None = option(
+        None,
+        help="rank auto: optimizer state the projected matrices may hold together, in bytes (24000000, 24MB, "
+        "22.9MiB) or as a fraction of the method's state at a fixed rank (0.75x: at the rank the run would "
+        "have used; 0.75x@128: at rank 128)",
+        group="optimizer",
+    )
+    max_rank: int | None = option(
+        None, help=f"rank auto: most rank one matrix takes (default {RANK_DEFAULTS['max_rank']})", minimum=1,
+        group="optimizer",
+    )  # fmt: skip
+    energy_target: float | None = option(
+        None,
+        help="rank auto: a matrix takes no more rank than keeps this share of its gradient's energy, in (0, 1] "
+        f"(default {RANK_DEFAULTS['energy_target']})",
+        above=0,
         group="optimizer",
     )
     update_proj_gap: int | str = option(
@@ -141,7 +161,43 @@ class OptimizerSpec:
     def __post_init__(self) -> None:
         get_method(self.name)  # an unknown name fails here, listing the valid ones (peers included)
         check(self, skip=("name",))
-        check_gap({**PROJECTION_DEFAULTS, **self.group_options()})  # the engine's own check, before any build
+        options = {**PROJECTION_DEFAULTS, **self.group_options(), "state_budget": 1}  # bytes resolved at build
+        check_gap(options)  # the engine's own checks, before any build
+        if self.rank is not None:
+            check_rank({**options, "rank": self.rank})
+        if self.state_budget is not None:
+            parse_budget(self.state_budget)
+        if self.resolved_rank == AUTO_RANK and self.budget is None:
+            raise ValueError(
+                "rank auto needs --state-budget (bytes, or a fraction of the state at a fixed rank: 0.75x)"
+            )
+
+    def at_default_rank(self, default: int) -> OptimizerSpec:
+        """This spec where the run's own rank decides (the trainer's hidden / 4): ``rank`` if none was given,
+        and a budget given as a fraction (``0.75x``) taken of the state at that rank (``0.75x@RANK``).
+
+        >>> OptimizerSpec(rank="auto", state_budget="0.5x").at_default_rank(64).state_budget
+        '0.5x@64'
+        """
+        budget = self.state_budget
+        if budget is not None and budget.strip().lower().endswith("x"):
+            budget = f"{budget.strip()}@{default}"
+        return replace(self, rank=self.rank if self.rank is not None else default, state_budget=budget)
+
+    def fixed_rank_twin(self, default: int) -> OptimizerSpec:
+        """rank auto: the same spec at the fixed rank its budget is measured against (what baselines and
+        LoRA are planned and compared at); otherwise this spec at its default rank."""
+        spec = self.at_default_rank(default)
+        reference = reference_rank(spec, default)
+        return spec if reference is None else replace(spec, rank=reference, state_budget=None)
+
+    @property
+    def budget(self) -> str | None:
+        """rank auto: the state budget as given, else the state the method keeps at the spec's own rank
+        (``1x@RANK``: a variant such as ``galore_adamw+auto_rank`` run at ``--rank 64``)."""
+        if self.state_budget is not None:
+            return self.state_budget
+        return f"1x@{self.rank}" if isinstance(self.rank, int) else None
 
     @property
     def method(self) -> Method:
@@ -160,8 +216,8 @@ class OptimizerSpec:
         return self.method.projected
 
     @property
-    def resolved_rank(self) -> int | None:
-        """The rank the optimizer really uses (None for full-rank methods)."""
+    def resolved_rank(self) -> int | str | None:
+        """The rank the optimizer really uses (None for full-rank methods; ``"auto"``: allocated)."""
         if not self.projected:
             return None
         return self.method.fixed_rank or (self.rank if self.rank is not None else DEFAULT_RANK)
@@ -178,7 +234,7 @@ class OptimizerSpec:
             "on_refresh": self.on_refresh,
             "refresh_offset": 0 if self.refresh_offset == "aligned" else self.refresh_offset,
         }
-        for key in ADAPTIVE_DEFAULTS:  # given ones only: the engine fills in the rest
+        for key in (*ADAPTIVE_DEFAULTS, "max_rank", "energy_target"):  # given ones only: the engine fills in the rest
             if getattr(self, key) is not None:
                 options[key] = getattr(self, key)
         if self.leading_basis is not None:
@@ -222,6 +278,11 @@ def build_optimizer(
             f"--refresh-offset {spec.refresh_offset} needs one of gradproj's optimizers; --optimizer {method.name} "
             "refreshes every matrix on the same step (use --refresh-offset aligned)"
         )
+    if method.peer and spec.rank == AUTO_RANK:
+        raise ValueError(
+            f"--rank auto needs one of gradproj's optimizers; --optimizer {method.name} keeps one fixed rank "
+            "(give --rank a number)"
+        )
     if method.peer and spec.group_options().get("update_proj_gap") == AUTO:
         raise ValueError(
             f"--update-proj-gap auto needs one of gradproj's optimizers; --optimizer {method.name} refreshes on a "
@@ -253,6 +314,8 @@ def _groups(model: nn.Module, spec: OptimizerSpec, *, summary: bool, names: bool
     groups = param_groups(model, target_modules=spec.target_modules, rank=spec.resolved_rank or 1, **options)
     if not spec.projected:
         del groups[0]["rank"]
+    elif spec.resolved_rank == AUTO_RANK:
+        groups[0]["state_budget"] = budget_bytes(spec, groups[0])
     groups[0]["lr"] = spec.matrix_lr
     for group in groups[1:]:
         group["lr"] = spec.rest_lr
@@ -269,6 +332,44 @@ def _groups(model: nn.Module, spec: OptimizerSpec, *, summary: bool, names: bool
     return groups
 
 
+def budget_bytes(spec: OptimizerSpec, group: dict[str, Any]) -> int:
+    """``spec.state_budget`` in bytes for the projected ``group``: as given, or its fraction of the state the
+    method keeps at the fixed rank it names (``0.75x@128``; ``0.75x``: :data:`DEFAULT_RANK`).
+
+    >>> import torch
+    >>> from dataclasses import replace
+    >>> model = torch.nn.Sequential(torch.nn.Linear(32, 32))
+    >>> spec = OptimizerSpec(name="galore_adamw", rank="auto", state_budget="0.5x@8", target_modules="0")
+    >>> group = _groups(model, spec, summary=False, names=False)[0]
+    >>> group["state_budget"], budget_bytes(replace(spec, state_budget="1x@8"), group)  # (8*32 + 2*8*32) * 4
+    (1536, 3072)
+    """
+    from .groups import state_bytes
+
+    assert spec.budget is not None
+    budget = parse_budget(spec.budget)
+    if isinstance(budget, int):
+        return budget
+    fraction, rank = budget
+    preset = PRESETS[spec.method.preset or "galore_adamw"]
+    fixed = {**preset.projection_defaults(), **group, "rank": rank or DEFAULT_RANK}
+    return int(fraction * sum(state_bytes(p, fixed, preset.RULE) for p in group["params"]))
+
+
+def reference_rank(spec: OptimizerSpec, default: int) -> int | None:
+    """``rank="auto"``: the fixed rank its state is compared with, the one its budget names
+    (``0.75x@64``), else ``default``; None for a fixed rank.
+
+    >>> auto = OptimizerSpec(rank="auto", state_budget="0.5x@32")
+    >>> reference_rank(auto, 64), reference_rank(OptimizerSpec(rank=8), 64)
+    (32, None)
+    """
+    if spec.resolved_rank != AUTO_RANK:
+        return None
+    budget = parse_budget(spec.budget) if spec.budget is not None else None
+    return budget[1] or default if isinstance(budget, tuple) else default
+
+
 def _peer(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimizer:
     """A peer package's optimizer on the same split; its group keys renamed as the peer names them."""
     method = spec.method
@@ -278,7 +379,7 @@ def _peer(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimizer:
     groups = _groups(model, spec, summary=False, names=False)
     if spec.projected:
         rank = spec.resolved_rank
-        assert rank is not None
+        assert isinstance(rank, int)  # rank auto is refused for peers
         ours = {**spec.group_options(), "rank": rank}
         ours["leading_basis"] = leading_count(ours, rank)
         keys = {theirs: ours[key] for key, theirs in method.peer_keys.items()}
@@ -358,7 +459,9 @@ def _lora(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimizer:
     targets = target_weights(model, spec.target_modules)
     frozen = {id(w) for w in targets.values()}
     names = sorted({name.rsplit(".", 2)[-2] for name in targets})  # module suffixes: q_proj, up_proj, ...
-    r = lora_rank(spec.rank if spec.rank is not None else DEFAULT_RANK)
+    if spec.rank == AUTO_RANK:
+        raise ValueError(f"--rank auto needs one of gradproj's projected optimizers; {spec.name} trains adapters")
+    r = lora_rank(int(spec.rank) if spec.rank is not None else DEFAULT_RANK)
     inject_adapter_in_model(LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=names), model)
     adapters, rest = [], []
     for name, p in model.named_parameters():

@@ -33,12 +33,14 @@ from .adaptive import ADAPTIVE_DEFAULTS, adaptive, measures, read_checks
 from .fast import FOREACH, FastPath, blocker
 from .placement import LOCAL, Local, all_finite, is_sharded, local, placement_of
 from .precision import BF16_UPDATES, LOW_PRECISION, compute_dtype, widen, working_weight
+from .ranks import RANK_DEFAULTS, auto_rank, plan
 from .spread import spread_refreshes, spreadable
 from .step import (
     InBackwardStepping,
     ProjectedContext,
     StepProbe,
     full_step,
+    initial_counters,
     projected_step,
     refresh_due,
     refresh_phases,
@@ -70,6 +72,7 @@ PROJECTION_DEFAULTS: dict[str, Any] = {
     "rule": None,  # the rule of this group's R (None: the optimizer's; RACS: "racs")
     "refresh_offset": 0,  # steps into each gap a matrix refreshes at; "staggered": spread over the gap
     **ADAPTIVE_DEFAULTS,  # update_proj_gap="auto": min_gap, max_gap, energy_threshold, check_every
+    **RANK_DEFAULTS,  # rank="auto": state_budget, max_rank, energy_target
 }
 
 
@@ -159,6 +162,8 @@ class ProjectedOptimizer(Optimizer):
         #: False repeats every refresh on every rank (the same bits, world times the work)
         self.spread = True
         self._prepared: dict[Tensor, dict[str, Tensor]] = {}  # this step's refreshes from other ranks
+        self._ranks: dict[Tensor, int] = {}  # rank="auto": this step's ranks of the matrices that refresh
+        self._rank_bytes: dict[Tensor, tuple[int, int]] = {}  # rank="auto": (base, per rank) bytes of state
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------- groups
@@ -189,6 +194,8 @@ class ProjectedOptimizer(Optimizer):
             except ValueError:
                 self.param_groups.pop()
                 raise
+            if auto_rank(group):
+                self._check_budget(group)
             phases = refresh_phases(group["refresh_offset"], len(group["params"]), group["update_proj_gap"])
             self._refresh_phases.update(zip(group["params"], phases, strict=True))
         self._check_fast_path(group)
@@ -213,13 +220,32 @@ class ProjectedOptimizer(Optimizer):
                     "matrices only. Put vectors, embeddings you do not want projected, conv kernels and "
                     "3-D expert weights in a group without 'rank' (gradproj.param_groups does this for you)."
                 )
-            if group["rank"] > min(p.shape):
+            if not auto_rank(group) and group["rank"] > min(p.shape):
                 warnings.warn(
                     f"rank={group['rank']} exceeds min{tuple(p.shape)} of {self._param_names[p]}; "
                     f"using rank {min(p.shape)} for it",
                     UserWarning,
                     stacklevel=3,
                 )
+
+    def _check_budget(self, group: dict[str, Any]) -> None:
+        """rank="auto": each matrix's bytes of state per rank, and a budget that holds rank 1 everywhere."""
+        from .groups import rank_bytes  # groups imports the engine's defaults
+
+        rule = self.rule_of(group)
+        if rule.name != "adam":
+            self.param_groups.pop()
+            raise ValueError(
+                f"rank='auto' resizes Adam's moments; the {rule.name} rule is not supported yet (use adam)"
+            )
+        self._rank_bytes.update((p, rank_bytes(p, group, rule.name)) for p in group["params"])
+        least = sum(base + per for base, per in (self._rank_bytes[p] for p in group["params"]))
+        if group["state_budget"] < least:
+            self.param_groups.pop()
+            raise ValueError(
+                f"state_budget={group['state_budget']} bytes is smaller than rank 1 everywhere: these "
+                f"{len(group['params'])} matrices need at least {least} bytes (use state_budget >= {least})"
+            )
 
     # ------------------------------------------------------- public accessors
     def owns(self, p: Tensor) -> bool:
@@ -237,8 +263,10 @@ class ProjectedOptimizer(Optimizer):
         return self._context(p).bases()
 
     def layout(self, p: Tensor, group: dict[str, Any]) -> Layout:
-        """Shape, effective rank, side, dtype and device of a projected parameter."""
-        return layout_of((int(p.shape[0]), int(p.shape[1])), group, p.dtype, p.device)
+        """Shape, effective rank, side, dtype and device of a projected parameter (``rank="auto"``: the rank
+        it takes on this step's refresh, or holds; before its first step, its cap)."""
+        rank = self._ranks.get(p, self.state[p].get("rank")) if auto_rank(group) else None
+        return layout_of((int(p.shape[0]), int(p.shape[1])), group, p.dtype, p.device, rank)
 
     def rule_of(self, group: dict[str, Any]) -> UpdateRule:
         """The rule a group runs: its own ``rule`` (RACS's matrices) or the optimizer's."""
@@ -298,6 +326,7 @@ class ProjectedOptimizer(Optimizer):
         self._read_checks()
         self._prepared = self._spread_refreshes()
         try:
+            self._allocate_ranks()
             for group in self.param_groups:
                 batched = []
                 for p in group["params"]:
@@ -312,13 +341,35 @@ class ProjectedOptimizer(Optimizer):
                 if batched:  # each parameter's step is independent of the others': the order does not matter
                     (self._fast.projected if "rank" in group else self._fast.full)(self, group, batched)
         finally:
-            self._prepared = {}  # a step that raised leaves nothing for the next one
+            self._prepared, self._ranks = {}, {}  # a step that raised leaves nothing for the next one
         return loss
 
     def _read_checks(self) -> None:
         """The last check step's energy shares of every adaptive matrix, read back at once (one sync)."""
         adaptive_groups = [g for g in self.param_groups if "rank" in g and adaptive(g)]
         read_checks((self.state[p], g) for g in adaptive_groups for p in g["params"] if self.state[p])
+
+    def _allocate_ranks(self) -> None:
+        """rank="auto": the ranks of this step's refreshing matrices, and their bases (:func:`ranks.plan`)."""
+        for group in self.param_groups:
+            if "rank" not in group or not auto_rank(group):
+                continue
+            params = group["params"]
+            due = [p.grad is not None and refresh_due(self.state[p], group) for p in params]
+            if not any(due):
+                continue
+            matrices, counters = [], []
+            for p, now in zip(params, due, strict=True):
+                ctx = self._context(p)
+                grad = local(p.grad).to(compute_dtype(p.dtype)) if now else None  # as _step_one widens it
+                at_cap = layout_of((int(p.shape[0]), int(p.shape[1])), group, p.dtype, p.device, group["max_rank"])
+                matrices.append((self.state[p], at_cap, grad, *self._rank_bytes[p]))
+                counters.append(self.state[p] or initial_counters(ctx))
+            for p, planned in zip(
+                params, plan(get_projector(group["projector"]), group, matrices, counters), strict=True
+            ):
+                if planned is not None:
+                    self._ranks[p], self._prepared[p] = planned
 
     def _spread_refreshes(self) -> dict[Tensor, dict[str, Tensor]]:
         """This step's due refreshes of row-sharded matrices, each computed on one rank and shared."""

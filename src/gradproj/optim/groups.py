@@ -22,7 +22,10 @@ from ..projection.projectors import get_projector, layout_of
 from ..projection.sides import low_rank_shape
 from ..rules import make_rule
 from ..rules.limiter import limiter_bytes
+from .adaptive import adaptive
 from .engine import PROJECTION_DEFAULTS
+from .precision import compute_dtype
+from .ranks import auto_rank, cap
 
 Target = str | Sequence[str]
 
@@ -79,7 +82,7 @@ def param_groups(
     model: nn.Module,
     *,
     target_modules: Target = "all-linear",
-    rank: int = 128,
+    rank: int | str = 128,
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
     summary: bool = False,
     **projection: Any,
@@ -144,7 +147,7 @@ def state_bytes(p: torch.Tensor, group: dict[str, Any], rule: str = "adam") -> i
     limiter's scalar, and a bf16 weight's kahan compensation buffer; plain ints are not counted.
     Matches the tensors a real optimizer allocates (tested).
     """
-    from .precision import compensated, compute_dtype
+    from .precision import compensated
 
     wide = compute_dtype(p.dtype)
     buffer = p.numel() * p.element_size() if compensated(p, group) else 0
@@ -169,6 +172,32 @@ def state_bytes(p: torch.Tensor, group: dict[str, Any], rule: str = "adam") -> i
     )
 
 
+def rank_bytes(p: torch.Tensor, group: dict[str, Any], rule: str = "adam") -> tuple[int, int]:
+    """``rank="auto"``: ``(base, per_rank)``, so that ``p`` holds ``base + per_rank * r`` bytes of state at rank
+    ``r``: :func:`state_bytes` at that rank, its spectrum (one number per direction up to its cap, in the
+    step's dtype) and, with ``update_proj_gap="auto"``, the refresh signal's two 0-d tensors."""
+    one, two = (state_bytes(p, {**group, "rank": r}, rule) for r in (1, 2))
+    item = compute_dtype(p.dtype).itemsize  # the spectrum and the signal are kept in the step's dtype
+    return 2 * one - two + item * (cap_of(p, group) + (2 if adaptive(group) else 0)), two - one
+
+
+def group_state_bytes(group: dict[str, Any], rule: str = "adam") -> int:
+    """Bytes of state ``group``'s parameters will hold; ``rank="auto"``: at most its ``state_budget`` (what
+    every matrix at its cap would hold, if less)."""
+    if "rank" in group and auto_rank(group):
+        at_cap = 0
+        for p in group["params"]:
+            base, per = rank_bytes(p, group, rule)
+            at_cap += base + per * cap_of(p, group)
+        return min(at_cap, int(group["state_budget"]))
+    return sum(state_bytes(p, group, rule) for p in group["params"])
+
+
+def cap_of(p: torch.Tensor, group: dict[str, Any]) -> int:
+    """The most rank ``p`` may take in a ``rank="auto"`` group."""
+    return cap(group, (int(p.shape[0]), int(p.shape[1])))
+
+
 def summarize(groups: list[dict[str, Any]], rule: str = "adam") -> list[GroupReport]:
     """One :class:`GroupReport` per group."""
     return [
@@ -176,7 +205,7 @@ def summarize(groups: list[dict[str, Any]], rule: str = "adam") -> list[GroupRep
             projected="rank" in g,
             count=len(g["params"]),
             numel=sum(p.numel() for p in g["params"]),
-            state_bytes=sum(state_bytes(p, g, rule) for p in g["params"]),
+            state_bytes=group_state_bytes({**PROJECTION_DEFAULTS, **g} if "rank" in g else g, rule),
             shapes=tuple(sorted({tuple(p.shape) for p in g["params"]})),
         )
         for g in groups

@@ -85,6 +85,27 @@ def _switched(basis: tuple, rank: int, seed: int, t: int, cfg: dict[str, Any]) -
     )
 
 
+def _greedy(
+    spectra: list[list[float]], per: list[int], base: list[int], budget: int, target: float, caps: list[int]
+) -> list[int]:
+    """Rank 1 each, then every further unit ``(i, k)`` by ``spectra[i][k] / per[i]`` (ties: the earlier
+    matrix), taken if matrix ``i`` holds rank ``k`` and it fits, up to ``min(caps[i], demand)``."""
+    ranks, left = [1] * len(spectra), budget - sum(b + p for b, p in zip(base, per, strict=True))
+    units = []
+    for i, shares in enumerate(spectra):
+        total, want = 0.0, len(shares)
+        for k, share in enumerate(shares):
+            total += share
+            if total >= target * (1 - 1e-12):
+                want = k + 1
+                break
+        units += [(-shares[k] / per[i], i, k) for k in range(1, min(want, caps[i]))]
+    for _, i, k in sorted(units):
+        if ranks[i] == k and per[i] <= left:
+            ranks[i], left = k + 1, left - per[i]
+    return ranks
+
+
 def _mm(a: Tensor | None, b: Tensor, c: Tensor | None) -> Tensor:
     out = b if a is None else a @ b
     return out if c is None else out @ c
@@ -100,6 +121,7 @@ class ReferenceOptimizer:
             "projector": "svd", "on_refresh": "keep", "scale_type": "channel", "growth_limit": 1.01,
             "oversample": 10, "power_iters": 2, "seeds": [0] * len(params), "refresh_phases": [0] * len(params),
             "min_gap": 10, "max_gap": 200, "energy_threshold": 0.9, "check_every": 10,
+            "state_budget": None, "max_rank": 256, "energy_target": 0.9,
             "switching": False, "leading_basis": None, "track_beta": 0.0, "compensation_scale": 0.4,
             "compensation_beta": 0.9, "bias_correction": True, "projected_rule": None,
             "af_eps": (1e-30, 1e-3), "clip_threshold": 1.0, "decay_rate": -0.8, "beta1": None,
@@ -219,6 +241,8 @@ class ReferenceOptimizer:
     def step(self, grads: list[Tensor]) -> None:
         """Apply one step; ``grads[i]`` is the gradient of ``params[i]``; params change in place."""
         phases = self.cfg["refresh_phases"]
+        if self.cfg.get("rank") == "auto":
+            self._allocate(grads)
         for w, g, s, seed, phase in zip(self.params, grads, self.state, self.cfg["seeds"], phases, strict=True):
             lr_decay = self.lr
             if "rank" not in self.cfg:
@@ -230,17 +254,70 @@ class ReferenceOptimizer:
             w.copy_(w * (1 - lr_decay * self.cfg["weight_decay"]) - alpha * delta)
             s["t"] += 1
 
+    # ------------------------------------------------------ rank="auto"
+    def _allocate(self, grads: list[Tensor]) -> None:
+        """rank="auto": on a step where some matrices refresh, each takes the basis at its cap and the
+        shares of its directions; every unit of rank beyond 1 is sorted by share per byte and taken in
+        that order while it fits, up to each matrix's demand (first over every matrix, with the others' last
+        spectra; then over the refreshing ones, within what the others hold now, up to those targets)."""
+        c, n = self.cfg, len(self.params)
+        due = [s["t"] == 0 or self._refresh_due(s, ph) for s, ph in zip(self.state, c["refresh_phases"], strict=True)]
+        if not any(due):
+            return
+        per, base = [], []
+        for i, g in enumerate(grads):
+            side = resolve_side(c["proj_type"], tuple(g.shape))
+            (m, k), cap = g.shape, min(c["max_rank"], *g.shape)
+            basis_dim, other_dim = (m, k) if side == "left" else (k, m)
+            item = g.element_size()
+            per.append(item * (basis_dim + 2 * other_dim))  # a basis vector and a row of each moment
+            fira = item if self.residual == "fira" else 0  # the growth limiter's scalar
+            base.append(item * (cap + (2 if c["update_proj_gap"] == "auto" else 0)) + fira)  # spectrum, signal
+            if due[i]:
+                basis = _basis(g, cap, side, c["projector"], c["seeds"][i], self.state[i]["t"], c)
+                r = _mm(None if basis[0] is None else basis[0].T, g, None if basis[1] is None else basis[1].T)
+                kept = (r * r).sum(1) if side == "left" else (r * r).sum(0)
+                self.state[i]["cap_basis"], self.state[i]["spectrum"] = basis, kept / (g * g).sum()
+        spectra = [state["spectrum"].tolist() for state in self.state]
+        targets = _greedy(spectra, per, base, c["state_budget"], c["energy_target"], [len(x) for x in spectra])
+        others = sum(base[i] + per[i] * self.state[i]["rank"] for i in range(n) if not due[i])
+        mine = [i for i in range(n) if due[i]]
+        ranks = _greedy([spectra[i] for i in mine], [per[i] for i in mine], [base[i] for i in mine],
+                        c["state_budget"] - others, c["energy_target"], [targets[i] for i in mine])  # fmt: skip
+        for i, rank in zip(mine, ranks, strict=True):
+            self.state[i]["new_rank"] = rank
+
+    def _auto_basis(self, s: dict[str, Any], side: str) -> tuple[int, tuple[Tensor | None, Tensor | None]]:
+        """This refresh's rank and basis (the first ``rank`` directions of the one at the cap); the moments
+        of ``keep`` truncated or zero-padded to it."""
+        rank, (left, right) = s.pop("new_rank"), s.pop("cap_basis")
+        if self.cfg["on_refresh"] == "keep" and "rank" in s:
+            for key in ("m", "v"):
+                old = s[key]
+                new = torch.zeros((rank, old.shape[1]) if side == "left" else (old.shape[0], rank), dtype=old.dtype)
+                keep = min(rank, s["rank"])
+                if side == "left":
+                    new[:keep] = old[:keep]
+                else:
+                    new[:, :keep] = old[:, :keep]
+                s[key] = new
+        s["rank"] = rank
+        return rank, (None if left is None else left[:, :rank], None if right is None else right[:rank])
+
     def _projected(self, w: Tensor, g: Tensor, s: dict[str, Any], seed: int, phase: int) -> tuple[Tensor, float]:
         c = self.cfg
-        rank = min(c["rank"], *g.shape)
         side = resolve_side(c["proj_type"], tuple(g.shape))
+        rank = min(c["rank"], *g.shape) if c["rank"] != "auto" else s.get("rank", 0)
         if c["projector"] == "identity":  # RACS: R is G
             rank, side, s["basis"] = min(g.shape), "none", (None, None)
         elif s["t"] == 0 or self._refresh_due(s, phase):
             s["last"] = s["t"]
-            if c["projector"] == "eigh":
+            new: tuple[Tensor | None, ...]
+            if c["rank"] == "auto":
+                rank, new = self._auto_basis(s, side)
+            elif c["projector"] == "eigh":
                 top = _eigenbasis(g, rank, side, s, c["track_beta"])
-                new: tuple[Tensor | None, ...] = (top, None) if side == "left" else (None, top.T)
+                new = (top, None) if side == "left" else (None, top.T)
             else:
                 new = _basis(g, rank, side, c["projector"], seed, s["t"], c)
             if c["switching"] and c["projector"] != "dct":  # dct switches its indices in _basis

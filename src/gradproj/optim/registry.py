@@ -90,10 +90,11 @@ class Method:
         return self.kind != "preset"
 
     @property
-    def fixed_rank(self) -> int | None:
-        """The rank this method always uses (APOLLO-Mini: 1), or None when ``--rank`` decides."""
+    def fixed_rank(self) -> int | str | None:
+        """The rank this method always uses (APOLLO-Mini: 1; ``"auto"``: allocated within a budget, by
+        default the state at ``--rank``), or None when ``--rank`` decides."""
         rank = self.group_options.get("rank")
-        return int(rank) if rank is not None else None
+        return rank if rank is None or rank == "auto" else int(rank)
 
     @property
     def uses_rank(self) -> bool:
@@ -125,6 +126,7 @@ class Method:
 
 
 _OURS = ("gradproj.optim.step", "", "refresh")  # a module-level function: no class
+_OURS_AUTO_RANK = ("gradproj.optim.ranks", "", "basis_at_cap")  # rank auto: the SVD happens before the step
 _GALORE_TORCH = ("galore_torch.galore_projector", "GaLoreProjector", "get_orthogonal_matrix")
 _FIRA = ("fira.gradient_projection", "GradientProjector", "get_orthogonal_matrix")
 _APOLLO = ("apollo_torch.random_projector", "GradientProjector", "get_orthogonal_matrix")
@@ -196,6 +198,13 @@ _ENTRIES = (
         for k, v in (("projector", "rsvd"), ("projector", "dct"), ("projector", "random"), ("on_refresh", "rotate"),
                      ("refresh_offset", "staggered"), ("update_proj_gap", "auto"))
     ),
+    Method(name="galore_adamw+auto_rank", kind="preset", summary="GaLore, rank=auto (the state of --rank)",
+           preset="galore_adamw", group_options={"rank": "auto"}, variant_of="galore_adamw", refresh=_OURS_AUTO_RANK),
+    Method(name="galore_adamw+auto+auto_rank", kind="preset", summary="GaLore, rank=auto and update_proj_gap=auto",
+           preset="galore_adamw", group_options={"rank": "auto", "update_proj_gap": "auto"},
+           variant_of="galore_adamw", refresh=_OURS_AUTO_RANK),
+    Method(name="alice+auto", kind="preset", summary="Alice, update_proj_gap=auto", preset="alice",
+           group_options={"update_proj_gap": "auto"}, variant_of="alice", lr=3e-3, other_lr=3e-2, refresh=_OURS),
     Method(name="adamw+loop", kind="torch", summary="torch.optim.AdamW, for-loop (torch's default on a CPU)",
            cls="torch.optim:AdamW", constructor={"eps": 1e-8, "fused": False, "foreach": False}, projected=False,
            lr=1e-3, variant_of="adamw", supports_layerwise=False),

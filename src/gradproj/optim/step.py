@@ -32,6 +32,7 @@ from ..rules.base import UpdateRule
 from . import adaptive
 from .placement import Local
 from .precision import widen
+from .ranks import auto_rank, resized
 from .residual import combine, replicated_state
 
 
@@ -174,6 +175,9 @@ def refresh(ctx: ProjectedContext, grad: Tensor, old: Bases) -> Bases:
     """A new basis from the full gradient; the moments follow ``on_refresh``."""
     state, group, place = ctx.state, ctx.group, ctx.placement
     first = state["last_refresh"] < 0
+    resizes = auto_rank(group) and not first and state["rank"] != ctx.layout.rank
+    if auto_rank(group):
+        state["rank"] = ctx.layout.rank  # this refresh's allocation (:mod:`gradproj.optim.ranks`)
     state["last_refresh"] = state["step"]
     state["refreshes"] = state.get("refreshes", 0) + 1  # checkpoints from before the counter start at 0
     if adaptive.adaptive(group):
@@ -182,6 +186,9 @@ def refresh(ctx: ProjectedContext, grad: Tensor, old: Bases) -> Bases:
     if ctx.projector.cache:
         ctx.cache[ctx.key] = new
     new = ctx.widen(new)
+    if resizes and group["on_refresh"] != "rotate":  # rotate maps the moments into the new rank itself
+        with place.local_state(state, ctx.low_shape, ctx.replicated) as plain:
+            ctx.rule.set_moments(plain, {k: resized(v, ctx.low_shape) for k, v in ctx.rule.moments(plain).items()})
     if first or group["on_refresh"] == "keep" or not ctx.projector.changes_basis:
         return new
     if group["on_refresh"] == "reset":

@@ -10,6 +10,7 @@ from ..projection.sides import PROJ_TYPES
 from ..rules import RULES
 from ..rules.base import UpdateRule
 from .adaptive import AUTO
+from .ranks import AUTO_RANK, RANKED_PROJECTORS
 from .residual import RESIDUALS, SCALE_TYPES
 
 ON_REFRESH = ("keep", "reset", "rotate")
@@ -50,7 +51,7 @@ def check_common(group: dict[str, Any]) -> None:
 
 def check_projection(group: dict[str, Any]) -> None:
     """Keys of a group that has ``rank``."""
-    _int_at_least("rank", group["rank"], 1)
+    check_rank(group)
     check_gap(group)
     _check_refresh_offset(group["refresh_offset"], group["update_proj_gap"])
     _float_at_least("scale", group["scale"], 0.0, strict=True)
@@ -65,6 +66,26 @@ def check_projection(group: dict[str, Any]) -> None:
     _int_at_least("seed", group["seed"], 0)
     _check_alice_keys(group)
     _check_combination(group)
+
+
+def check_rank(group: dict[str, Any]) -> None:
+    """``rank`` (an int >= 1, or ``"auto"``) and the energy-allocated ranks' keys (:mod:`gradproj.optim.ranks`)."""
+    rank = group["rank"]
+    if rank != AUTO_RANK and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"rank={rank!r} is not valid; expected an integer >= 1 or {AUTO_RANK!r}")
+    _int_at_least("max_rank", group["max_rank"], 1)
+    target = group["energy_target"]
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < target <= 1.0:
+        raise ValueError(
+            f"energy_target={target!r} is not valid; expected a number in (0, 1]: the share of its gradient's energy "
+            "beyond which a matrix takes no more rank"
+        )
+    budget = group["state_budget"]
+    if rank == AUTO_RANK and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise ValueError(
+            f"state_budget={budget!r} is not valid; rank='auto' needs the bytes of optimizer state its matrices may "
+            "hold together, an integer >= 1"
+        )
 
 
 def check_gap(group: dict[str, Any]) -> None:
@@ -115,7 +136,7 @@ def _check_alice_keys(group: dict[str, Any]) -> None:
             raise ValueError(f"{key}={group[key]!r} is not valid; expected True or False")
     if group["leading_basis"] is not None:
         _int_at_least("leading_basis", group["leading_basis"], 1)
-        if group["leading_basis"] > group["rank"]:
+        if group["rank"] != AUTO_RANK and group["leading_basis"] > group["rank"]:
             raise ValueError(
                 f"leading_basis={group['leading_basis']} exceeds rank={group['rank']}; a switching refresh keeps "
                 "at most rank leading directions (use leading_basis <= rank, or None for 40/256 of the rank)"
@@ -146,8 +167,29 @@ def combination_error(group: dict[str, Any]) -> str | None:
         return f"{what} needs a one-sided basis; proj_type='full' projects both sides (use std/left/right)"
     if group.get("update_proj_gap") == AUTO and projector == "identity":
         return "update_proj_gap='auto' refreshes a basis that keeps too little; projector='identity' keeps all of G"
+    if group.get("rank") == AUTO_RANK:
+        error = _auto_rank_error(group)
+        if error is not None:
+            return error
     if group["residual"] == "alice" and projector == "identity":
         return "residual='alice' compensates what a basis discards; projector='identity' discards nothing"
+    return None
+
+
+def _auto_rank_error(group: dict[str, Any]) -> str | None:
+    """What ``rank="auto"`` does not take yet: a basis whose directions are not ordered by energy, two-sided
+    bases, switching, and residual policies with state shaped by the rank."""
+    if group["projector"] not in RANKED_PROJECTORS:
+        return (
+            f"rank='auto' takes a prefix of a basis ordered by captured energy; projector={group['projector']!r} "
+            f"has no such order (use one of {RANKED_PROJECTORS})"
+        )
+    if group["proj_type"] == "full":
+        return "rank='auto' allocates one rank per matrix; proj_type='full' projects both sides (use std/left/right)"
+    if group["switching"]:
+        return "rank='auto' keeps the leading directions; switching=True draws some at random (use switching=False)"
+    if group["residual"] not in ("none", "fira"):
+        return f"rank='auto' supports residual 'none' and 'fira'; residual={group['residual']!r} is not supported yet"
     return None
 
 
@@ -163,6 +205,8 @@ def sharding_blocker(group: dict[str, Any], rule: UpdateRule) -> str | None:
         return f"the {rule.name} rule averages over whole rows and columns"
     if "rank" not in group:
         return None
+    if group["rank"] == AUTO_RANK:
+        return "rank='auto' allocates ranks across the whole group on one process"
     rotates = group["on_refresh"] == "rotate" and get_projector(group["projector"]).changes_basis
     if rule.name == "racs" and rotates:
         return "the racs rule refits its row and column scalings from all rows at a rotation (use on_refresh='keep')"

@@ -69,12 +69,17 @@ class Layout:
     device: torch.device
 
 
-def layout_of(shape: tuple[int, int], group: dict[str, Any], dtype: torch.dtype, device: torch.device) -> Layout:
-    """A projected matrix's layout: the rank capped by the shape, the side from ``proj_type``
-    (``"none"`` for the identity projector, whose ``R`` is the whole gradient)."""
+def layout_of(
+    shape: tuple[int, int], group: dict[str, Any], dtype: torch.dtype, device: torch.device, rank: int | None = None
+) -> Layout:
+    """A projected matrix's layout: the rank (``rank``, else the group's; ``"auto"``: ``max_rank``) capped
+    by the shape, the side from ``proj_type`` (``"none"`` for the identity projector, whose ``R`` is the
+    whole gradient)."""
     if group["projector"] == "identity":
         return Layout(shape, min(shape), "none", dtype, device)
-    return Layout(shape, min(group["rank"], *shape), resolve_side(group["proj_type"], shape), dtype, device)
+    if rank is None:
+        rank = group["max_rank"] if group["rank"] == "auto" else group["rank"]
+    return Layout(shape, min(int(rank), *shape), resolve_side(group["proj_type"], shape), dtype, device)
 
 
 def leading_count(group: dict[str, Any], rank: int) -> int:

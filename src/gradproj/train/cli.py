@@ -149,6 +149,21 @@ def _refresh_row(summary: dict[str, Any], config: TrainConfig) -> list[tuple[str
     return [("refreshes", text)]
 
 
+def _rank_row(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """rank auto: the ranks the matrices ended at, and their state against the budget and a fixed rank."""
+    ranks = summary.get("allocated_ranks")
+    if not ranks:
+        return []
+    mib = 2**20
+    fixed = ranks["fixed_state_bytes"]
+    against = f"; fixed rank {ranks['reference_rank']}: {fixed / mib:.2f} MiB" if fixed else ""
+    text = (
+        f"{ranks['min']}-{ranks['max']} (mean {ranks['mean']:.1f}) over {ranks['matrices']} matrices; state "
+        f"{ranks['state_bytes'] / mib:.2f} MiB of a {ranks['state_budget'] / mib:.2f} MiB budget{against}"
+    )
+    return [("ranks", text)]
+
+
 def format_summary(summary: dict[str, Any], config: TrainConfig) -> str:
     """The final table printed after a run (the same numbers are in RUN/summary.json)."""
     ev = summary["eval"]
@@ -166,6 +181,7 @@ def format_summary(summary: dict[str, Any], config: TrainConfig) -> str:
         ),
         ("steps", f"{summary['steps']} ({summary['skipped_steps']} skipped) in {summary['seconds']:.0f} s"),
         *_refresh_row(summary, config),
+        *_rank_row(summary),
         ("train loss", f"{summary['final_train_loss']:.3f} (mean of the last 10 steps)"),
     ]
     if "unigram_ppl" not in summary and "ppl" in ev:  # causal-LM fine-tuning: on the responses

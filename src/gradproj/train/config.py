@@ -258,11 +258,12 @@ class TrainConfig:
         """The optimizer this run builds: its rates resolved (the method's defaults, scaled for
         fine-tuning) and its rank (``default_rank`` when none was given: the trainer's hidden / 4)."""
         spec, method = self.optim, self.optim.method
+        if default_rank is not None:
+            spec = spec.at_default_rank(default_rank)  # rank auto: "0.75x" of the state at that rank
         return replace(
             spec,
             lr=spec.lr if spec.lr is not None else method.lr * self.LR_FACTOR,
             other_lr=spec.other_lr if spec.other_lr is not None else (self.OTHER_LR or method.other_lr),
-            rank=spec.rank if spec.rank is not None else default_rank,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -54,6 +54,33 @@ def basis_refreshes(optimizer: torch.optim.Optimizer) -> dict[str, int] | None:
     return {"refreshes": sum(counts), "matrices": len(counts)} if counts else None
 
 
+def allocated_ranks(optimizer: torch.optim.Optimizer, reference_rank: int | None) -> dict[str, Any] | None:
+    """``rank="auto"``: the ranks the matrices hold at the end (min, mean, max), the bytes of state they hold,
+    the budget, and what the same matrices would hold at the fixed ``reference_rank``; None without it."""
+    from ..optim.groups import state_bytes
+    from ..optim.ranks import auto_rank
+
+    groups = [g for g in optimizer.param_groups if "rank" in g and auto_rank(g)]
+    states = [optimizer.state[p] for g in groups for p in g["params"] if optimizer.state.get(p)]
+    if not states:
+        return None
+    ranks = [int(s["rank"]) for s in states]
+    rule = getattr(getattr(optimizer, "rule", None), "name", "adam")
+    fixed = None
+    if reference_rank is not None:
+        fixed = sum(state_bytes(p, {**g, "rank": reference_rank}, rule) for g in groups for p in g["params"])
+    return {
+        "matrices": len(ranks),
+        "min": min(ranks),
+        "mean": sum(ranks) / len(ranks),
+        "max": max(ranks),
+        "state_bytes": sum(t.numel() * t.element_size() for s in states for t in _tensors(s)),
+        "state_budget": sum(int(g["state_budget"]) for g in groups),
+        "reference_rank": reference_rank,
+        "fixed_state_bytes": fixed,
+    }
+
+
 def _tensors(value: Any) -> list[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         if type(value) is not torch.Tensor and hasattr(value, "__tensor_flatten__"):

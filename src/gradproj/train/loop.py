@@ -20,7 +20,7 @@ from torch import nn
 from ..dynamics import Dynamics
 from ..layerwise import LayerwiseStepper, attach_layerwise
 from ..memory import Setup
-from ..optim.build import build_optimizer
+from ..optim.build import build_optimizer, reference_rank
 from ..optim.placement import is_sharded, local_bytes
 from ..optim.precision import WEIGHT_DTYPES
 from .checkpoint import (
@@ -31,7 +31,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig
-from .logs import RunLogger, basis_refreshes, environment, optimizer_state_bytes
+from .logs import RunLogger, allocated_ranks, basis_refreshes, environment, optimizer_state_bytes
 from .memory_check import StepMemoryMeter, planned, preflight
 from .models import check_rank, default_rank, enable_activation_checkpointing
 from .parallel import Parallel
@@ -90,7 +90,8 @@ class Trainer:
         self.run_dir = Path(self.parallel.same_on_every_rank(str(self._run_dir(resume))))
         self.skips = SkipPolicy(config.max_nonfinite, self.run_dir, report=self.parallel.main)
         self._signal: int | None = None
-        self.rank: int | None = None  # the rank the optimizer uses, resolved in _setup (None: full rank)
+        self.reference_rank: int | None = None  # rank auto: the fixed rank its state is compared with
+        self.rank: int | str | None = None  # the rank the optimizer uses, resolved in _setup (None: full rank; auto)
         self.stepper: LayerwiseStepper | None = None  # set in _setup with --layerwise
         self.train_model: nn.Module | None = None  # the model, or its DDP wrapper under torchrun
         self.dynamics: Dynamics | None = None  # set in _setup unless --dynamics-every 0
@@ -170,9 +171,10 @@ class Trainer:
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(model)
         spec = cfg.optimizer_spec(default_rank(model))
-        if spec.projected and spec.method.fixed_rank is None:
-            check_rank(model, spec.target_modules, spec.resolved_rank or 1)
+        if spec.projected and spec.method.fixed_rank is None and isinstance(spec.resolved_rank, int):
+            check_rank(model, spec.target_modules, spec.resolved_rank)  # rank auto: each matrix capped by its shape
         self.rank = spec.resolved_rank
+        self.reference_rank = reference_rank(spec, default_rank(model))
         if self.checkpoint is not None and not spec.method.resumable:
             raise CheckpointError(
                 f"--resume with --optimizer {spec.name} ({spec.method.summary}): its state does not load with "
@@ -394,6 +396,7 @@ class Trainer:
             "eval": final,
             "optimizer_state_bytes": optimizer_state_bytes(optimizer),
             "basis_refreshes": basis_refreshes(optimizer),  # {"refreshes", "matrices"}, or None
+            "allocated_ranks": allocated_ranks(optimizer, self.reference_rank),  # rank auto, or None
             "layerwise": self.stepper is not None,
             # layer-wise: the most gradient bytes alive at once; standard: every gradient, held until the step
             "gradient_bytes": self.stepper.peak_gradient_bytes
