@@ -44,12 +44,15 @@ def _base(method: str) -> str:
 
 
 def _rows(records: list[dict[str, Any]]) -> dict[tuple[str, str, str, str], list[dict[str, Any]]]:
-    """Records by (base method, method, gap, rank), each at its learning-rate pair with the best mean."""
+    """Records by (base method, method, gap, rank), each at its learning-rate pair with the most seeds
+    (the rates a multi-seed run took from its sweep), then the best mean."""
     by_rates: dict[tuple[str, str, str, str], dict[tuple[float, float], list[dict[str, Any]]]] = defaultdict(dict)
     for r in records:
         rates = (r.get("lr_matrix", 0.0), r.get("lr_other", 0.0))
         by_rates[(_base(r["method"]), r["method"], *_schedule(r))].setdefault(rates, []).append(r)
-    return {key: min(runs.values(), key=lambda x: statistics.fmean(_ppls(x))) for key, runs in by_rates.items()}
+    return {
+        key: min(runs.values(), key=lambda x: (-len(x), statistics.fmean(_ppls(x)))) for key, runs in by_rates.items()
+    }
 
 
 def _ppls(runs: list[dict[str, Any]]) -> list[float]:

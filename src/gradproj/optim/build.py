@@ -197,7 +197,9 @@ class OptimizerSpec:
         (``1x@RANK``: a variant such as ``galore_adamw+auto_rank`` run at ``--rank 64``)."""
         if self.state_budget is not None:
             return self.state_budget
-        return f"1x@{self.rank}" if isinstance(self.rank, int) else None
+        if self.rank == AUTO_RANK:
+            return None  # --rank auto names no rank to compare with: it needs --state-budget
+        return f"1x@{self.rank if self.rank is not None else DEFAULT_RANK}"
 
     @property
     def method(self) -> Method:
