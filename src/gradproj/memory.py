@@ -267,10 +267,10 @@ def _per_token_terms(config: Any, setup: Setup) -> tuple[float, float, float, fl
 
 
 def lora_plan(model: nn.Module, setup: Setup, activations: int, method: str) -> MemoryPlan:
-    """LoRA as the bench builds it (:func:`gradproj.optim.build.lora_rank`: the rank whose Adam state
+    """LoRA as the bench builds it (:func:`gradproj.optim.external.lora_rank`: the rank whose Adam state
     matches GaLore's) on the same targets (peft defaults: float32 adapters, AdamW on them, everything
     else frozen). Activations are taken equal to full training's (not modelled)."""
-    from .optim.build import lora_rank
+    from .optim.external import lora_rank
     from .train.models import default_rank
 
     rank = lora_rank(_spec(model, setup, "galore_adamw").fixed_rank_twin(default_rank(model)).rank)

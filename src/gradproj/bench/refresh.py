@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..optim.engine import PROJECTION_DEFAULTS
+from ..optim.defaults import PROJECTION_DEFAULTS
 from ..projection.projectors import PROJECTORS, Layout, get_projector
 
 

@@ -1,6 +1,7 @@
 """The projected optimizer, its presets, parameter grouping and reference twins."""
 
-from .engine import PROJECTION_DEFAULTS, ProjectedOptimizer
+from .defaults import PROJECTION_DEFAULTS
+from .engine import ProjectedOptimizer
 from .groups import format_summary, param_groups, state_bytes, summarize
 from .presets import PRESETS, RACS, Alice, Alice0, APOLLOAdamW, FiraAdamW, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 

@@ -29,11 +29,14 @@ from ..projection.projectors import Layout, get_projector, layout_of
 from ..projection.sides import project_down, project_up
 from ..rules import make_rule
 from ..rules.base import UpdateRule
-from .adaptive import ADAPTIVE_DEFAULTS, adaptive, measures, read_checks
+from .adaptive import adaptive, measures, read_checks
+from .defaults import PROJECTION_DEFAULTS
 from .fast import FOREACH, FastPath, blocker
-from .placement import LOCAL, Local, all_finite, is_sharded, local, placement_of
+from .finite import first_nonfinite
+from .groups import budget_costs
+from .placement import LOCAL, Local, is_sharded, local, placement_of
 from .precision import BF16_UPDATES, LOW_PRECISION, compute_dtype, widen, working_weight
-from .ranks import RANK_DEFAULTS, auto_rank, plan
+from .ranks import auto_rank, plan
 from .spread import spread_refreshes, spreadable
 from .step import (
     InBackwardStepping,
@@ -45,35 +48,10 @@ from .step import (
     refresh_due,
     refresh_phases,
 )
-from .validate import NONFINITE, _choice, check_common, check_projection, sharding_blocker
+from .validate import NONFINITE, _choice, check_common, check_matrices, check_projection, sharding_blocker
 
 #: mixed into a parameter's seed key for its stochastic rounding (independent of its basis draws)
 _ROUNDING = 0x5EED
-
-#: Defaults filled into every group that has ``rank`` (and only those).
-PROJECTION_DEFAULTS: dict[str, Any] = {
-    "update_proj_gap": 200,
-    "scale": 0.25,
-    "proj_type": "std",
-    "projector": "svd",
-    "on_refresh": "keep",
-    "residual": "none",
-    "scale_type": "channel",
-    "growth_limit": 1.01,
-    "oversample": 10,
-    "power_iters": 2,
-    "seed": 0,
-    "switching": False,  # a refresh keeps leading_basis leading directions and draws the rest (Alice)
-    "leading_basis": None,  # None: 40/256 of the rank (the paper's share)
-    "track_beta": 0.0,  # the eigh projector's moving average of R R^T (Alice's tracking; 0: none)
-    "compensation_scale": 0.4,  # residual="alice": alpha_c
-    "compensation_beta": 0.9,  # residual="alice": decay of the per-channel discarded energy
-    "bias_correction": True,  # Adam rules' bias correction in the low-rank space (Alice: off)
-    "rule": None,  # the rule of this group's R (None: the optimizer's; RACS: "racs")
-    "refresh_offset": 0,  # steps into each gap a matrix refreshes at; "staggered": spread over the gap
-    **ADAPTIVE_DEFAULTS,  # update_proj_gap="auto": min_gap, max_gap, energy_threshold, check_every
-    **RANK_DEFAULTS,  # rank="auto": state_budget, max_rank, energy_target
-}
 
 
 class ProjectedOptimizer(Optimizer):
@@ -190,7 +168,7 @@ class ProjectedOptimizer(Optimizer):
             self._param_keys[p] = zlib.crc32(self._param_names[p].encode())
         if "rank" in group:
             try:
-                self._check_matrices(group)
+                check_matrices(group, [self._param_names[p] for p in group["params"]])
             except ValueError:
                 self.param_groups.pop()
                 raise
@@ -212,40 +190,13 @@ class ProjectedOptimizer(Optimizer):
                 )
             self._fast_capable[p] = self.foreach is not False and reason is None
 
-    def _check_matrices(self, group: dict[str, Any]) -> None:
-        for p in group["params"]:
-            if p.dim() != 2:
-                raise ValueError(
-                    f"{self._param_names[p]} has shape {tuple(p.shape)}; a group with 'rank' takes 2-D weight "
-                    "matrices only. Put vectors, embeddings you do not want projected, conv kernels and "
-                    "3-D expert weights in a group without 'rank' (gradproj.param_groups does this for you)."
-                )
-            if not auto_rank(group) and group["rank"] > min(p.shape):
-                warnings.warn(
-                    f"rank={group['rank']} exceeds min{tuple(p.shape)} of {self._param_names[p]}; "
-                    f"using rank {min(p.shape)} for it",
-                    UserWarning,
-                    stacklevel=3,
-                )
-
     def _check_budget(self, group: dict[str, Any]) -> None:
         """rank="auto": each matrix's bytes of state per rank, and a budget that holds rank 1 everywhere."""
-        from .groups import rank_bytes  # groups imports the engine's defaults
-
-        rule = self.rule_of(group)
-        if rule.name != "adam":
+        try:
+            self._rank_bytes.update(budget_costs(group, self.rule_of(group).name))
+        except ValueError:
             self.param_groups.pop()
-            raise ValueError(
-                f"rank='auto' resizes Adam's moments; the {rule.name} rule is not supported yet (use adam)"
-            )
-        self._rank_bytes.update((p, rank_bytes(p, group, rule.name)) for p in group["params"])
-        least = sum(base + per for base, per in (self._rank_bytes[p] for p in group["params"]))
-        if group["state_budget"] < least:
-            self.param_groups.pop()
-            raise ValueError(
-                f"state_budget={group['state_budget']} bytes is smaller than rank 1 everywhere: these "
-                f"{len(group['params'])} matrices need at least {least} bytes (use state_budget >= {least})"
-            )
+            raise
 
     # ------------------------------------------------------- public accessors
     def owns(self, p: Tensor) -> bool:
@@ -455,20 +406,10 @@ class ProjectedOptimizer(Optimizer):
 
     def _gradients_are_finite(self) -> bool:
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not params:
+        bad_index = first_nonfinite(params)
+        if bad_index is None:
             return True
-        grads = [local(p.grad) for p in params]
-        device = grads[0].device  # one transfer for all flags, not one sync per parameter
-        flags = torch.ones(len(grads), dtype=torch.bool, device=device)
-        filled = [i for i, g in enumerate(grads) if g.numel()]  # an FSDP2 rank may hold no rows: finite, no extremes
-        if filled:
-            # min and max in one vectorized pass (about 20x faster than isfinite().all() on a CPU): both are
-            # finite iff every element is, since NaN propagates and an infinity is an extreme
-            extremes = torch.stack([torch.stack(torch.aminmax(grads[i])).to(device) for i in filled])  # (k, 2)
-            flags[filled] = torch.isfinite(extremes).all(dim=1)
-        if all_finite(flags, [p for p in params if is_sharded(p)]):
-            return True
-        bad = self._param_names[params[int((~flags).nonzero()[0, 0])]]
+        bad = self._param_names[params[bad_index]]
         message = f"non-finite gradient in {bad}; the step was not applied (no weight or state changed)"
         if self.nonfinite == "raise":
             raise FloatingPointError(message)

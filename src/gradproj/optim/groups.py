@@ -23,7 +23,7 @@ from ..projection.sides import low_rank_shape
 from ..rules import make_rule
 from ..rules.limiter import limiter_bytes
 from .adaptive import adaptive
-from .engine import PROJECTION_DEFAULTS
+from .defaults import PROJECTION_DEFAULTS
 from .precision import compute_dtype
 from .ranks import auto_rank, cap
 
@@ -179,6 +179,21 @@ def rank_bytes(p: torch.Tensor, group: dict[str, Any], rule: str = "adam") -> tu
     one, two = (state_bytes(p, {**group, "rank": r}, rule) for r in (1, 2))
     item = compute_dtype(p.dtype).itemsize  # the spectrum and the signal are kept in the step's dtype
     return 2 * one - two + item * (cap_of(p, group) + (2 if adaptive(group) else 0)), two - one
+
+
+def budget_costs(group: dict[str, Any], rule: str) -> dict[torch.Tensor, tuple[int, int]]:
+    """``rank="auto"``: each matrix's :func:`rank_bytes`, once the group's ``state_budget`` is known to hold rank 1
+    everywhere and its rule to be one whose moments can be resized; otherwise a ``ValueError`` that says why."""
+    if rule != "adam":
+        raise ValueError(f"rank='auto' resizes Adam's moments; the {rule} rule is not supported yet (use adam)")
+    costs = {p: rank_bytes(p, group, rule) for p in group["params"]}
+    least = sum(base + per for base, per in costs.values())
+    if group["state_budget"] < least:
+        raise ValueError(
+            f"state_budget={group['state_budget']} bytes is smaller than rank 1 everywhere: these "
+            f"{len(costs)} matrices need at least {least} bytes (use state_budget >= {least})"
+        )
+    return costs
 
 
 def group_state_bytes(group: dict[str, Any], rule: str = "adam") -> int:

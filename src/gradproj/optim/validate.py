@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,7 +11,7 @@ from ..projection.sides import PROJ_TYPES
 from ..rules import RULES
 from ..rules.base import UpdateRule
 from .adaptive import AUTO
-from .ranks import AUTO_RANK, RANKED_PROJECTORS
+from .ranks import AUTO_RANK, RANKED_PROJECTORS, auto_rank
 from .residual import RESIDUALS, SCALE_TYPES
 
 ON_REFRESH = ("keep", "reset", "rotate")
@@ -211,3 +212,21 @@ def sharding_blocker(group: dict[str, Any], rule: UpdateRule) -> str | None:
     if rule.name == "racs" and rotates:
         return "the racs rule refits its row and column scalings from all rows at a rotation (use on_refresh='keep')"
     return None
+
+
+def check_matrices(group: dict[str, Any], names: Sequence[str]) -> None:
+    """A projected group holds 2-D matrices only (``names``: its parameters' names, for the message); a fixed
+    rank above a matrix's smaller side is clipped to it, with a warning."""
+    for p, name in zip(group["params"], names, strict=True):
+        if p.dim() != 2:
+            raise ValueError(
+                f"{name} has shape {tuple(p.shape)}; a group with 'rank' takes 2-D weight "
+                "matrices only. Put vectors, embeddings you do not want projected, conv kernels and "
+                "3-D expert weights in a group without 'rank' (gradproj.param_groups does this for you)."
+            )
+        if not auto_rank(group) and group["rank"] > min(p.shape):
+            warnings.warn(
+                f"rank={group['rank']} exceeds min{tuple(p.shape)} of {name}; using rank {min(p.shape)} for it",
+                UserWarning,
+                stacklevel=3,
+            )
