@@ -17,7 +17,8 @@ from gradproj.bench.refresh import captured_benchmark
 from gradproj.bench.tables import best_learning_rates, read_records, table
 from gradproj.bench.timing import timed_refreshes
 from gradproj.cli import main
-from gradproj.optim.build import build_optimizer, lora_rank
+from gradproj.optim.build import build_optimizer
+from gradproj.optim.external import lora_rank
 from gradproj.optim.groups import target_weights
 from gradproj.train.pretrain import PretrainTask, next_token_loss
 
@@ -291,7 +292,7 @@ def test_adaptive_table_compares_each_variant_with_the_best_fixed_gap_at_the_bes
 
     def rec(method: str, gap: int, lr: float, seed: int, ppl: float, options: dict | None = None) -> dict:
         return {"method": method, "val_ppl": ppl, "diverged": False, "refreshes": 10, "state_bytes": 2**20,
-                "lr_matrix": lr, "lr_other": 0.03, "options": options or {},
+                "refresh_seconds": 0.5 if "auto" in method else 1.0 + seed, "lr_matrix": lr, "lr_other": 0.03, "options": options or {},
                 "config": {"seed": seed, "optim": {"update_proj_gap": gap, "rank": 64}}}  # fmt: skip
 
     records = [rec("galore_adamw", 50, 1e-2, s, 80.0 + s) for s in range(3)]
@@ -303,6 +304,8 @@ def test_adaptive_table_compares_each_variant_with_the_best_fixed_gap_at_the_bes
     rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in lines[2:]}
     assert len(lines) == 2 + 3  # one row per schedule, at its best rates (gap 50's 3e-3 run is not shown)
     assert "| 0.01 / 0.03 | 3 | 81.00 | 80.00 - 82.00 | 1.000 |" in rows[("galore_adamw", "50")]
-    assert "| 0.877 |" in rows[("galore_adamw+auto", "auto")]  # 71 / 81
+    assert "| 0.877 | 10 | 0.50 | 1.00 |" in rows[("galore_adamw+auto", "auto")]  # 71 / 81; refreshes, s, MiB
+    assert "| 10 | 2.00 | 1.00 |" in rows[("galore_adamw", "50")]  # the mean of 1, 2 and 3 seconds
     assert "best fixed gap (50): -12.3%" in adaptive_verdict(records)
+    assert "10 vs 10 refreshes (0.50 vs 2.00 s)" in adaptive_verdict(records)
     assert adaptive_verdict(records).endswith("the gap (8.00 between the closest seeds) exceeds the spread.")

@@ -59,13 +59,19 @@ def _ppls(runs: list[dict[str, Any]]) -> list[float]:
     return [float("inf") if r["diverged"] else float(r["val_ppl"]) for r in runs]
 
 
+def _seconds(runs: list[dict[str, Any]]) -> str:
+    """Mean seconds the runs spent refreshing (their SVDs), or n/a where a record did not time them."""
+    seconds = [r.get("refresh_seconds") for r in runs]
+    return "n/a" if None in seconds else f"{statistics.fmean(float(x) for x in seconds if x is not None):.2f}"
+
+
 def _fixed(key: tuple[str, str, str, str]) -> bool:
     return key[0] == key[1] and key[2] != "auto" and key[3] != "auto"
 
 
 def adaptive_table(records: list[dict[str, Any]]) -> str:
     """Markdown: per method and schedule, its seeds, mean and range of held-out perplexity, the mean's
-    ratio to the method's best fixed gap, the mean refreshes and the optimizer state."""
+    ratio to the method's best fixed gap, the mean refreshes and seconds spent in them, and the optimizer state."""
     rows = _rows(records)
     best: dict[str, float] = {}
     for key, runs in rows.items():
@@ -74,8 +80,8 @@ def adaptive_table(records: list[dict[str, Any]]) -> str:
             best[key[0]] = min(best.get(key[0], mean), mean)
     lines = [
         "| method | gap | rank | lr (matrices / rest) | seeds | val ppl, mean | min - max | vs best fixed gap "
-        "| refreshes | state MiB |",
-        "|---|---|---|---|---:|---:|---|---:|---:|---:|",
+        "| refreshes | refresh s | state MiB |",
+        "|---|---|---|---|---:|---:|---|---:|---:|---:|---:|",
     ]
     for key, runs in sorted(rows.items(), key=lambda item: (item[0][0], statistics.fmean(_ppls(item[1])))):
         ppls = _ppls(runs)
@@ -84,7 +90,7 @@ def adaptive_table(records: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {key[1]} | {key[2]} | {key[3]} | {runs[0].get('lr_matrix', 0):g} / {runs[0].get('lr_other', 0):g} "
             f"| {len(runs)} | {mean:.2f} | {min(ppls):.2f} - {max(ppls):.2f} | "
-            f"{'n/a' if reference is None else f'{mean / reference:.3f}'} | {refreshes:.0f} | "
+            f"{'n/a' if reference is None else f'{mean / reference:.3f}'} | {refreshes:.0f} | {_seconds(runs)} | "
             f"{statistics.fmean(r['state_bytes'] for r in runs) / 2**20:.2f} |"
         )
     return "\n".join(lines)
@@ -111,7 +117,8 @@ def adaptive_verdict(records: list[dict[str, Any]]) -> str:
         head = (
             f"{a_key[1]} (gap {a_key[2]}, rank {a_key[3]}) against {base} at its best fixed gap ({f_key[2]}): "
             f"{change:+.1f}% mean perplexity ({statistics.fmean(a):.2f} vs {statistics.fmean(b):.2f}, "
-            f"{len(a)} vs {len(b)} seeds), {refreshes[0]:.0f} vs {refreshes[1]:.0f} refreshes, "
+            f"{len(a)} vs {len(b)} seeds), {refreshes[0]:.0f} vs {refreshes[1]:.0f} refreshes "
+            f"({_seconds(adaptive[a_key])} vs {_seconds(fixed[f_key])} s), "
             f"{state[0]:.2f} vs {state[1]:.2f} MiB of state"
         )
         if len(a) < 2 or len(b) < 2:
