@@ -308,4 +308,5 @@ def test_adaptive_table_compares_each_variant_with_the_best_fixed_gap_at_the_bes
     assert "| 10 | 2.00 | 1.00 |" in rows[("galore_adamw", "50")]  # the mean of 1, 2 and 3 seconds
     assert "best fixed gap (50): -12.3%" in adaptive_verdict(records)
     assert "10 vs 10 refreshes (0.50 vs 2.00 s)" in adaptive_verdict(records)
+    assert "seed by seed -12.5%, -12.3%, -12.2% (seeds 0, 1, 2)" in adaptive_verdict(records)  # 70/80, 71/81, 72/82
     assert adaptive_verdict(records).endswith("the gap (8.00 between the closest seeds) exceeds the spread.")

@@ -65,6 +65,19 @@ def _seconds(runs: list[dict[str, Any]]) -> str:
     return "n/a" if None in seconds else f"{statistics.fmean(float(x) for x in seconds if x is not None):.2f}"
 
 
+def _paired(adaptive: list[dict[str, Any]], fixed: list[dict[str, Any]]) -> str:
+    """The change seed by seed (the same data order and initial weights on both sides), or "" if no seed
+    is on both sides."""
+    by_seed = {r.get("config", {}).get("seed"): r for r in fixed}
+    pairs = [(r, by_seed[seed]) for r in adaptive if (seed := r.get("config", {}).get("seed")) in by_seed]
+    if not pairs:
+        return ""
+    pairs.sort(key=lambda pair: pair[0]["config"]["seed"])
+    changes = ", ".join(f"{100 * (_ppls([a])[0] / _ppls([f])[0] - 1):+.1f}%" for a, f in pairs)
+    seeds = ", ".join(str(a["config"]["seed"]) for a, _ in pairs)
+    return f"; seed by seed {changes} (seeds {seeds})"
+
+
 def _fixed(key: tuple[str, str, str, str]) -> bool:
     return key[0] == key[1] and key[2] != "auto" and key[3] != "auto"
 
@@ -119,7 +132,7 @@ def adaptive_verdict(records: list[dict[str, Any]]) -> str:
             f"{change:+.1f}% mean perplexity ({statistics.fmean(a):.2f} vs {statistics.fmean(b):.2f}, "
             f"{len(a)} vs {len(b)} seeds), {refreshes[0]:.0f} vs {refreshes[1]:.0f} refreshes "
             f"({_seconds(adaptive[a_key])} vs {_seconds(fixed[f_key])} s), "
-            f"{state[0]:.2f} vs {state[1]:.2f} MiB of state"
+            f"{state[0]:.2f} vs {state[1]:.2f} MiB of state{_paired(adaptive[a_key], fixed[f_key])}"
         )
         if len(a) < 2 or len(b) < 2:
             sentences.append(f"{head}; too few seeds for a claim.")
