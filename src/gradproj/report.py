@@ -25,6 +25,7 @@ import io
 import json
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -302,6 +303,25 @@ table{border-collapse:collapse;font-size:14px}td,th{border:1px solid #ccc;paddin
 h2{margin-top:1.6em;border-bottom:1px solid #ddd}p.note{color:#555;font-size:14px}img{max-width:100%}"""
 
 
+#: the per-run figures of the refresh schedule: (file name, title, figure, note)
+_SCHEDULE_FIGURES: tuple[tuple[str, str, Callable[[Run], bytes | None], str], ...] = (
+    (
+        "refreshes",
+        "Basis refreshes per layer",
+        refresh_figure,
+        "Each tick is one refresh of that layer's basis. With --update-proj-gap auto a layer refreshes "
+        "when its basis keeps too little of its gradient (docs/ALGORITHMS.md).",
+    ),
+    (
+        "ranks",
+        "Rank per layer",
+        rank_figure,
+        "Each layer's rank, set at its refreshes: with --rank auto the budget goes where one more "
+        "direction keeps the largest share of a gradient per byte (docs/ALGORITHMS.md).",
+    ),
+)
+
+
 def figures(runs: list[Run]) -> list[tuple[str, str, bytes | None, str]]:
     """Every section of the report: (file name, title, PNG or None, note)."""
     out: list[tuple[str, str, bytes | None, str]] = [
@@ -316,20 +336,10 @@ def figures(runs: list[Run]) -> list[tuple[str, str, bytes | None, str]]:
         if heatmap is None:
             note = "No per-layer samples (a full-rank optimizer, or --dynamics-every 0)."
         out.append((f"energy_heatmap_{i}", f"Captured energy per layer: {run.name}", heatmap, note))
-        refreshes = refresh_figure(run)
-        if refreshes is not None:
-            note = (
-                "Each tick is one refresh of that layer's basis. With --update-proj-gap auto a layer refreshes "
-                "when its basis keeps too little of its gradient (docs/ALGORITHMS.md)."
-            )
-            out.append((f"refreshes_{i}", f"Basis refreshes per layer: {run.name}", refreshes, note))
-        ranks = rank_figure(run)
-        if ranks is not None:
-            note = (
-                "Each layer's rank, set at its refreshes: with --rank auto the budget goes where one more "
-                "direction keeps the largest share of a gradient per byte (docs/ALGORITHMS.md)."
-            )
-            out.append((f"ranks_{i}", f"Rank per layer: {run.name}", ranks, note))
+        for name, title, figure, note in _SCHEDULE_FIGURES:  # drawn only where the run has what they show
+            png = figure(run)
+            if png is not None:
+                out.append((f"{name}_{i}", f"{title}: {run.name}", png, note))
     optional = [
         (
             "energy",
