@@ -18,7 +18,6 @@ from torch import nn
 
 from ..projection.projectors import leading_count
 from .groups import target_weights
-from .ranks import AUTO_RANK
 
 if TYPE_CHECKING:
     from .build import OptimizerSpec
@@ -114,9 +113,8 @@ def lora_optimizer(model: nn.Module, spec: OptimizerSpec, default_rank: int) -> 
     targets = target_weights(model, spec.target_modules)
     frozen = {id(w) for w in targets.values()}
     names = sorted({name.rsplit(".", 2)[-2] for name in targets})  # module suffixes: q_proj, up_proj, ...
-    if spec.rank == AUTO_RANK:
-        raise ValueError(f"--rank auto needs one of gradproj's projected optimizers; {spec.name} trains adapters")
-    r = lora_rank(int(spec.rank) if spec.rank is not None else default_rank)
+    assert not isinstance(spec.rank, str)  # rank auto is refused for LoRA by build_optimizer, as for the peers
+    r = lora_rank(spec.rank if spec.rank is not None else default_rank)
     inject_adapter_in_model(LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=names), model)
     adapters, rest = [], []
     for name, p in model.named_parameters():
