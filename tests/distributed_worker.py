@@ -39,7 +39,12 @@ CASES: dict[str, dict[str, Any]] = {
     # rank="auto": every rank takes the same SVD of the same reduced gradient, so the same ranks
     "auto_rank": {"preset": "galore", "auto_rank": True},
     "auto_rank_auto_gap": {"preset": "fira", "auto": True, "auto_rank": True},
+    # Stable-SPAM's policy: every rank clips and rescales the same reduced gradient, so decides alike
+    "spam": {"preset": "galore", "spam": True},
+    "spam_layerwise_accum": {"preset": "fira", "spam": True, "layerwise": True, "accum": 2},
 }
+#: Stable-SPAM with a reset inside the short run
+SPAM = {"spike_policy": "stable_spam", "spam_reset_gap": 3}
 #: a budget between rank 1 everywhere (1,440 bytes) and the cap of 8 everywhere (10,624 bytes)
 AUTO_RANK = {"rank": "auto", "state_budget": 4000, "max_rank": 8}
 #: refresh on the signal at almost every step of the short run (min_gap 1, a strict threshold)
@@ -58,7 +63,8 @@ def make_optimizer(model: nn.Module, case: dict[str, Any]) -> gradproj.Projected
     groups = gradproj.param_groups(model, target_modules=["0", "2"], **ranks, **schedule)
     cls = PRESETS[case["preset"]]
     projector = {"projector": case["projector"]} if "projector" in case else {}
-    return cls(groups, lr=1e-2, **projector)  # type: ignore[operator]
+    policy = SPAM if case.get("spam") else {}
+    return cls(groups, lr=1e-2, **projector, **policy)  # type: ignore[operator]
 
 
 def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:

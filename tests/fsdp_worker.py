@@ -67,6 +67,12 @@ CASES["galore_auto"] = {
     "options": {"update_proj_gap": "auto", "min_gap": 1, "max_gap": 4, "check_every": 1, "energy_threshold": 0.99},
 }
 CASES["fira_auto_full"] = {"method": "fira_adamw", "options": {**CASES["galore_auto"]["options"], **FULL}}
+# Stable-SPAM: the largest entry and the norm are taken over every rank's rows, so every rank decides alike
+CASES["galore_spam"] = {"method": "galore_adamw", "options": {"spike_policy": "stable_spam", "spam_reset_gap": 3}}
+CASES["galore8bit_big_spam"] = {
+    **CASES["galore8bit_big"],
+    "options": {"on_refresh": "rotate", **CASES["galore_spam"]["options"]},
+}
 IN_FEATURES = {"small": 12, "big": 32}
 
 

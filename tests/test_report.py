@@ -13,7 +13,8 @@ import pytest
 
 from gradproj.cli import main
 from gradproj.optim.build import OptimizerSpec
-from gradproj.report import load_run, rank_history, refresh_steps, render
+from gradproj.report import load_run, render
+from gradproj.report_schedule import rank_history, refresh_steps
 from gradproj.train import PretrainConfig, pretrain
 from gradproj.train.cli import format_summary
 from gradproj.train.text import prepare_pretrain_data

@@ -73,6 +73,7 @@ def test_same_seed_same_losses_other_seed_differs(data, tmp_path: Path) -> None:
         {"optim": {"name": "adamw"}, "layerwise": True},
         {"optim": {"name": "galore_adamw"}, "dtype": "bf16"},  # stochastic rounding: its bits from (seed, step)
         {"optim": {"name": "adamw"}, "dtype": "bf16", "bf16_update": "kahan"},  # the buffer in the checkpoint
+        {"optim": {"name": "galore_adamw8bit", "spike_policy": "stable_spam", "spam_reset_gap": 4}},  # its statistics
     ],
     ids=lambda o: "-".join(str(v) for v in flatten(o).values()),
 )
@@ -114,7 +115,10 @@ def test_layerwise_run_matches_the_standard_run(data, tmp_path: Path, optimizer:
     layerwise = pretrain(replace(cfg, layerwise=True, out=str(tmp_path / "lw")), data=data)
     assert layerwise.losses == pytest.approx(standard.losses, rel=1e-5)
     a, b = _weights(tmp_path / "std", 8), _weights(tmp_path / "lw", 8)
-    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-5) for k in a)  # float32 rounding of low-rank sums
+    # float32 rounding of low-rank sums, grown by the refresh at step 6 (an SVD turns near-degenerate
+    # directions with the rounding) and by Adam on rare embedding rows: up to 5e-4 on some hosts' LAPACK
+    # and thread counts; a step taken wrongly (a micro-batch lost, a step twice) moves weights by ~lr = 1e-2
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=2e-3) for k in a)
     clipped = pretrain(replace(cfg, clip=0.5, layerwise=True, log_every=1, out=str(tmp_path / "clip")), data=data)
     norms = [json.loads(line)["grad_norm"] for line in (tmp_path / "clip/metrics.jsonl").read_text().splitlines()[:8]]
     assert all(n > 0.5 for n in norms)  # clipping was active from step 2 on

@@ -21,16 +21,15 @@ from __future__ import annotations
 import argparse
 import base64
 import html
-import io
 import json
 import math
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .bench.plots import pyplot
+from .report_schedule import SCHEDULE_FIGURES, layer_order, png_bytes, short
 from .train.config import upgrade
 
 QUANTITIES = {
@@ -87,13 +86,6 @@ def load_run(path: Path) -> Run:
     )
 
 
-def _png(fig: Any) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=96)
-    pyplot().close(fig)
-    return buffer.getvalue()
-
-
 def _img(png: bytes) -> str:
     return f'<img alt="figure" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
@@ -118,10 +110,6 @@ def per_step(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[floa
     )
 
 
-def _short(layer: str) -> str:
-    return layer.removeprefix("model.").removesuffix(".weight").replace("layers.", "L").replace("self_attn.", "")
-
-
 def loss_figure(runs: list[Run]) -> bytes:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4))
@@ -134,13 +122,13 @@ def loss_figure(runs: list[Run]) -> bytes:
     ax.set(xlabel="step", ylabel="loss")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def heatmap_figure(run: Run, key: str = "energy") -> bytes | None:
     """Layers (rows) x sampled steps (columns) of ``key``; white where a layer was not sampled."""
     plt = pyplot()
-    layers = sorted({r["layer"] for r in run.layers if key in r}, key=_layer_order)
+    layers = sorted({r["layer"] for r in run.layers if key in r}, key=layer_order)
     steps = sorted({r["step"] for r in run.layers if key in r})
     if not layers:
         return None
@@ -151,74 +139,13 @@ def heatmap_figure(run: Run, key: str = "energy") -> bytes | None:
             grid[row_of[r["layer"]]][col_of[r["step"]]] = r[key]
     fig, ax = plt.subplots(figsize=(9, max(2.5, 0.16 * len(layers) + 1.2)))
     image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0, vmax=1.0)
-    ax.set_yticks(range(len(layers)), [_short(n) for n in layers], fontsize=6)
+    ax.set_yticks(range(len(layers)), [short(n) for n in layers], fontsize=6)
     ticks = list(range(0, len(steps), max(1, len(steps) // 10)))
     ax.set_xticks(ticks, [str(steps[j]) for j in ticks], fontsize=7)
     ax.set(xlabel="step", title=f"{run.name}: {QUANTITIES[key]}")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    return _png(fig)
-
-
-def refresh_steps(run: Run) -> dict[str, list[int]]:
-    """Each projected layer's refresh steps, from the probe's rows (it records every refresh)."""
-    steps: dict[str, list[int]] = {}
-    for r in run.layers:
-        if r.get("refresh"):
-            steps.setdefault(r["layer"], []).append(int(r["step"]))
-    return {layer: sorted(steps[layer]) for layer in sorted(steps, key=_layer_order)}
-
-
-def refresh_figure(run: Run) -> bytes | None:
-    """One row per layer, a tick at each of its basis refreshes: a fixed gap is a grid, ``auto`` shows
-    which layers went stale when."""
-    steps = refresh_steps(run)
-    if not steps:
-        return None
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(9, max(2.5, 0.16 * len(steps) + 1.2)))
-    for row, at in enumerate(steps.values()):
-        ax.plot(at, [row] * len(at), "|", color="C0", ms=6)
-    ax.set_yticks(range(len(steps)), [_short(n) for n in steps], fontsize=6)
-    ax.invert_yaxis()
-    total = sum(map(len, steps.values()))
-    ax.set(xlabel="step", title=f"{run.name}: basis refreshes ({total} over {len(steps)} layers)")
-    fig.tight_layout()
-    return _png(fig)
-
-
-def rank_history(run: Run) -> dict[str, list[tuple[int, int]]]:
-    """Each projected layer's ``(step, rank)`` at every refresh (``rank="auto"`` changes it there)."""
-    history: dict[str, list[tuple[int, int]]] = {}
-    for r in run.layers:
-        if r.get("refresh") and r.get("rank"):
-            history.setdefault(r["layer"], []).append((int(r["step"]), int(r["rank"])))
-    return {layer: sorted(history[layer]) for layer in sorted(history, key=_layer_order)}
-
-
-def rank_figure(run: Run) -> bytes | None:
-    """Each layer's rank over the run (a step line per layer), when ranks differ between layers or
-    refreshes (``rank="auto"``); None for one fixed rank."""
-    history = rank_history(run)
-    if len({rank for at in history.values() for _, rank in at}) < 2:
-        return None
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(9, 3.6))
-    last = max(step for at in history.values() for step, _ in at) + 1
-    for i, (layer, at) in enumerate(history.items()):
-        steps, ranks = [s for s, _ in at] + [last], [r for _, r in at] + [at[-1][1]]
-        ax.step(steps, ranks, where="post", color=f"C{i % 10}", lw=1, alpha=0.8, label=_short(layer))
-    ax.set(xlabel="step", ylabel="rank", title=f"{run.name}: rank per layer (set at each refresh)")
-    if len(history) <= 12:
-        ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    return _png(fig)
-
-
-def _layer_order(name: str) -> tuple[int, str]:
-    parts = name.split(".")
-    numbers = [int(p) for p in parts if p.isdigit()]
-    return (numbers[0] if numbers else -1, name)
+    return png_bytes(fig)
 
 
 def band_figure(runs: list[Run], key: str, *, refresh_only: bool = False, log: bool = False) -> bytes | None:
@@ -246,7 +173,7 @@ def band_figure(runs: list[Run], key: str, *, refresh_only: bool = False, log: b
     ax.set(xlabel="step", ylabel=QUANTITIES[key])
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def spike_figure(runs: list[Run]) -> bytes:
@@ -262,7 +189,7 @@ def spike_figure(runs: list[Run]) -> bytes:
     ax.set(xlabel="step", ylabel="global gradient norm (dotted: running mean; ▼ spike)", yscale="log")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _optimizer(config: dict[str, Any]) -> dict[str, Any]:
@@ -303,25 +230,6 @@ table{border-collapse:collapse;font-size:14px}td,th{border:1px solid #ccc;paddin
 h2{margin-top:1.6em;border-bottom:1px solid #ddd}p.note{color:#555;font-size:14px}img{max-width:100%}"""
 
 
-#: the per-run figures of the refresh schedule: (file name, title, figure, note)
-_SCHEDULE_FIGURES: tuple[tuple[str, str, Callable[[Run], bytes | None], str], ...] = (
-    (
-        "refreshes",
-        "Basis refreshes per layer",
-        refresh_figure,
-        "Each tick is one refresh of that layer's basis. With --update-proj-gap auto a layer refreshes "
-        "when its basis keeps too little of its gradient (docs/ALGORITHMS.md).",
-    ),
-    (
-        "ranks",
-        "Rank per layer",
-        rank_figure,
-        "Each layer's rank, set at its refreshes: with --rank auto the budget goes where one more "
-        "direction keeps the largest share of a gradient per byte (docs/ALGORITHMS.md).",
-    ),
-)
-
-
 def figures(runs: list[Run]) -> list[tuple[str, str, bytes | None, str]]:
     """Every section of the report: (file name, title, PNG or None, note)."""
     out: list[tuple[str, str, bytes | None, str]] = [
@@ -336,7 +244,7 @@ def figures(runs: list[Run]) -> list[tuple[str, str, bytes | None, str]]:
         if heatmap is None:
             note = "No per-layer samples (a full-rank optimizer, or --dynamics-every 0)."
         out.append((f"energy_heatmap_{i}", f"Captured energy per layer: {run.name}", heatmap, note))
-        for name, title, figure, note in _SCHEDULE_FIGURES:  # drawn only where the run has what they show
+        for name, title, figure, note in SCHEDULE_FIGURES:  # drawn only where the run has what they show
             png = figure(run)
             if png is not None:
                 out.append((f"{name}_{i}", f"{title}: {run.name}", png, note))

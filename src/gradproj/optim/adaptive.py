@@ -110,7 +110,7 @@ def captured_share(place: AllRows, share: Tensor, grad: Tensor) -> Tensor:
 def measures(state: dict[str, Any], group: dict[str, Any]) -> bool:
     """Whether this step measures the share: the step after a refresh (the reference), or a check step
     (one whose next step may refresh)."""
-    if not adaptive(group) or not state or state["last_refresh"] < 0:
+    if not adaptive(group) or "last_refresh" not in state or state["last_refresh"] < 0:
         return False
     step, last = state["step"], state["last_refresh"]
     if step == last + 1:

@@ -34,6 +34,7 @@ from .precision import LOW_PRECISION
 from .presets import PRESETS
 from .ranks import AUTO_RANK, RANK_DEFAULTS, parse_budget, parse_rank
 from .registry import Method, get_method, trainer_methods
+from .spikes import SPIKE_DEFAULTS, SPIKE_POLICIES, check_policy
 from .step import REFRESH_SCHEDULES
 from .validate import ON_REFRESH, check_gap, check_rank
 
@@ -150,6 +151,30 @@ class OptimizerSpec:
         minimum=1,
         group="optimizer",
     )
+    spike_policy: str = option(
+        "none",
+        help="what happens to each gradient before the optimizer: stable_spam clips entries above the running "
+        "mean of the gradient's maxima, rescales each matrix to its norm's running statistics and resets the "
+        "moments every --spam-reset-gap steps (Stable-SPAM; any of gradproj's optimizers)",
+        choices=SPIKE_POLICIES,
+        group="optimizer",
+    )
+    spam_reset_gap: int | None = option(
+        None, help=f"stable_spam: steps between moment resets, 0 never (default {SPIKE_DEFAULTS['spam_reset_gap']})",
+        minimum=0, group="optimizer",
+    )  # fmt: skip
+    spam_theta: float | None = option(
+        None, help=f"stable_spam: decay of the maxima's mean, the clipping threshold, in [0, 1) "
+        f"(default {SPIKE_DEFAULTS['spam_theta']})", minimum=0, group="optimizer",
+    )  # fmt: skip
+    spam_gamma1: float | None = option(
+        None, help="stable_spam: decay of the gradient norm's mean, in [0, 1) "
+        f"(default {SPIKE_DEFAULTS['spam_gamma1']})", minimum=0, group="optimizer",
+    )  # fmt: skip
+    spam_gamma2: float | None = option(
+        None, help="stable_spam: decay of the squared gradient norm's mean, in [0, 1) "
+        f"(default {SPIKE_DEFAULTS['spam_gamma2']})", minimum=0, group="optimizer",
+    )  # fmt: skip
     weight_decay: float = option(0.0, help="decoupled weight decay", minimum=0, group="optimizer")
     target_modules: Target = option(
         ATTENTION_AND_MLP,
@@ -166,6 +191,11 @@ class OptimizerSpec:
             check_rank({**options, "rank": self.rank})
         if self.state_budget is not None:
             parse_budget(self.state_budget)
+        given = [k for k in SPIKE_DEFAULTS if k != "spike_policy" and getattr(self, k) is not None]
+        if given and self.spike_policy == "none":
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise ValueError(f"{flags} set(s) the stable_spam policy's options; add --spike-policy stable_spam")
+        check_policy({**SPIKE_DEFAULTS, **self.policy_options(), "eps": 0.0, "lr": 1.0})
         if self.resolved_rank == AUTO_RANK and self.budget is None:
             raise ValueError(
                 "rank auto needs --state-budget (bytes, or a fraction of the state at a fixed rank: 0.75x)"
@@ -223,6 +253,16 @@ class OptimizerSpec:
             return None
         return self.method.fixed_rank or (self.rank if self.rank is not None else DEFAULT_RANK)
 
+    def policy_options(self) -> dict[str, Any]:
+        """The gradient policy's keys as given (the engine fills in the rest); none without a policy.
+
+        >>> OptimizerSpec(spike_policy="stable_spam", spam_reset_gap=500).policy_options()
+        {'spike_policy': 'stable_spam', 'spam_reset_gap': 500}
+        """
+        if self.spike_policy == "none":
+            return {}
+        return {k: getattr(self, k) for k in SPIKE_DEFAULTS if getattr(self, k) is not None}
+
     def group_options(self) -> dict[str, Any]:
         """Options of the projected group, in our key names, the method's fixed ones winning."""
         scale = self.scale if self.scale is not None else self.method.default_scale()
@@ -260,10 +300,10 @@ def build_optimizer(
     ``nonfinite`` is our engine's (``"checked"`` where the caller skips non-finite steps itself, as the
     trainer does from the clipped gradient norm); torch's and the peers' optimizers check nothing.
 
-    ``layerwise`` (stepping inside backward) needs a gradproj optimizer: torch's AdamW is then
-    replaced by the engine without ranks, which is torch's AdamW bit for bit (tested). So it is for a
-    model with bf16 weights: the engine keeps float32 moments and rounds each step by ``bf16_update``
-    (:mod:`gradproj.optim.precision`), where torch's AdamW would keep bf16 moments.
+    ``layerwise`` (stepping inside backward) and a gradient policy (``spec.spike_policy``) need a gradproj
+    optimizer: torch's AdamW is then replaced by the engine without ranks, which is torch's AdamW bit for
+    bit (tested). So it is for a model with bf16 weights: the engine keeps float32 moments and rounds each
+    step by ``bf16_update`` (:mod:`gradproj.optim.precision`), where torch's AdamW would keep bf16 moments.
     """
     method = spec.method
     if layerwise and not method.supports_layerwise:
@@ -289,11 +329,16 @@ def build_optimizer(
             f"--update-proj-gap auto needs one of gradproj's optimizers; --optimizer {method.name} refreshes on a "
             "fixed gap (give --update-proj-gap a number of steps)"
         )
+    if method.peer and spec.policy_options():
+        raise ValueError(
+            f"--spike-policy {spec.spike_policy} needs one of gradproj's optimizers; --optimizer {method.name} "
+            "reads its gradients as they are (use --spike-policy none, or the peer stable-spam-pytorch-optimizer)"
+        )
     if method.kind == "lora":
         return lora_optimizer(model, spec, DEFAULT_RANK)
     if method.kind == "peer":
         return peer_optimizer(spec, _groups(model, spec, summary=False, names=False))
-    if method.kind == "torch" and not layerwise and not low_precision:
+    if method.kind == "torch" and not layerwise and not low_precision and not spec.policy_options():
         groups = _groups(model, spec, summary=summary, names=False)
         # torch's fastest kernel where it has one (its own default on a CPU is the for-loop)
         kernel = {"fused": fused_adamw_supported([p for g in groups for p in g["params"]]), **method.constructor}
@@ -305,7 +350,7 @@ def build_optimizer(
         )
     groups = _groups(model, spec, summary=summary, names=True)
     preset = PRESETS[method.preset]
-    options = {"bf16_update": bf16_update, "nonfinite": nonfinite, **method.constructor}
+    options = {"bf16_update": bf16_update, "nonfinite": nonfinite, **spec.policy_options(), **method.constructor}
     return preset(groups, lr=spec.matrix_lr, weight_decay=spec.weight_decay, **options)
 
 

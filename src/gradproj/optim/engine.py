@@ -37,6 +37,7 @@ from .groups import budget_costs
 from .placement import LOCAL, Local, is_sharded, local, placement_of
 from .precision import BF16_UPDATES, LOW_PRECISION, compute_dtype, widen, working_weight
 from .ranks import auto_rank, plan
+from .spikes import SPIKE_DEFAULTS, check_policy, police, policed
 from .spread import spread_refreshes, spreadable
 from .step import (
     InBackwardStepping,
@@ -69,6 +70,9 @@ class ProjectedOptimizer(Optimizer):
             ``"checked"``: the caller has checked every gradient before it calls ``step()``, which then
             reads none of them an extra time (gradproj's trainer skips a step whose global gradient norm
             is not finite, and builds its optimizers so). :meth:`step_parameter` checks either way.
+        projection: may also hold the gradient policy's keys (:data:`~gradproj.optim.spikes.SPIKE_DEFAULTS`:
+            ``spike_policy="stable_spam"``, ``spam_reset_gap``...), which become every group's default,
+            projected or not (:mod:`gradproj.optim.spikes`).
         bf16_update: how a bf16 weight's float32 step is rounded back: ``"nearest"``, ``"stochastic"``
             or ``"kahan"`` (a compensation buffer in the state); see :mod:`gradproj.optim.precision`.
             A group may set its own. Weights in float32/float64 are stepped in place either way.
@@ -116,7 +120,9 @@ class ProjectedOptimizer(Optimizer):
         self._fast_capable: dict[Tensor, bool] = {}
         _choice("bf16_update", bf16_update, BF16_UPDATES)
         defaults = {**defaults, "bf16_update": bf16_update}
-        unknown = set(projection or {}) - set(PROJECTION_DEFAULTS)
+        projection = dict(projection or {})
+        defaults.update({k: projection.pop(k) for k in SPIKE_DEFAULTS if k in projection})  # every group's
+        unknown = set(projection) - set(PROJECTION_DEFAULTS)
         if unknown:
             raise TypeError(f"unknown projection option(s) {sorted(unknown)}; valid: {sorted(PROJECTION_DEFAULTS)}")
         self.rule = make_rule(rule)
@@ -150,7 +156,12 @@ class ProjectedOptimizer(Optimizer):
             for key, value in self._projection_defaults.items():
                 param_group.setdefault(key, value)
         merged = {**self.defaults, **param_group}
+        if policed(merged):
+            for key, value in SPIKE_DEFAULTS.items():
+                param_group.setdefault(key, self.defaults.get(key, value))
+            merged = {**self.defaults, **param_group}
         check_common(merged)
+        check_policy(merged)
         _choice(
             "bf16_update", merged.get("bf16_update", "nearest"), BF16_UPDATES
         )  # before torch appends the group, so a bad group leaves no trace
@@ -206,7 +217,7 @@ class ProjectedOptimizer(Optimizer):
     def bases(self, p: Tensor) -> Bases:
         """``(left, right)``: the basis ``p``'s gradient is projected on now (``(None, None)`` before the
         first refresh, or for a parameter without ``rank``)."""
-        if "rank" not in self._param_groups_of[p] or not self.state[p]:
+        if "rank" not in self._param_groups_of[p] or "step" not in self.state[p]:
             return None, None
         cached = self._basis_cache.get(p)  # filled only by projectors that cache; kept in the weight's dtype
         if cached is not None and p.dtype not in LOW_PRECISION:
@@ -274,6 +285,10 @@ class ProjectedOptimizer(Optimizer):
             return loss
         if self.nonfinite != "checked" and not self._gradients_are_finite():
             return loss
+        for group in self.param_groups:  # before anything reads a gradient: every part sees the policed one
+            for p in group["params"] if policed(group) else ():
+                if p.grad is not None:
+                    self._police(p, group, local(p.grad))
         self._read_checks()
         self._prepared = self._spread_refreshes()
         try:
@@ -298,7 +313,7 @@ class ProjectedOptimizer(Optimizer):
     def _read_checks(self) -> None:
         """The last check step's energy shares of every adaptive matrix, read back at once (one sync)."""
         adaptive_groups = [g for g in self.param_groups if "rank" in g and adaptive(g)]
-        read_checks((self.state[p], g) for g in adaptive_groups for p in g["params"] if self.state[p])
+        read_checks((self.state[p], g) for g in adaptive_groups for p in g["params"] if "step" in self.state[p])
 
     def _allocate_ranks(self) -> None:
         """rank="auto": the ranks of this step's refreshing matrices, and their bases (:func:`ranks.plan`)."""
@@ -315,7 +330,7 @@ class ProjectedOptimizer(Optimizer):
                 grad = local(p.grad).to(compute_dtype(p.dtype)) if now else None  # as _step_one widens it
                 at_cap = layout_of((int(p.shape[0]), int(p.shape[1])), group, p.dtype, p.device, group["max_rank"])
                 matrices.append((self.state[p], at_cap, grad, *self._rank_bytes[p]))
-                counters.append(self.state[p] or initial_counters(ctx))
+                counters.append(self.state[p] if "step" in self.state[p] else initial_counters(ctx))
             for p, planned in zip(
                 params, plan(get_projector(group["projector"]), group, matrices, counters), strict=True
             ):
@@ -335,6 +350,21 @@ class ProjectedOptimizer(Optimizer):
                 if spreadable(ctx):
                     due.append((p, ctx, local(p.grad).to(compute_dtype(p.dtype))))  # as _step_one widens it
         return spread_refreshes(due)
+
+    def _police(self, p: Tensor, group: dict[str, Any], grad: Tensor) -> None:
+        """The group's gradient policy on ``grad`` (``p``'s local gradient) in place; on a reset step, the
+        rule's moments are zeroed and its bias correction restarts (:mod:`gradproj.optim.spikes`)."""
+        state = self.state[p]
+        if not police(grad, state, group, self.placement(p)) or "step" not in state:
+            return  # no reset, or nothing accumulated yet
+        if "rank" in group:  # the moments of R
+            ctx = self._context(p)
+            with ctx.placement.local_state(state, ctx.low_shape, ctx.replicated) as plain:
+                ctx.rule.reset(plain)
+            return
+        rule, place = self.rule_of(group), self.placement(p)
+        with place.local_state(state, place.whole_shape(local(p)), rule.replicated_state) as plain:
+            rule.reset(plain)
 
     def _step_one(self, p: Tensor, group: dict[str, Any], grad: Tensor | None, low: Tensor | None = None) -> None:
         """One parameter: the projected step, or the rule in full for a group without ``rank``; a
@@ -366,9 +396,10 @@ class ProjectedOptimizer(Optimizer):
     def needs_full_gradient(self, p: Tensor) -> bool:
         """Whether ``p``'s next step needs its full gradient rather than ``project_gradient``'s output:
         groups without ``rank``, Fira/APOLLO residuals (they use ``G`` itself), refresh steps (the new
-        basis is computed from ``G``) and the steps an adaptive group measures its share on (it needs ``||G||``)."""
+        basis is computed from ``G``), the steps an adaptive group measures its share on (it needs ``||G||``)
+        and groups with a gradient policy (it clips ``G``'s entries)."""
         group = self._param_groups_of[p]
-        if "rank" not in group or group["residual"] != "none":
+        if "rank" not in group or group["residual"] != "none" or policed(group):
             return True
         return refresh_due(self.state[p], group) or measures(self.state[p], group)
 
@@ -401,6 +432,8 @@ class ProjectedOptimizer(Optimizer):
             raise ValueError(f"{self._param_names[p]} is not projected; pass its full gradient")
         if low is not None and grad is None and self.needs_full_gradient(p):
             raise ValueError(f"{self._param_names[p]} needs its full gradient this step (refresh or residual)")
+        if grad is not None and policed(group):
+            self._police(p, group, local(grad))
         self._step_one(p, group, grad, low)
         return True
 

@@ -112,7 +112,7 @@ class FastPath:
         """torch's fused (or foreach) AdamW over ``params``, on the state the for-loop keeps."""
         rule, states = engine.rule_of(group), [engine.state[p] for p in params]
         for p, state in zip(params, states, strict=True):
-            if not state:
+            if "step" not in state:
                 init_full_state(rule, state, p, tuple(p.shape))
         counts = [self._count(p, s["moment_step"]) for p, s in zip(params, states, strict=True)]
         beta1, beta2 = group["betas"]

@@ -26,6 +26,7 @@ from .adaptive import adaptive
 from .defaults import PROJECTION_DEFAULTS
 from .precision import compute_dtype
 from .ranks import auto_rank, cap
+from .spikes import policed, policy_bytes
 
 Target = str | Sequence[str]
 
@@ -144,13 +145,15 @@ def state_bytes(p: torch.Tensor, group: dict[str, Any], rule: str = "adam") -> i
 
     Counts moment tensors (in the step's dtype: float32 for bf16 weights), basis tensors (in the
     weight's dtype) or indices, Alice's tracked covariance and per-channel energies, the growth
-    limiter's scalar, and a bf16 weight's kahan compensation buffer; plain ints are not counted.
+    limiter's scalar, a bf16 weight's kahan compensation buffer and a gradient policy's statistics; plain
+    ints are not counted.
     Matches the tensors a real optimizer allocates (tested).
     """
     from .precision import compensated
 
     wide = compute_dtype(p.dtype)
     buffer = p.numel() * p.element_size() if compensated(p, group) else 0
+    buffer += policy_bytes(wide) if policed(group) else 0  # the gradient policy's statistics
     if "rank" not in group:
         return make_rule(group.get("rule") or rule).state_bytes(tuple(p.shape), wide) + buffer
     options = {**PROJECTION_DEFAULTS, **group}

@@ -296,6 +296,11 @@ class RowSharded(Local):
         dist.all_reduce(x, group=self.group)
         return x
 
+    def maximum(self, x: Tensor) -> Tensor:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=self.group)
+        return x
+
     def change_of_basis(self, old: Bases, new: Bases) -> tuple[Tensor | None, Tensor | None]:
         c_left, c_right = change_of_basis(old, new)  # P'_i^T P_i: this rank's share of the sum
         if c_left is not None:

@@ -38,6 +38,7 @@ from ..projection.bases import (
 from ..projection.projectors import leading_count
 from ..projection.sides import resolve_side
 from ..rules import quant
+from .reference_spikes import stable_spam
 
 
 def _basis(g: Tensor, rank: int, side: str, projector: str, seed: int, t: int, cfg: dict[str, Any]):  # type: ignore[no-untyped-def]
@@ -125,7 +126,8 @@ class ReferenceOptimizer:
             "switching": False, "leading_basis": None, "track_beta": 0.0, "compensation_scale": 0.4,
             "compensation_beta": 0.9, "bias_correction": True, "projected_rule": None,
             "af_eps": (1e-30, 1e-3), "clip_threshold": 1.0, "decay_rate": -0.8, "beta1": None,
-            "scale_parameter": True, "relative_step": True, "warmup_init": False, **cfg,
+            "scale_parameter": True, "relative_step": True, "warmup_init": False, "spike_policy": "none",
+            "spam_gamma1": 0.7, "spam_gamma2": 0.9, "spam_theta": 0.999, "spam_reset_gap": 1000, **cfg,
         }  # fmt: skip
         self.state: list[dict[str, Any]] = [{"t": 0, "k": 0} for _ in params]
 
@@ -195,9 +197,7 @@ class ReferenceOptimizer:
     def _on_refresh(self, s: dict[str, Any], old: tuple, new: tuple) -> None:  # type: ignore[type-arg]
         policy = self.cfg["on_refresh"]
         if policy == "reset":
-            for key in ("m", "v", "row", "col", "vf", "q", "s", "prev_u"):
-                s.pop(key, None)
-            s["k"] = 0
+            self._reset(s)
         elif policy == "rotate":
             cl = new[0].T @ old[0] if new[0] is not None else None
             cr = old[1] @ new[1].T if new[1] is not None else None
@@ -216,6 +216,21 @@ class ReferenceOptimizer:
             if "Q" in s:  # Alice's tracked covariance, in the new basis' coordinates
                 c = cl if cl is not None else cr.T  # type: ignore[union-attr]
                 s["Q"] = c @ s["Q"] @ c.T
+
+    def _reset(self, s: dict[str, Any]) -> None:
+        """Zero the rule's moments and restart its bias correction."""
+        for key in ("m", "v", "row", "col", "vf", "q", "s", "prev_u"):
+            s.pop(key, None)
+        s["k"] = 0
+
+    def _police(self, g: Tensor, s: dict[str, Any]) -> Tensor:
+        """Stable-SPAM's policy (:mod:`gradproj.optim.reference_spikes`) on ``g``; a due reset zeroes the moments."""
+        c = self.cfg
+        g, reset = stable_spam(g, s, gamma1=c["spam_gamma1"], gamma2=c["spam_gamma2"], theta=c["spam_theta"],
+                               gap=c["spam_reset_gap"], eps=c["eps"])  # fmt: skip
+        if reset:
+            self._reset(s)
+        return g
 
     # ------------------------------------------------------------ inspect
     def moments(self, i: int) -> dict[str, Tensor]:
@@ -241,10 +256,11 @@ class ReferenceOptimizer:
     def step(self, grads: list[Tensor]) -> None:
         """Apply one step; ``grads[i]`` is the gradient of ``params[i]``; params change in place."""
         phases = self.cfg["refresh_phases"]
+        if self.cfg["spike_policy"] == "stable_spam":
+            grads = [self._police(g, s) for g, s in zip(grads, self.state, strict=True)]
         if self.cfg.get("rank") == "auto":
             self._allocate(grads)
         for w, g, s, seed, phase in zip(self.params, grads, self.state, self.cfg["seeds"], phases, strict=True):
-            lr_decay = self.lr
             if "rank" not in self.cfg:
                 u, alpha = self._direction(s, g, w, full_rank=True)
                 delta = u

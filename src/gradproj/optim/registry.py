@@ -205,6 +205,15 @@ _ENTRIES = (
            variant_of="galore_adamw", refresh=_OURS_AUTO_RANK),
     Method(name="alice+auto", kind="preset", summary="Alice, update_proj_gap=auto", preset="alice",
            group_options={"update_proj_gap": "auto"}, variant_of="alice", lr=3e-3, other_lr=3e-2, refresh=_OURS),
+    # Stable-SPAM's gradient policy (gradproj.optim.spikes) on a method: every group's gradients
+    Method(name="adamw+stable_spam", kind="preset", summary="AdamW (the engine's), spike_policy=stable_spam",
+           preset="galore_adamw", constructor={"eps": 1e-8, "spike_policy": "stable_spam"}, projected=False, lr=1e-3,
+           variant_of="adamw"),
+    Method(name="galore_adamw8bit+stable_spam", kind="preset", summary="GaLore 8-bit, spike_policy=stable_spam",
+           preset="galore_adamw8bit", constructor={"spike_policy": "stable_spam"}, variant_of="galore_adamw8bit",
+           refresh=_OURS),
+    Method(name="alice+stable_spam", kind="preset", summary="Alice, spike_policy=stable_spam", preset="alice",
+           constructor={"spike_policy": "stable_spam"}, variant_of="alice", lr=3e-3, other_lr=3e-2, refresh=_OURS),
     Method(name="adamw+loop", kind="torch", summary="torch.optim.AdamW, for-loop (torch's default on a CPU)",
            cls="torch.optim:AdamW", constructor={"eps": 1e-8, "fused": False, "foreach": False}, projected=False,
            lr=1e-3, variant_of="adamw", supports_layerwise=False),
@@ -243,6 +252,8 @@ _ENTRIES = (
            cls="pytorch_optimizer:RACS", package="pytorch-optimizer", adamw_on_rest=True, scale=0.05, lr=1e-3,
            other_lr=3e-2,
            peer_keys={"scale": "alpha"}, **_PEER),  # type: ignore[arg-type]
+    Method(name="stable-spam-pytorch-optimizer", summary="pytorch_optimizer StableSPAM (AdamW with Stable-SPAM)",
+           cls="pytorch_optimizer:StableSPAM", package="pytorch-optimizer", **_FULL_PEER),  # type: ignore[arg-type]
     Method(name="apollo-torch-mini", summary="apollo-torch APOLLOAdamW, rank 1, tensor-wise",
            cls="apollo_torch:APOLLOAdamW", package="apollo-torch", peer_keys=_GALORE_KEYS,
            group_options={"rank": 1, "proj": "random", "scale_type": "tensor"}, scale=128.0, lr=3e-3,

@@ -129,7 +129,7 @@ def refresh_due(state: dict[str, Any], group: dict[str, Any]) -> bool:
     (no state, or no basis yet) and then whenever ``step - refresh_phase`` is a multiple of
     ``update_proj_gap`` (the phase is 0 unless the group staggers its refreshes), or, for
     ``update_proj_gap="auto"``, when its signal says so (:func:`gradproj.optim.adaptive.due`)."""
-    if not state or state["last_refresh"] < 0:
+    if "last_refresh" not in state or state["last_refresh"] < 0:  # a gradient policy's keys may come first
         return True
     if adaptive.adaptive(group):
         return adaptive.due(state, group)
@@ -222,7 +222,7 @@ def projected_step(ctx: ProjectedContext, weight: Tensor, grad: Tensor | None, l
     """Step ``weight`` (this process's part of it) with its gradient ``grad``, or with ``low``, the
     projected gradient summed over micro-batches (layer-wise accumulation, between refreshes)."""
     state, group, layout, place = ctx.state, ctx.group, ctx.layout, ctx.placement
-    if not state:
+    if "step" not in state:
         init_state(ctx, weight)
     bases = ctx.bases()
     probe = ctx.probe if ctx.probe is not None and ctx.probe.wants(state["step"]) else None
@@ -265,7 +265,7 @@ def full_step(
     """A group without ``rank``: the rule in full (Adam rules: torch.optim.AdamW's arithmetic)."""
     whole = placement.whole_shape(weight)
     with placement.local_state(state, whole, rule.replicated_state) as plain:
-        if not plain:
+        if "step" not in plain:
             init_full_state(rule, plain, weight, whole)
         if group.get("lr") is not None:
             decay(weight, group, 0.0)

@@ -28,6 +28,10 @@ class Rows(Protocol):
         """The Frobenius norm of a whole tensor of which this process holds ``x`` (its rows if ``rows``)."""
         ...
 
+    def maximum(self, x: Tensor) -> Tensor:
+        """``x``, a maximum over this process's rows, maximized over the rows every process holds."""
+        ...
+
 
 class AllRows:
     """Every row is on this process: sums are already whole."""
@@ -37,6 +41,9 @@ class AllRows:
 
     def norm(self, x: Tensor, rows: bool) -> Tensor:
         return local_norm(x, rows)
+
+    def maximum(self, x: Tensor) -> Tensor:
+        return x
 
 
 ALL_ROWS = AllRows()

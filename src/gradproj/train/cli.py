@@ -164,6 +164,15 @@ def _rank_row(summary: dict[str, Any]) -> list[tuple[str, str]]:
     return [("ranks", text)]
 
 
+def _policy_row(summary: dict[str, Any], config: TrainConfig) -> list[tuple[str, str]]:
+    """--spike-policy: what it clipped and how often it reset the moments."""
+    policy = summary.get("gradient_policy")
+    if not policy:
+        return []
+    text = f"{policy['clipped']} entries clipped, {policy['resets']} moment resets over {policy['tensors']} tensors"
+    return [(config.optim.spike_policy, text)]
+
+
 def format_summary(summary: dict[str, Any], config: TrainConfig) -> str:
     """The final table printed after a run (the same numbers are in RUN/summary.json)."""
     ev = summary["eval"]
@@ -182,6 +191,7 @@ def format_summary(summary: dict[str, Any], config: TrainConfig) -> str:
         ("steps", f"{summary['steps']} ({summary['skipped_steps']} skipped) in {summary['seconds']:.0f} s"),
         *_refresh_row(summary, config),
         *_rank_row(summary),
+        *_policy_row(summary, config),
         ("train loss", f"{summary['final_train_loss']:.3f} (mean of the last 10 steps)"),
     ]
     if "unigram_ppl" not in summary and "ppl" in ev:  # causal-LM fine-tuning: on the responses

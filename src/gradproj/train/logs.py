@@ -54,6 +54,15 @@ def basis_refreshes(optimizer: torch.optim.Optimizer) -> dict[str, int] | None:
     return {"refreshes": sum(counts), "matrices": len(counts)} if counts else None
 
 
+def gradient_policy(optimizer: torch.optim.Optimizer) -> dict[str, int] | None:
+    """The gradient policy's running totals: entries clipped, moment resets and the tensors it polices (one
+    device transfer); None for an optimizer without one (:mod:`gradproj.optim.spikes`)."""
+    from ..optim.spikes import policy_totals
+
+    states = [s for s in optimizer.state.values() if "spam_step" in s]
+    return {**policy_totals(states), "tensors": len(states)} if states else None
+
+
 def allocated_ranks(optimizer: torch.optim.Optimizer, reference_rank: int | None) -> dict[str, Any] | None:
     """``rank="auto"``: the ranks the matrices hold at the end (min, mean, max), the bytes of state they hold,
     the budget, and what the same matrices would hold at the fixed ``reference_rank``; None without it."""

@@ -31,7 +31,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig
-from .logs import RunLogger, allocated_ranks, basis_refreshes, environment, optimizer_state_bytes
+from .logs import RunLogger, allocated_ranks, basis_refreshes, environment, gradient_policy, optimizer_state_bytes
 from .memory_check import StepMemoryMeter, planned, preflight
 from .models import check_rank, default_rank, enable_activation_checkpointing
 from .parallel import Parallel
@@ -136,6 +136,9 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", **meter.postfix, refresh=False)
                     if progress.step % cfg.log_every == 0 or progress.step == cfg.steps:
                         row = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped_steps": progress.skipped}
+                        policy = gradient_policy(optimizer)  # running totals: the report plots their steps
+                        if policy is not None:
+                            row.update(spam_clipped=policy["clipped"], spam_resets=policy["resets"])
                         logger.write("train", progress.step, {**row, **meter.rate(), **self.parallel.comm_bytes()})
                         logger.write_dynamics(self.dynamics.drain() if self.dynamics else [])
                     signum = self.parallel.largest(self._signal or 0)  # every rank stops after the same step
@@ -397,6 +400,7 @@ class Trainer:
             "optimizer_state_bytes": optimizer_state_bytes(optimizer),
             "basis_refreshes": basis_refreshes(optimizer),  # {"refreshes", "matrices"}, or None
             "allocated_ranks": allocated_ranks(optimizer, self.reference_rank),  # rank auto, or None
+            "gradient_policy": gradient_policy(optimizer),  # {"clipped", "resets", "tensors"}, or None
             "layerwise": self.stepper is not None,
             # layer-wise: the most gradient bytes alive at once; standard: every gradient, held until the step
             "gradient_bytes": self.stepper.peak_gradient_bytes
