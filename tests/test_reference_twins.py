@@ -33,6 +33,16 @@ def assert_same_state(opt, params, twin, tol: float, where: str) -> None:  # typ
                 torch.testing.assert_close(a, b.to(a.dtype), rtol=tol, atol=tol, msg=f"{where}: basis {side} of {i}")
 
 
+def step_beside(opt, twin, params, stream, tol: float) -> None:  # type: ignore[no-untyped-def]
+    """Step the engine and the twin on the same gradients; after each step their states are equal."""
+    for t, grads in enumerate(stream):
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+        twin.step(grads)
+        assert_same_state(opt, params, twin, tol, f"step {t}")
+
+
 @pytest.mark.parametrize(("preset", "projector", "on_refresh"), ALL_COMBINATIONS)
 def test_engine_matches_reference(preset: str, projector: str, on_refresh: str) -> None:
     spec = PRESET_SPECS[preset]
@@ -58,12 +68,7 @@ def test_engine_matches_reference(preset: str, projector: str, on_refresh: str) 
         twin_params, rule=spec["rule"], residual=spec["residual"], lr=lr, seeds=seeds, **{**spec["twin"], **group}
     )
     tol = 2e-5 if dtype == torch.float32 else 1e-10
-    for t, grads in enumerate(grad_stream(engine_params, STEPS)):
-        for p, g in zip(engine_params, grads, strict=True):
-            p.grad = g.clone()
-        opt.step()
-        twin.step(grads)
-        assert_same_state(opt, engine_params, twin, tol, f"step {t}")
+    step_beside(opt, twin, engine_params, grad_stream(engine_params, STEPS), tol)
 
 
 @pytest.mark.parametrize("preset", ["galore_adamw", "fira_adamw", "apollo_adamw"])

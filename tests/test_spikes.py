@@ -16,7 +16,7 @@ from conftest import PRESET_SPECS, build, grad_stream, make_params
 from gradproj.optim.reference import ReferenceOptimizer
 from gradproj.optim.spikes import SPIKE_DEFAULTS, police, policy_totals
 from gradproj.projection.bases import derive_seed
-from test_reference_twins import assert_same_state
+from test_reference_twins import step_beside
 
 SHAPES = [(48, 24), (24, 40)]
 STEPS, GAP, RANK, RESET = 12, 4, 6, 5
@@ -55,12 +55,7 @@ def test_policy_matches_the_twin_step_for_step(preset: str, on_refresh: str) -> 
         **{**spec["twin"], **group, **POLICY},
     )  # fmt: skip
     tol = 2e-5 if dtype == torch.float32 else 1e-10
-    for t, grads in enumerate(spiky_stream(params, STEPS)):
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g.clone()
-        opt.step()
-        twin.step(grads)
-        assert_same_state(opt, params, twin, tol, f"step {t}")
+    step_beside(opt, twin, params, spiky_stream(params, STEPS), tol)
     assert all(opt.state[p]["spam_resets"] == STEPS // RESET for p in params)
 
 
@@ -74,12 +69,7 @@ def test_full_rank_groups_match_the_twin(preset: str) -> None:
     opt = build(preset, params, weight_decay=0.05, **POLICY)
     twin = ReferenceOptimizer(twin_params, rule=spec["rule"], residual="none", lr=1e-2, weight_decay=0.05, **POLICY)
     tol = 2e-5 if dtype == torch.float32 else 1e-10
-    for t, grads in enumerate(spiky_stream(params, STEPS)):
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g.clone()
-        opt.step()
-        twin.step(grads)
-        assert_same_state(opt, params, twin, tol, f"step {t}")
+    step_beside(opt, twin, params, spiky_stream(params, STEPS), tol)
 
 
 @pytest.mark.parametrize(("dtype", "foreach", "tol"), [(torch.float64, False, 1e-12), (torch.float32, None, 1e-6)])
@@ -145,11 +135,10 @@ def test_a_resumed_run_continues_in_lockstep() -> None:
                 p.grad = g.clone()
             opt.step()
 
-    make = (
-        lambda ps: gradproj.GaLoreAdamW8bit(  # noqa: E731
-            [{"params": ps[:1], "rank": 8, "update_proj_gap": 3}, {"params": ps[1:]}], lr=1e-2, **POLICY
-        )
-    )
+    def make(ps: list[torch.nn.Parameter]) -> gradproj.ProjectedOptimizer:
+        groups = [{"params": ps[:1], "rank": 8, "update_proj_gap": 3}, {"params": ps[1:]}]
+        return gradproj.GaLoreAdamW8bit(groups, lr=1e-2, **POLICY)
+
     straight, first = make_params([(80, 64), (64,)], torch.float32), make_params([(80, 64), (64,)], torch.float32)
     stream = spiky_stream(straight, 11)
     run(make(straight), straight, stream)
@@ -219,6 +208,18 @@ def test_bad_policy_options_name_the_value(options: dict[str, object], message: 
         gradproj.GaLoreAdamW([{"params": make_params([(4, 4)]), **options}])
 
 
+def test_a_projected_gradient_is_refused_under_the_policy() -> None:
+    params = make_params([(12, 8)])
+    opt = gradproj.GaLoreAdamW([{"params": params, "rank": 2}], lr=1e-2, **POLICY)
+    assert opt.needs_full_gradient(params[0])
+    low, grad = torch.zeros(2, 8, dtype=torch.float64), torch.ones(12, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="needs its full gradient this step"):
+        opt.step_parameter(params[0], low=low)
+    with pytest.raises(ValueError, match="has a gradient policy; pass its full gradient, not low"):
+        opt.step_parameter(params[0], grad, low=low)
+    assert opt.state[params[0]] == {}  # nothing changed
+
+
 def test_relative_step_adafactor_is_refused() -> None:
     with pytest.raises(ValueError, match="spike_policy='stable_spam' needs an Adam-style group"):
         gradproj.GaLoreAdafactor(make_params([(4, 4)]), spike_policy="stable_spam")
@@ -273,3 +274,22 @@ def test_the_trainer_logs_and_reports_clips_and_resets(tmp_path) -> None:  # typ
     steps, clipped, resets = policy_events(load_run(tmp_path))
     assert steps == [2, 4, 6, 8, 10] and sum(clipped) == summary["clipped"] and resets == [4, 8]
     assert policy_figure(load_run(tmp_path)) is not None
+
+
+def test_the_sweep_table_counts_divergence_and_judges_the_best_rate() -> None:
+    from gradproj.bench.policy import policy_table, policy_verdict
+
+    def rec(method: str, lr: float, seed: int, ppl: float, nonfinite: bool = False) -> dict[str, object]:
+        return {"method": method, "lr_matrix": lr, "val_ppl": ppl, "unigram_ppl": 500.0, "diverged": nonfinite,
+                "step_seconds_median": 0.05, "config": {"seed": seed}}  # fmt: skip
+
+    base, variant = "galore_adamw8bit", "galore_adamw8bit+stable_spam"
+    records = [rec(base, 0.01, s, 80.0 + s) for s in range(3)]
+    records += [rec(base, 0.08, 0, float("nan"), nonfinite=True)] + [rec(base, 0.08, s, 600.0) for s in (1, 2)]
+    records += [rec(variant, 0.01, s, 90.0 + s) for s in range(3)] + [rec(variant, 0.08, s, 99.0) for s in range(3)]
+    verdict = policy_verdict(records)
+    assert verdict.startswith(f"{variant} diverged at no rate of 2 where {base} diverged at 1 (0.08)")
+    assert "91.00 vs 81.00 (+12.3% of the mean), worse, beyond the seeds' spread (2.00)" in verdict
+    rows = policy_table(records).splitlines()
+    assert f"| 0.08 | {base} | 3 | 3 | - | - | 50 |" in rows  # non-finite or above the unigram model: diverged
+    assert f"| 0.08 | {variant} | 3 | 0 | 99.00 | 99.00 - 99.00 | 50 |" in rows

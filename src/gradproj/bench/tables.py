@@ -159,6 +159,8 @@ BLOCK_KINDS = (
     "sft",
     "adaptive",
     "adaptive_verdict",
+    "policy",
+    "policy_verdict",
 )
 
 
@@ -196,6 +198,10 @@ def render_block(kind: str, records: list[dict[str, Any]]) -> str:
         from .adaptive import adaptive_table, adaptive_verdict
 
         return adaptive_table(records) if kind == "adaptive" else adaptive_verdict(records)
+    if kind in ("policy", "policy_verdict"):
+        from .policy import policy_table, policy_verdict
+
+        return policy_table(records) if kind == "policy" else policy_verdict(records)
     raise ValueError(f"unknown block kind {kind!r}; valid: {BLOCK_KINDS}")
 
 

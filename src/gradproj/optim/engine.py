@@ -431,9 +431,11 @@ class ProjectedOptimizer(Optimizer):
         if "rank" not in group and low is not None:
             raise ValueError(f"{self._param_names[p]} is not projected; pass its full gradient")
         if low is not None and grad is None and self.needs_full_gradient(p):
-            raise ValueError(f"{self._param_names[p]} needs its full gradient this step (refresh or residual)")
-        if grad is not None and policed(group):
-            self._police(p, group, local(grad))
+            raise ValueError(f"{self._param_names[p]} needs its full gradient this step (see needs_full_gradient)")
+        if policed(group):  # low was projected from the gradient before the policy clipped it
+            if low is not None:
+                raise ValueError(f"{self._param_names[p]} has a gradient policy; pass its full gradient, not low")
+            self._police(p, group, local(given))
         self._step_one(p, group, grad, low)
         return True
 
