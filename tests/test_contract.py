@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gradproj
-from conftest import ALL_COMBINATIONS, PAIRS, PRESET_NAMES, build, grad_stream, lr_kwargs, make_params
+from conftest import ALL_COMBINATIONS, PAIRS, PRESET_NAMES, build, compatible, grad_stream, lr_kwargs, make_params
 from gradproj.optim.registry import METHODS
 
 #: every test here runs on the fast path and on the per-parameter step (conftest.engine_path)
@@ -162,10 +162,12 @@ def test_saving_and_loading_leave_the_state_dict_unchanged(preset: str, projecto
 
 @pytest.mark.parametrize("preset", PRESET_NAMES)
 def test_equal_parameters_give_equal_state_dicts(preset: str) -> None:
+    projector = "rsvd" if compatible(preset, "rsvd") else gradproj.PRESETS[preset].projection_defaults()["projector"]
+
     def run() -> dict:  # type: ignore[type-arg]
         params = make_params(SHAPES, torch.float32)
         opt = gradproj.PRESETS[preset](
-            _split_groups(params, rank=8, update_proj_gap=2, projector="rsvd"), **lr_kwargs(preset)
+            _split_groups(params, rank=8, update_proj_gap=2, projector=projector), **lr_kwargs(preset)
         )
         for grads in grad_stream(params, 3):
             _step(opt, params, grads)

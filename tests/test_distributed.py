@@ -140,4 +140,4 @@ def test_fsdp2_seeded_bases_gather_no_gradient(fsdp_results: dict[str, Any]) -> 
 
 
 def test_fsdp2_refuses_a_rule_that_cannot_be_sharded(fsdp_results: dict[str, Any]) -> None:
-    assert "adafactor rule averages over whole rows and columns" in fsdp_results["adafactor_error"]
+    assert "factored statistics average over whole rows and columns" in fsdp_results["adafactor_error"]

@@ -57,7 +57,7 @@ def test_presets_refuse_projectors_they_cannot_use(preset: str, projector: str) 
 @pytest.mark.parametrize(
     ("preset", "options", "reason"),
     [
-        ("galore_adafactor", {}, "adafactor rule averages"),
+        ("galore_adafactor", {}, "factored statistics average over whole rows"),
         ("racs", {"projector": "svd", "on_refresh": "rotate"}, "racs rule refits"),
     ],
 )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gradproj.bench.seeds import seeds_table, verdict
+from gradproj.bench.seeds import pareto_table, seeds_table, verdict
 
 
 def _rec(method: str, seed: int, ppl: float, lr: float = 0.01, step: float = 0.1) -> dict:  # type: ignore[type-arg]
@@ -31,3 +31,18 @@ def test_table_shows_each_method_at_its_best_rates_with_mean_range_and_step_rati
     rows = seeds_table(records).splitlines()[2:]
     assert rows[0] == "| alice | 3 | 91.00 | 90.00 - 92.00 | 0.910 | 0.01 / 0.03 | 1.00 | 210.0 | 1.05 |"
     assert rows[1].startswith("| galore-torch (peer) | 2 | 100.00 |") and len(rows) == 3
+
+
+def test_pareto_table_orders_by_state_and_marks_the_frontier() -> None:
+    def rec(method: str, seed: int, ppl: float, mib: float) -> dict:  # type: ignore[type-arg]
+        return {**_rec(method, seed, ppl), "state_bytes": int(mib * 2**20)}
+
+    records = [rec("adamw", s, 100.0 + s, 40) for s in range(3)]  # most state, best: on the frontier
+    records += [rec("galore_adamw", s, 104.0 + s, 20) for s in range(3)]  # least state: on it
+    records += [rec("alice", s, 110.0 + s, 25) for s in range(3)]  # more state and worse than GaLore, apart
+    records += [rec("cosmos", s, 101.0 + 5 * s, 30) for s in range(3)]  # mean 106 > GaLore's, ranges overlap
+    rows = pareto_table(records).splitlines()[2:]
+    assert [row.split(" | ")[0] for row in rows] == ["| galore_adamw", "| alice", "| cosmos", "| adamw"]
+    assert rows[0].endswith("| yes |") and rows[3].endswith("| yes |")
+    assert rows[1].endswith("| no (galore_adamw) |")
+    assert rows[2].endswith("| no (galore_adamw; overlapping seeds) |")

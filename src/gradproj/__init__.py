@@ -8,6 +8,7 @@ Example:
 
 from .layerwise import LayerwiseStepper, attach_layerwise
 from .optim import (
+    COSMOS,
     PRESETS,
     RACS,
     Alice,
@@ -26,6 +27,7 @@ from .optim import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "COSMOS",
     "PRESETS",
     "RACS",
     "APOLLOAdamW",

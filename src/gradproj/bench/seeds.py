@@ -1,5 +1,6 @@
-"""Quality over several seeds: mean and spread per method, and whether our best method's lead over the
-best peer is larger than the seeds' spread (the only kind of "better" the benchmarks claim).
+"""Quality over several seeds: mean and spread per method, whether our best method's lead over the
+best peer is larger than the seeds' spread (the only kind of "better" the benchmarks claim), and the
+state-perplexity Pareto frontier.
 
 Records are grouped by method and learning-rate pair; each method is shown at the pair with the best mean
 (a multi-seed run uses one pair per method, from ``--lr-from``). The seed is each record's ``config.seed``.
@@ -96,3 +97,46 @@ def verdict(records: list[dict[str, Any]]) -> str:
     if gap > 0:
         return f"{head}; the gap ({gap:.2f} between the closest seeds) exceeds the spread of either method."
     return f"{head}; the seeds overlap, so neither is better at this budget."
+
+
+def _dominated(a: tuple[float, float], others: list[tuple[float, float]]) -> bool:
+    """Whether some other (state, perplexity) point is no worse in both and better in one."""
+    return any(s <= a[0] and p <= a[1] and (s, p) != a for s, p in others)
+
+
+def pareto_table(records: list[dict[str, Any]]) -> str:
+    """Markdown, by optimizer state: each method at its best rates, its mean perplexity over seeds, and whether
+    it is on the state-perplexity Pareto frontier (no other method has both less state and lower mean
+    perplexity). A method whose range overlaps a dominating one's is marked so: the frontier there is within
+    the seeds' spread.
+
+    >>> def rec(method, seed, ppl, mib):
+    ...     return {"method": method, "val_ppl": ppl, "diverged": False, "lr_matrix": 0.01, "lr_other": 0.03,
+    ...             "state_bytes": mib * 2**20, "config": {"seed": seed}}
+    >>> records = [rec("adamw", s, 100.0 + s, 40) for s in range(2)] + [rec("alice", s, 105.0, 24) for s in range(2)]
+    >>> records += [rec("racs", s, 104.0 + 9 * s, 30) for s in range(2)]
+    >>> print(pareto_table(records).splitlines()[3])   # more state than Alice and worse: dominated, within spread
+    | racs | 2 | 30.00 | 108.50 | 104.00 - 113.00 | no (alice; overlapping seeds) |
+    """
+    methods = _by_method(records)
+    points = {name: (runs[0]["state_bytes"] / 2**20, _mean(runs)) for name, runs in methods.items()}
+    lines = [
+        "| method | seeds | state MiB | val ppl, mean | min - max | on the frontier |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    for name, (state, ppl) in sorted(points.items(), key=lambda item: item[1]):
+        runs = methods[name]
+        ppls = _ppls(runs)
+        others = {n: p for n, p in points.items() if n != name}
+        over = [n for n, p in others.items() if _dominated((state, ppl), [p])]
+        if not over:
+            frontier = "yes"
+        else:
+            best = min(over, key=lambda n: points[n][1])
+            overlap = min(ppls) <= max(_ppls(methods[best]))
+            frontier = f"no ({best}{'; overlapping seeds' if overlap else ''})"
+        label = f"{name} (peer)" if is_peer(name) else name
+        lines.append(
+            f"| {label} | {len(runs)} | {state:.2f} | {ppl:.2f} | {min(ppls):.2f} - {max(ppls):.2f} | {frontier} |"
+        )
+    return "\n".join(lines)

@@ -150,6 +150,7 @@ BLOCK_KINDS = (
     "overhead",
     "seeds",
     "verdict",
+    "pareto",
     "speed",
     "optimizer_step",
     "precision",
@@ -178,10 +179,11 @@ def render_block(kind: str, records: list[dict[str, Any]]) -> str:
         from .precision import memory_table, precision_table
 
         return precision_table(records) if kind == "precision" else memory_table(records)
-    if kind in ("seeds", "verdict"):
-        from .seeds import seeds_table, verdict
+    if kind in ("seeds", "verdict", "pareto"):
+        from .seeds import pareto_table, seeds_table, verdict
 
-        return seeds_table(records) if kind == "seeds" else verdict(records)
+        tables = {"seeds": seeds_table, "verdict": verdict, "pareto": pareto_table}
+        return tables[kind](records)
     if kind in ("speed", "optimizer_step"):
         from .speed import optimizer_step_table, speed_table
 

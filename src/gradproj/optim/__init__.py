@@ -3,9 +3,21 @@
 from .defaults import PROJECTION_DEFAULTS
 from .engine import ProjectedOptimizer
 from .groups import format_summary, param_groups, state_bytes, summarize
-from .presets import PRESETS, RACS, Alice, Alice0, APOLLOAdamW, FiraAdamW, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from .presets import (
+    COSMOS,
+    PRESETS,
+    RACS,
+    Alice,
+    Alice0,
+    APOLLOAdamW,
+    FiraAdamW,
+    GaLoreAdafactor,
+    GaLoreAdamW,
+    GaLoreAdamW8bit,
+)
 
 __all__ = [
+    "COSMOS",
     "PRESETS",
     "PROJECTION_DEFAULTS",
     "RACS",

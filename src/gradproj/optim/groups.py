@@ -167,7 +167,7 @@ def state_bytes(p: torch.Tensor, group: dict[str, Any], rule: str = "adam") -> i
     if residual == "alice":  # the per-channel discarded energy: one number per uncompressed channel
         extra += (shape[1] if layout.side == "left" else shape[0]) * limiter
     return (
-        update_rule.state_bytes(low_rank_shape(shape, layout.rank, layout.side), wide)
+        update_rule.state_bytes(low_rank_shape(shape, layout.rank, layout.side), wide, options)
         + floats * p.element_size()
         + ints * 8
         + extra

@@ -191,6 +191,58 @@ class RACS(GaLoreAdamW):
         )
 
 
+class COSMOS(Alice):
+    """COSMOS (Liu et al., 2025, arXiv 2502.17410, Alg. 1): on every matrix with ``rank``, SOAP's
+    preconditioning in a tracked rank-``r`` leading eigenbasis of the gradient and Muon's orthogonalized
+    momentum on the rest of it, the sum scaled to unit RMS, so ``lr`` is each step's RMS; AdamW (with
+    ``rest_betas``) on the other groups. See :mod:`gradproj.rules.cosmos`.
+
+    ``betas`` are ``(beta1, beta2)`` of the matrices (default ``(0.9, 0.95)``, the authors'), optionally
+    with the basis tracking's decay third (``track_beta``, default ``0.95``: the paper ties it to
+    ``beta2``); ``muon_scale`` is the paper's ``gamma`` (0.2, the authors' code); ``nesterov=True`` steps
+    along Nesterov's momentum, as the authors' current code does by default. State per ``m x n`` matrix: the full first
+    moment, the ``d x r`` basis, ``r x r`` covariance and ``r x o`` second moment.
+    """
+
+    PROJECTION: ClassVar[dict[str, Any]] = {
+        "projector": "identity",
+        "rule": "cosmos",
+        "scale": 1.0,
+        "track_beta": 0.95,
+        "muon_scale": 0.2,
+        "nesterov": False,
+    }
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, ...] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        rest_betas: Betas = (0.9, 0.999),
+        nonfinite: str = "skip",
+        bf16_update: str = "nearest",
+        foreach: bool | None = None,
+        compile: bool = False,
+        **projection: Any,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            rest_betas=rest_betas,
+            nonfinite=nonfinite,
+            bf16_update=bf16_update,
+            foreach=foreach,
+            compile=compile,
+            **projection,
+        )
+
+
 class GaLoreAdafactor(ProjectedOptimizer):
     """GaLore around Adafactor, with ``transformers.Adafactor``'s arguments and defaults
     (relative step size, parameter scaling, factored second moment, update clipping)."""
@@ -249,4 +301,5 @@ PRESETS: dict[str, Any] = {  # name -> preset class; each takes its own keywords
     "alice": Alice,
     "alice0": Alice0,
     "racs": RACS,
+    "cosmos": COSMOS,
 }

@@ -5,7 +5,8 @@ dictionaries for state and no in-place tricks: GaLore (Zhao et al. 2024, Alg. 2)
 (Chen et al. 2024, Alg. 1), APOLLO (Zhu et al. 2024, Alg. 1), Adafactor (Shazeer & Stern 2018,
 Alg. 4 with update clipping), Adam with 8-bit states (a quantize/dequantize round trip after
 every moment update), Alice's tracking, switching and compensation and RACS (Gong et al. 2025,
-Alg. 1-3), and the three ``on_refresh`` policies. The SVD basis is the twin's own
+Alg. 1-3), COSMOS (Liu et al. 2025, Alg. 1: :mod:`gradproj.optim.reference_cosmos`), and the three
+``on_refresh`` policies. The SVD basis is the twin's own
 ``torch.linalg.svd``; the rsvd, dct and random bases come from the same pure functions as the engine
 (:mod:`gradproj.projection.bases`), as do switching's seeded draws; those have their own identity tests.
 
@@ -38,6 +39,7 @@ from ..projection.bases import (
 from ..projection.projectors import leading_count
 from ..projection.sides import resolve_side
 from ..rules import quant
+from .reference_cosmos import cosmos_direction
 from .reference_spikes import stable_spam
 
 
@@ -127,7 +129,8 @@ class ReferenceOptimizer:
             "compensation_beta": 0.9, "bias_correction": True, "projected_rule": None,
             "af_eps": (1e-30, 1e-3), "clip_threshold": 1.0, "decay_rate": -0.8, "beta1": None,
             "scale_parameter": True, "relative_step": True, "warmup_init": False, "spike_policy": "none",
-            "spam_gamma1": 0.7, "spam_gamma2": 0.9, "spam_theta": 0.999, "spam_reset_gap": 1000, **cfg,
+            "spam_gamma1": 0.7, "spam_gamma2": 0.9, "spam_theta": 0.999, "spam_reset_gap": 1000,
+            "muon_scale": 0.2, "nesterov": False, **cfg,
         }  # fmt: skip
         self.state: list[dict[str, Any]] = [{"t": 0, "k": 0} for _ in params]
 
@@ -191,6 +194,8 @@ class ReferenceOptimizer:
         rule = self.rule if full_rank else (self.cfg["projected_rule"] or self.rule)
         if rule == "racs":
             return self._racs(s, r)
+        if rule == "cosmos":
+            return cosmos_direction(s, r, self.cfg), self.lr  # type: ignore[return-value]
         return self._adafactor(s, r, w) if rule == "adafactor" else self._adam(s, r, full_rank)
 
     # ------------------------------------------------------------ refresh
@@ -219,7 +224,7 @@ class ReferenceOptimizer:
 
     def _reset(self, s: dict[str, Any]) -> None:
         """Zero the rule's moments and restart its bias correction."""
-        for key in ("m", "v", "row", "col", "vf", "q", "s", "prev_u"):
+        for key in ("m", "v", "row", "col", "vf", "q", "s", "prev_u", "M", "V"):
             s.pop(key, None)
         s["k"] = 0
 
@@ -236,6 +241,8 @@ class ReferenceOptimizer:
     def moments(self, i: int) -> dict[str, Tensor]:
         """Dense ``first`` / ``second`` moments of parameter ``i`` (the names rules use)."""
         s, out = self.state[i], {}
+        if "M" in s:  # COSMOS: the full first moment and the subspace's second
+            return {"first": s["M"], "second": s["V"]}
         if "m" in s:
             out["first"] = s["m"]
         if "v" in s:

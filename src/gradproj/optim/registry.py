@@ -98,8 +98,16 @@ class Method:
 
     @property
     def uses_rank(self) -> bool:
-        """Whether ``--rank`` changes the method (RACS keeps no basis: its matrices ignore the rank)."""
-        return self.projected and self.default_option("projector") != "identity"
+        """Whether ``--rank`` changes the method (RACS keeps no basis: its matrices ignore the rank; COSMOS's
+        rule keeps its own)."""
+        if not self.projected:
+            return False
+        if self.default_option("projector") != "identity":
+            return True
+        from ..rules import make_rule
+
+        assert self.preset is not None
+        return make_rule(self.default_option("rule") or PRESETS[self.preset].RULE).uses_rank
 
     def default_scale(self) -> float | None:
         """The scale a projected group gets unless told otherwise (None: the method has no scale)."""
@@ -191,6 +199,8 @@ _ENTRIES = (
            other_lr=3e-2, refresh=_OURS),
     Method(name="racs", kind="preset", summary="RACS: row- and column-scaled SGD on the matrices", preset="racs",
            lr=3e-2, other_lr=3e-2),
+    Method(name="cosmos", kind="preset", summary="COSMOS: SOAP in a tracked leading subspace, Muon on the rest",
+           preset="cosmos", lr=1e-3, other_lr=3e-2),
     # bench variants: a method above with one option fixed
     *(
         Method(name=f"galore_adamw+{v}", kind="preset", summary=f"GaLore, {k}={v}", preset="galore_adamw",

@@ -132,7 +132,7 @@ def _fraction(key: str, value: Any) -> None:
 
 def _check_alice_keys(group: dict[str, Any]) -> None:
     """Switching, tracking, compensation, bias correction and the group's own rule."""
-    for key in ("switching", "bias_correction"):
+    for key in ("switching", "bias_correction", "nesterov"):
         if not isinstance(group[key], bool):
             raise ValueError(f"{key}={group[key]!r} is not valid; expected True or False")
     if group["leading_basis"] is not None:
@@ -145,6 +145,7 @@ def _check_alice_keys(group: dict[str, Any]) -> None:
     _fraction("track_beta", group["track_beta"])
     _fraction("compensation_beta", group["compensation_beta"])
     _float_at_least("compensation_scale", group["compensation_scale"], 0.0)
+    _float_at_least("muon_scale", group["muon_scale"], 0.0)
     if group["rule"] is not None:
         _choice("rule", group["rule"], RULES)
 
@@ -158,6 +159,8 @@ def combination_error(group: dict[str, Any]) -> str | None:
     switching=True needs a basis with leading directions; projector='random' has none (use one of ...)
     """
     projector = group["projector"]
+    if group["rule"] == "cosmos":  # first: the generic messages below would suggest projectors it refuses
+        return _cosmos_error(group)
     if group["switching"] and projector not in SWITCHABLE:
         return (
             f"switching=True needs a basis with leading directions; projector={projector!r} has none "
@@ -174,6 +177,28 @@ def combination_error(group: dict[str, Any]) -> str | None:
             return error
     if group["residual"] == "alice" and projector == "identity":
         return "residual='alice' compensates what a basis discards; projector='identity' discards nothing"
+    return None
+
+
+def _cosmos_error(group: dict[str, Any]) -> str | None:
+    """The cosmos rule keeps its own one-sided basis of a fixed rank and steps the whole matrix."""
+    if group["projector"] != "identity":
+        return (
+            f"rule='cosmos' tracks its own basis and steps all of G; projector={group['projector']!r} would "
+            "project G first (use projector='identity')"
+        )
+    if group.get("rank") == AUTO_RANK:
+        return "rule='cosmos' keeps a basis of a fixed rank; rank='auto' is not supported (use an integer rank)"
+    if group.get("update_proj_gap") == AUTO or group["switching"]:
+        what = "update_proj_gap='auto'" if group.get("update_proj_gap") == AUTO else "switching=True"
+        return f"rule='cosmos' moves its basis by one QR every step; {what} does not apply (leave it unset)"
+    if group["proj_type"] == "full":
+        return "rule='cosmos' needs a one-sided basis; proj_type='full' projects both sides (use std/left/right)"
+    if group["residual"] != "none":
+        return (
+            f"rule='cosmos' handles the rest of the momentum itself (Muon); residual={group['residual']!r} "
+            "would add a second one (use residual='none')"
+        )
     return None
 
 
@@ -203,7 +228,7 @@ def _check_combination(group: dict[str, Any]) -> None:
 def sharding_blocker(group: dict[str, Any], rule: UpdateRule) -> str | None:
     """Why this group cannot step FSDP2 row-sharded parameters yet, or None if it can."""
     if not rule.shardable:
-        return f"the {rule.name} rule averages over whole rows and columns"
+        return f"the {rule.name} rule cannot step a block of rows alone: {rule.unshardable_because}"
     if "rank" not in group:
         return None
     if group["rank"] == AUTO_RANK:

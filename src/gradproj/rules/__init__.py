@@ -1,12 +1,13 @@
-"""Update rules that see only the (projected) gradient: Adam, 8-bit Adam, Adafactor, RACS."""
+"""Update rules that see only the (projected) gradient: Adam, 8-bit Adam, Adafactor, RACS, COSMOS."""
 
 from .adafactor import Adafactor
 from .adam import Adam
 from .adam8bit import Adam8bit
 from .base import UpdateRule
+from .cosmos import Cosmos
 from .racs import RACS
 
-RULES = ("adam", "adam8bit", "adafactor", "racs")
+RULES = ("adam", "adam8bit", "adafactor", "racs", "cosmos")
 
 
 def make_rule(name: str) -> UpdateRule:
@@ -19,7 +20,9 @@ def make_rule(name: str) -> UpdateRule:
         return Adafactor()
     if name == "racs":
         return RACS()
+    if name == "cosmos":
+        return Cosmos()
     raise ValueError(f"rule={name!r} is not one of {RULES}")
 
 
-__all__ = ["RACS", "RULES", "Adafactor", "Adam", "Adam8bit", "UpdateRule", "make_rule"]
+__all__ = ["RACS", "RULES", "Adafactor", "Adam", "Adam8bit", "Cosmos", "UpdateRule", "make_rule"]

@@ -40,7 +40,8 @@ class Adafactor(UpdateRule):
     """Factored second moment; optional first moment when ``beta1`` is set."""
 
     name = "adafactor"
-    shardable = False  # factored statistics average over whole rows and columns
+    shardable = False
+    unshardable_because = "its factored statistics average over whole rows and columns"
 
     def init_state(
         self, state: dict[str, Any], shape: tuple[int, ...], like: Tensor, full_shape: tuple[int, ...] | None = None
@@ -115,7 +116,7 @@ class Adafactor(UpdateRule):
         if "first" in moments:
             state["exp_avg"] = moments["first"]
 
-    def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any] | None = None) -> int:
         """Second-moment bytes; add ``numel * itemsize`` when ``beta1`` is set."""
         if _factored(shape):
             return (_numel(shape[:-1]) + _numel(shape[:-2] + shape[-1:])) * dtype.itemsize

@@ -104,7 +104,7 @@ class Adam(UpdateRule):
         state["exp_avg"] = moments["first"].to(state["exp_avg"].dtype)
         state["exp_avg_sq"] = moments["second"].clamp_min(0).to(state["exp_avg_sq"].dtype)
 
-    def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any] | None = None) -> int:
         return 2 * _numel(shape) * dtype.itemsize
 
 

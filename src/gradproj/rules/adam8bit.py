@@ -87,7 +87,7 @@ class Adam8bit(Adam):
         state["exp_avg_codes"], state["exp_avg_absmax"] = quant.quantize(first, signed=QUANTIZED["exp_avg"])
         state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"] = quant.quantize(second, signed=QUANTIZED["exp_avg_sq"])
 
-    def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any] | None = None) -> int:
         numel = _numel(shape)
         if not self._quantized(shape):
             return 2 * numel * 4

@@ -56,9 +56,14 @@ class UpdateRule:
     #: whether a process may step a block of rows alone (FSDP2): elementwise rules, or rules whose sums
     #: over rows go through :class:`Rows`
     shardable = True
+    #: what the rule reads across rows, for the error that refuses it a row split (when not shardable)
+    unshardable_because = "it averages over whole rows and columns"
     #: state keys every process keeps whole and equal under a row split (per-column statistics); the
     #: other tensors are split by rows like the moments
     replicated_state: tuple[str, ...] = ()
+    #: whether the rule reads the group's ``rank`` itself (COSMOS keeps its own basis; with the identity
+    #: projector, the rank is otherwise unused)
+    uses_rank = False
 
     def init_state(
         self, state: dict[str, Any], shape: tuple[int, ...], like: Tensor, full_shape: tuple[int, ...] | None = None
@@ -94,6 +99,7 @@ class UpdateRule:
         self.set_moments(state, {k: torch.zeros_like(v) for k, v in self.moments(state).items()})
         state["moment_step"] = 0
 
-    def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
-        """Bytes of state :meth:`init_state` creates for ``shape`` (exact)."""
+    def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any] | None = None) -> int:
+        """Bytes of state the rule keeps for a gradient of ``shape`` (exact); ``group``: the parameter's group,
+        for rules whose state depends on its options (COSMOS's rank)."""
         raise NotImplementedError

@@ -97,6 +97,6 @@ class RACS(UpdateRule):
         state["moment_step"] = 0
         state.pop("update_norm", None)
 
-    def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any] | None = None) -> int:
         a, b = _matrix(torch.empty(shape, device="meta")).shape
         return (a + b) * dtype.itemsize + limiter_bytes(dtype)
