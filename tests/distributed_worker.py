@@ -42,6 +42,9 @@ CASES: dict[str, dict[str, Any]] = {
     # Stable-SPAM's policy: every rank clips and rescales the same reduced gradient, so decides alike
     "spam": {"preset": "galore", "spam": True},
     "spam_layerwise_accum": {"preset": "fira", "spam": True, "layerwise": True, "accum": 2},
+    # GradNormLoRP reads G's rows (full exchange); every rank rebuilds the same weight from the same state
+    "gradnorm_low_rank": {"preset": "gradnorm", "low_rank": True},
+    "gradnorm_layerwise_accum": {"preset": "gradnorm", "layerwise": True, "accum": 2},
 }
 #: Stable-SPAM with a reset inside the short run
 SPAM = {"spike_policy": "stable_spam", "spam_reset_gap": 3}
@@ -49,7 +52,13 @@ SPAM = {"spike_policy": "stable_spam", "spam_reset_gap": 3}
 AUTO_RANK = {"rank": "auto", "state_budget": 4000, "max_rank": 8}
 #: refresh on the signal at almost every step of the short run (min_gap 1, a strict threshold)
 AUTO = {"update_proj_gap": "auto", "min_gap": 1, "max_gap": 4, "check_every": 1, "energy_threshold": 0.99}
-PRESETS = {"galore": gradproj.GaLoreAdamW, "fira": gradproj.FiraAdamW, "alice": gradproj.Alice, "racs": gradproj.RACS}
+PRESETS = {
+    "galore": gradproj.GaLoreAdamW,
+    "fira": gradproj.FiraAdamW,
+    "alice": gradproj.Alice,
+    "racs": gradproj.RACS,
+    "gradnorm": gradproj.GradNormLoRP,
+}
 
 
 def make_model() -> nn.Module:

@@ -23,6 +23,7 @@ PRESETS = {
     "alice": (gradproj.Alice, {}),
     "alice0": (gradproj.Alice0, {"leading_basis": 1}),
     "racs": (gradproj.RACS, {}),
+    "gradnorm_lorp": (gradproj.GradNormLoRP, {}),
 }
 
 
@@ -86,7 +87,7 @@ def test_layerwise_equals_standard_step_for_step(preset: str) -> None:
     assert all(p.grad is None for p in layerwise.parameters())
 
 
-@pytest.mark.parametrize("preset", ["galore", "galore-rsvd-rotate", "fira", "apollo", "alice", "racs"])
+@pytest.mark.parametrize("preset", ["galore", "galore-rsvd-rotate", "fira", "apollo", "alice", "racs", "gradnorm_lorp"])
 @pytest.mark.parametrize("accum", [2, 4])
 def test_k_micro_batches_equal_one_batch_of_k_times_b(preset: str, accum: int) -> None:
     """7 steps with gap 3 cross two refreshes: refresh steps accumulate full, others low rank."""

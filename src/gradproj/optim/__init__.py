@@ -14,6 +14,8 @@ from .presets import (
     GaLoreAdafactor,
     GaLoreAdamW,
     GaLoreAdamW8bit,
+    GradNormLoRP,
+    GradNormLoRP8bit,
 )
 
 __all__ = [
@@ -28,6 +30,8 @@ __all__ = [
     "GaLoreAdafactor",
     "GaLoreAdamW",
     "GaLoreAdamW8bit",
+    "GradNormLoRP",
+    "GradNormLoRP8bit",
     "ProjectedOptimizer",
     "format_summary",
     "param_groups",

@@ -37,6 +37,7 @@ PROJECTION_DEFAULTS: dict[str, Any] = {
     "rule": None,  # the rule of this group's R (None: the optimizer's; RACS: "racs", COSMOS: "cosmos")
     "muon_scale": 0.2,  # rule="cosmos": gamma, the weight of the Muon step on the rest of the momentum
     "nesterov": False,  # rule="cosmos": Nesterov's momentum (the authors' code) instead of the paper's M
+    "weight_norm": False,  # GradNormLoRP: W = g v / ||v|| per row, the projected step on v (optim/weight_norm.py)
     "refresh_offset": 0,  # steps into each gap a matrix refreshes at; "staggered": spread over the gap
     **ADAPTIVE_DEFAULTS,  # update_proj_gap="auto": min_gap, max_gap, energy_threshold, check_every
     **RANK_DEFAULTS,  # rank="auto": state_budget, max_rank, energy_target

@@ -50,6 +50,7 @@ from .step import (
     refresh_phases,
 )
 from .validate import NONFINITE, _choice, check_common, check_matrices, check_projection, sharding_blocker
+from .weight_norm import normalized
 
 #: mixed into a parameter's seed key for its stochastic rounding (independent of its basis draws)
 _ROUNDING = 0x5EED
@@ -166,7 +167,7 @@ class ProjectedOptimizer(Optimizer):
             "bf16_update", merged.get("bf16_update", "nearest"), BF16_UPDATES
         )  # before torch appends the group, so a bad group leaves no trace
         if "rank" in merged:
-            check_projection(merged)
+            check_projection(merged, self.rule_of(merged).name)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         names = group.get("param_names") or [None] * len(group["params"])
@@ -396,10 +397,11 @@ class ProjectedOptimizer(Optimizer):
     def needs_full_gradient(self, p: Tensor) -> bool:
         """Whether ``p``'s next step needs its full gradient rather than ``project_gradient``'s output:
         groups without ``rank``, Fira/APOLLO residuals (they use ``G`` itself), refresh steps (the new
-        basis is computed from ``G``), the steps an adaptive group measures its share on (it needs ``||G||``)
-        and groups with a gradient policy (it clips ``G``'s entries)."""
+        basis is computed from ``G``), the steps an adaptive group measures its share on (it needs ``||G||``),
+        groups with a gradient policy (it clips ``G``'s entries) and weight-normalised groups (the direction's
+        gradient reads ``G``'s rows)."""
         group = self._param_groups_of[p]
-        if "rank" not in group or group["residual"] != "none" or policed(group):
+        if "rank" not in group or group["residual"] != "none" or policed(group) or normalized(group):
             return True
         return refresh_due(self.state[p], group) or measures(self.state[p], group)
 

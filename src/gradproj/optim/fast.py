@@ -52,6 +52,7 @@ from .fused_update import step_weight
 from .placement import is_sharded, local
 from .precision import LOW_PRECISION
 from .step import init_full_state, refresh_due
+from .weight_norm import normalized
 
 if TYPE_CHECKING:
     from .engine import ProjectedOptimizer
@@ -80,6 +81,8 @@ def blocker(p: Tensor, group: dict[str, Any], rule: UpdateRule) -> str | None:
         return f"its rule {rule.name!r} has no batched step (adam has)"
     if "rank" not in group:
         return None
+    if normalized(group):
+        return "weight_norm=True steps the direction and the magnitude of one matrix at a time"
     if get_projector(group["projector"]).observes(group):
         return f"projector={group['projector']!r} with tracking observes every step's R"
     return None

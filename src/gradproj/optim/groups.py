@@ -22,6 +22,7 @@ from ..projection.projectors import get_projector, layout_of
 from ..projection.sides import low_rank_shape
 from ..rules import make_rule
 from ..rules.limiter import limiter_bytes
+from . import weight_norm
 from .adaptive import adaptive
 from .defaults import PROJECTION_DEFAULTS
 from .precision import compute_dtype
@@ -145,8 +146,8 @@ def state_bytes(p: torch.Tensor, group: dict[str, Any], rule: str = "adam") -> i
 
     Counts moment tensors (in the step's dtype: float32 for bf16 weights), basis tensors (in the
     weight's dtype) or indices, Alice's tracked covariance and per-channel energies, the growth
-    limiter's scalar, a bf16 weight's kahan compensation buffer and a gradient policy's statistics; plain
-    ints are not counted.
+    limiter's scalar, a weight-normalised matrix's four numbers per row, a bf16 weight's kahan compensation
+    buffer and a gradient policy's statistics; plain ints are not counted.
     Matches the tensors a real optimizer allocates (tested).
     """
     from .precision import compensated
@@ -166,6 +167,8 @@ def state_bytes(p: torch.Tensor, group: dict[str, Any], rule: str = "adam") -> i
     extra = limiter if residual in ("fira", "apollo", "alice") else 0
     if residual == "alice":  # the per-channel discarded energy: one number per uncompressed channel
         extra += (shape[1] if layout.side == "left" else shape[0]) * limiter
+    if options["weight_norm"]:  # each row's magnitude, direction norm and the magnitude's two moments
+        extra += weight_norm.state_bytes(shape[0], wide)
     return (
         update_rule.state_bytes(low_rank_shape(shape, layout.rank, layout.side), wide, options)
         + floats * p.element_size()

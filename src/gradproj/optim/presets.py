@@ -66,6 +66,25 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     RULE = "adam8bit"
 
 
+class GradNormLoRP(GaLoreAdamW):
+    """GradNormLoRP (Huang et al., 2025): each matrix with ``rank`` written row by row as ``W = g v / ||v||``,
+    GaLore on the direction ``v`` (its basis from the direction's gradient) and AdamW on the magnitudes
+    ``g`` at ``lr * scale``; the reparametrisation lives in the optimizer (4 numbers of state per row), so the
+    model, its memory and its export are unchanged. See :mod:`gradproj.optim.weight_norm`.
+
+    Any GaLore group may set ``weight_norm=True`` instead; this preset sets it for every projected group.
+    """
+
+    PROJECTION: ClassVar[dict[str, Any]] = {"residual": "none", "weight_norm": True}
+
+
+class GradNormLoRP8bit(GradNormLoRP):
+    """GradNormLoRP with GaLore's block-wise 8-bit moments of ``R`` (the paper's 8-bit variant); the
+    magnitudes' moments stay in the step's dtype."""
+
+    RULE = "adam8bit"
+
+
 class FiraAdamW(GaLoreAdamW):
     """Fira (Chen et al., 2024): GaLore plus the norm-scaled residual ``phi (G - P P^T G)``
     with the norm-growth limiter. ``scale`` defaults to 1 (the setting where the released
@@ -302,4 +321,6 @@ PRESETS: dict[str, Any] = {  # name -> preset class; each takes its own keywords
     "alice0": Alice0,
     "racs": RACS,
     "cosmos": COSMOS,
+    "gradnorm_lorp": GradNormLoRP,
+    "gradnorm_lorp8bit": GradNormLoRP8bit,
 }

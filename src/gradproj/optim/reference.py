@@ -5,7 +5,8 @@ dictionaries for state and no in-place tricks: GaLore (Zhao et al. 2024, Alg. 2)
 (Chen et al. 2024, Alg. 1), APOLLO (Zhu et al. 2024, Alg. 1), Adafactor (Shazeer & Stern 2018,
 Alg. 4 with update clipping), Adam with 8-bit states (a quantize/dequantize round trip after
 every moment update), Alice's tracking, switching and compensation and RACS (Gong et al. 2025,
-Alg. 1-3), COSMOS (Liu et al. 2025, Alg. 1: :mod:`gradproj.optim.reference_cosmos`), and the three
+Alg. 1-3), COSMOS (Liu et al. 2025, Alg. 1: :mod:`gradproj.optim.reference_cosmos`), GradNormLoRP
+(Huang et al. 2025: GaLore on the direction of ``w = g v / ||v||``, both kept as parameters), and the three
 ``on_refresh`` policies. The SVD basis is the twin's own
 ``torch.linalg.svd``; the rsvd, dct and random bases come from the same pure functions as the engine
 (:mod:`gradproj.projection.bases`), as do switching's seeded draws; those have their own identity tests.
@@ -21,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -41,6 +43,7 @@ from ..projection.sides import resolve_side
 from ..rules import quant
 from .reference_cosmos import cosmos_direction
 from .reference_spikes import stable_spam
+from .reference_weight_norm import normalized_step
 
 
 def _basis(g: Tensor, rank: int, side: str, projector: str, seed: int, t: int, cfg: dict[str, Any]):  # type: ignore[no-untyped-def]
@@ -130,7 +133,7 @@ class ReferenceOptimizer:
             "af_eps": (1e-30, 1e-3), "clip_threshold": 1.0, "decay_rate": -0.8, "beta1": None,
             "scale_parameter": True, "relative_step": True, "warmup_init": False, "spike_policy": "none",
             "spam_gamma1": 0.7, "spam_gamma2": 0.9, "spam_theta": 0.999, "spam_reset_gap": 1000,
-            "muon_scale": 0.2, "nesterov": False, **cfg,
+            "muon_scale": 0.2, "nesterov": False, "weight_norm": False, **cfg,
         }  # fmt: skip
         self.state: list[dict[str, Any]] = [{"t": 0, "k": 0} for _ in params]
 
@@ -271,6 +274,12 @@ class ReferenceOptimizer:
             if "rank" not in self.cfg:
                 u, alpha = self._direction(s, g, w, full_rank=True)
                 delta = u
+            elif self.cfg["weight_norm"]:  # GradNormLoRP: the projected step moves the direction
+                assert self.lr is not None, "weight_norm=True runs Adam rules, which have a learning rate"
+                projected = functools.partial(self._projected, s=s, seed=seed, phase=phase)
+                w.copy_(normalized_step(w, g, s, self.cfg, self.lr, projected))
+                s["t"] += 1
+                continue
             else:
                 delta, alpha = self._projected(w, g, s, seed, phase)
             lr_decay = self.lr if self.lr is not None else alpha

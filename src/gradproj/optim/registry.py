@@ -201,6 +201,11 @@ _ENTRIES = (
            lr=3e-2, other_lr=3e-2),
     Method(name="cosmos", kind="preset", summary="COSMOS: SOAP in a tracked leading subspace, Muon on the rest",
            preset="cosmos", lr=1e-3, other_lr=3e-2),
+    Method(name="gradnorm_lorp", kind="preset",
+           summary="GradNormLoRP: GaLore on the direction of each weight-normalised row", preset="gradnorm_lorp",
+           refresh=_OURS, eight_bit="gradnorm_lorp8bit"),
+    Method(name="gradnorm_lorp8bit", kind="preset", summary="GradNormLoRP, 8-bit moments", preset="gradnorm_lorp8bit",
+           refresh=_OURS),
     # bench variants: a method above with one option fixed
     *(
         Method(name=f"galore_adamw+{v}", kind="preset", summary=f"GaLore, {k}={v}", preset="galore_adamw",

@@ -13,6 +13,9 @@ Where the matrix lives (one process, FSDP2 rows, ...) is the context's placement
 3. the update is ``combine(G, R, u)`` (GaLore's ``scale * up(u)``, plus Fira's or APOLLO's terms);
 4. decoupled decay ``W *= 1 - lr * weight_decay``, then ``W -= s * update``.
 
+A weight-normalised group (``weight_norm=True``, GradNormLoRP: :mod:`gradproj.optim.weight_norm`) runs
+steps 1-3 on the direction ``v`` of ``W = g v / ||v||`` and its gradient, then steps ``g`` and rebuilds ``W``.
+
 Probes (:class:`StepProbe`, e.g. :class:`gradproj.dynamics.Dynamics`) see refreshes and sampled steps.
 """
 
@@ -29,7 +32,7 @@ from ..projection.projectors import Layout, Projector
 from ..projection.rotate import rotate_first, rotate_second
 from ..projection.sides import low_rank_shape, project_down
 from ..rules.base import UpdateRule
-from . import adaptive
+from . import adaptive, weight_norm
 from .placement import Local
 from .precision import widen
 from .ranks import auto_rank, resized
@@ -167,6 +170,8 @@ def init_state(ctx: ProjectedContext, weight: Tensor) -> None:
     state.update(initial_counters(ctx))
     if adaptive.adaptive(ctx.group):
         state.update(adaptive.initial_energy(weight.device))
+    if weight_norm.normalized(ctx.group):
+        weight_norm.init_state(state, weight, ctx.name)
     with ctx.placement.local_state(state, ctx.low_shape, ctx.replicated) as plain:
         ctx.rule.init_state(plain, ctx.placement.moment_shape(ctx.layout), weight, full_shape=ctx.low_shape)
 
@@ -221,9 +226,28 @@ def fresh_basis(ctx: ProjectedContext, grad: Tensor) -> Bases:
 def projected_step(ctx: ProjectedContext, weight: Tensor, grad: Tensor | None, low: Tensor | None = None) -> None:
     """Step ``weight`` (this process's part of it) with its gradient ``grad``, or with ``low``, the
     projected gradient summed over micro-batches (layer-wise accumulation, between refreshes)."""
-    state, group, layout, place = ctx.state, ctx.group, ctx.layout, ctx.placement
+    state = ctx.state
     if "step" not in state:
         init_state(ctx, weight)
+    if not weight_norm.normalized(ctx.group):
+        update, step_size = low_rank_update(ctx, weight, grad, low)
+        decay(weight, ctx.group, step_size)
+        weight.add_(update, alpha=-step_size)
+    else:  # GradNormLoRP: the projected step moves the direction v of W = g v / ||v||; then g, then W
+        assert grad is not None, "a weight-normalised matrix always takes its full gradient (needs_full_gradient)"
+        direction, grad_direction, grad_magnitude = weight_norm.split(weight, grad, state)
+        update, step_size = low_rank_update(ctx, direction, grad_direction, None)
+        direction.add_(update, alpha=-step_size)
+        weight_norm.recompose(weight, direction, grad_magnitude, state, ctx.group, state["step"] + 1)
+    state["step"] += 1
+
+
+def low_rank_update(
+    ctx: ProjectedContext, weight: Tensor, grad: Tensor | None, low: Tensor | None
+) -> tuple[Tensor, float]:
+    """Steps 1-3: refresh the basis when due, advance the rule on ``R`` and return ``(update, step_size)``
+    for ``weight -= step_size * update`` (``low``: ``R`` itself, summed over micro-batches)."""
+    state, group, layout, place = ctx.state, ctx.group, ctx.layout, ctx.placement
     bases = ctx.bases()
     probe = ctx.probe if ctx.probe is not None and ctx.probe.wants(state["step"]) else None
     if low is None:
@@ -247,9 +271,7 @@ def projected_step(ctx: ProjectedContext, weight: Tensor, grad: Tensor | None, l
     if probe is not None:
         # the residual term's norm after the limiter (Fira, APOLLO, Alice's compensation): the limiter's state
         probe.sampled(ctx.name, state["step"], weight, grad, low, update, step_size, phi, state.get("residual_norm"))
-    decay(weight, group, step_size)
-    weight.add_(update, alpha=-step_size)
-    state["step"] += 1
+    return update, step_size
 
 
 def decay(weight: Tensor, group: dict[str, Any], step_size: float) -> None:

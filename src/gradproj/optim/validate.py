@@ -13,6 +13,7 @@ from ..rules.base import UpdateRule
 from .adaptive import AUTO
 from .ranks import AUTO_RANK, RANKED_PROJECTORS, auto_rank
 from .residual import RESIDUALS, SCALE_TYPES
+from .weight_norm import RULES as WEIGHT_NORM_RULES
 
 ON_REFRESH = ("keep", "reset", "rotate")
 NONFINITE = ("skip", "raise", "checked")
@@ -50,8 +51,8 @@ def check_common(group: dict[str, Any]) -> None:
         _float_at_least("eps", group["eps"], 0.0)
 
 
-def check_projection(group: dict[str, Any]) -> None:
-    """Keys of a group that has ``rank``."""
+def check_projection(group: dict[str, Any], rule: str | None = None) -> None:
+    """Keys of a group that has ``rank`` (``rule``: the name of the rule its ``R`` runs, when known)."""
     check_rank(group)
     check_gap(group)
     _check_refresh_offset(group["refresh_offset"], group["update_proj_gap"])
@@ -67,6 +68,11 @@ def check_projection(group: dict[str, Any]) -> None:
     _int_at_least("seed", group["seed"], 0)
     _check_alice_keys(group)
     _check_combination(group)
+    if rule is not None and group["weight_norm"] and rule not in WEIGHT_NORM_RULES:
+        raise ValueError(
+            f"weight_norm=True steps each row's magnitude with Adam's betas and eps; the {rule} rule has none "
+            f"(use one of {WEIGHT_NORM_RULES}: GradNormLoRP, GradNormLoRP8bit)"
+        )
 
 
 def check_rank(group: dict[str, Any]) -> None:
@@ -132,7 +138,7 @@ def _fraction(key: str, value: Any) -> None:
 
 def _check_alice_keys(group: dict[str, Any]) -> None:
     """Switching, tracking, compensation, bias correction and the group's own rule."""
-    for key in ("switching", "bias_correction", "nesterov"):
+    for key in ("switching", "bias_correction", "nesterov", "weight_norm"):
         if not isinstance(group[key], bool):
             raise ValueError(f"{key}={group[key]!r} is not valid; expected True or False")
     if group["leading_basis"] is not None:
@@ -177,6 +183,24 @@ def combination_error(group: dict[str, Any]) -> str | None:
             return error
     if group["residual"] == "alice" and projector == "identity":
         return "residual='alice' compensates what a basis discards; projector='identity' discards nothing"
+    if group["weight_norm"]:
+        return _weight_norm_error(group)
+    return None
+
+
+def _weight_norm_error(group: dict[str, Any]) -> str | None:
+    """GradNormLoRP is GaLore on the direction of a weight-normalised matrix: no residual policy on it, and no
+    ranks planned from ``G`` (the direction has its own gradient)."""
+    if group["residual"] != "none":
+        return (
+            f"weight_norm=True runs GaLore's step on each row's direction; residual={group['residual']!r} on the "
+            "direction is not built (use residual='none')"
+        )
+    if group.get("rank") == AUTO_RANK:
+        return (
+            "weight_norm=True is not supported with rank='auto' (its ranks are planned from G, not from the "
+            "direction's gradient; use an integer rank)"
+        )
     return None
 
 
@@ -233,6 +257,8 @@ def sharding_blocker(group: dict[str, Any], rule: UpdateRule) -> str | None:
         return None
     if group["rank"] == AUTO_RANK:
         return "rank='auto' allocates ranks across the whole group on one process"
+    if group.get("weight_norm"):
+        return "weight_norm=True rebuilds each matrix from its rows' magnitudes on one process"
     rotates = group["on_refresh"] == "rotate" and get_projector(group["projector"]).changes_basis
     if rule.name == "racs" and rotates:
         return "the racs rule refits its row and column scalings from all rows at a rotation (use on_refresh='keep')"
