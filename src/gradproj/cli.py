@@ -11,6 +11,7 @@ gradproj bench refresh                # svd vs rsvd vs dct vs random basis refre
 gradproj report RUN_DIR [RUN_B]       # HTML page of a run's loss and training dynamics
 gradproj generate RUN_DIR --prompt "ROMEO:"   # text from the model a run trained (RUN_DIR/model)
 gradproj export CHECKPOINT --out DIR  # any checkpoint as a Hugging Face folder
+gradproj compress RUN_DIR --ratio 0.5 OUT   # WeLore: non-uniform ranks from the weights' spectra
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import sys
 
 from .bench.cli import add_parsers as add_bench_parsers
 from .bench.cli import run as run_bench
+from .compress_cli import add_parser as add_compress_parser
+from .compress_cli import run as run_compress
 from .memory_cli import add_parser as add_memory_parser
 from .memory_cli import run as run_memory
 from .report import add_parser as add_report_parser
@@ -44,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parsers(sub)
     add_memory_parser(sub)
     add_export_parser(sub)
+    add_compress_parser(sub)
     add_generate_parser(sub)
     add_bench_parsers(sub)
     add_report_parser(sub)
@@ -62,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_export(args)
     if args.command == "generate":
         return run_generate(args)
+    if args.command == "compress":
+        return run_compress(args)
     return run_bench(args)
 
 

@@ -1,6 +1,6 @@
-"""The report's figures of each run's schedule: when every layer refreshed its basis, the rank it held, and
-when the gradient policy clipped entries and reset the moments (:mod:`gradproj.optim.spikes`), with the
-helpers every report figure uses.
+"""The report's figures of each run's schedule: when every layer refreshed its basis, the rank it held,
+when the gradient policy clipped entries and reset the moments (:mod:`gradproj.optim.spikes`) and, for a
+``--welore`` run, the weight spectra it started from; with the helpers every report figure uses.
 
 Example:
     >>> from types import SimpleNamespace
@@ -13,7 +13,9 @@ Example:
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .bench.plots import pyplot
@@ -128,6 +130,45 @@ def policy_figure(run: Run) -> bytes | None:
     return png_bytes(fig)
 
 
+def welore_manifest(run: Run) -> dict[str, Any] | None:
+    """The ``welore.json`` of the compressed model a ``--welore`` run fine-tuned (None for any other run)."""
+    if not run.config.get("welore"):
+        return None
+    from .train.export import model_folder
+    from .welore import MANIFEST
+
+    path = Path(model_folder(str(run.config["model"]))) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None  # type: ignore[no-any-return]
+
+
+def spectra_figure(run: Run) -> bytes | None:
+    """Each matrix's singular values (over its largest, against the share of its rank): the low-rank components
+    a ``--welore`` run trained in red with a dot at the rank they keep, the dense ones in grey."""
+    data = welore_manifest(run)
+    if data is None:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(9, 4))
+    matrices = [m for _, m in sorted(data["matrices"].items(), key=lambda item: layer_order(item[0]))]
+    for m in matrices:
+        values = [v / m["singular_values"][0] for v in m["singular_values"]]
+        share = [i / len(values) for i in range(len(values))]
+        if m["low_rank"]:
+            ax.plot(share, values, "-", color="C3", lw=0.8, alpha=0.7)
+            ax.plot(share[m["rank"] - 1], values[m["rank"] - 1], "o", color="C3", ms=3)
+        else:
+            ax.plot(share, values, "--", color="0.6", lw=0.8, alpha=0.7)
+    lrcs = sum(m["low_rank"] for m in matrices)
+    ax.set(xlabel="direction / rank", ylabel="singular value / largest", yscale="log")
+    ax.set_title(
+        f"{run.name}: {lrcs} of {len(matrices)} matrices are low-rank components (red, dot: the rank kept; "
+        f"{data['method']}, {data['matrix_parameters']['kept']:.2f} of the parameters)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    return png_bytes(fig)
+
+
 #: the per-run figures of the refresh schedule: (file name, title, figure, note)
 SCHEDULE_FIGURES: tuple[tuple[str, str, Callable[[Run], bytes | None], str], ...] = (
     (
@@ -150,5 +191,13 @@ SCHEDULE_FIGURES: tuple[tuple[str, str, Callable[[Run], bytes | None], str], ...
         policy_figure,
         "--spike-policy stable_spam: entries above the running mean of each gradient's maxima are clipped "
         "onto it (red: how many per logged interval, over every tensor); dashed: the moments were reset.",
+    ),
+    (
+        "spectra",
+        "Weight spectra and low-rank components",
+        spectra_figure,
+        "--welore: each matrix's singular values as gradproj compress found them. WeLore keeps, in every matrix, "
+        "the directions above one threshold of the normalised spectrum; a matrix whose factors are then smaller "
+        "than itself is a low-rank component (red) and only those trained; the rest stayed dense and frozen.",
     ),
 )

@@ -162,6 +162,8 @@ BLOCK_KINDS = (
     "adaptive_verdict",
     "policy",
     "policy_verdict",
+    "welore",
+    "welore_finetune",
 )
 
 
@@ -204,6 +206,10 @@ def render_block(kind: str, records: list[dict[str, Any]]) -> str:
         from .policy import policy_table, policy_verdict
 
         return policy_table(records) if kind == "policy" else policy_verdict(records)
+    if kind in ("welore", "welore_finetune"):
+        from .welore import compression_table, finetune_table
+
+        return compression_table(records) if kind == "welore" else finetune_table(records)
     raise ValueError(f"unknown block kind {kind!r}; valid: {BLOCK_KINDS}")
 
 

@@ -22,6 +22,7 @@ from ..projection.projectors import get_projector, layout_of
 from ..projection.sides import low_rank_shape
 from ..rules import make_rule
 from ..rules.limiter import limiter_bytes
+from ..welore import LowRankLinear
 from . import weight_norm
 from .adaptive import adaptive
 from .defaults import PROJECTION_DEFAULTS
@@ -54,7 +55,8 @@ def _matches(module_name: str, target: Target) -> bool:
 def target_weights(
     model: nn.Module, target: Target = ATTENTION_AND_MLP, exclude: Sequence[str] = DEFAULT_EXCLUDE
 ) -> dict[str, torch.Tensor]:
-    """The 2-D ``weight`` of every ``nn.Linear`` whose qualified name matches ``target``, by parameter name.
+    """The 2-D ``weight`` of every ``nn.Linear`` whose qualified name matches ``target``, by parameter name; a
+    low-rank component under fine-tuning (:class:`gradproj.welore.LowRankLinear`) gives its two factors.
 
     Raises:
         ValueError: naming every list entry (or the pattern) that matches no linear module outside
@@ -63,7 +65,7 @@ def target_weights(
     linears = {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and not any(re.search(pattern, name) for pattern in exclude)
+        if isinstance(module, (nn.Linear, LowRankLinear)) and not any(re.search(pattern, name) for pattern in exclude)
     }
     if isinstance(target, str):
         entries, unmatched = [target], [] if any(_matches(n, target) for n in linears) else [target]
@@ -77,7 +79,13 @@ def target_weights(
         raise ValueError(
             f"target_modules={target!r}{which} matched no nn.Linear weight (excluding {list(exclude)}); {listing}"
         )
-    return {f"{name}.weight" if name else "weight": m.weight for name, m in linears.items() if _matches(name, target)}
+    weights = {}
+    for name, module in linears.items():
+        if _matches(name, target):
+            prefix = f"{name}." if name else ""
+            factors = ("up", "down") if isinstance(module, LowRankLinear) else ("weight",)
+            weights.update({prefix + f: getattr(module, f) for f in factors})
+    return weights
 
 
 def param_groups(

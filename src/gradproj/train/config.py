@@ -103,6 +103,13 @@ class TrainConfig:
         minimum=1,
         group=LOOP,
     )
+    welore: bool = option(
+        False,
+        help="train only the low-rank components' factors of a model `gradproj compress` wrote (WeLore; given as "
+        "--init-from, or --model with --task causal-lm), every other weight frozen; the exported model has the "
+        "factors merged back",
+        group=DATA,
+    )
     layerwise: bool = option(
         False,
         help="step each parameter inside backward: gradient memory of about one layer; clipping bounds by the "
@@ -210,10 +217,20 @@ class TrainConfig:
                 f"--bf16-update {self.bf16_update} needs --dtype bf16 (with --dtype {self.dtype} every update is "
                 "added in full precision); drop --bf16-update or add --dtype bf16"
             )
+        if self.welore:
+            self._check_welore()
         if self.fsdp:
             self._check_fsdp()
         elif self.fsdp_replicate > 1:
             raise ValueError(f"--fsdp-replicate {self.fsdp_replicate} needs --fsdp (it replicates FSDP2 shards)")
+
+    def _check_welore(self) -> None:
+        """What ``--welore`` needs: a compressed model to start from (the task's) and one of our optimizers."""
+        if self.optim.method.peer:
+            raise ValueError(
+                f"--welore with --optimizer {self.optim.method.name}: the components' factors train with one of "
+                "gradproj's optimizers or adamw"
+            )
 
     def _check_fsdp(self) -> None:
         """What FSDP2 does not combine with, named with what to use instead."""
@@ -338,6 +355,14 @@ class PretrainConfig(TrainConfig):
         65_536, help="held-out tokens per evaluation (fixed windows, the same every time)", minimum=2, group=DATA
     )
 
+    def _check_welore(self) -> None:
+        super()._check_welore()
+        if not self.init_from:
+            raise ValueError(
+                "--welore continues pre-training the low-rank components of a model `gradproj compress` wrote; "
+                "give it as --init-from COMPRESSED"
+            )
+
     @property
     def model_name(self) -> str:
         """The architecture: ``model``, else ``init_from``'s (its config), else :data:`DEFAULT_MODEL`."""
@@ -389,3 +414,11 @@ class FinetuneConfig(TrainConfig):
     )
     max_length: int = option(128, help="tokens per example (truncated)", minimum=8, group=DATA)
     eval_examples: int = option(0, help="held-out examples per evaluation (0: all)", minimum=0, group=DATA)
+
+    def _check_welore(self) -> None:
+        super()._check_welore()
+        if self.task != "causal-lm":
+            raise ValueError(
+                f"--welore with --task {self.task}: it fine-tunes the low-rank components of a causal LM that "
+                "`gradproj compress` wrote; use --task causal-lm --model COMPRESSED"
+            )

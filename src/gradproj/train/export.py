@@ -44,7 +44,11 @@ def model_folder(name: str) -> str:
 
 def write_model_folder(model: nn.Module, tokenizer: Any, out: Path) -> Path:
     """``model`` (a transformers model) and ``tokenizer`` as a Hugging Face folder at ``out``, written to
-    a temporary folder and renamed into place (an interrupted export leaves the previous one whole)."""
+    a temporary folder and renamed into place (an interrupted export leaves the previous one whole). Low-rank
+    components fine-tuned as factors (``--welore``) are merged into their dense weights first, in place."""
+    from ..welore import merge
+
+    merge(model)
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -99,16 +103,29 @@ def _skeleton(path: Path, meta: dict[str, Any]) -> nn.Module:
     with torch.device("meta"):
         if config.get("kind") == "PretrainConfig":
             name = task.get("model") or config["model"]  # the architecture the run resolved (--init-from's)
-            return build_causal_lm(name, vocab_size=task["vocab_size"], seq_len=config["seq_len"])
+            model = build_causal_lm(name, vocab_size=task["vocab_size"], seq_len=config["seq_len"])
+            return _factored(model, config, config.get("init_from"))
         if config.get("kind") == "FinetuneConfig" and config.get("task") == "causal-lm":
             from transformers import AutoModelForCausalLM
 
-            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(task["model_path"]))  # type: ignore[no-any-return]
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(task["model_path"]))
+            return _factored(model, config, task["model_path"])
         if config.get("kind") == "FinetuneConfig":
             labels = task["labels"]
             hf_config = AutoConfig.from_pretrained(task["model_path"], **label_names(labels))
             return AutoModelForSequenceClassification.from_config(hf_config)  # type: ignore[no-any-return]
     raise CheckpointError(f"checkpoint {path}: a {config.get('kind')} run; export takes pretrain and finetune runs")
+
+
+def _factored(model: nn.Module, config: dict[str, Any], compressed: str | None) -> nn.Module:
+    """A ``--welore`` run's skeleton holds the factors its checkpoints hold, shaped by the compressed model's ranks."""
+    if not config.get("welore"):
+        return model
+    from ..welore import factorize
+    from .models import welore_ranks_of
+
+    factorize(model, welore_ranks_of(str(compressed), "the run's compressed model"))
+    return model
 
 
 def label_names(labels: list[str]) -> dict[str, Any]:

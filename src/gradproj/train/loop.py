@@ -218,8 +218,9 @@ class Trainer:
             if dynamics is not None:
                 self.dynamics.load_state_dict(dynamics)
         # the first step with optimizer state: the second of a new run, the next one of a resumed run
-        # (peers' frozen adapters and tensor subclasses are beyond MemTracker: their runs record the plan only)
-        if not spec.method.peer:
+        # (frozen parameters, as peers' adapters and --welore leave, and tensor subclasses are beyond MemTracker:
+        # such runs record the plan only)
+        if not spec.method.peer and all(p.requires_grad for p in model.parameters()):
             self.memory = StepMemoryMeter(device, progress.step + (2 if progress.step == 0 and cfg.steps >= 2 else 1))
         self._write_run_files()
         return model, optimizer, scheduler, progress

@@ -153,6 +153,15 @@ def load_causal_lm_weights(name: str, *, model: str | None, vocab_size: int, seq
     return loaded
 
 
+def welore_ranks_of(name: str, flag: str) -> dict[str, int]:
+    """Module name -> rank of every low-rank component of the compressed model at ``name`` (a run folder or a
+    model folder ``gradproj compress`` wrote); refused, naming ``flag``, when it has none."""
+    from ..welore import low_rank_components, read_manifest
+    from .export import model_folder
+
+    return low_rank_components(read_manifest(model_folder(name), f"{flag} {name}"))
+
+
 def enable_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each transformer block in backward (transformers' own mechanism, non-reentrant
     ``torch.utils.checkpoint``): only the blocks' inputs are kept from the forward."""

@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..welore import factorize
 from .config import PretrainConfig
 from .loop import Trainer
-from .models import build_causal_lm, load_causal_lm_weights
+from .models import build_causal_lm, load_causal_lm_weights, welore_ranks_of
 from .parallel import rank_zero_first
 from .progress import RunResult
 from .text import PretrainData, prepare_pretrain_data
@@ -33,12 +34,18 @@ class PretrainTask:
         self.data = data or prepare_pretrain_data(config.data, config.tokenizer_name, config.vocab_size, config.seq_len)
         count = min(config.eval_tokens // config.seq_len, self.data.validation.windows)
         self.eval_windows = torch.stack([self.data.validation.window(i) for i in range(max(1, count))])
+        #: --welore: module name -> rank of every low-rank component of --init-from (gradproj compress's welore.json)
+        self.low_rank = welore_ranks_of(str(config.init_from), "--init-from") if config.welore else None
 
     def build_model(self) -> nn.Module:
         cfg, vocab = self.config, self.data.tokenizer.vocab_size
-        if cfg.init_from:  # continued pre-training from real weights
-            return load_causal_lm_weights(cfg.init_from, model=cfg.model, vocab_size=vocab, seq_len=cfg.seq_len)
-        return build_causal_lm(cfg.model_name, vocab_size=vocab, seq_len=cfg.seq_len)
+        if not cfg.init_from:
+            return build_causal_lm(cfg.model_name, vocab_size=vocab, seq_len=cfg.seq_len)
+        # continued pre-training from real weights (--welore: only the low-rank components' factors train)
+        model = load_causal_lm_weights(cfg.init_from, model=cfg.model, vocab_size=vocab, seq_len=cfg.seq_len)
+        if self.low_rank is not None:
+            factorize(model, self.low_rank)
+        return model
 
     def batch(self, position: int, size: int) -> dict[str, torch.Tensor]:
         return {"tokens": self.data.train.batch(position, size, self.config.seed)}  # batch x (seq_len + 1)

@@ -24,11 +24,12 @@ import torch
 from torch import nn
 
 from ..data.embedded import load_bbc_news
+from ..welore import factorize
 from .checkpoint import error_reason
 from .config import FinetuneConfig
 from .export import model_folder
 from .finetune import stratified_split
-from .models import pretrained_causal_lm, quiet_transformers
+from .models import pretrained_causal_lm, quiet_transformers, welore_ranks_of
 from .sft_data import IGNORE, Pair, answer_text, bbc_pairs, chat_template_of, read_jsonl, tokenize_pairs
 from .text import _permutation
 
@@ -57,6 +58,8 @@ class CausalLMTask:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         except Exception as error:
             raise ValueError(f"--model {config.model}: no tokenizer ({error_reason(error)})") from None
+        #: --welore: module name -> rank of every low-rank component (gradproj compress's welore.json)
+        self.low_rank = welore_ranks_of(config.model, "--model") if config.welore else None
         train, held, self.source = self._pairs(config)
         self.train = tokenize_pairs(self.tokenizer, train, config.max_length)
         self.held_out = tokenize_pairs(self.tokenizer, held[: config.eval_examples or None], config.max_length)
@@ -81,7 +84,10 @@ class CausalLMTask:
         return train, [pairs[i] for i in digest if i in held], f"{config.data} ({len(held)} held out)"
 
     def build_model(self) -> nn.Module:
-        return pretrained_causal_lm(self.model_path, f"--model {self.config.model}")
+        model = pretrained_causal_lm(self.model_path, f"--model {self.config.model}")
+        if self.low_rank is not None:  # WeLore-PEFT: the components' factors train, everything else is frozen
+            factorize(model, self.low_rank)
+        return model
 
     def batch(self, position: int, size: int) -> dict[str, torch.Tensor]:
         n = len(self.train)

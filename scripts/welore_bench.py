@@ -1,0 +1,90 @@
+"""WeLore on a model gradproj trained: compression at several sizes, WeLore's non-uniform ranks against
+uniform-rank SVD truncation at the same size (held-out perplexity of each), then continued pre-training
+of the WeLore-compressed model with only its low-rank components' factors trained (``--welore``) against
+full fine-tuning (every weight), AdamW, each at its best rate over a sweep, then several seeds.
+
+    gradproj pretrain --model llama-20m --steps 2000 --out runs/welore-base
+    python scripts/welore_bench.py runs/welore-base docs/records/welore_llama20m_cpu.jsonl
+
+Appends one record per compression and per fine-tuning run; docs/BENCHMARKS.md's tables are generated from
+them (``gradproj bench docs docs/BENCHMARKS.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from gradproj.compress_cli import compress
+from gradproj.optim.build import OptimizerSpec
+from gradproj.train import PretrainConfig, pretrain
+
+
+def save(record: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Append ``record`` to the records file at once (a long run that stops keeps what it measured)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)
+    return record
+
+
+def compressions(base: str, work: Path, ratios: list[float], seq_len: int, out: Path) -> None:
+    for ratio in ratios:
+        for method in ("welore", "uniform"):
+            out = work / f"{method}-{ratio}"
+            args = argparse.Namespace(model=base, out=str(out), ratio=ratio, method=method, data=None,
+                                      seq_len=seq_len, eval_tokens=65536)  # fmt: skip
+            data = compress(args)
+            matrices = data["matrices"].values()
+            save({
+                "kind": "compress", "model": base, "method": method, "ratio": ratio,
+                "kept": data["matrix_parameters"]["kept"], "low_rank": sum(m["low_rank"] for m in matrices),
+                "matrices": len(matrices), "ppl_before": data["heldout_ppl"]["before"],
+                "ppl_after": data["heldout_ppl"]["after"],
+            }, out)  # fmt: skip
+
+
+def finetune_run(compressed: Path, welore: bool, lr: float, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    config = PretrainConfig(
+        init_from=str(compressed), welore=welore, optim=OptimizerSpec(name="adamw", lr=lr, other_lr=lr),
+        steps=args.steps, batch_size=16, seq_len=args.seq_len, eval_every=0, seed=seed,
+        out=str(args.work / f"ft-{'lrc' if welore else 'full'}-{lr}-{seed}"),
+    )  # fmt: skip
+    config = replace(config, save_every=0, checkpoints=False, export=False, progress=False, tensorboard=False)
+    result = pretrain(config)
+    return save({
+        "kind": "finetune", "model": str(compressed), "mode": "lrc" if welore else "full", "lr": lr, "seed": seed,
+        "steps": args.steps, "loss": result.final_eval["loss"], "ppl": result.final_eval["ppl"],
+        "optimizer_state_bytes": result.summary["optimizer_state_bytes"],
+        "trainable": sum(p.numel() for p in result.model.parameters() if p.requires_grad),
+        "seconds": result.summary["seconds"],
+    }, args.out)  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("base", help="a gradproj pretrain run folder")
+    parser.add_argument("out", type=Path, help="records file (appended)")
+    parser.add_argument("--work", type=Path, default=Path("runs/welore-bench"))
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5, 0.7])
+    parser.add_argument("--ratio", type=float, default=0.5, help="the compressed model that is fine-tuned")
+    parser.add_argument("--rates", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 3e-3])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seq-len", type=int, default=128)
+    args = parser.parse_args()
+    compressions(args.base, args.work, args.ratios, args.seq_len, args.out)
+    compressed = args.work / f"welore-{args.ratio}"
+    for welore in (False, True):
+        sweep = [finetune_run(compressed, welore, lr, args.seeds[0], args) for lr in args.rates]
+        best = min(sweep, key=lambda r: r["loss"])["lr"]
+        for seed in args.seeds[1:]:
+            finetune_run(compressed, welore, best, seed, args)
+
+
+if __name__ == "__main__":
+    main()
