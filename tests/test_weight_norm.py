@@ -6,6 +6,7 @@ as it was (nothing to merge at export), and the inputs it refuses."""
 from __future__ import annotations
 
 import zlib
+from typing import Any
 
 import pytest
 import torch
@@ -77,31 +78,33 @@ def test_equals_torch_weight_norm_trained_with_galore(proj_type: str) -> None:
     assert not any(parametrize.is_parametrized(m) for m in ours.modules())  # nothing to merge before export
 
 
+def engine_and_twin(
+    preset: str, group: dict[str, Any], shapes: list[tuple[int, int]] = SHAPES, dtype: torch.dtype = torch.float64
+) -> tuple[list[torch.Tensor], torch.optim.Optimizer, ReferenceOptimizer]:
+    """The preset and its twin (which keeps ``v`` and ``g`` itself) on the same starting weights."""
+    spec = PRESET_SPECS[preset]
+    params = make_params(shapes, dtype)
+    names = [f"w{i}" for i in range(len(params))]
+    opt = build(preset, params, names, **group)
+    seeds = [derive_seed(0, zlib.crc32(n.encode())) for n in names]
+    twin = ReferenceOptimizer(
+        [p.detach().clone() for p in params], rule=spec["rule"], residual="none", lr=1e-2, seeds=seeds,
+        **{**spec["twin"], **group},
+    )  # fmt: skip
+    return params, opt, twin
+
+
 @pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right", "full"])
 def test_every_side_matches_the_twin(proj_type: str) -> None:
     group = {"rank": 6, "update_proj_gap": 4, "proj_type": proj_type, "on_refresh": "rotate", "weight_decay": 0.05}
-    params = make_params(SHAPES)
-    twin_params = [p.detach().clone() for p in params]
-    names = [f"w{i}" for i in range(len(params))]
-    opt = build("gradnorm_lorp", params, names, **group)
-    seeds = [derive_seed(0, zlib.crc32(n.encode())) for n in names]
-    twin = ReferenceOptimizer(
-        twin_params, rule="adam", residual="none", lr=1e-2, seeds=seeds, weight_norm=True, **group
-    )
+    params, opt, twin = engine_and_twin("gradnorm_lorp", group)
     step_beside(opt, twin, params, grad_stream(params, 10), 1e-10)
 
 
 def test_with_stable_spam_matches_the_twin() -> None:
     """The gradient policy clips ``G`` before the reparametrisation reads it (and resets ``R``'s moments only)."""
     group = {"rank": 6, "update_proj_gap": 4, "spike_policy": "stable_spam", "spam_reset_gap": 5}
-    params = make_params(SHAPES)
-    twin_params = [p.detach().clone() for p in params]
-    names = [f"w{i}" for i in range(len(params))]
-    opt = build("gradnorm_lorp", params, names, **group)
-    seeds = [derive_seed(0, zlib.crc32(n.encode())) for n in names]
-    twin = ReferenceOptimizer(
-        twin_params, rule="adam", residual="none", lr=1e-2, seeds=seeds, weight_norm=True, **group
-    )
+    params, opt, twin = engine_and_twin("gradnorm_lorp", group)
     stream = grad_stream(params, 12)
     stream[6] = [10 * g for g in stream[6]]  # a spike for AdaClip to catch
     step_beside(opt, twin, params, stream, 1e-10)
@@ -110,16 +113,8 @@ def test_with_stable_spam_matches_the_twin() -> None:
 def test_8bit_follows_the_twin_with_quantized_moments() -> None:
     """In float32 the engine's ``v`` (rebuilt from ``W``) and the twin's differ in the last bits, which can move
     an 8-bit code one level: the weights are compared, at a bound far below one step (lr * scale = 2.5e-3)."""
-    spec = PRESET_SPECS["gradnorm_lorp8bit"]
-    names = ["w0"]
     group = {"rank": 8, "update_proj_gap": 4, "weight_decay": 0.01}
-    params = make_params([(80, 640)], torch.float32)  # R is 8 x 640: large enough to quantize
-    twin_params = [p.detach().clone() for p in params]
-    opt = build("gradnorm_lorp8bit", params, names, **group)
-    seeds = [derive_seed(0, zlib.crc32(n.encode())) for n in names]
-    twin = ReferenceOptimizer(
-        twin_params, rule="adam8bit", residual="none", lr=1e-2, seeds=seeds, **{**spec["twin"], **group}
-    )
+    params, opt, twin = engine_and_twin("gradnorm_lorp8bit", group, [(80, 640)], torch.float32)  # R: 8 x 640
     start = params[0].detach().clone()
     for grads in grad_stream(params, 12):
         params[0].grad = grads[0].clone()
