@@ -84,8 +84,9 @@ def test_factorize_is_exact_on_a_rank_k_weight_and_merge_restores_it() -> None:
     x = torch.randn(4, 16)
     before, weight = model(x), model[0].weight.detach().clone()
     trainable = factorize(model, {"0": 5})
-    assert isinstance(model[0], LowRankLinear) and trainable == 5 * (32 + 16)
-    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["0.up", "0.down"]
+    assert isinstance(model[0], LowRankLinear) and trainable == 5 * (32 + 16) + 32 + 8  # factors and biases
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["0.up", "0.down", "0.bias", "2.bias"]
+    assert not model[2].weight.requires_grad  # a matrix that is not a low-rank component is frozen
     torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
     merge(model)
     assert isinstance(model[0], nn.Linear)
@@ -154,15 +155,16 @@ def test_finetune_welore_trains_only_the_components_and_exports_them_merged(comp
     assert sorted(before) == sorted(after)  # the standard architecture again: factors merged
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     lrcs = {f"{n}.weight" for n, m in data["matrices"].items() if m["low_rank"]}
-    assert changed and changed <= lrcs  # embeddings, norms, head and dense matrices are frozen
-    for key in changed:  # each component stays at its rank
+    assert lrcs <= changed and changed - lrcs and all(before[k].dim() == 1 for k in changed - lrcs)  # and norms
+    for key in changed & lrcs:  # each component stays at its rank
         rank = data["matrices"][key.removesuffix(".weight")]["rank"]
         assert int(torch.linalg.matrix_rank(after[key].double(), rtol=1e-5)) <= rank
     summary = json.loads((out / "summary.json").read_text())
     lrc = [m for m in data["matrices"].values() if m["low_rank"]]
-    trainable = sum(m["rank"] * sum(m["shape"]) for m in lrc)
-    # AdamW's two float32 moments of the factors, and torch's float32 step count of each factor
-    assert summary["optimizer_state_bytes"] == 2 * 4 * trainable + 4 * 2 * len(lrc)
+    norms = [v for v in before.values() if v.dim() == 1]
+    trainable = sum(m["rank"] * sum(m["shape"]) for m in lrc) + sum(v.numel() for v in norms)
+    # AdamW's two float32 moments of the factors and norms, and torch's float32 step count of each tensor
+    assert summary["optimizer_state_bytes"] == 2 * 4 * trainable + 4 * (2 * len(lrc) + len(norms))
     exported = tmp_path / "exported"  # a checkpoint's factors export merged too
     assert main(["export", str(out / "checkpoints" / "step-00000002"), "--out", str(exported)]) == 0
     assert sorted(load_file(str(exported / "model.safetensors"))) == sorted(before)
@@ -179,8 +181,8 @@ def test_pretrain_welore_continues_only_the_components(compressed: Path, tmp_pat
     data = json.loads((compressed / "welore.json").read_text())
     before = load_file(str(compressed / "model.safetensors"))
     after = load_file(str(out / "model" / "model.safetensors"))
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and changed <= {f"{n}.weight" for n, m in data["matrices"].items() if m["low_rank"]}
+    changed = {k for k in before if not torch.equal(before[k], after[k]) and before[k].dim() == 2}
+    assert changed == {f"{n}.weight" for n, m in data["matrices"].items() if m["low_rank"]}  # embeddings frozen
     exported = tmp_path / "exported"
     assert main(["export", str(out), "--out", str(exported)]) == 0  # the newest checkpoint, merged
     torch.testing.assert_close(load_file(str(exported / "model.safetensors")), after, rtol=1e-6, atol=1e-6)
@@ -222,8 +224,10 @@ def test_finetune_table_compares_each_mode_with_full_fine_tunings_best_rate() ->
     records = [rec("full", 1e-3, s, 4.0 + s / 10, 8 * 2**20) for s in range(3)] + [rec("full", 3e-3, 0, 4.5, 8 * 2**20)]
     records += [rec("lrc", 1e-3, s, 4.2 + s / 10, 2**20) for s in range(3)]
     lines = finetune_table(records).splitlines()
-    assert lines[2].startswith("| every weight | 0.001 | 3 | 4.1000 | 4.0000 - 4.2000 | 1.0000 |")
-    assert lines[4].startswith("| low-rank components | 0.001 | 3 | 4.3000 | 4.2000 - 4.4000 | 1.0488 | 131,072 |")
+    assert lines[2].startswith("| every weight | 0.001 | 3 | 4.1000 | 4.0000 - 4.2000 | 1.0000 | - |")
+    assert lines[4].startswith(
+        "| low-rank components and norms (--welore) | 0.001 | 3 | 4.3000 | 4.2000 - 4.4000 | 1.0488 |"
+    )
     assert lines[4].endswith("| 1.00 | 0.125 |")  # a MiB of state, an eighth of full fine-tuning's
 
 

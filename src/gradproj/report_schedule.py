@@ -198,6 +198,6 @@ SCHEDULE_FIGURES: tuple[tuple[str, str, Callable[[Run], bytes | None], str], ...
         spectra_figure,
         "--welore: each matrix's singular values as gradproj compress found them. WeLore keeps, in every matrix, "
         "the directions above one threshold of the normalised spectrum; a matrix whose factors are then smaller "
-        "than itself is a low-rank component (red) and only those trained; the rest stayed dense and frozen.",
+        "than itself is a low-rank component (red); those trained, with the norms, and the dense ones stayed frozen.",
     ),
 )

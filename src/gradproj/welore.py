@@ -11,8 +11,9 @@ component** (LRC) and is replaced by its rank-``k`` truncation; the others (N-LR
 LRC at ``k (m + n)``; :func:`uniform_ranks` is the baseline at the same size: one rank fraction for every
 matrix (plain SVD truncation).
 
-Fine-tuning the LRCs alone (WeLore-PEFT) trains their two factors (:class:`LowRankLinear`) and freezes
-everything else; :func:`merge` turns the factors back into dense ``nn.Linear`` weights for export.
+Fine-tuning the LRCs alone (WeLore-PEFT) trains their two factors (:class:`LowRankLinear`) and the model's
+vectors (norms, biases), and freezes every other matrix: embeddings, head and the dense N-LRCs, as the authors'
+code does; :func:`merge` turns the factors back into dense ``nn.Linear`` weights for export.
 
 Example:
     >>> import torch
@@ -148,7 +149,7 @@ class LowRankLinear(nn.Module):
         super().__init__()
         self.up = nn.Parameter(up)  # m x k
         self.down = nn.Parameter(down)  # k x n
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias)
         self.in_features, self.out_features = int(down.shape[1]), int(up.shape[0])
 
     @property
@@ -166,8 +167,9 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 def factorize(model: nn.Module, ranks: dict[str, int], *, tolerance: float | None = 1e-3) -> int:
     """Replace each ``nn.Linear`` named in ``ranks`` (module names) by a :class:`LowRankLinear` of its rank-``k``
-    factors and freeze every other parameter; returns the number of trainable parameters. With a ``tolerance``,
-    a weight that is no longer rank ``k`` (its truncation loses more than that share of its norm) is refused."""
+    factors, which train with the vectors (norms, biases); every other matrix (embeddings, head, the dense ones)
+    is frozen, as in the authors' WeLore-PEFT. Returns the number of trainable parameters. With a ``tolerance``, a
+    weight that is no longer rank ``k`` (its truncation loses more than that share of its norm) is refused."""
     for name, rank in ranks.items():
         parent, leaf = _parent(model, name)
         linear = getattr(parent, leaf)
@@ -194,7 +196,7 @@ def factorize(model: nn.Module, ranks: dict[str, int], *, tolerance: float | Non
         setattr(parent, leaf, LowRankLinear(up.to(weight.dtype), down.to(weight.dtype), bias))
     for module in model.modules():
         for param_name, p in module.named_parameters(recurse=False):
-            p.requires_grad_(isinstance(module, LowRankLinear) and param_name in ("up", "down"))
+            p.requires_grad_(p.dim() == 1 or (isinstance(module, LowRankLinear) and param_name in ("up", "down")))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

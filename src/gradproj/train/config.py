@@ -105,9 +105,9 @@ class TrainConfig:
     )
     welore: bool = option(
         False,
-        help="train only the low-rank components' factors of a model `gradproj compress` wrote (WeLore; given as "
-        "--init-from, or --model with --task causal-lm), every other weight frozen; the exported model has the "
-        "factors merged back",
+        help="train only the low-rank components' factors (and the norms) of a model `gradproj compress` wrote "
+        "(WeLore; given as --init-from, or --model with --task causal-lm); embeddings, head and dense matrices are "
+        "frozen, and the exported model has the factors merged back",
         group=DATA,
     )
     layerwise: bool = option(

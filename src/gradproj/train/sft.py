@@ -85,7 +85,9 @@ class CausalLMTask:
 
     def build_model(self) -> nn.Module:
         model = pretrained_causal_lm(self.model_path, f"--model {self.config.model}")
-        if self.low_rank is not None:  # WeLore-PEFT: the components' factors train, everything else is frozen
+        if (
+            self.low_rank is not None
+        ):  # WeLore-PEFT: the components' factors and the norms train, other matrices are frozen
             factorize(model, self.low_rank)
         return model
 
