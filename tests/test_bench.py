@@ -176,6 +176,21 @@ def test_lr_from_runs_each_method_at_its_best_rates(data, tmp_path: Path, capsys
     assert [(r["lr_matrix"], r["lr_other"]) for r in rows] == [(3e-3, 1e-2)]
 
 
+def test_clip_reaches_every_run_and_a_bad_value_is_one_line(tmp_path: Path) -> None:
+    args = ["bench", "quality", "--model", "llama-1m", "--steps", "3", "--batch-size", "2", "--seq-len", "16"]
+    args += ["--rank", "4", "--methods", "adamw", "--lr-matrix", "1e-2", "--lr-other", "1e-2", "--no-isolate"]
+    runs = {}
+    for clip in ("1", "0"):
+        assert main([*args, "--clip", clip, "--out", str(tmp_path / clip)]) == 0
+        (runs[clip],) = read_records([tmp_path / clip])
+    assert runs["1"]["config"]["clip"] == 1.0 and runs["0"]["config"]["clip"] == 0.0
+    norms = [r["grad_norm"] for r in _metrics(Path(runs["0"]["run_dir"])) if r["kind"] == "train"]
+    assert norms[0] > 1.0  # so the default clipped the first step and --clip 0 did not
+    assert runs["1"]["losses"][0] == runs["0"]["losses"][0] and runs["1"]["losses"][1] != runs["0"]["losses"][1]
+    with pytest.raises(SystemExit, match=r"clip=-1.0 is not valid; expected a number >= 0"):
+        main([*args, "--clip", "-1", "--out", str(tmp_path / "bad")])
+
+
 def test_table_and_plots_from_records(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     records = [
         {

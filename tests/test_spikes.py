@@ -290,6 +290,8 @@ def test_the_sweep_table_counts_divergence_and_judges_the_best_rate() -> None:
     verdict = policy_verdict(records)
     assert verdict.startswith(f"{variant} diverged at no rate of 2 where {base} diverged at 1 (0.08)")
     assert "91.00 vs 81.00 (+12.3% of the mean), worse, beyond the seeds' spread (2.00)" in verdict
+    single = policy_verdict([r for r in records if r["config"]["seed"] == 1])  # type: ignore[index]
+    assert "91.00 vs 81.00 (+12.3% of the mean), one seed: no spread to judge the gap by." in single
     rows = policy_table(records).splitlines()
     assert f"| 0.08 | {base} | 3 | 3 | - | - | 50 |" in rows  # non-finite or above the unigram model: diverged
     assert f"| 0.08 | {variant} | 3 | 0 | 99.00 | 99.00 - 99.00 | 50 |" in rows

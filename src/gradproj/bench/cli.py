@@ -103,6 +103,13 @@ def add_parsers(sub: Any) -> None:
         default=None,
         help="sweep folders or record files: run each method once at its best rates",
     )
+    quality.add_argument(
+        "--clip",
+        type=float,
+        default=1.0,
+        help="global gradient-norm clip of every run, 0 = off (default 1.0, the trainer's); e.g. to see which "
+        "methods diverge without it",
+    )
     quality.add_argument("--shard", type=_shard, default=(0, 1), help="run only the I-th of N slices (I/N)")
     quality.add_argument(
         "--no-isolate", dest="isolate", action="store_false", help="run in this process (CPU peak RSS is then shared)"
@@ -187,18 +194,22 @@ def add_parsers(sub: Any) -> None:
 def _config(args: argparse.Namespace) -> Any:
     from .quality import bench_config
 
-    return bench_config(
-        model=args.model,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        rank=args.rank,
-        gap=args.gap,
-        seed=args.seed,
-        device=args.device,
-        eval_every=args.eval_every,
-        dynamics_every=args.dynamics_every,
-    )
+    try:
+        return bench_config(
+            model=args.model,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            rank=args.rank,
+            gap=args.gap,
+            seed=args.seed,
+            device=args.device,
+            eval_every=args.eval_every,
+            dynamics_every=args.dynamics_every,
+            **({"clip": args.clip} if "clip" in args else {}),
+        )
+    except ValueError as error:  # a run option out of range: one line, as every subcommand answers it
+        raise SystemExit(f"gradproj: {error}") from None
 
 
 def _out(args: argparse.Namespace) -> Path:

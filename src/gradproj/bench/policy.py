@@ -86,9 +86,11 @@ def policy_verdict(records: list[dict[str, Any]]) -> str:
         (a, a_low, a_high), (b, b_low, b_high) = _ppl(ours[best]), _ppl(theirs[best])
         width = max(a_high - a_low, b_high - b_low)
         judged = "no worse, within" if a - b <= width else "worse, beyond"
+        judgement = f"{judged} the seeds' spread ({width:.2f})"
+        if min(len(ours[best]), len(theirs[best])) < 2:  # no spread to hold the gap against
+            judgement = "one seed: no spread to judge the gap by"
         text += (
-            f"at {base}'s best rate {best:g}: {a:.2f} vs {b:.2f} ({100 * (a / b - 1):+.1f}% of the mean), "
-            f"{judged} the seeds' spread ({width:.2f})."
+            f"at {base}'s best rate {best:g}: {a:.2f} vs {b:.2f} ({100 * (a / b - 1):+.1f}% of the mean), {judgement}."
         )
         lines.append(text)
     return "\n".join(lines) or "no policy variant beside the method it varies"

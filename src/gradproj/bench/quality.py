@@ -53,10 +53,12 @@ def bench_config(
     eval_every: int = 0,
     eval_windows: int = 128,
     dynamics_every: int = 0,
+    clip: float = 1.0,
 ) -> PretrainConfig:
     """The ``gradproj pretrain`` config that every method of a comparison shares (each run sets its
     own method and rates): the paper's targets (attention and MLP), float32 (no autocast, on CUDA
-    too), a log row every step, no checkpoints, ``eval_windows`` held-out windows per evaluation."""
+    too), a log row every step, no checkpoints, ``eval_windows`` held-out windows per evaluation,
+    the global gradient norm clipped to ``clip`` (0: not clipped)."""
     return PretrainConfig(
         model=model,
         steps=steps,
@@ -68,6 +70,7 @@ def bench_config(
         eval_every=eval_every,
         eval_tokens=eval_windows * seq_len,
         dynamics_every=dynamics_every,
+        clip=clip,
         autocast="off",
         save_every=0,
         checkpoints=False,
