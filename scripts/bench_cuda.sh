@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/BENCHMARKS.md and docs/DYNAMICS.md on one CUDA device.
 # Usage: scripts/bench_cuda.sh OUT_DIR [PART]   PART: checks (tests, refresh, overhead, dynamics runs) | quality |
-#        frontier (Alice, RACS and every peer: llama-20m, 2000 steps, 3 seeds; FRONTIER_METHODS to narrow) | all
+#        frontier (Alice, RACS and every peer: llama-20m, 2000 steps, 3 seeds; FRONTIER_METHODS to narrow or add,
+#        e.g. galore_adamw,gradnorm_lorp,alice,cosmos for the issue-18 Pareto rows) | all
 # quality reads the CPU sweep's learning rates from docs/records/ (each method at its best rates).
 set -uo pipefail
 out=${1:?usage: scripts/bench_cuda.sh OUT_DIR [checks|quality|frontier|all]}
@@ -36,6 +37,7 @@ if [[ $part == frontier || $part == all ]]; then
     $gp bench quality --device cuda --model llama-20m --steps 2000 --batch-size 32 --seq-len 256 --rank 96 \
       --gap 200 --eval-every 500 --seed "$seed" --methods "$methods" \
       --lr-from docs/records/sweep_frontier_llama5m_cpu.jsonl docs/records/sweep_llama5m_cpu.jsonl \
+      docs/records/cosmos_sweep_llama5m_cpu.jsonl docs/records/gradnorm_sweep_llama5m_cpu.jsonl \
       --out "$out/frontier_cuda"
   done
   $gp bench table "$out/frontier_cuda" | tee "$out/frontier_cuda.md"   # ends with the seeds table and its verdict
