@@ -1,9 +1,10 @@
 """WeLore on a model gradproj trained: compression at several sizes, WeLore's non-uniform ranks against
 uniform-rank SVD truncation at the same size (held-out perplexity of each), then fine-tuning of the
 WeLore-compressed model on the offline causal-LM task (BBC News as "Article: ... Category:" -> label), AdamW,
-three ways: every weight (``full``); every matrix and norm with the embeddings and head frozen (``matrices``:
+four ways: every weight (``full``); every matrix and norm with the embeddings and head frozen (``matrices``:
 the authors' full fine-tuning baseline, whose script freezes those for both); the low-rank components'
-factors and the norms (``lrc``: ``--welore``). Each at its best rate over a sweep (seed 0), then more seeds.
+factors and the norms (``lrc``: ``--welore``); the factors alone (``lrc-factors``). Each at its best rate over a
+sweep (seed 0), then more seeds.
 
     gradproj pretrain --model llama-20m --steps 2000 --out runs/welore-base
     python scripts/welore_bench.py runs/welore-base docs/records/welore_llama20m_cpu.jsonl
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from gradproj.bench.welore import MODES
 from gradproj.compress_cli import compress
 from gradproj.optim.build import OptimizerSpec
 from gradproj.train import FinetuneConfig
@@ -65,15 +67,29 @@ class FrozenEmbeddings(CausalLMTask):
         return model
 
 
+class FactorsOnly(CausalLMTask):
+    """``--welore`` with the norms frozen too: only the low-rank components' two factors train."""
+
+    def build_model(self) -> torch.nn.Module:
+        model = super().build_model()
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.requires_grad_(False)
+        return model
+
+
+#: the task class of each fine-tuning mode of :data:`gradproj.bench.welore.MODES`
+TASKS = {"full": CausalLMTask, "matrices": FrozenEmbeddings, "lrc": CausalLMTask, "lrc-factors": FactorsOnly}
+
+
 def finetune_run(compressed: Path, mode: str, lr: float, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     config = FinetuneConfig(
-        task="causal-lm", model=str(compressed), welore=mode == "lrc",
+        task="causal-lm", model=str(compressed), welore=mode.startswith("lrc"),
         optim=OptimizerSpec(name="adamw", lr=lr, other_lr=lr), steps=args.steps, batch_size=16, eval_every=0,
         seed=seed, out=str(args.work / f"ft-{mode}-{lr}-{seed}"),
     )  # fmt: skip
     config = replace(config, save_every=0, checkpoints=False, export=False, progress=False, tensorboard=False)
-    task = FrozenEmbeddings(config) if mode == "matrices" else CausalLMTask(config)
-    result = Trainer(config, task).run()
+    result = Trainer(config, TASKS[mode](config)).run()
     return save({
         "kind": "finetune", "task": "sft-bbc", "model": str(compressed), "mode": mode, "lr": lr, "seed": seed,
         "steps": args.steps, "loss": result.final_eval["loss"], "exact_match": result.final_eval.get("exact_match"),
@@ -95,7 +111,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150, help="fine-tuning steps of 16 examples")
     parser.add_argument("--seq-len", type=int, default=128, help="evaluation windows of the compressions")
     parser.add_argument("--skip-compression", action="store_true", help="fine-tune the compressed models in --work")
-    parser.add_argument("--modes", nargs="+", default=["full", "matrices", "lrc"], choices=["full", "matrices", "lrc"])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     args = parser.parse_args()
     if not args.skip_compression:
         compressions(args.base, args.work, args.ratios, args.seq_len, args.out)

@@ -85,10 +85,8 @@ class CausalLMTask:
 
     def build_model(self) -> nn.Module:
         model = pretrained_causal_lm(self.model_path, f"--model {self.config.model}")
-        if (
-            self.low_rank is not None
-        ):  # WeLore-PEFT: the components' factors and the norms train, other matrices are frozen
-            factorize(model, self.low_rank)
+        if self.low_rank is not None:
+            factorize(model, self.low_rank)  # WeLore-PEFT: the components' factors and the norms train
         return model
 
     def batch(self, position: int, size: int) -> dict[str, torch.Tensor]:
