@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import gradproj
-from gradproj.optim.registry import METHODS
 from gradproj.optim.validate import ON_REFRESH, combination_error
 from gradproj.projection import PROJECTORS
 
@@ -21,8 +20,8 @@ PRESET_NAMES = tuple(gradproj.PRESETS)
 
 
 def lr_kwargs(preset: str, lr: float = 1e-2) -> dict[str, Any]:
-    """The constructor's learning rate, unless the preset's default step size is relative (Adafactor)."""
-    return {"lr": lr} if METHODS[preset].has_lr else {}
+    """The constructor's learning rate (Adafactor's relative step: its scale, 1e-2 being transformers' step)."""
+    return {"lr": lr}
 
 
 def _spec(preset: str) -> dict[str, Any]:

@@ -86,8 +86,7 @@ def test_lr_scheduler_none_grad_and_closure(preset: str) -> None:
     params = make_params(SHAPES, torch.float32)
     kwargs = lr_kwargs(preset)
     opt = gradproj.PRESETS[preset](_split_groups(params, rank=4), **kwargs)
-    if METHODS[preset].has_lr:  # relative-step Adafactor has no lr to schedule
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5**s)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5**s)
     before = [p.detach().clone() for p in params]
     params[1].grad = None  # a parameter without gradient is left alone
     params[0].grad = torch.randn_like(params[0])
@@ -95,9 +94,8 @@ def test_lr_scheduler_none_grad_and_closure(preset: str) -> None:
     loss = opt.step(lambda: 1.5)
     assert loss == 1.5
     assert torch.equal(params[1], before[1]) and not torch.equal(params[0], before[0])
-    if METHODS[preset].has_lr:
-        sched.step()
-        assert opt.param_groups[0]["lr"] == pytest.approx(5e-3)
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-3)
 
 
 def test_param_group_keys_survive_state_dict() -> None:

@@ -104,8 +104,10 @@ def test_non_matrix_weights_are_refused_in_a_rank_group(shape: tuple[int, ...]) 
 
 
 def test_adafactor_lr_conflicts_are_explained() -> None:
-    with pytest.raises(ValueError, match="relative_step"):
-        gradproj.GaLoreAdafactor(_groups(rank=2), lr=1e-3)
+    with pytest.raises(ValueError, match=r"lr=None needs relative_step=True; pass a learning rate"):
+        gradproj.GaLoreAdafactor(_groups(rank=2), relative_step=False)
+    with pytest.raises(ValueError, match=r"warmup_init=True requires relative_step=True"):
+        gradproj.GaLoreAdafactor(_groups(rank=2), lr=1e-3, relative_step=False, warmup_init=True)
 
 
 @pytest.mark.parametrize("preset", list(gradproj.PRESETS))

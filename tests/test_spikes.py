@@ -21,8 +21,8 @@ from test_reference_twins import step_beside
 SHAPES = [(48, 24), (24, 40)]
 STEPS, GAP, RANK, RESET = 12, 4, 6, 5
 POLICY = {"spike_policy": "stable_spam", "spam_reset_gap": RESET}
-#: the presets whose groups have an lr and an Adam-style eps (Adafactor's relative step is refused)
-POLICED = [p for p, s in PRESET_SPECS.items() if "lr" in s["kwargs"] and p != "galore_adafactor" and exact_twin(p)]
+#: the presets whose groups have an Adam-style eps (Adafactor, with a pair of them, is refused)
+POLICED = [p for p in PRESET_SPECS if p != "galore_adafactor" and exact_twin(p)]
 
 
 def spiky_stream(params: list[torch.Tensor], steps: int) -> list[list[torch.Tensor]]:

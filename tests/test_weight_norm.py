@@ -195,7 +195,7 @@ def test_a_zero_row_is_refused_by_name() -> None:
 )
 def test_refused_combinations_say_why(preset: str, group: dict, message: str) -> None:  # type: ignore[type-arg]
     params = make_params([(16, 8)])
-    kwargs = {"lr": 1e-2} if METHODS[preset].has_lr else {}
+    kwargs = {"lr": 1e-2}
     with pytest.raises(ValueError, match=message):
         gradproj.PRESETS[preset]([{"params": params, "rank": 4, **group}], **kwargs)
 

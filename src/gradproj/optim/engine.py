@@ -49,7 +49,15 @@ from .step import (
     refresh_due,
     refresh_phases,
 )
-from .validate import NONFINITE, _choice, check_common, check_matrices, check_projection, sharding_blocker
+from .validate import (
+    NONFINITE,
+    _choice,
+    check_common,
+    check_matrices,
+    check_projection,
+    check_real,
+    sharding_blocker,
+)
 from .weight_norm import normalized
 
 #: mixed into a parameter's seed key for its stochastic rounding (independent of its basis draws)
@@ -116,9 +124,6 @@ class ProjectedOptimizer(Optimizer):
         _choice("compile", compile, (False, True))
         if compile and foreach is False:
             raise ValueError("compile=True compiles the fast path, which foreach=False never takes; use foreach=None")
-        self.foreach = foreach
-        self._fast = FastPath(compile=compile)
-        self._fast_capable: dict[Tensor, bool] = {}
         _choice("bf16_update", bf16_update, BF16_UPDATES)
         defaults = {**defaults, "bf16_update": bf16_update}
         projection = dict(projection or {})
@@ -126,30 +131,61 @@ class ProjectedOptimizer(Optimizer):
         unknown = set(projection) - set(PROJECTION_DEFAULTS)
         if unknown:
             raise TypeError(f"unknown projection option(s) {sorted(unknown)}; valid: {sorted(PROJECTION_DEFAULTS)}")
+        check_common(defaults)  # before any parameter is read, as torch.optim checks its arguments
+        self.foreach = foreach
+        self._compile = compile
         self.rule = make_rule(rule)
-        self._rules: dict[str, UpdateRule] = {rule: self.rule}
         self.nonfinite = nonfinite
         self.nonfinite_steps = 0
-        self._projection_defaults = {**PROJECTION_DEFAULTS, **(projection or {})}
+        self._projection_defaults = {**PROJECTION_DEFAULTS, **projection}
+        #: plain numbers that helpers (layer-wise stepping) keep with the optimizer's checkpoint
+        self.extra_state: dict[str, float | int] = {}
+        #: FSDP2: compute each due refresh on one rank and broadcast it (:mod:`gradproj.optim.spread`);
+        #: False repeats every refresh on every rank (the same bits, world times the work)
+        self.spread = True
+        self._reset_derived()
+        super().__init__(params, defaults)
+
+    #: what a copy does not carry: tables derived from the groups (rebuilt from them), caches, this step's
+    #: scratch, and the helpers attached to this optimizer (their hooks sit on its parameters, not the copy's)
+    _DERIVED: ClassVar[tuple[str, ...]] = (
+        "_fast", "_fast_capable", "_rules", "_param_keys", "_param_names", "_param_groups_of", "_refresh_phases",
+        "_basis_cache", "_placements", "_prepared", "_ranks", "_rank_bytes", "layerwise", "probe",
+    )  # fmt: skip
+
+    def _reset_derived(self) -> None:
+        """The tables :meth:`add_param_group` fills, empty; no helper attached."""
+        self._fast = FastPath(compile=self._compile)
+        self._fast_capable: dict[Tensor, bool] = {}
+        self._rules: dict[str, UpdateRule] = {self.rule.name: self.rule}
         self._param_keys: dict[Tensor, int] = {}
         self._param_names: dict[Tensor, str] = {}
         self._param_groups_of: dict[Tensor, dict[str, Any]] = {}
         self._refresh_phases: dict[Tensor, int] = {}
-        #: plain numbers that helpers (layer-wise stepping) keep with the optimizer's checkpoint
-        self.extra_state: dict[str, float | int] = {}
         #: what steps the parameters inside backward (:class:`gradproj.layerwise.LayerwiseStepper`), if any
         self.layerwise: InBackwardStepping | None = None
         #: what samples per-layer training dynamics (:class:`gradproj.dynamics.Dynamics`), if any
         self.probe: StepProbe | None = None
         self._basis_cache: dict[Tensor, Bases] = {}
         self._placements: dict[Tensor, Local] = {}
-        #: FSDP2: compute each due refresh on one rank and broadcast it (:mod:`gradproj.optim.spread`);
-        #: False repeats every refresh on every rank (the same bits, world times the work)
-        self.spread = True
         self._prepared: dict[Tensor, dict[str, Tensor]] = {}  # this step's refreshes from other ranks
         self._ranks: dict[Tensor, int] = {}  # rank="auto": this step's ranks of the matrices that refresh
         self._rank_bytes: dict[Tensor, tuple[int, int]] = {}  # rank="auto": (base, per rank) bytes of state
-        super().__init__(params, defaults)
+
+    # ------------------------------------------------------ copies and pickles
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy`` and ``pickle`` keep: torch's ``defaults``, ``state`` and ``param_groups``, and the
+        engine's settings and counters (``foreach``, ``nonfinite_steps``, ``extra_state``...); torch's hooks
+        are not kept (as torch does), the tables derived from the groups are rebuilt, and a copy has no
+        layer-wise stepper or probe attached (those act on the original's parameters)."""
+        kept = {k: v for k, v in self.__dict__.items() if k not in self._DERIVED and not k.startswith("_optimizer_")}
+        return {**kept, **super().__getstate__()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._reset_derived()
+        for index, group in enumerate(self.param_groups):
+            self._index_group(group, index)
 
     # ----------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -169,23 +205,28 @@ class ProjectedOptimizer(Optimizer):
         if "rank" in merged:
             check_projection(merged, self.rule_of(merged).name)
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
+        try:
+            self._index_group(self.param_groups[-1], len(self.param_groups) - 1)
+        except ValueError:
+            self.param_groups.pop()  # a refused group leaves no trace
+            raise
+
+    def _index_group(self, group: dict[str, Any], index: int) -> None:
+        """Record the group's parameters in the engine's tables (their names, seed keys, refresh phases, state
+        costs and fast-path capability); raises ValueError for a parameter the group cannot step."""
         names = group.get("param_names") or [None] * len(group["params"])
-        index = len(self.param_groups) - 1
         for j, (p, name) in enumerate(zip(group["params"], names, strict=True)):
+            # unnamed parameters are named by their place in the optimizer, so building the same optimizer
+            # twice gives the same bases (the seed key is the name's CRC-32), whatever the process did before
+            name = name or f"param_groups[{index}].params[{j}]"
+            check_real(p, name)
             self._param_groups_of[p] = group
-            # the seed key: the name's CRC-32; unnamed parameters are named by their place in the optimizer,
-            # so building the same optimizer twice gives the same bases, whatever the process did before
-            self._param_names[p] = name or f"param_groups[{index}].params[{j}]"
-            self._param_keys[p] = zlib.crc32(self._param_names[p].encode())
+            self._param_names[p] = name
+            self._param_keys[p] = zlib.crc32(name.encode())
         if "rank" in group:
-            try:
-                check_matrices(group, [self._param_names[p] for p in group["params"]])
-            except ValueError:
-                self.param_groups.pop()
-                raise
+            check_matrices(group, [self._param_names[p] for p in group["params"]])
             if auto_rank(group):
-                self._check_budget(group)
+                self._rank_bytes.update(budget_costs(group, self.rule_of(group).name))
             phases = refresh_phases(group["refresh_offset"], len(group["params"]), group["update_proj_gap"])
             self._refresh_phases.update(zip(group["params"], phases, strict=True))
         self._check_fast_path(group)
@@ -196,19 +237,10 @@ class ProjectedOptimizer(Optimizer):
         for p in group["params"]:
             reason = None if self.foreach is False else blocker(p, group, rule)
             if reason is not None and self.foreach:
-                self.param_groups.pop()
                 raise ValueError(
                     f"foreach=True cannot step {self._param_names[p]}: {reason}; use foreach=None or False"
                 )
             self._fast_capable[p] = self.foreach is not False and reason is None
-
-    def _check_budget(self, group: dict[str, Any]) -> None:
-        """rank="auto": each matrix's bytes of state per rank, and a budget that holds rank 1 everywhere."""
-        try:
-            self._rank_bytes.update(budget_costs(group, self.rule_of(group).name))
-        except ValueError:
-            self.param_groups.pop()
-            raise
 
     # ------------------------------------------------------- public accessors
     def owns(self, p: Tensor) -> bool:
@@ -284,6 +316,7 @@ class ProjectedOptimizer(Optimizer):
                 loss = closure()
         if self.layerwise is not None:  # every parameter was stepped inside backward
             return loss
+        self._check_dense()
         if self.nonfinite != "checked" and not self._gradients_are_finite():
             return loss
         for group in self.param_groups:  # before anything reads a gradient: every part sees the policed one
@@ -299,8 +332,6 @@ class ProjectedOptimizer(Optimizer):
                 for p in group["params"]:
                     if p.grad is None:
                         continue
-                    if p.grad.is_sparse:
-                        raise RuntimeError(f"{self._param_names[p]} has a sparse gradient, which is not supported")
                     if self._fast_capable[p] and self._fast.takes(self, p, group):
                         batched.append(p)
                     else:
@@ -345,7 +376,7 @@ class ProjectedOptimizer(Optimizer):
         due = []
         for group in self.param_groups:
             for p in group["params"] if "rank" in group else ():
-                if p.grad is None or not is_sharded(p) or p.grad.is_sparse or not refresh_due(self.state[p], group):
+                if p.grad is None or not is_sharded(p) or not refresh_due(self.state[p], group):
                     continue
                 ctx = self._context(p)
                 if spreadable(ctx):
@@ -440,6 +471,16 @@ class ProjectedOptimizer(Optimizer):
             self._police(p, group, local(given))
         self._step_one(p, group, grad, low)
         return True
+
+    def _check_dense(self) -> None:
+        """Before anything reads a gradient: every one is dense (no rule here steps a sparse gradient)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.layout != torch.strided:
+                    raise RuntimeError(
+                        f"{self._param_names[p]} has a sparse gradient ({p.grad.layout}), which is not supported: "
+                        "use a dense embedding (sparse=False) or torch.optim.SparseAdam for it"
+                    )
 
     def _gradients_are_finite(self) -> bool:
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]

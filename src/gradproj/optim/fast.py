@@ -46,7 +46,7 @@ from torch.optim.adamw import adamw
 from ..projection.projectors import get_projector
 from ..projection.sides import project_down
 from ..rules.adam import galore_ratio, galore_step_size, update_moments
-from ..rules.base import UpdateRule
+from ..rules.base import UpdateRule, learning_rate
 from .adaptive import measures
 from .fused_update import step_weight
 from .placement import is_sharded, local
@@ -66,9 +66,12 @@ _FUSED_DEVICES = ("cpu", "cuda")
 ONE_BY_ONE_DEVICES = ("cpu",)
 
 
-def fused_adamw_supported(params: list[Tensor]) -> bool:
-    """Whether torch's fused AdamW kernel takes these tensors (floating, on CPU or CUDA)."""
-    return bool(params) and all(p.device.type in _FUSED_DEVICES and p.is_floating_point() for p in params)
+def fused_adamw_supported(tensors: list[Tensor]) -> bool:
+    """Whether torch's fused AdamW kernel steps these tensors (one parameter's weight, gradient and moments)
+    right: floating, on CPU or CUDA, and contiguous. On a strided view (a transposed or sliced weight, or
+    its gradient) the CPU kernel of torch 2.13 computes a wrong step and writes outside the view; torch's
+    foreach kernels, which take the others, handle strides."""
+    return all(t.device.type in _FUSED_DEVICES and t.is_floating_point() and t.is_contiguous() for t in tensors)
 
 
 def blocker(p: Tensor, group: dict[str, Any], rule: UpdateRule) -> str | None:
@@ -118,25 +121,12 @@ class FastPath:
             if "step" not in state:
                 init_full_state(rule, state, p, tuple(p.shape))
         counts = [self._count(p, s["moment_step"]) for p, s in zip(params, states, strict=True)]
-        beta1, beta2 = group["betas"]
-        fused = fused_adamw_supported(params)
-        adamw(
-            params,
-            [local(p.grad) for p in params],  # type: ignore[arg-type]
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
-            [],
-            counts,
-            foreach=None if fused else True,
-            fused=fused or None,
-            amsgrad=False,
-            beta1=beta1,
-            beta2=beta2,
-            lr=group["lr"],
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
-            maximize=False,
-        )
+        tensors = [(p, _gradient(p), s["exp_avg"], s["exp_avg_sq"]) for p, s in zip(params, states, strict=True)]
+        fused = [fused_adamw_supported(list(ts)) for ts in tensors]
+        for kernel in (True, False):  # the fused kernel where it is right, torch's foreach kernels elsewhere
+            chosen = [i for i, f in enumerate(fused) if f is kernel]
+            if chosen:
+                _adamw([tensors[i] for i in chosen], [counts[i] for i in chosen], group, fused=kernel)
         for p, s, count in zip(params, states, counts, strict=True):
             s["moment_step"] += 1
             s["step"] += 1
@@ -190,9 +180,35 @@ class FastPath:
         step_size: float,
     ) -> None:
         side, state = engine.layout(p, group).side, engine.state[p]
-        keep = 1 - group["lr"] * group["weight_decay"]
+        keep = 1 - learning_rate(group) * group["weight_decay"]
         step_weight(local(p), grad, low, u, bases, side, group, state, keep=keep, step_size=step_size)
         state["step"] += 1
+
+
+def _adamw(
+    tensors: list[tuple[Tensor, Tensor, Tensor, Tensor]], counts: list[Tensor], group: dict[str, Any], *, fused: bool
+) -> None:
+    """torch's functional AdamW over ``(weight, gradient, exp_avg, exp_avg_sq)`` tuples: its fused kernel, or its
+    foreach kernels."""
+    weights, grads, exp_avgs, exp_avg_sqs = (list(column) for column in zip(*tensors, strict=True))
+    beta1, beta2 = group["betas"]
+    adamw(
+        weights,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        [],
+        counts,
+        foreach=None if fused else True,
+        fused=fused or None,
+        amsgrad=False,
+        beta1=beta1,
+        beta2=beta2,
+        lr=learning_rate(group),
+        weight_decay=group["weight_decay"],
+        eps=group["eps"],
+        maximize=False,
+    )
 
 
 def _gradient(p: Tensor) -> Tensor:

@@ -33,7 +33,6 @@ from torch import Tensor
 from ..projection.bases import Bases
 from ..rules.limiter import growth_divisor
 from .residual import combine, discarded, scaling_factor
-from .step import decay
 
 #: the sides whose channels (columns of a left basis' ``R``, rows of a right one's) the fused policies scale
 _ONE_SIDED = ("left", "right")
@@ -66,12 +65,18 @@ def step_weight(
     elif kind == "apollo" and side in _ONE_SIDED:
         phi = scaling_factor(tuple(grad.shape), low, u, side, group)
         w = limited(grad, phi, side, state, group) * group["scale"] ** 0.5
-        decay(weight, group, step_size)
+        _decay(weight, keep)
         weight.addcmul_(grad, w.to(weight.dtype), value=-step_size)  # m x n, w per channel
     else:
         update, _ = combine(grad, low, u, bases, side, group, state)
-        decay(weight, group, step_size)
+        _decay(weight, keep)
         weight.add_(update, alpha=-step_size)
+
+
+def _decay(weight: Tensor, keep: float) -> None:
+    """Decoupled decay alone (where no BLAS call can fold it in); nothing at all without decay."""
+    if keep != 1:
+        weight.mul_(keep)
 
 
 def limited(x: Tensor, phi: Tensor, side: str, state: dict[str, Any], group: dict[str, Any]) -> Tensor:

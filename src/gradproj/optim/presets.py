@@ -22,7 +22,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
+from ..rules.adafactor import RELATIVE_LR
 from .engine import ProjectedOptimizer
+from .validate import check_betas
 
 Betas = tuple[float, float]
 
@@ -142,8 +144,7 @@ class Alice(GaLoreAdamW):
         compile: bool = False,
         **projection: Any,
     ) -> None:
-        if not isinstance(betas, (tuple, list)) or len(betas) not in (2, 3):
-            raise ValueError(f"betas={betas!r} is not valid; expected (beta1, beta2) or (beta1, beta2, track_beta)")
+        check_betas(betas, lengths=(2, 3))  # now: a model with no projected group would never read them
         if len(betas) == 3:
             projection.setdefault("track_beta", float(betas[2]))
         self._subspace_betas = (float(betas[0]), float(betas[1]))  # before torch adds the groups
@@ -264,7 +265,23 @@ class COSMOS(Alice):
 
 class GaLoreAdafactor(ProjectedOptimizer):
     """GaLore around Adafactor, with ``transformers.Adafactor``'s arguments and defaults
-    (relative step size, parameter scaling, factored second moment, update clipping)."""
+    (relative step size, parameter scaling, factored second moment, update clipping).
+
+    ``lr`` is a number in every group, so torch's LR schedulers work: with ``relative_step=False`` it is
+    the step size; with ``relative_step=True`` (the default) it scales the relative step
+    ``min(1e-2, 1/sqrt(t))`` by ``lr / 1e-2``: the default ``lr=None`` means ``1e-2``, transformers' step
+    exactly, and a group's own ``lr`` or a scheduler's factor scales that group's steps. (transformers
+    refuses an ``lr`` beside ``relative_step=True`` and ignores a group's; ``torch.optim.Adafactor`` takes
+    ``lr`` as the ceiling of ``1/sqrt(t)`` instead, which a decaying schedule stops moving once
+    ``1/sqrt(t)`` is below it.)
+
+    >>> import torch, gradproj
+    >>> w = torch.nn.Parameter(torch.randn(8, 6))
+    >>> opt = gradproj.GaLoreAdafactor([{"params": [w], "rank": 2}])
+    >>> sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)  # half the relative step
+    >>> opt.param_groups[0]["lr"]
+    0.005
+    """
 
     RULE = "adafactor"
 
@@ -287,10 +304,10 @@ class GaLoreAdafactor(ProjectedOptimizer):
         compile: bool = False,
         **projection: Any,
     ) -> None:
-        if lr is not None and relative_step:
-            raise ValueError(f"lr={lr!r} cannot be combined with relative_step=True; pass relative_step=False")
         if lr is None and not relative_step:
             raise ValueError("lr=None needs relative_step=True; pass a learning rate")
+        if lr is None:
+            lr = RELATIVE_LR  # the relative step as transformers takes it
         if warmup_init and not relative_step:
             raise ValueError("warmup_init=True requires relative_step=True")
         if beta1 is not None and not 0.0 <= beta1 < 1.0:

@@ -178,7 +178,8 @@ class ReferenceOptimizer:
         if c["beta1"] is not None:
             s["m"] = c["beta1"] * s.get("m", torch.zeros_like(u)) + (1 - c["beta1"]) * u
             u = s["m"]
-        rho = min(1e-6 * k if c["warmup_init"] else 1e-2, 1 / math.sqrt(k)) if c["relative_step"] else self.lr
+        lr = 1e-2 if self.lr is None else self.lr  # relative: transformers' step scaled by lr / 1e-2
+        rho = lr / 1e-2 * min(1e-6 * k if c["warmup_init"] else 1e-2, 1 / math.sqrt(k)) if c["relative_step"] else lr
         if c["scale_parameter"]:
             rho = rho * max(c["af_eps"][1], float(w.pow(2).mean().sqrt()))  # type: ignore[operator]
         return u, rho  # type: ignore[return-value]
@@ -282,7 +283,9 @@ class ReferenceOptimizer:
                 continue
             else:
                 delta, alpha = self._projected(w, g, s, seed, phase)
-            lr_decay = self.lr if self.lr is not None else alpha
+            rule = self.rule if "rank" not in self.cfg else (self.cfg["projected_rule"] or self.rule)
+            relative = rule == "adafactor" and self.cfg["relative_step"]  # transformers decays at its step size
+            lr_decay = alpha if relative else self.lr
             w.copy_(w * (1 - lr_decay * self.cfg["weight_decay"]) - alpha * delta)
             s["t"] += 1
 

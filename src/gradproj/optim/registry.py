@@ -59,7 +59,6 @@ class Method:
     refresh: tuple[str, str, str] | None = None
     #: a peer that steps only the targeted matrices; torch's AdamW steps the rest (as the Alice/RACS paper does)
     adamw_on_rest: bool = False
-    has_lr: bool = True  #: False: the preset's default step size is relative (Adafactor), ``lr=None``
     supports_layerwise: bool = True  #: can step inside backward (gradproj.layerwise)
     eight_bit: str | None = None  #: the same method with 8-bit moments (what the pre-flight check may suggest)
     resumable: bool = True  #: its state dict loads with ``weights_only=True`` (exact resume)
@@ -177,7 +176,6 @@ _ENTRIES = (
         summary="GaLore around Adafactor, fixed lr (relative_step and scale_parameter off)",
         preset="galore_adafactor",
         constructor={"relative_step": False, "scale_parameter": False},
-        has_lr=False,
         refresh=_OURS,
     ),
     Method(name="fira_adamw", kind="preset", summary="Fira", preset="fira_adamw", lr=3e-3, demo=True, refresh=_OURS),

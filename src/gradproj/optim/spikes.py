@@ -76,10 +76,10 @@ def check_policy(group: dict[str, Any]) -> None:
     gap = group["spam_reset_gap"]
     if isinstance(gap, bool) or not isinstance(gap, int) or gap < 0:
         raise ValueError(f"spam_reset_gap={gap!r} is not valid; expected an integer >= 0 (0: never reset)")
-    if "eps" not in group or isinstance(group["eps"], (tuple, list)) or group.get("lr") is None:
+    if "eps" not in group or isinstance(group["eps"], (tuple, list)):
         raise ValueError(
-            f"spike_policy={policy!r} needs an Adam-style group (a number lr and eps); "
-            "Adafactor's relative step has neither"
+            f"spike_policy={policy!r} needs an Adam-style group (one eps to rescale its moments by); "
+            "Adafactor has a pair of them and no first moment by default"
         )
 
 

@@ -31,7 +31,7 @@ from ..projection.bases import Bases, derive_seed
 from ..projection.projectors import Layout, Projector
 from ..projection.rotate import rotate_first, rotate_second
 from ..projection.sides import low_rank_shape, project_down
-from ..rules.base import UpdateRule
+from ..rules.base import UpdateRule, learning_rate
 from . import adaptive, weight_norm
 from .placement import Local
 from .precision import widen
@@ -231,7 +231,7 @@ def projected_step(ctx: ProjectedContext, weight: Tensor, grad: Tensor | None, l
         init_state(ctx, weight)
     if not weight_norm.normalized(ctx.group):
         update, step_size = low_rank_update(ctx, weight, grad, low)
-        decay(weight, ctx.group, step_size)
+        decay(weight, ctx.group, decay_rate(ctx.rule, ctx.group, step_size))
         weight.add_(update, alpha=-step_size)
     else:  # GradNormLoRP: the projected step moves the direction v of W = g v / ||v||; then g, then W
         assert grad is not None, "a weight-normalised matrix always takes its full gradient (needs_full_gradient)"
@@ -274,11 +274,16 @@ def low_rank_update(
     return update, step_size
 
 
-def decay(weight: Tensor, group: dict[str, Any], step_size: float) -> None:
-    """Decoupled weight decay at the group's ``lr`` (relative-step rules: at the step size)."""
+def decay(weight: Tensor, group: dict[str, Any], rate: float) -> None:
+    """Decoupled weight decay ``W *= 1 - rate * weight_decay`` (``rate``: :func:`decay_rate`)."""
     if group["weight_decay"] != 0:
-        lr = group["lr"] if group.get("lr") is not None else step_size
-        weight.mul_(1 - lr * group["weight_decay"])
+        weight.mul_(1 - rate * group["weight_decay"])
+
+
+def decay_rate(rule: UpdateRule, group: dict[str, Any], step_size: float) -> float:
+    """The rate decoupled decay runs at: the group's ``lr``, or for a rule whose step size is relative
+    (Adafactor's ``relative_step``) the step size it computed, as ``transformers.Adafactor`` decays."""
+    return step_size if rule.relative_step(group) else learning_rate(group)
 
 
 def full_step(
@@ -289,10 +294,10 @@ def full_step(
     with placement.local_state(state, whole, rule.replicated_state) as plain:
         if "step" not in plain:
             init_full_state(rule, plain, weight, whole)
-        if group.get("lr") is not None:
-            decay(weight, group, 0.0)
+        if not rule.relative_step(group):
+            decay(weight, group, learning_rate(group))
             rule.apply_full(weight, grad, plain, group, placement)
-        else:  # relative-step rules: the decay rate depends on the step size
+        else:  # the decay rate is the step size the rule computes
             u, step_size = rule.direction(grad, plain, group, weight, placement)
             decay(weight, group, step_size)
             weight.add_(u.to(weight.dtype), alpha=-step_size)

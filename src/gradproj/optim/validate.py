@@ -6,6 +6,9 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from ..projection.projectors import PROJECTORS, SWITCHABLE, get_projector
 from ..projection.sides import PROJ_TYPES
 from ..rules import RULES
@@ -35,20 +38,36 @@ def _float_at_least(key: str, value: Any, low: float, *, strict: bool = False) -
         raise ValueError(f"{key}={value!r} is not valid; expected a number {'>' if strict else '>='} {low}")
 
 
+def check_lr(lr: Any) -> None:
+    """A number >= 0, or a 1-element tensor (as torch.optim's Adam and AdamW take it: ``torch.compile``d loops
+    pass one, and a scheduler fills it in place)."""
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1 or lr.is_complex() or lr.dtype == torch.bool:
+            raise ValueError(
+                f"lr={lr!r} is not valid; a Tensor lr must be 1-element and real (shape {tuple(lr.shape)} given)"
+            )
+        lr = float(lr)  # what every step reads (gradproj.rules.base.learning_rate)
+    _float_at_least("lr", lr, 0.0)
+
+
 def check_common(group: dict[str, Any]) -> None:
     """lr, weight_decay and (for Adam rules) betas/eps."""
-    if group.get("lr") is not None:
-        _float_at_least("lr", group["lr"], 0.0)
+    check_lr(group["lr"])
     _float_at_least("weight_decay", group["weight_decay"], 0.0)
     if "betas" in group:
-        betas = group["betas"]
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ValueError(f"betas={betas!r} is not valid; expected a pair (beta1, beta2) in [0, 1)")
-        for i, beta in enumerate(betas):
-            if not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
-                raise ValueError(f"betas[{i}]={beta!r} is not valid; expected a number in [0, 1)")
+        check_betas(group["betas"])
     if "eps" in group and not isinstance(group["eps"], (tuple, list)):
         _float_at_least("eps", group["eps"], 0.0)
+
+
+def check_betas(betas: Any, *, lengths: tuple[int, ...] = (2,)) -> None:
+    """``(beta1, beta2)``, each in [0, 1) (``lengths``: the tuple sizes the optimizer takes)."""
+    if not (isinstance(betas, (tuple, list)) and len(betas) in lengths):
+        what = " or ".join({2: "a pair (beta1, beta2)", 3: "(beta1, beta2, track_beta)"}[n] for n in lengths)
+        raise ValueError(f"betas={betas!r} is not valid; expected {what}, each in [0, 1)")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, bool) or not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
+            raise ValueError(f"betas[{i}]={beta!r} is not valid; expected a number in [0, 1)")
 
 
 def check_projection(group: dict[str, Any], rule: str | None = None) -> None:
@@ -263,6 +282,15 @@ def sharding_blocker(group: dict[str, Any], rule: UpdateRule) -> str | None:
     if rule.name == "racs" and rotates:
         return "the racs rule refits its row and column scalings from all rows at a rotation (use on_refresh='keep')"
     return None
+
+
+def check_real(p: Tensor, name: str) -> None:
+    """Every rule steps real tensors: a complex parameter is refused when its group is added, not at its first step."""
+    if p.is_complex():
+        raise ValueError(
+            f"{name} is {p.dtype}; gradproj's optimizers step real parameters only. Keep it as a real tensor "
+            "(torch.view_as_real gives its (..., 2) layout, torch.view_as_complex turns it back inside the model)"
+        )
 
 
 def check_matrices(group: dict[str, Any], names: Sequence[str]) -> None:

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from ..rules.adam import torch_denom, update_moments
+from ..rules.base import learning_rate
 
 #: the state a weight-normalised matrix keeps beside its projected state: ``g``, ``||v||`` and ``g``'s moments
 KEYS = ("magnitude", "direction_norm", "magnitude_exp_avg", "magnitude_exp_avg_sq")
@@ -82,8 +83,9 @@ def recompose(
     """After the projected step moved ``direction`` (``v``): AdamW's ``step``-th step of ``g`` at ``lr * scale``,
     then ``W = g v / ||v||`` in place and the new ``||v||`` kept."""
     magnitude = state["magnitude"]
-    rate = {**group, "lr": group["lr"] * group["scale"]}
-    magnitude.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled decay of g: the same as of W
+    lr = learning_rate(group)
+    rate = {**group, "lr": lr * group["scale"]}
+    magnitude.mul_(1 - lr * group["weight_decay"])  # decoupled decay of g: the same as of W
     update_moments(state["magnitude_exp_avg"], state["magnitude_exp_avg_sq"], grad_magnitude, rate)
     denom, step_size = torch_denom(state["magnitude_exp_avg_sq"], step, rate)
     magnitude.addcdiv_(state["magnitude_exp_avg"], denom, value=-step_size)

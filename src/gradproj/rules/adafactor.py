@@ -1,7 +1,8 @@
 """Adafactor (Shazeer & Stern, 2018) with the conventions of ``transformers.Adafactor``.
 
-For the ``t``-th update, with ``rho_t = min(1e-2, 1/sqrt(t))`` when ``relative_step`` (else
-``lr``) and ``beta2_t = 1 - t^decay_rate``::
+For the ``t``-th update, with ``beta2_t = 1 - t^decay_rate`` and the step ``rho_t = lr`` (or, when
+``relative_step``, transformers' relative step ``min(1e-2, 1/sqrt(t))`` scaled by ``lr / 1e-2``, so the
+default ``lr = 1e-2`` is transformers' exactly and a scheduler's factor scales every step)::
 
     V  ~ row (x) col / mean(row)   rows/cols are EMAs of mean(g^2 + eps1) (factored, >= 2-D)
     u  = g / sqrt(V);  u /= max(1, RMS(u) / clip_threshold)
@@ -25,7 +26,10 @@ import torch
 from torch import Tensor
 
 from .adam import _numel
-from .base import ALL_ROWS, Rows, UpdateRule
+from .base import ALL_ROWS, Rows, UpdateRule, learning_rate
+
+#: the relative step's ceiling in ``transformers.Adafactor``, and the ``lr`` at which ours equals it
+RELATIVE_LR = 1e-2
 
 
 def _rms(x: Tensor) -> Tensor:
@@ -56,14 +60,17 @@ class Adafactor(UpdateRule):
             state["exp_avg_sq"] = zeros(shape)
         state["moment_step"] = 0
 
+    def relative_step(self, group: dict[str, Any]) -> bool:
+        return bool(group["relative_step"])
+
     @staticmethod
     def step_size(state: dict[str, Any], group: dict[str, Any], param: Tensor) -> float:
-        t = state["moment_step"]
+        t, lr = state["moment_step"], learning_rate(group)
         if group["relative_step"]:
-            floor = 1e-6 * t if group["warmup_init"] else 1e-2
-            rho = min(floor, 1.0 / math.sqrt(t))
+            ceiling = 1e-6 * t if group["warmup_init"] else RELATIVE_LR
+            rho = lr / RELATIVE_LR * min(ceiling, 1.0 / math.sqrt(t))
         else:
-            rho = group["lr"]
+            rho = lr
         if group["scale_parameter"]:
             rho *= max(group["eps"][1], float(_rms(param.to(torch.promote_types(param.dtype, torch.float32)))))
         return rho

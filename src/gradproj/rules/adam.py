@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import ALL_ROWS, Rows, UpdateRule
+from .base import ALL_ROWS, Rows, UpdateRule, learning_rate
 
 
 def update_moments(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
@@ -48,7 +48,7 @@ def torch_denom(exp_avg_sq: Tensor, step: int, group: dict[str, Any]) -> tuple[T
     bias_correction1 = 1 - beta1**step
     bias_correction2_sqrt = (1 - beta2**step) ** 0.5
     denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(group["eps"])
-    return denom, group["lr"] / bias_correction1
+    return denom, learning_rate(group) / bias_correction1
 
 
 def galore_direction(exp_avg: Tensor, exp_avg_sq: Tensor, step: int, group: dict[str, Any]) -> tuple[Tensor, float]:
@@ -65,9 +65,9 @@ def galore_ratio(exp_avg: Tensor, exp_avg_sq: Tensor, eps: float) -> Tensor:
 def galore_step_size(step: int, group: dict[str, Any]) -> float:
     """The step size of :func:`galore_direction` at the ``step``-th moment update."""
     if not group.get("bias_correction", True):
-        return float(group["lr"])
+        return float(learning_rate(group))
     beta1, beta2 = group["betas"]
-    return float(group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step))
+    return float(learning_rate(group) * math.sqrt(1 - beta2**step) / (1 - beta1**step))
 
 
 class Adam(UpdateRule):

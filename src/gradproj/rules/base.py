@@ -49,6 +49,17 @@ class AllRows:
 ALL_ROWS = AllRows()
 
 
+def learning_rate(group: dict[str, Any]) -> float:
+    """The group's ``lr`` as a Python number: torch.optim takes a number or a 1-element tensor (which a
+    ``torch.compile``d loop passes and a scheduler fills in place), so it is read afresh at every step.
+
+    >>> learning_rate({"lr": 0.1}), learning_rate({"lr": torch.tensor([0.5])})
+    (0.1, 0.5)
+    """
+    lr = group["lr"]
+    return float(lr) if isinstance(lr, Tensor) else lr
+
+
 class UpdateRule:
     """Base class; see :class:`gradproj.rules.adam.Adam` for the canonical implementation."""
 
@@ -64,6 +75,11 @@ class UpdateRule:
     #: whether the rule reads the group's ``rank`` itself (COSMOS keeps its own basis; with the identity
     #: projector, the rank is otherwise unused)
     uses_rank = False
+
+    def relative_step(self, group: dict[str, Any]) -> bool:
+        """Whether the step size this rule computes for ``group`` is relative to the weight's scale rather than
+        the group's ``lr`` alone (Adafactor's ``relative_step``); decoupled decay then runs at that step size."""
+        return False
 
     def init_state(
         self, state: dict[str, Any], shape: tuple[int, ...], like: Tensor, full_shape: tuple[int, ...] | None = None

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from ..projection.bases import top_eigenvectors, working_dtype
 from ..projection.sides import resolve_side
-from .base import ALL_ROWS, Rows, UpdateRule
+from .base import ALL_ROWS, Rows, UpdateRule, learning_rate
 
 #: Muon's quintic Newton-Schulz coefficients (Jordan et al. 2024), as COSMOS uses them
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -120,7 +120,7 @@ class Cosmos(UpdateRule):
         subspace = basis @ (m_low / denom)  # A, d x o
         rest = unit_rms(newton_schulz(torch.addmm(m, basis, m_low, alpha=-1)))  # B, d x o
         u = unit_rms(subspace.add_(rest, alpha=group["muon_scale"]))
-        return (u if side == "left" else u.t()).to(grad.dtype), group["lr"]
+        return (u if side == "left" else u.t()).to(grad.dtype), learning_rate(group)
 
     @staticmethod
     def _momentum(g: Tensor, exp_avg: Tensor, beta1: float, step: int, nesterov: bool, side: str) -> Tensor:

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import ALL_ROWS, Rows, UpdateRule
+from .base import ALL_ROWS, Rows, UpdateRule, learning_rate
 from .limiter import limit_growth, limiter_bytes
 
 
@@ -81,7 +81,7 @@ class RACS(UpdateRule):
         state["col_sq"].lerp_(col_fit.to(state["col_sq"].dtype), 1 - beta)
         scaled = g / ((state["row_sq"] + eps).sqrt().unsqueeze(1) * (state["col_sq"] + eps).sqrt().unsqueeze(0))
         limited = limit_growth(scaled, state, group.get("growth_limit", 1.01), rows.norm, key="update_norm")
-        return limited.reshape(grad.shape), group["lr"]
+        return limited.reshape(grad.shape), learning_rate(group)
 
     def moments(self, state: dict[str, Any]) -> dict[str, Tensor]:
         return {"second": torch.outer(state["row_sq"], state["col_sq"])}
