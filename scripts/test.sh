@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh
-python3 -c "import torch" 2>/dev/null || python3 -m pip install -q torch==2.13.0
+source scripts/torch.sh
 python3 -m pip install -q -e ".[dev]"
 # Reference implementations, pinned; --no-deps because their metadata pulls unrelated packages.
 python3 -m pip install -q --no-deps galore-torch==1.0 fira==1.0.2 apollo-torch==1.0.3 pytorch-optimizer==4.1.0

@@ -38,7 +38,7 @@ def test_bad_input_is_one_line_naming_the_value(
     assert f"--data {missing}: no such file" in _error(capsys, ["--data", str(missing)])
     empty = tmp_path / "empty.txt"
     empty.write_text("   \n")
-    assert "0 paragraph(s)" in _error(capsys, ["--data", str(empty)])
+    assert "0 document(s) of text; need at least 2" in _error(capsys, ["--data", str(empty)])
     binary = tmp_path / "blob.txt"
     binary.write_bytes(b"\x00\x01\x02" * 100)
     assert "looks binary" in _error(capsys, ["--data", str(binary)])

@@ -52,8 +52,8 @@ from .optim.registry import baseline_methods, get_method
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """Bytes per device for one method; ``total`` is their sum (an upper bound: gradients and
-    activations coexist only partly during backward)."""
+    """Bytes per device for one method; ``total`` is the four kinds' plain sum, ``peak`` the most held at once
+    (gradients and activations coexist only partly, and the step adds temporaries of its own)."""
 
     method: str
     weights: int
@@ -351,19 +351,26 @@ def planned_activations(model: nn.Module, setup: Setup) -> int | None:
 
 
 def format_plans(plans: list[MemoryPlan], setup: Setup) -> str:
-    """A table in GiB, the requested method first, ratios to AdamW's total."""
+    """A table of each method's bytes (GiB, or MiB when AdamW's peak is under 1 GiB), the requested
+    method first: the four kinds, their plain sum, and the peak, which the ratio to AdamW compares."""
     adamw = next(p for p in plans if p.method == "adamw")
-    columns = "".join(f"{name:>9}" for name in ("weights", "grads", "optim", "activ.", "peak", "total"))
+    unit, size = ("GiB", 2**30) if (adamw.peak or adamw.total) >= 2**30 else ("MiB", 2**20)
+    columns = "".join(f"{name:>9}" for name in ("weights", "grads", "optim", "activ.", "sum", "peak"))
     head = f"{'method':<18}{columns}{'vs AdamW':>10}  note"
     lines = [head]
     for p in plans:
-        gib = [x / 2**30 for x in (p.weights, p.gradients, p.optimizer, p.activations, p.peak or p.total, p.total)]
-        cells = "".join(f"{x:>9.2f}" for x in gib)
-        lines.append(f"{p.method:<18}{cells}{p.total / adamw.total:>9.0%}   {p.note}")
+        cells = "".join(f"{x / size:>9.2f}" for x in (*_kinds(p), p.total, p.peak or p.total))
+        lines.append(f"{p.method:<18}{cells}{(p.peak or p.total) / (adamw.peak or adamw.total):>9.0%}   {p.note}")
     scope = f"per rank of {setup.world_size} (FSDP2)" if setup.fsdp else "per device"
     ckpt = ", activation checkpointing" if setup.activation_checkpointing else ""
     lines.append(
-        f"GiB {scope}; {setup.model} in {setup.dtype}, batch {setup.batch} x {setup.seq_len} tokens{ckpt}. "
-        "Total is an upper bound (gradients and activations overlap only partly); peak is what the trainer measures."
+        f"{unit} {scope}; {setup.model} in {setup.dtype}, batch {setup.batch} x {setup.seq_len} tokens{ckpt}. "
+        "Sum: the four kinds added up. Peak: the most held at once, which the trainer measures (weights and "
+        "state, plus the larger of backward's activations and the step's gradients and float32 temporaries), "
+        "so it can be above or below the sum; vs AdamW compares peaks."
     )
     return "\n".join(lines)
+
+
+def _kinds(p: MemoryPlan) -> tuple[int, int, int, int]:
+    return p.weights, p.gradients, p.optimizer, p.activations

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .bench.plots import pyplot
-from .report_schedule import SCHEDULE_FIGURES, layer_order, png_bytes, short
+from .report_schedule import SCHEDULE_FIGURES, layer_order, png_bytes, short, span_steps
 from .train.config import upgrade
 
 QUANTITIES = {
@@ -90,6 +90,10 @@ def _img(png: bytes) -> str:
     return f'<img alt="figure" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
+#: a series with fewer samples than this is drawn with a mark at each one
+SPARSE = 20
+
+
 def per_step(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
     """Steps and the mean, min and max over layers of ``key`` at each step where it was sampled.
 
@@ -119,6 +123,7 @@ def loss_figure(runs: list[Run]) -> bytes:
         evals = [r for r in run.evals if "loss" in r]
         if evals:
             ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o--", color=f"C{i}", label="held-out")
+    span_steps(ax, runs)
     ax.set(xlabel="step", ylabel="loss")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -159,7 +164,8 @@ def band_figure(runs: list[Run], key: str, *, refresh_only: bool = False, log: b
         if not steps:
             continue
         drawn = True
-        ax.plot(steps, mean, "o-" if refresh_only else "-", color=f"C{i}", label=f"{run.name} (mean over layers)")
+        style = "o-" if refresh_only or len(steps) < SPARSE else "-"  # a few samples: each one visible
+        ax.plot(steps, mean, style, ms=4, color=f"C{i}", label=f"{run.name} (mean over layers)")
         ax.fill_between(steps, low, high, color=f"C{i}", alpha=0.15)
         if key == "energy":
             s2, m2, _, _ = per_step(run.layers, "energy_before")
@@ -170,6 +176,7 @@ def band_figure(runs: list[Run], key: str, *, refresh_only: bool = False, log: b
         return None
     if log:
         ax.set_yscale("log")
+    span_steps(ax, runs)
     ax.set(xlabel="step", ylabel=QUANTITIES[key])
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -183,10 +190,16 @@ def spike_figure(runs: list[Run]) -> bytes:
         norms = run.norms or [r for r in run.train if isinstance(r.get("grad_norm"), (int, float))]
         ax.plot([r["step"] for r in norms], [r["grad_norm"] for r in norms], color=f"C{i}", lw=0.8, label=run.name)
         means = [r for r in norms if r.get("running_mean") is not None]
-        ax.plot([r["step"] for r in means], [r["running_mean"] for r in means], ":", color=f"C{i}")
+        label = "running mean" if i == 0 else None
+        ax.plot([r["step"] for r in means], [r["running_mean"] for r in means], ":", color=f"C{i}", label=label)
         spikes = [r for r in run.spikes if isinstance(r.get("grad_norm"), (int, float))]
-        ax.plot([r["step"] for r in spikes], [r["grad_norm"] for r in spikes], "v", color="red", ms=7)
-    ax.set(xlabel="step", ylabel="global gradient norm (dotted: running mean; ▼ spike)", yscale="log")
+        if spikes:
+            x, y = [r["step"] for r in spikes], [r["grad_norm"] for r in spikes]
+            ax.plot(x, y, "v", color="red", ms=7, label="spike" if i == 0 else None)
+    span_steps(ax, runs)
+    ax.set(xlabel="step", ylabel="global gradient norm")
+    if ax.get_lines() and any(len(line.get_xdata()) for line in ax.get_lines()):  # a log axis needs data
+        ax.set_yscale("log")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return png_bytes(fig)
@@ -219,10 +232,19 @@ def _summary_table(runs: list[Run]) -> str:
             str((s.get("basis_refreshes") or {}).get("refreshes", "n/a")),
             str(len(run.spikes)),
             f"{sum(energies) / len(energies):.3f}" if energies else "n/a",
-            f"{sum(overlaps) / len(overlaps):.3f}" if overlaps else "n/a",
+            f"{sum(overlaps) / len(overlaps):.3f}" if overlaps else "n/a" if not energies else "none yet",
         ]
         body.append("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in cells) + "</tr>")
-    return f"<table>{head}{''.join(body)}</table>"
+    return f"<table>{head}{''.join(body)}</table><p class=note>{html.escape(TABLE_NOTE)}</p>"
+
+
+#: what the summary table's dynamics columns mean
+TABLE_NOTE = (
+    "Mean energy: the share of each sampled gradient its layer's basis kept, over every sample. Mean overlap: of "
+    "each new basis with the one it replaced, so it needs a refresh after the first ('none yet': every layer still "
+    "holds its first basis; a run of fewer steps than the gap). n/a: the run has no per-layer samples (a full-rank "
+    "optimizer, or --dynamics-every 0)."
+)
 
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#222}
@@ -248,12 +270,20 @@ def figures(runs: list[Run]) -> list[tuple[str, str, bytes | None, str]]:
             png = figure(run)
             if png is not None:
                 out.append((f"{name}_{i}", f"{title}: {run.name}", png, note))
+    refreshed_again = any("energy_before" in r for run in runs for r in run.layers)
     optional = [
         (
             "energy",
             "Captured energy over time",
             band_figure(runs, "energy"),
-            "×: energy of the old basis at a refresh.",
+            "The share of each layer's gradient its basis keeps: mean over layers, band from the lowest to the "
+            "highest. "
+            + (
+                "×: what the old basis kept at a refresh, just before it was replaced."
+                if refreshed_again
+                else "Once a layer refreshes a second time, × marks what its old basis kept just before (none "
+                "in this run yet)."
+            ),
         ),
         (
             "drift",
@@ -266,7 +296,7 @@ def figures(runs: list[Run]) -> list[tuple[str, str, bytes | None, str]]:
             "stable_rank",
             "Gradient stable rank",
             band_figure(runs, "stable_rank", log=True),
-            "How many directions carry the gradient.",
+            "How many directions carry the gradient (measured at refreshes, where the full gradient is decomposed).",
         ),
         ("update_ratio", "Update size", band_figure(runs, "update_ratio", log=True), "‖step‖/‖W‖ per layer."),
         ("scaling", "Fira/APOLLO scaling", band_figure(runs, "scale_mean", log=True), "The residual's scaling φ."),

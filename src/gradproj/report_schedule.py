@@ -32,6 +32,21 @@ def png_bytes(fig: Any) -> bytes:
     return buffer.getvalue()
 
 
+def last_step(run: Any) -> int:
+    """The step a run ended at (its summary's, else its config's length, else its last logged step)."""
+    for value in (run.summary.get("steps"), run.config.get("steps")):
+        if isinstance(value, int) and value > 0:
+            return value
+    return max((int(r["step"]) for r in run.train), default=1)
+
+
+def span_steps(ax: Any, runs: list[Any]) -> None:
+    """Every figure over steps spans the whole run, from step 0 to its last, whatever was sampled in it
+    (a short run's single refresh is then a mark at its step, not a lone point in an axis of its own)."""
+    last = max(last_step(run) for run in runs)
+    ax.set_xlim(0, last + max(1, last // 50))
+
+
 def short(layer: str) -> str:
     """A layer's name short enough for an axis label (``model.layers.3.mlp.up_proj.weight``: ``L3.mlp.up_proj``)."""
     return layer.removeprefix("model.").removesuffix(".weight").replace("layers.", "L").replace("self_attn.", "")
@@ -65,6 +80,7 @@ def refresh_figure(run: Run) -> bytes | None:
         ax.plot(at, [row] * len(at), "|", color="C0", ms=6)
     ax.set_yticks(range(len(steps)), [short(n) for n in steps], fontsize=6)
     ax.invert_yaxis()
+    span_steps(ax, [run])
     total = sum(map(len, steps.values()))
     ax.set(xlabel="step", title=f"{run.name}: basis refreshes ({total} over {len(steps)} layers)")
     fig.tight_layout()
@@ -88,10 +104,11 @@ def rank_figure(run: Run) -> bytes | None:
         return None
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 3.6))
-    last = max(step for at in history.values() for step, _ in at) + 1
+    last = max(last_step(run), *(step + 1 for at in history.values() for step, _ in at))
     for i, (layer, at) in enumerate(history.items()):
         steps, ranks = [s for s, _ in at] + [last], [r for _, r in at] + [at[-1][1]]
         ax.step(steps, ranks, where="post", color=f"C{i % 10}", lw=1, alpha=0.8, label=short(layer))
+    span_steps(ax, [run])
     ax.set(xlabel="step", ylabel="rank", title=f"{run.name}: rank per layer (set at each refresh)")
     if len(history) <= 12:
         ax.legend(fontsize=6, ncol=2)
@@ -124,6 +141,7 @@ def policy_figure(run: Run) -> bytes | None:
     ax.plot(steps, clipped, "-", color="C3", lw=1)
     for at in resets:
         ax.axvline(at, color="C0", ls="--", lw=0.8)
+    span_steps(ax, [run])
     ax.set(xlabel="step", ylabel="entries clipped per logged interval")
     ax.set_title(f"{run.name}: {sum(clipped)} entries clipped, {len(resets)} moment resets (dashed)", fontsize=10)
     fig.tight_layout()

@@ -23,7 +23,7 @@ def pyplot() -> Any:
     try:
         import matplotlib
     except ImportError:
-        raise SystemExit("gradproj: figures need matplotlib: pip install 'gradproj[bench]'") from None
+        raise SystemExit("gradproj: figures need matplotlib: pip install 'gradproj[report]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

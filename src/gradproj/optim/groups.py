@@ -244,13 +244,23 @@ def summarize(groups: list[dict[str, Any]], rule: str = "adam") -> list[GroupRep
 def format_summary(groups: list[dict[str, Any]], rule: str = "adam") -> str:
     """A short table of what went where and the optimizer state each group will hold."""
     lines = ["group  kind        params  elements      state (MiB)  shapes"]
+    notes = []
     for i, report in enumerate(summarize(groups, rule)):
         projector = groups[i].get("projector", PROJECTION_DEFAULTS["projector"])
-        kind = (
-            "full" if not report.projected else "matrices" if projector == "identity" else f"rank {groups[i]['rank']}"
-        )
+        kind = "full" if not report.projected else "matrices" if projector == "identity" else _rank_kind(groups[i])
         shapes = ", ".join("x".join(map(str, s)) for s in report.shapes[:4])
         lines.append(
             f"{i:<6} {kind:<11} {report.count:>6}  {report.numel:>12,}  {report.state_bytes / 2**20:>11.2f}  {shapes}"
         )
-    return "\n".join(lines)
+        if report.projected and kind != f"rank {groups[i]['rank']}" and projector != "identity":
+            notes.append(f"group {i}: rank={groups[i]['rank']} asked; a matrix uses at most min(m, n)")
+    return "\n".join([*lines, *notes])
+
+
+def _rank_kind(group: dict[str, Any]) -> str:
+    """``rank R`` as the group's matrices use it: each at most its smaller side (``rank 64`` for rank=128 on
+    64-wide matrices, ``rank 64-128`` when some are clipped), ``rank auto`` as such."""
+    if auto_rank(group):
+        return f"rank {group['rank']}"
+    used = sorted({min(group["rank"], *p.shape) for p in group["params"]})
+    return f"rank {used[0]}" if len(used) == 1 else f"rank {used[0]}-{used[-1]}"

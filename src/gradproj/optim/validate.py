@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -295,7 +297,8 @@ def check_real(p: Tensor, name: str) -> None:
 
 def check_matrices(group: dict[str, Any], names: Sequence[str]) -> None:
     """A projected group holds 2-D matrices only (``names``: its parameters' names, for the message); a fixed
-    rank above a matrix's smaller side is clipped to it, with a warning."""
+    rank above a matrix's smaller side is clipped to it, with one warning for the group."""
+    clipped = []
     for p, name in zip(group["params"], names, strict=True):
         if p.dim() != 2:
             raise ValueError(
@@ -304,8 +307,22 @@ def check_matrices(group: dict[str, Any], names: Sequence[str]) -> None:
                 "3-D expert weights in a group without 'rank' (gradproj.param_groups does this for you)."
             )
         if not auto_rank(group) and group["rank"] > min(p.shape):
-            warnings.warn(
-                f"rank={group['rank']} exceeds min{tuple(p.shape)} of {name}; using rank {min(p.shape)} for it",
-                UserWarning,
-                stacklevel=3,
-            )
+            clipped.append((name, tuple(p.shape)))
+    if clipped:
+        name, shape = clipped[0]
+        ranks = sorted({min(shape) for _, shape in clipped})
+        warn_at_caller(
+            f"rank={group['rank']} exceeds the smaller side of {len(clipped)} of the group's {len(group['params'])} "
+            f"matrices (e.g. {name}, {shape[0]}x{shape[1]}); each of them uses rank min(m, n) instead "
+            f"({', '.join(map(str, ranks))})"
+        )
+
+
+def warn_at_caller(message: str, category: type[Warning] = UserWarning) -> None:
+    """Warn with the first frame outside gradproj and torch.optim as the place, so that the warning points
+    at the user's line (an optimizer's groups are checked several calls deep inside torch's constructor)."""
+    inside = (str(Path(__file__).parents[1]), str(Path(torch.optim.__file__).parent))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
+    warnings.warn(message, category, stacklevel=level + 1)

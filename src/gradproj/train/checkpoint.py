@@ -107,6 +107,7 @@ def save_checkpoint(
 def commit(tmp: Path, final: Path) -> None:
     """Rename a finished checkpoint folder into place: the commit point, before which the old
     checkpoints are untouched (re-saving a step after a resume moves the old one aside first)."""
+    _default_modes(tmp)
     if final.exists():
         old = final.parent / f"{tmp.name}.old"
         final.rename(old)
@@ -115,6 +116,17 @@ def commit(tmp: Path, final: Path) -> None:
     else:
         tmp.rename(final)
     _fsync_dir(final.parent)
+
+
+def _default_modes(folder: Path) -> None:
+    """Give the folder's files the mode a new file gets under the process' umask (0644 usually): safetensors
+    writes through a private temporary file (0600), which would leave the weights unreadable to the group
+    that reads the rest of the run."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -178,13 +190,14 @@ def resume_config(cls: type[TrainConfig], resume: Path, given: dict[str, Any]) -
     """The one resume path: the saved settings of the run at ``resume``, overlaid with ``given``
     (the flags a user gave, or a whole config), refused if ``given`` changes a setting that a resumed
     run may not change (only steps, evaluation/save/log intervals and outputs may)."""
-    saved = read_meta(resolve_checkpoint(resume)).get("config", {})
+    meta = read_meta(resolve_checkpoint(resume))
+    saved = meta.get("config", {})
     if saved.get("kind") not in (None, cls.__name__):
         raise CheckpointError(f"--resume {resume}: a {saved['kind']} run cannot be resumed as a {cls.__name__}")
     base = {k: v for k, v in upgrade(saved).items() if k not in ("kind", "out")}
     given = {k: v for k, v in given.items() if not (v is None and k in cls.RESOLVED_AT_START)}
     config = cls.from_dict(_overlay(base, given))
-    changed = config.changed_on_resume(saved)
+    changed = config.changed_on_resume(saved, {"optim.rank": meta.get("resolved_rank")})
     if changed:
         raise CheckpointError(
             f"--resume {resume}: the run's settings differ from the checkpoint's ({'; '.join(changed)}); "

@@ -173,6 +173,19 @@ def _policy_row(summary: dict[str, Any], config: TrainConfig) -> list[tuple[str,
     return [(config.optim.spike_policy, text)]
 
 
+def _averaged(summary: dict[str, Any]) -> int:
+    """How many steps the final train loss averages (summaries from before the count: 10)."""
+    return int(summary.get("final_train_loss_steps", 10))
+
+
+def _match_text(summary: dict[str, Any]) -> str:
+    """Causal-LM fine-tuning's exact match, which is measured only when every held-out answer is short."""
+    ev = summary["eval"]
+    if "exact_match" not in ev:
+        return ""
+    return f", exact match {ev['exact_match']:.4f} (majority answer {summary['majority_share']:.4f})"
+
+
 def format_summary(summary: dict[str, Any], config: TrainConfig) -> str:
     """The final table printed after a run (the same numbers are in RUN/summary.json)."""
     ev = summary["eval"]
@@ -192,16 +205,10 @@ def format_summary(summary: dict[str, Any], config: TrainConfig) -> str:
         *_refresh_row(summary, config),
         *_rank_row(summary),
         *_policy_row(summary, config),
-        ("train loss", f"{summary['final_train_loss']:.3f} (mean of the last 10 steps)"),
+        ("train loss", f"{summary['final_train_loss']:.3f} (mean of the last {_averaged(summary)} steps)"),
     ]
     if "unigram_ppl" not in summary and "ppl" in ev:  # causal-LM fine-tuning: on the responses
-        match = f", exact match {ev['exact_match']:.4f} (majority answer {summary['majority_share']:.4f})"
-        rows.append(
-            (
-                "held-out",
-                f"response loss {ev['loss']:.3f}, perplexity {ev['ppl']:.2f}" + (match if "exact_match" in ev else ""),
-            )
-        )
+        rows.append(("held-out", f"response loss {ev['loss']:.3f}, perplexity {ev['ppl']:.2f}{_match_text(summary)}"))
     elif "ppl" in ev:
         rows.append(
             (

@@ -106,8 +106,8 @@ class TrainConfig:
     welore: bool = option(
         False,
         help="train only the low-rank components' factors (and the norms) of a model `gradproj compress` wrote "
-        "(WeLore; given as --init-from, or --model with --task causal-lm); embeddings, head and dense matrices are "
-        "frozen, and the exported model has the factors merged back",
+        "(WeLore); embeddings, head and dense matrices are frozen, and the exported model has the factors merged "
+        "back",
         group=DATA,
     )
     layerwise: bool = option(
@@ -270,6 +270,8 @@ class TrainConfig:
     #: Default learning rates are the method's times this factor (and ``OTHER_LR`` for the rest, if set).
     LR_FACTOR: ClassVar[float] = 1.0
     OTHER_LR: ClassVar[float | None] = None
+    #: what a command adds to an inherited field's help (the flags that field needs beside it there)
+    FIELD_HELP: ClassVar[dict[str, str]] = {}
 
     def optimizer_spec(self, default_rank: int | None = None) -> OptimizerSpec:
         """The optimizer this run builds: its rates resolved (the method's defaults, scaled for
@@ -293,15 +295,35 @@ class TrainConfig:
         values = upgrade(values)
         return cls(**{k: v for k, v in values.items() if k != "kind"})
 
-    def changed_on_resume(self, saved: dict[str, Any]) -> list[str]:
-        """Settings that differ from a saved config and may not (lines 'name: saved -> now')."""
-        before, now = flatten(upgrade(saved)), flatten(self.to_dict())
+    def changed_on_resume(self, saved: dict[str, Any], resolved: dict[str, Any] | None = None) -> list[str]:
+        """Settings that differ from a saved config and may not (lines 'name: saved -> now'). ``resolved``: what
+        a setting the run left unset (None) resolved to when it started (``optim.rank``: the model's default),
+        which a resumed run may name explicitly and which the message shows."""
+        before, now, resolved = flatten(upgrade(saved)), flatten(self.to_dict()), resolved or {}
+        for key, value in resolved.items():
+            if before.get(key) is None and value is not None:
+                before[key] = _Resolved(value)
         return [
             f"{key}: {before.get(key)!r} -> {value!r}"
             for key, value in now.items()
             # a setting newer than the saved run (absent from it) took its default: nothing to compare
             if key in before and before[key] != value and not (key in _own(type(self)) and _resumable(type(self), key))
         ]
+
+
+class _Resolved:
+    """A saved run's unset setting, as it resolved: equal to that value, and shown as ``16 (the default)``."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return bool(self.value == other) or other is None
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"{self.value!r} (its default)"
 
 
 def _own(cls: type) -> set[str]:
@@ -327,6 +349,8 @@ def upgrade(values: dict[str, Any]) -> dict[str, Any]:
 @dataclass(kw_only=True)
 class PretrainConfig(TrainConfig):
     """Pre-training a causal LM from scratch."""
+
+    FIELD_HELP: ClassVar[dict[str, str]] = {"welore": "give the compressed model as --init-from"}
 
     model: str | None = option(
         None,
@@ -393,6 +417,7 @@ class FinetuneConfig(TrainConfig):
 
     LR_FACTOR: ClassVar[float] = 0.3
     OTHER_LR: ClassVar[float | None] = 3e-4
+    FIELD_HELP: ClassVar[dict[str, str]] = {"welore": "give the compressed model as --model, with --task causal-lm"}
 
     steps: int = 100
     eval_every: int = 50

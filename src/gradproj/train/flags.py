@@ -46,6 +46,8 @@ def _add_fields(groups: dict[str, Any], cls: type, defaults: Any, prefix: str, p
         name = f.name.replace("_", "-")
         kind = _scalar(hints[f.name])
         text = str(resolve(info["help"]))
+        added = getattr(cls, "FIELD_HELP", {}).get(f.name)
+        text += f" ({added})" if added else ""
         options: dict[str, Any] = {"dest": f"{prefix}{f.name}", "default": argparse.SUPPRESS}
         if kind is bool:
             flag = info["flag"] or (f"--no-{name}" if default else f"--{name}")

@@ -26,11 +26,12 @@ from ..optim.precision import WEIGHT_DTYPES
 from .checkpoint import (
     CheckpointError,
     load_checkpoint,
+    read_meta,
     resolve_checkpoint,
     resume_config,
     save_checkpoint,
 )
-from .config import TrainConfig
+from .config import TrainConfig, upgrade
 from .logs import RunLogger, allocated_ranks, basis_refreshes, environment, gradient_policy, optimizer_state_bytes
 from .memory_check import StepMemoryMeter, planned, preflight
 from .models import check_rank, default_rank, enable_activation_checkpointing
@@ -42,8 +43,10 @@ from .progress import (
     RunResult,
     SkipPolicy,
     Throughput,
+    eval_line,
     lr_factor,
     progress_bar,
+    schedule_note,
 )
 from .sharded_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
 
@@ -147,7 +150,11 @@ class Trainer:
                     if progress.step < cfg.steps:
                         paused = time.perf_counter()
                         if cfg.eval_every and progress.step % cfg.eval_every == 0:
-                            self._evaluate(model, progress, logger)
+                            bar.set_description_str("held-out evaluation")  # the bar would seem stalled
+                            metrics = self._evaluate(model, progress, logger)
+                            bar.set_description_str("", refresh=False)
+                            if not bar.disable:
+                                bar.write(eval_line(progress.step, metrics))
                         if cfg.checkpoints and cfg.save_every and progress.step % cfg.save_every == 0:
                             self._save(model, optimizer, scheduler, progress, logger)
                         meter.exclude(time.perf_counter() - paused)
@@ -208,6 +215,7 @@ class Trainer:
             saved = load(self.checkpoint, model, optimizer, scheduler)
             dynamics = saved.pop("dynamics", None)  # spike statistics and totals, as of the checkpoint
             progress = Progress(**saved)
+            self._note_schedule(progress.step)
         if cfg.layerwise and self.parallel.world == 1:
             clip = cfg.clip if cfg.clip > 0 else None
             self.stepper = attach_layerwise(optimizer, grad_accum=cfg.grad_accum, max_grad_norm=clip)  # type: ignore[arg-type]
@@ -224,6 +232,15 @@ class Trainer:
             self.memory = StepMemoryMeter(device, progress.step + (2 if progress.step == 0 and cfg.steps >= 2 else 1))
         self._write_run_files()
         return model, optimizer, scheduler, progress
+
+    def _note_schedule(self, step: int) -> None:
+        """Resuming with other ``--steps`` (or warmup) than the checkpoint's: say how the schedule moved."""
+        assert self.checkpoint is not None
+        saved = type(self.config).from_dict(upgrade(read_meta(self.checkpoint)["config"]))
+        cfg = self.config
+        note = schedule_note(step, (saved.steps, saved.warmup_steps), (cfg.steps, cfg.warmup_steps), cfg.min_lr_ratio)
+        if note is not None and self.parallel.main:
+            print(note, flush=True)
 
     def _train_step(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress
@@ -315,7 +332,12 @@ class Trainer:
         if self.dynamics is not None:
             logger.write_dynamics(self.dynamics.drain())
             state["dynamics"] = self.dynamics.state_dict()
-        meta = {"config": self.config.to_dict(), "task": self.task.describe(), "world_size": self.parallel.world}
+        meta = {
+            "config": self.config.to_dict(),
+            "resolved_rank": self.rank,  # what an unset --rank resolved to (its message on a refused resume)
+            "task": self.task.describe(),
+            "world_size": self.parallel.world,
+        }
         args = (self.run_dir, progress.step, model, optimizer, scheduler, state)
         if self.config.fsdp:
             return save_sharded_checkpoint(*args, keep=self.config.keep, meta=meta)
@@ -397,6 +419,7 @@ class Trainer:
             f"{self.task.unit}_seen": progress.seen,
             "skipped_steps": progress.skipped,
             "final_train_loss": sum(finite) / len(finite) if finite else math.nan,
+            "final_train_loss_steps": len(finite),  # the steps of this session it averages (up to 10)
             "eval": final,
             "optimizer_state_bytes": optimizer_state_bytes(optimizer),
             "basis_refreshes": basis_refreshes(optimizer),  # {"refreshes", "matrices"}, or None

