@@ -249,6 +249,23 @@ def test_step_parameter_follows_the_live_groups_after_load_state_dict() -> None:
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
 
 
+def test_loading_a_state_dict_keeps_layerwise_stepping_attached() -> None:
+    """torch's load_state_dict ends in __setstate__, which a copy goes through too; a load must not detach the
+    stepper (the backward after it steps every parameter, and step() stays a no-op)."""
+    model = make_model()
+    opt = make_optimizer(model, "galore")
+    stepper = gradproj.attach_layerwise(opt)
+    opt.load_state_dict(opt.state_dict())
+    assert opt.layerwise is stepper
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = batch(0)
+    loss_of(model, x, y).backward()
+    assert not any(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+    moved = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert all(torch.equal(m, p) for m, p in zip(moved, model.parameters(), strict=True))
+
+
 def test_eight_bit_states_accumulate_in_low_rank_too() -> None:
     """8-bit quantization needs float32 weights; equality is to float32 rounding."""
     pytest.importorskip("bitsandbytes")

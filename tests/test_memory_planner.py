@@ -144,4 +144,4 @@ def test_cli_prints_a_table_and_json(capsys: pytest.CaptureFixture[str]) -> None
         math.isclose(p["total"], p["weights"] + p["gradients"] + p["optimizer"] + p["activations"]) for p in plans
     )
     assert main(["memory", "--model", "llama-60m", "--rank", "4096"]) == 2
-    assert "use --rank <= 512" in capsys.readouterr().out
+    assert "use --rank <= 512" in capsys.readouterr().err

@@ -107,7 +107,7 @@ def add_parser(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", help="a gradproj run folder (its final model), a Hugging Face folder or name")
-    p.add_argument("out", help="the folder to write (replaced if it exists)")
+    p.add_argument("out", help="the folder to write (a new one, or an earlier export's, which is replaced)")
     p.add_argument("--ratio", type=float, required=True, help="share of the matrices' parameters to keep, in (0, 1)")
     p.add_argument("--method", default="welore", choices=METHODS, help="how ranks are chosen (default welore)")
     p.add_argument("--data", default=None, help="held-out text to evaluate on (default: the embedded plays)")
@@ -121,10 +121,11 @@ def compress(args: argparse.Namespace) -> dict[str, Any]:
     """Load, plan, evaluate, truncate, evaluate, write; returns the manifest with the perplexities."""
     from transformers import AutoTokenizer
 
-    from .train.export import model_folder, write_model_folder
+    from .train.export import check_model_destination, model_folder, write_model_folder
     from .train.models import pretrained_causal_lm
 
     check_ratio(args.ratio)
+    check_model_destination(Path(args.out), "OUT")
     folder = model_folder(args.model)
     model = pretrained_causal_lm(folder, f"gradproj compress {args.model}").eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 EPILOG = """examples:
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         setup = Setup.from_config(PretrainConfig.from_dict(flags), world_size=args.world_size)
         plans = plan_setup(setup)
     except ValueError as error:
-        print(f"gradproj memory: {error}")
+        print(f"gradproj memory: error: {error}", file=sys.stderr)
         return 2
     if args.json:
         options = {k: v for k, v in vars(setup).items() if k != "optim"}

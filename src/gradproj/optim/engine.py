@@ -182,10 +182,15 @@ class ProjectedOptimizer(Optimizer):
         return {**kept, **super().__getstate__()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # torch's load_state_dict also ends here, with the loaded state and groups only: the parameters, their
+        # tables and the attached helpers stay (load_state_dict points the tables at the new groups); a copy or
+        # an unpickled optimizer (whose state holds the defaults too) rebuilds its tables
+        copied = "defaults" in state
         super().__setstate__(state)
-        self._reset_derived()
-        for index, group in enumerate(self.param_groups):
-            self._index_group(group, index)
+        if copied:
+            self._reset_derived()
+            for index, group in enumerate(self.param_groups):
+                self._index_group(group, index)
 
     # ----------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:

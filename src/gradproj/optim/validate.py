@@ -319,9 +319,9 @@ def check_matrices(group: dict[str, Any], names: Sequence[str]) -> None:
 
 
 def warn_at_caller(message: str, category: type[Warning] = UserWarning) -> None:
-    """Warn with the first frame outside gradproj and torch.optim as the place, so that the warning points
-    at the user's line (an optimizer's groups are checked several calls deep inside torch's constructor)."""
-    inside = (str(Path(__file__).parents[1]), str(Path(torch.optim.__file__).parent))
+    """Warn with the first frame outside gradproj and torch as the place, so that the warning points at the
+    user's line (an optimizer's groups are checked several calls deep inside torch's constructor)."""
+    inside = (str(Path(__file__).parents[1]), str(Path(torch.__file__).parent))
     frame, level = sys._getframe(1), 1
     while frame is not None and frame.f_code.co_filename.startswith(inside):
         frame, level = frame.f_back, level + 1  # type: ignore[assignment]

@@ -110,12 +110,21 @@ def commit(tmp: Path, final: Path) -> None:
     _default_modes(tmp)
     if final.exists():
         old = final.parent / f"{tmp.name}.old"
+        _remove(old)  # what an interrupted commit left
         final.rename(old)
         tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     else:
         tmp.rename(final)
     _fsync_dir(final.parent)
+
+
+def _remove(path: Path) -> None:
+    """Delete a folder or a file, if there is one."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def _default_modes(folder: Path) -> None:

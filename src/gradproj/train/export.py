@@ -34,7 +34,9 @@ SAMPLING = {"do_sample": True, "temperature": 0.8, "top_k": 50, "max_new_tokens"
 def model_folder(name: str) -> str:
     """``name`` as a model to load: a run folder means its exported final model (``RUN/model``); a
     folder must hold a ``config.json``; anything else is a Hugging Face name."""
-    path = Path(name)
+    path = Path(name).expanduser()
+    if not path.exists() and (path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1):
+        raise ValueError(f"{name}: no such folder (give a run folder, a model folder or a Hugging Face name)")
     if (path / MODEL_DIR / "config.json").is_file():
         return str(path / MODEL_DIR)
     if path.is_dir() and not (path / "config.json").is_file():
@@ -42,11 +44,45 @@ def model_folder(name: str) -> str:
     return name
 
 
+#: what marks a folder as a run's (or anything but a model's): an export never replaces such a folder
+RUN_MARKS = ("metrics.jsonl", "summary.json", "checkpoints", "meta.json")
+
+
+def check_model_destination(out: Path, flag: str = "--out") -> None:
+    """``out`` may receive a model folder: it does not exist, is empty, or is a model folder itself (a
+    ``config.json`` and weights), which an export replaces whole. A file, a run folder or any other folder
+    with content is refused, naming what is in it: replacing it would destroy what the user keeps there.
+
+    >>> import tempfile
+    >>> run = Path(tempfile.mkdtemp()); _ = (run / "metrics.jsonl").write_text("{}")
+    >>> check_model_destination(run)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: --out ...: a folder that is not a model folder (it holds metrics.jsonl); ...
+    """
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"{flag} {out}: a file is there; give the folder to write the model to")
+    names = sorted(p.name for p in out.iterdir())
+    weights = any(n.endswith((".safetensors", ".bin")) for n in names)
+    if not names or ("config.json" in names and weights and not set(names) & set(RUN_MARKS)):
+        return
+    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    raise ValueError(
+        f"{flag} {out}: a folder that is not a model folder (it holds {shown}); an export replaces its destination "
+        "whole, so give a new folder (or an earlier export's)"
+    )
+
+
 def write_model_folder(model: nn.Module, tokenizer: Any, out: Path) -> Path:
     """``model`` (a transformers model) and ``tokenizer`` as a Hugging Face folder at ``out``, written to
     a temporary folder and renamed into place (an interrupted export leaves the previous one whole). Low-rank
-    components fine-tuned as factors (``--welore``) are merged into their dense weights first, in place."""
+    components fine-tuned as factors (``--welore``) are merged into their dense weights first, in place.
+    ``out`` must be new, empty or a model folder (:func:`check_model_destination`)."""
     from ..welore import merge
+
+    check_model_destination(Path(out))
 
     merge(model)
     out = Path(out)
@@ -78,6 +114,7 @@ def write_model_folder(model: nn.Module, tokenizer: Any, out: Path) -> Path:
 def export_checkpoint(checkpoint: Path, out: Path) -> Path:
     """Write ``checkpoint`` (a checkpoint folder, or a run folder: its newest) to ``out``; returns the
     checkpoint exported."""
+    check_model_destination(Path(out))  # before the weights are read
     path = resolve_checkpoint(Path(checkpoint), what="export")
     meta = read_meta(path)
     model = _skeleton(path, meta)
@@ -170,7 +207,9 @@ def add_parser(sub: Any) -> None:
         "(finetune runs), and AutoTokenizer. Every run already writes its final model to RUN/model.",
     )
     p.add_argument("checkpoint", help="a run folder (its newest checkpoint) or a checkpoints/step-XXXXXXXX folder")
-    p.add_argument("--out", required=True, help="the folder to write (replaced if it exists)")
+    p.add_argument(
+        "--out", required=True, help="the folder to write (a new one, or an earlier export's, which is replaced)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
