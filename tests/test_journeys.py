@@ -145,6 +145,14 @@ def test_pretrain_on_odd_text(
     _finishes(capsys, [*PRETRAIN, *extra, "--data", inputs / name, "--out", tmp_path / "run"], expected)
 
 
+def test_the_progress_bar_shows_each_held_out_evaluation(
+    capsys: pytest.CaptureFixture[str], inputs: Path, tmp_path: Path
+) -> None:
+    args = [a for a in PRETRAIN if a != "--no-progress"]
+    out = _finishes(capsys, [*args, "--steps", "3", "--eval-every", "1", "--data", inputs / "books", "--out", tmp_path])
+    assert "step 1: held-out loss" in out and "step 2: held-out loss" in out  # the last is the summary's
+
+
 def test_pretrain_refuses_too_little_text_in_one_line(
     capsys: pytest.CaptureFixture[str], inputs: Path, tmp_path: Path
 ) -> None:

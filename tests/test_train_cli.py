@@ -233,6 +233,28 @@ def test_every_config_field_is_one_flag_with_its_help_and_default(command: str) 
     assert "fira_adamw 1" in (flags["optim.scale"].help or "")  # drawn from the registry
 
 
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "memory", "export", "generate", "compress", "report"])
+def test_a_commands_help_names_only_flags_it_has(command: str) -> None:
+    """Help text drawn from shared fields must not send a reader to a flag the command lacks (pretrain's
+    --welore help once named finetune's --task)."""
+    import argparse
+    import re
+
+    from gradproj.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = sub.choices[command]
+    own = {flag for action in parser._actions for flag in action.option_strings}
+    if command == "memory":  # it plans a pretrain run, whose fields' help speaks of the trainer's flags
+        own |= {flag for action in sub.choices["pretrain"]._actions for flag in action.option_strings}
+    texts = [parser.description or "", *(a.help or "" for a in parser._actions)]
+    texts += [line for line in (parser.epilog or "").splitlines() if "torchrun" not in line]  # torchrun's own
+    named = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", "\n".join(texts)))
+    # flags of other commands that a help may name as where to go next
+    elsewhere = {"--init-from", "--welore", "--data", "--update-proj-gap", "--rank", "--fsdp", "--max-nonfinite"}
+    assert named - own - elsewhere == set(), named - own
+
+
 def test_flags_build_the_config_the_fields_describe(tmp_path: Path) -> None:
     from gradproj.cli import build_parser
     from gradproj.optim.build import OptimizerSpec

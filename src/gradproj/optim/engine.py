@@ -14,7 +14,6 @@ Per-parameter state holds tensors, ints and strings only, so ``state_dict()`` lo
 
 from __future__ import annotations
 
-import itertools
 import warnings
 import zlib
 from collections.abc import Callable, Iterable
@@ -22,7 +21,6 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from ..projection.bases import Bases, derive_seed
 from ..projection.projectors import Layout, get_projector, layout_of
@@ -32,8 +30,9 @@ from ..rules.base import UpdateRule
 from .adaptive import adaptive, measures, read_checks
 from .defaults import PROJECTION_DEFAULTS
 from .fast import FOREACH, FastPath, blocker
-from .finite import first_nonfinite
+from .finite import check_dense, first_nonfinite
 from .groups import budget_costs
+from .persistence import Persistent
 from .placement import LOCAL, Local, is_sharded, local, placement_of
 from .precision import BF16_UPDATES, LOW_PRECISION, compute_dtype, widen, working_weight
 from .ranks import auto_rank, plan
@@ -64,7 +63,7 @@ from .weight_norm import normalized
 _ROUNDING = 0x5EED
 
 
-class ProjectedOptimizer(Optimizer):
+class ProjectedOptimizer(Persistent):
     """The engine behind every preset. Prefer the presets (:class:`gradproj.GaLoreAdamW`, ...).
 
     Args:
@@ -172,26 +171,6 @@ class ProjectedOptimizer(Optimizer):
         self._ranks: dict[Tensor, int] = {}  # rank="auto": this step's ranks of the matrices that refresh
         self._rank_bytes: dict[Tensor, tuple[int, int]] = {}  # rank="auto": (base, per rank) bytes of state
 
-    # ------------------------------------------------------ copies and pickles
-    def __getstate__(self) -> dict[str, Any]:
-        """What ``copy.deepcopy`` and ``pickle`` keep: torch's ``defaults``, ``state`` and ``param_groups``, and the
-        engine's settings and counters (``foreach``, ``nonfinite_steps``, ``extra_state``...); torch's hooks
-        are not kept (as torch does), the tables derived from the groups are rebuilt, and a copy has no
-        layer-wise stepper or probe attached (those act on the original's parameters)."""
-        kept = {k: v for k, v in self.__dict__.items() if k not in self._DERIVED and not k.startswith("_optimizer_")}
-        return {**kept, **super().__getstate__()}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        # torch's load_state_dict also ends here, with the loaded state and groups only: the parameters, their
-        # tables and the attached helpers stay (load_state_dict points the tables at the new groups); a copy or
-        # an unpickled optimizer (whose state holds the defaults too) rebuilds its tables
-        copied = "defaults" in state
-        super().__setstate__(state)
-        if copied:
-            self._reset_derived()
-            for index, group in enumerate(self.param_groups):
-                self._index_group(group, index)
-
     # ----------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "rank" in param_group:
@@ -213,8 +192,13 @@ class ProjectedOptimizer(Optimizer):
         try:
             self._index_group(self.param_groups[-1], len(self.param_groups) - 1)
         except ValueError:
-            self.param_groups.pop()  # a refused group leaves no trace
+            self._forget(self.param_groups.pop())  # a refused group leaves no trace
             raise
+
+    def _forget(self, group: dict[str, Any]) -> None:
+        for table in (self._param_groups_of, self._param_names, self._param_keys, self._fast_capable):
+            for p in group["params"]:
+                table.pop(p, None)
 
     def _index_group(self, group: dict[str, Any], index: int) -> None:
         """Record the group's parameters in the engine's tables (their names, seed keys, refresh phases, state
@@ -321,7 +305,7 @@ class ProjectedOptimizer(Optimizer):
                 loss = closure()
         if self.layerwise is not None:  # every parameter was stepped inside backward
             return loss
-        self._check_dense()
+        check_dense((p, self._param_names[p]) for g in self.param_groups for p in g["params"])
         if self.nonfinite != "checked" and not self._gradients_are_finite():
             return loss
         for group in self.param_groups:  # before anything reads a gradient: every part sees the policed one
@@ -477,16 +461,6 @@ class ProjectedOptimizer(Optimizer):
         self._step_one(p, group, grad, low)
         return True
 
-    def _check_dense(self) -> None:
-        """Before anything reads a gradient: every one is dense (no rule here steps a sparse gradient)."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and p.grad.layout != torch.strided:
-                    raise RuntimeError(
-                        f"{self._param_names[p]} has a sparse gradient ({p.grad.layout}), which is not supported: "
-                        "use a dense embedding (sparse=False) or torch.optim.SparseAdam for it"
-                    )
-
     def _gradients_are_finite(self) -> bool:
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         bad_index = first_nonfinite(params)
@@ -499,28 +473,3 @@ class ProjectedOptimizer(Optimizer):
         self.nonfinite_steps += 1
         warnings.warn(f"{message}; skipped steps so far: {self.nonfinite_steps}", RuntimeWarning, stacklevel=3)
         return False
-
-    # ------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        """torch's state dict plus ``{"gradproj": {"nonfinite_steps": n, **extra_state}}``; plain data only."""
-        state = super().state_dict()
-        state["gradproj"] = {"nonfinite_steps": self.nonfinite_steps, **self.extra_state}
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load like torch does, but keep every saved tensor's dtype (torch would cast
-        floating state to the parameter dtype, e.g. float32 quantization scales to bf16)."""
-        state_dict = dict(state_dict)
-        extra = dict(state_dict.pop("gradproj", {}))
-        super().load_state_dict(state_dict)
-        # torch rebuilt the group dicts: point each parameter at its live group (lr from schedulers)
-        self._param_groups_of = {p: group for group in self.param_groups for p in group["params"]}
-        self.nonfinite_steps = int(extra.pop("nonfinite_steps", 0))
-        self.extra_state = dict(extra)
-        saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
-        for saved_id, p in zip(saved_ids, params, strict=True):
-            for key, value in state_dict["state"].get(saved_id, {}).items():
-                if isinstance(value, Tensor):
-                    self.state[p][key] = value.to(device=p.device, copy=True)
-        self._basis_cache.clear()

@@ -12,7 +12,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -39,3 +39,14 @@ def first_nonfinite(params: Sequence[Tensor]) -> int | None:
     if all_finite(flags, [p for p in params if is_sharded(p)]):
         return None
     return int((~flags).nonzero()[0, 0])
+
+
+def check_dense(named: Iterable[tuple[Tensor, str]]) -> None:
+    """Before anything reads a gradient: every ``(parameter, name)``'s gradient is dense (no rule here steps a
+    sparse one), or a RuntimeError names the first that is not."""
+    for p, name in named:
+        if p.grad is not None and p.grad.layout != torch.strided:
+            raise RuntimeError(
+                f"{name} has a sparse gradient ({p.grad.layout}), which is not supported: use a dense embedding "
+                "(sparse=False) or torch.optim.SparseAdam for it"
+            )

@@ -65,7 +65,8 @@ class Adafactor(UpdateRule):
 
     @staticmethod
     def step_size(state: dict[str, Any], group: dict[str, Any], param: Tensor) -> float:
-        t, lr = state["moment_step"], learning_rate(group)
+        # a state dict from before lr was always a number holds None: transformers' relative step
+        t, lr = state["moment_step"], RELATIVE_LR if group.get("lr") is None else learning_rate(group)
         if group["relative_step"]:
             ceiling = 1e-6 * t if group["warmup_init"] else RELATIVE_LR
             rho = lr / RELATIVE_LR * min(ceiling, 1.0 / math.sqrt(t))

@@ -219,12 +219,8 @@ def format_summary(summary: dict[str, Any], config: TrainConfig) -> str:
     else:
         rows.append(("held-out", f"loss {ev['loss']:.3f}, accuracy {ev['accuracy']:.4f}, F1 {ev['f1']:.4f}"))
     if summary.get("model_dir"):
-        # (SFT reports a perplexity too)
-        use = (
-            "AutoModelForCausalLM.from_pretrained; gradproj generate for text"
-            if "ppl" in ev
-            else ("AutoModelForSequenceClassification.from_pretrained")
-        )
+        causal = "AutoModelForCausalLM.from_pretrained; gradproj generate for text"  # SFT has a perplexity too
+        use = causal if "ppl" in ev else "AutoModelForSequenceClassification.from_pretrained"
         rows.append(("exported", f"{summary['model_dir']} ({use})"))
     memory = summary.get("memory")
     if memory and memory.get("measured"):

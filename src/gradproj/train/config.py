@@ -312,7 +312,8 @@ class TrainConfig:
 
 
 class _Resolved:
-    """A saved run's unset setting, as it resolved: equal to that value, and shown as ``16 (the default)``."""
+    """A saved run's unset setting, as it resolved: equal to that value (and to None: still unset), shown as
+    ``16 (its default)``."""
 
     def __init__(self, value: Any) -> None:
         self.value = value

@@ -162,10 +162,17 @@ def eval_line(step: int, metrics: dict[str, float]) -> str:
     'step 50: held-out loss 0.400, accuracy 0.9123, F1 0.9000'
     """
     parts = [f"loss {metrics['loss']:.3f}"]
-    names = {"ppl": ("perplexity", ".2f"), "accuracy": ("accuracy", ".4f"), "f1": ("F1", ".4f")}
-    names["exact_match"] = ("exact match", ".4f")
-    parts += [f"{label} {metrics[key]:{spec}}" for key, (label, spec) in names.items() if key in metrics]
+    parts += [f"{label} {metrics[key]:{spec}}" for key, (label, spec) in EVAL_METRICS.items() if key in metrics]
     return f"step {step}: held-out {', '.join(parts)}"
+
+
+#: the held-out metrics a task may report: key -> (name on screen, format)
+EVAL_METRICS = {
+    "ppl": ("perplexity", ".2f"),
+    "accuracy": ("accuracy", ".4f"),
+    "f1": ("F1", ".4f"),
+    "exact_match": ("exact match", ".4f"),
+}
 
 
 def progress_bar(total: int, start: int, *, enabled: bool) -> Any:
