@@ -94,6 +94,17 @@ def grad_stream(params: list[torch.Tensor], steps: int, seed: int = 1) -> list[l
     return out
 
 
+def state_equal(a: object, b: object) -> bool:
+    """Recursive equality of state dicts: tensors by value (and dtype), everything else by ==."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(state_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(state_equal(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
 def build(
     preset: str, params: list[torch.Tensor], names: list[str] | None = None, **group: Any
 ) -> gradproj.ProjectedOptimizer:

@@ -9,7 +9,17 @@ import pytest
 import torch
 
 import gradproj
-from conftest import ALL_COMBINATIONS, PAIRS, PRESET_NAMES, build, compatible, grad_stream, lr_kwargs, make_params
+from conftest import (
+    ALL_COMBINATIONS,
+    PAIRS,
+    PRESET_NAMES,
+    build,
+    compatible,
+    grad_stream,
+    lr_kwargs,
+    make_params,
+    state_equal,
+)
 from gradproj.optim.registry import METHODS
 
 #: every test here runs on the fast path and on the per-parameter step (conftest.engine_path)
@@ -120,17 +130,6 @@ def test_hugging_face_style_groups_work() -> None:
     assert opt.state[params[0]]["basis_right"].shape == (4, 64)
 
 
-def _equal(a: object, b: object) -> bool:
-    """Recursive equality of state dicts: tensors by value (and dtype), everything else by ==."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
-
-
 def _clone(value: object) -> object:
     if isinstance(value, torch.Tensor):
         return value.clone()
@@ -154,8 +153,8 @@ def test_saving_and_loading_leave_the_state_dict_unchanged(preset: str, projecto
     other_params = [p.detach().clone().requires_grad_() for p in params]
     other = gradproj.PRESETS[preset](_split_groups(other_params, **group), **lr_kwargs(preset))
     other.load_state_dict(saved)
-    assert _equal(saved, snapshot)  # neither saving nor loading touched the dict
-    assert _equal(opt.state_dict(), snapshot) and _equal(other.state_dict(), snapshot)
+    assert state_equal(saved, snapshot)  # neither saving nor loading touched the dict
+    assert state_equal(opt.state_dict(), snapshot) and state_equal(other.state_dict(), snapshot)
 
 
 @pytest.mark.parametrize("preset", PRESET_NAMES)
@@ -172,7 +171,7 @@ def test_equal_parameters_give_equal_state_dicts(preset: str) -> None:
         return opt.state_dict()
 
     first, second = run(), run()
-    assert first["state"] and _equal(first, second)
+    assert first["state"] and state_equal(first, second)
 
 
 @pytest.mark.parametrize("preset", PRESET_NAMES)
@@ -203,7 +202,7 @@ def test_add_param_group_after_some_steps(preset: str) -> None:
         [*groups(copies[:3]), {**late, "params": [("late", copies[3])]}], **lr_kwargs(preset)
     )
     reloaded.load_state_dict(opt.state_dict())
-    assert _equal(reloaded.state_dict(), opt.state_dict())
+    assert state_equal(reloaded.state_dict(), opt.state_dict())
 
 
 @pytest.mark.parametrize("preset", PRESET_NAMES)

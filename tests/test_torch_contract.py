@@ -24,6 +24,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.testing._internal.common_optimizers import OptimizerErrorEnum, OptimizerInfo, OptimizerInput
 
+from conftest import state_equal
 from gradproj.optim.spikes import police, policed
 from optim_db import OPTIM_DB, construct, ids
 
@@ -78,17 +79,6 @@ def _step_with(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads: li
     for p, g in zip(params, grads, strict=True):
         p.grad = g.clone()
     opt.step()
-
-
-def _equal(a: object, b: object) -> bool:
-    """State dicts compared recursively: tensors by dtype and value, the rest by ==."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
 
 
 # ------------------------------------------------------------------------------------------- direction
@@ -277,9 +267,9 @@ def test_state_dict_is_deterministic_and_loading_continues_in_lockstep(info: Opt
         saved = copy.deepcopy(first[0].state_dict())
         given = copy.deepcopy(saved)
         second[0].load_state_dict(given)
-        assert _equal(given, saved), f"{optim_input.desc}: loading changed the dict it was given"
+        assert state_equal(given, saved), f"{optim_input.desc}: loading changed the dict it was given"
         _continue_in_lockstep(first, second, 4, optim_input.desc)
-        assert _equal(first[0].state_dict(), second[0].state_dict()), optim_input.desc
+        assert state_equal(first[0].state_dict(), second[0].state_dict()), optim_input.desc
 
 
 def test_weights_only_save_and_load_continue_in_lockstep(info: OptimizerInfo) -> None:
@@ -331,7 +321,7 @@ def test_a_copy_steps_and_saves_exactly_as_the_original(info: OptimizerInfo, how
         assert weight is not original[1] and torch.equal(weight, original[1]), optim_input.desc
         _continue_in_lockstep(original, (clone, weight, bias), 4, optim_input.desc)
         saved, copied = opt.state_dict(), clone.state_dict()
-        assert _equal(saved, copied) and copied["gradproj"]["nonfinite_steps"] == 2, optim_input.desc
+        assert state_equal(saved, copied) and copied["gradproj"]["nonfinite_steps"] == 2, optim_input.desc
 
 
 # --------------------------------------------------------------------------------------------- hooks
