@@ -354,13 +354,16 @@ def format_plans(plans: list[MemoryPlan], setup: Setup) -> str:
     """A table of each method's bytes (GiB, or MiB when AdamW's peak is under 1 GiB), the requested
     method first: the four kinds, their plain sum, and the peak, which the ratio to AdamW compares."""
     adamw = next(p for p in plans if p.method == "adamw")
-    unit, size = ("GiB", 2**30) if (adamw.peak or adamw.total) >= 2**30 else ("MiB", 2**20)
+    baseline = adamw.peak or adamw.total
+    unit, size = ("GiB", 2**30) if baseline >= 2**30 else ("MiB", 2**20)
     columns = "".join(f"{name:>9}" for name in ("weights", "grads", "optim", "activ.", "sum", "peak"))
     head = f"{'method':<18}{columns}{'vs AdamW':>10}  note"
     lines = [head]
     for p in plans:
-        cells = "".join(f"{x / size:>9.2f}" for x in (*_kinds(p), p.total, p.peak or p.total))
-        lines.append(f"{p.method:<18}{cells}{(p.peak or p.total) / (adamw.peak or adamw.total):>9.0%}   {p.note}")
+        peak = p.peak or p.total
+        values = (p.weights, p.gradients, p.optimizer, p.activations, p.total, peak)
+        cells = "".join(f"{x / size:>9.2f}" for x in values)
+        lines.append(f"{p.method:<18}{cells}{peak / baseline:>9.0%}   {p.note}")
     scope = f"per rank of {setup.world_size} (FSDP2)" if setup.fsdp else "per device"
     ckpt = ", activation checkpointing" if setup.activation_checkpointing else ""
     lines.append(
@@ -370,7 +373,3 @@ def format_plans(plans: list[MemoryPlan], setup: Setup) -> str:
         "so it can be above or below the sum; vs AdamW compares peaks."
     )
     return "\n".join(lines)
-
-
-def _kinds(p: MemoryPlan) -> tuple[int, int, int, int]:
-    return p.weights, p.gradients, p.optimizer, p.activations

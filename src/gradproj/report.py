@@ -198,7 +198,7 @@ def spike_figure(runs: list[Run]) -> bytes:
             ax.plot(x, y, "v", color="red", ms=7, label="spike" if i == 0 else None)
     span_steps(ax, runs)
     ax.set(xlabel="step", ylabel="global gradient norm")
-    if ax.get_lines() and any(len(line.get_xdata()) for line in ax.get_lines()):  # a log axis needs data
+    if any(len(line.get_xdata()) for line in ax.get_lines()):  # a log axis needs data
         ax.set_yscale("log")
     ax.legend(fontsize=8)
     fig.tight_layout()

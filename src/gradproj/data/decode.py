@@ -51,7 +51,7 @@ def decode_text(data: bytes, name: str, *, flag: str = "--data") -> DecodedText:
         pass
     replaced = data.decode("utf-8-sig", errors="replace")
     broken = replaced.count(REPLACEMENT) - data.decode("utf-8-sig", errors="ignore").count(REPLACEMENT)
-    if any(ord(c) > 127 and c != REPLACEMENT for c in replaced):
+    if not replaced.replace(REPLACEMENT, "").isascii():  # valid multi-byte UTF-8 among the broken bytes
         what = "byte sequence that is" if broken == 1 else "byte sequences that are"
         note = f"{name}: {broken} {what} not UTF-8 replaced by U+FFFD"
         return DecodedText(_newlines(replaced), note)

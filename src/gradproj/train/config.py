@@ -299,32 +299,19 @@ class TrainConfig:
         """Settings that differ from a saved config and may not (lines 'name: saved -> now'). ``resolved``: what
         a setting the run left unset (None) resolved to when it started (``optim.rank``: the model's default),
         which a resumed run may name explicitly and which the message shows."""
-        before, now, resolved = flatten(upgrade(saved)), flatten(self.to_dict()), resolved or {}
-        for key, value in resolved.items():
-            if before.get(key) is None and value is not None:
-                before[key] = _Resolved(value)
+        before, now = flatten(upgrade(saved)), flatten(self.to_dict())
+        # the saved run's unset settings, as they resolved (left unset again, they are unchanged)
+        defaults = {k: v for k, v in (resolved or {}).items() if before.get(k) is None and v is not None}
+        before.update(defaults)
         return [
-            f"{key}: {before.get(key)!r} -> {value!r}"
+            f"{key}: {before[key]!r}{' (its default)' if key in defaults else ''} -> {value!r}"
             for key, value in now.items()
             # a setting newer than the saved run (absent from it) took its default: nothing to compare
-            if key in before and before[key] != value and not (key in _own(type(self)) and _resumable(type(self), key))
+            if key in before
+            and before[key] != value
+            and not (key in defaults and value is None)
+            and not (key in _own(type(self)) and _resumable(type(self), key))
         ]
-
-
-class _Resolved:
-    """A saved run's unset setting, as it resolved: equal to that value (and to None: still unset), shown as
-    ``16 (its default)``."""
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-    def __eq__(self, other: object) -> bool:
-        return bool(self.value == other) or other is None
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"{self.value!r} (its default)"
 
 
 def _own(cls: type) -> set[str]:
