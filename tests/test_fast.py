@@ -142,6 +142,18 @@ def test_foreach_true_names_the_parameter_and_why(preset: str, dtype: torch.dtyp
     assert not any(opt._fast_capable[p] for p in params[:3])
 
 
+def test_a_group_refused_by_foreach_true_leaves_no_trace() -> None:
+    """add_param_group on a live optimizer: the refused group's matrix is in none of the engine's tables
+    (its refresh phase was recorded before the fast path refused it)."""
+    kept, refused = make_params([(12, 8), (12, 8)], torch.float32)
+    opt = gradproj.GaLoreAdamW([{"params": [kept], "rank": 2}], foreach=True)
+    with pytest.raises(ValueError, match=r"foreach=True cannot step param_groups\[1\]\.params\[0\]"):
+        opt.add_param_group({"params": [refused], "rank": 2, "projector": "eigh", "track_beta": 0.9})
+    tables = [getattr(opt, name) for name in opt._DERIVED if isinstance(getattr(opt, name), dict)]
+    assert len(opt.param_groups) == 1 and not opt.owns(refused)
+    assert not any(refused in table for table in tables) and kept in opt._refresh_phases
+
+
 def test_foreach_must_be_none_true_or_false() -> None:
     with pytest.raises(ValueError, match=r"foreach='yes' is not valid"):
         gradproj.GaLoreAdamW(make_params(SHAPES), foreach="yes")  # type: ignore[arg-type]

@@ -196,7 +196,10 @@ class ProjectedOptimizer(Persistent):
             raise
 
     def _forget(self, group: dict[str, Any]) -> None:
-        for table in (self._param_groups_of, self._param_names, self._param_keys, self._fast_capable):
+        """Drop a refused group's parameters from every table keyed by parameter (its refresh phases and state
+        costs too: a group refused by ``foreach=True`` had them recorded)."""
+        tables = [getattr(self, name) for name in self._DERIVED]
+        for table in (t for t in tables if isinstance(t, dict)):
             for p in group["params"]:
                 table.pop(p, None)
 
