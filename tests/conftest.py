@@ -11,8 +11,10 @@ import pytest
 import torch
 
 import gradproj
+from gradproj.optim.fast import blocker
 from gradproj.optim.validate import ON_REFRESH, combination_error
 from gradproj.projection import PROJECTORS
+from gradproj.rules import make_rule
 
 # Every enumeration comes from its owner: a projector, preset or on_refresh policy added there is
 # covered by the contract and twin suites with no edit here.
@@ -122,13 +124,23 @@ def _deterministic() -> None:
     torch.manual_seed(0)
 
 
+def takes_fast_path(preset: str, projector: str | None = None) -> bool:
+    """Whether the preset's matrices (on ``projector``, or its own) can take the batched fast path, as the fast
+    path itself declares it (:func:`gradproj.optim.fast.blocker` on the preset's projected group)."""
+    cls = gradproj.PRESETS[preset]
+    group = {**cls.projection_defaults(), "rank": 2, **({"projector": projector} if projector else {})}
+    return blocker(torch.zeros(4, 4), group, make_rule(group["rule"] or cls.RULE)) is None
+
+
 @pytest.fixture(params=["fast", "loop"])
 def engine_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test on both of the engine's paths: ``fast`` as built (``foreach=None``), ``loop`` with the
-    fast path refusing every parameter, so that every step is the per-parameter ground truth."""
+    fast path refusing every parameter, so that every step is the per-parameter ground truth. Where the
+    preset's matrices can never take the fast path, its ``fast`` run is the loop already: ``loop`` is skipped."""
     if request.param == "loop":
-        preset = getattr(request.node, "callspec", None) and request.node.callspec.params.get("preset")
-        if preset and gradproj.PRESETS[preset].RULE != "adam":
-            pytest.skip(f"{preset} never takes the fast path: its 'fast' run is this one")
+        params = request.node.callspec.params if hasattr(request.node, "callspec") else {}
+        preset = params.get("preset")
+        if preset and not takes_fast_path(preset, params.get("projector")):
+            pytest.skip(f"{preset} never takes the fast path here: its 'fast' run is this one")
         monkeypatch.setattr("gradproj.optim.engine.blocker", lambda *args: "the test runs the for-loop")
     return str(request.param)

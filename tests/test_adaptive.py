@@ -146,8 +146,8 @@ def test_one_read_of_the_signal_per_check_step(monkeypatch: pytest.MonkeyPatch) 
         reads.append(sum(1 for s, _ in pending if s.get("energy_unread")))
         batched(pending)
 
-    monkeypatch.setattr("gradproj.optim.engine.read_checks", engine_read)
-    monkeypatch.setattr(adaptive, "read_checks", lambda pending: lazy.append(1) or batched(pending))
+    monkeypatch.setattr(adaptive, "read_checks", engine_read)  # what the schedule's plan calls, once a step
+    monkeypatch.setattr(adaptive, "read_one", lambda state, group: lazy.append(1) or batched([(state, group)]))
     params = make_params(SHAPES)
     opt = build("galore_adamw", params, NAMES, rank=RANK, **AUTO)
     for grads in drifting_stream(SHAPES, 12):

@@ -12,8 +12,8 @@ import torch
 import gradproj
 from conftest import grad_stream, make_params
 from gradproj.optim import step as step_module
+from gradproj.optim.component import refresh_phases
 from gradproj.optim.reference import ReferenceOptimizer
-from gradproj.optim.step import refresh_phases
 from gradproj.projection.bases import derive_seed
 
 # tall (right side), wide (left side), square, and a vector for the full-rank group
@@ -96,7 +96,7 @@ def test_every_policy_on_either_strategy_equals_the_loop_in_float64(
     _side_by_side(pair, 11, rtol=1e-12, atol=1e-14)
     _same_moments(pair)
     (fast, a), _ = pair
-    assert all(a._fast_capable[p] for p in fast)
+    assert all(a._records[p].fast for p in fast)
 
 
 @pytest.mark.parametrize(("preset", "options"), POLICIES[:4])
@@ -139,19 +139,19 @@ def test_foreach_true_names_the_parameter_and_why(preset: str, dtype: torch.dtyp
     with pytest.raises(ValueError, match=rf"foreach=True cannot step param_groups\[0\]\.params\[0\]: {reason}"):
         gradproj.PRESETS[preset](_groups(params), foreach=True)
     opt = gradproj.PRESETS[preset](_groups(params), foreach=None)  # None falls back without a word
-    assert not any(opt._fast_capable[p] for p in params[:3])
+    assert not any(opt._records[p].fast for p in params[:3])
 
 
 def test_a_group_refused_by_foreach_true_leaves_no_trace() -> None:
     """add_param_group on a live optimizer: the refused group's matrix is in none of the engine's tables
-    (its refresh phase was recorded before the fast path refused it)."""
+    (its record, refresh phase included, was made before the fast path refused it)."""
     kept, refused = make_params([(12, 8), (12, 8)], torch.float32)
     opt = gradproj.GaLoreAdamW([{"params": [kept], "rank": 2}], foreach=True)
     with pytest.raises(ValueError, match=r"foreach=True cannot step param_groups\[1\]\.params\[0\]"):
         opt.add_param_group({"params": [refused], "rank": 2, "projector": "eigh", "track_beta": 0.9})
     tables = [getattr(opt, name) for name in opt._DERIVED if isinstance(getattr(opt, name), dict)]
     assert len(opt.param_groups) == 1 and not opt.owns(refused)
-    assert not any(refused in table for table in tables) and kept in opt._refresh_phases
+    assert not any(refused in table for table in tables) and kept in opt._records
 
 
 def test_foreach_must_be_none_true_or_false() -> None:
@@ -254,7 +254,7 @@ def test_the_trainer_spec_staggers_ours_and_refuses_peers() -> None:
     spec = OptimizerSpec(rank=4, update_proj_gap=10, refresh_offset="staggered", target_modules="all-linear")
     opt = build_optimizer(model, spec)
     assert opt.param_groups[0]["refresh_offset"] == "staggered"
-    assert [opt._refresh_phases[p] for p in opt.param_groups[0]["params"]] == [0, 5]
+    assert [opt._records[p].phase for p in opt.param_groups[0]["params"]] == [0, 5]
     aligned = build_optimizer(model, OptimizerSpec(rank=4, target_modules="all-linear"))
     assert aligned.param_groups[0]["refresh_offset"] == 0
     with pytest.raises(ValueError, match=r"--refresh-offset staggered needs one of gradproj's optimizers"):

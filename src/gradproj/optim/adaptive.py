@@ -48,12 +48,16 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from ..rules.base import AllRows
+from ..rules.base import AllRows, UpdateRule
+from .component import RefreshSchedule
+
+if TYPE_CHECKING:
+    from .step import ProjectedContext
 
 #: the ``update_proj_gap`` value that turns adaptive refresh on
 AUTO = "auto"
@@ -83,6 +87,76 @@ def parse_gap(text: str) -> int | str:
     if gap < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not valid; expected an integer >= 1 or {AUTO!r}")
     return gap
+
+
+class AdaptiveGap(RefreshSchedule):
+    """``update_proj_gap="auto"``: each matrix refreshes when its basis keeps too little (the module's rule)."""
+
+    name = "adaptive"
+    value = AUTO
+    defaults = ADAPTIVE_DEFAULTS
+
+    def due(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
+        return due(state, group)
+
+    def refreshed(self, state: dict[str, Any]) -> None:
+        refreshed(state)
+
+    def observe(self, ctx: ProjectedContext, low: Tensor, grad: Tensor) -> None:
+        if measures(ctx.state, ctx.group):
+            place = ctx.placement
+            record(ctx.state, captured_share(place, place.share(low, ctx.layout.side), grad))  # 0-d, on the device
+
+    def needs_full_gradient(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
+        return measures(state, group)  # ||G|| is read on the steps the share is measured on
+
+    def skips_fast(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
+        return measures(state, group)  # the per-parameter step measures the share
+
+    def init_state(self, ctx: ProjectedContext, weight: Tensor) -> None:
+        ctx.state.update(initial_energy(weight.device))
+
+    def state_bytes(self, shape: tuple[int, ...], group: dict[str, Any], dtype: torch.dtype) -> int:
+        return 2 * dtype.itemsize  # the reference share and the last check, in the step's dtype
+
+    def plan(self, engine: Any, groups: Any, plan: Any) -> None:
+        """The last check step's shares of every adaptive matrix, read back at once (one sync)."""
+        read_checks((engine.state[p], g) for g in groups for p in g["params"] if "step" in engine.state[p])
+
+    def check(self, group: dict[str, Any]) -> None:
+        check_gap(group)
+
+    def conflict(self, group: dict[str, Any], rule: UpdateRule | None) -> str | None:
+        if group["projector"] == "identity":
+            return "update_proj_gap='auto' refreshes a basis that keeps too little; projector='identity' keeps all of G"
+        return None
+
+
+def check_gap(group: dict[str, Any]) -> None:
+    """``update_proj_gap`` (an int >= 1, or ``"auto"``) and the adaptive refresh's keys."""
+    gap = group["update_proj_gap"]
+    if gap != AUTO and (isinstance(gap, bool) or not isinstance(gap, int) or gap < 1):
+        raise ValueError(f"update_proj_gap={gap!r} is not valid; expected an integer >= 1 or {AUTO!r}")
+    for key in ("min_gap", "max_gap", "check_every"):
+        value = group[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key}={value!r} is not valid; expected an integer >= 1")
+        if key == "max_gap" and group["min_gap"] > group["max_gap"]:
+            raise ValueError(
+                f"min_gap={group['min_gap']} > max_gap={group['max_gap']}; an adaptive refresh waits at least "
+                "min_gap and at most max_gap steps (use min_gap <= max_gap)"
+            )
+    threshold = group["energy_threshold"]
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
+        raise ValueError(
+            f"energy_threshold={threshold!r} is not valid; expected a number in (0, 1): the share of the fresh "
+            "basis' captured energy below which a matrix refreshes"
+        )
+    if gap == AUTO and group["refresh_offset"] != 0:
+        raise ValueError(
+            f"refresh_offset={group['refresh_offset']!r} applies to a fixed update_proj_gap; with 'auto' each "
+            "matrix refreshes on its own signal (use refresh_offset=0)"
+        )
 
 
 def adaptive(group: dict[str, Any]) -> bool:
@@ -142,8 +216,13 @@ def due(state: dict[str, Any], group: dict[str, Any]) -> bool:
     if since < group["min_gap"]:
         return False
     if state.get("energy_unread"):
-        read_checks([(state, group)])  # the engine has read every check of the step at once before this
+        read_one(state, group)  # the engine has read every check of the step at once before this
     return bool(state.get("refresh_pending", 0))  # a state saved under a fixed gap has no signal yet
+
+
+def read_one(state: dict[str, Any], group: dict[str, Any]) -> None:
+    """One matrix's unread check (layer-wise stepping: one sync per matrix per check)."""
+    read_checks([(state, group)])
 
 
 def read_checks(pending: Iterable[tuple[dict[str, Any], dict[str, Any]]]) -> None:

@@ -25,18 +25,19 @@ from torch import nn
 from ..options import check, option
 from ..projection.projectors import PROJECTORS
 from ..projection.sides import PROJ_TYPES
-from .adaptive import ADAPTIVE_DEFAULTS, AUTO, parse_gap
+from .adaptive import ADAPTIVE_DEFAULTS, AUTO, check_gap, parse_gap
+from .component import REFRESH_SCHEDULES
 from .defaults import PROJECTION_DEFAULTS
 from .external import lora_optimizer, peer_optimizer
 from .fast import fused_adamw_supported
+from .features import POLICIES, check_policy
 from .groups import ATTENTION_AND_MLP, Target, param_groups
 from .precision import LOW_PRECISION
 from .presets import PRESETS
-from .ranks import AUTO_RANK, RANK_DEFAULTS, parse_budget, parse_rank
+from .ranks import AUTO_RANK, RANK_DEFAULTS, check_rank, parse_budget, parse_rank
 from .registry import Method, get_method, trainer_methods
-from .spikes import SPIKE_DEFAULTS, SPIKE_POLICIES, check_policy
-from .step import REFRESH_SCHEDULES
-from .validate import ON_REFRESH, check_gap, check_rank
+from .spikes import SPIKE_DEFAULTS
+from .validate import ON_REFRESH
 
 #: Rank of a projected method when none is given (galore-torch's default); the trainer gives hidden / 4.
 DEFAULT_RANK = 128
@@ -156,7 +157,7 @@ class OptimizerSpec:
         help="what happens to each gradient before the optimizer: stable_spam clips entries above the running "
         "mean of the gradient's maxima, rescales each matrix to its norm's running statistics and resets the "
         "moments every --spam-reset-gap steps (Stable-SPAM; any of gradproj's optimizers)",
-        choices=SPIKE_POLICIES,
+        choices=tuple(POLICIES),
         group="optimizer",
     )
     spam_reset_gap: int | None = option(

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .adaptive import ADAPTIVE_DEFAULTS
-from .ranks import RANK_DEFAULTS
+from .features import projected_defaults
 
 #: Defaults filled into every group that has ``rank`` (and only those).
 PROJECTION_DEFAULTS: dict[str, Any] = {
@@ -37,8 +36,7 @@ PROJECTION_DEFAULTS: dict[str, Any] = {
     "rule": None,  # the rule of this group's R (None: the optimizer's; RACS: "racs", COSMOS: "cosmos")
     "muon_scale": 0.2,  # rule="cosmos": gamma, the weight of the Muon step on the rest of the momentum
     "nesterov": False,  # rule="cosmos": Nesterov's momentum (the authors' code) instead of the paper's M
-    "weight_norm": False,  # GradNormLoRP: W = g v / ||v|| per row, the projected step on v (optim/weight_norm.py)
-    "refresh_offset": 0,  # steps into each gap a matrix refreshes at; "staggered": spread over the gap
-    **ADAPTIVE_DEFAULTS,  # update_proj_gap="auto": min_gap, max_gap, energy_threshold, check_every
-    **RANK_DEFAULTS,  # rank="auto": state_budget, max_rank, energy_target
+    # the step features' keys (optim/features.py): refresh_offset, weight_norm (GradNormLoRP), update_proj_gap="auto"'s
+    # min_gap, max_gap, energy_threshold, check_every, rank="auto"'s state_budget, max_rank, energy_target
+    **projected_defaults(),
 }

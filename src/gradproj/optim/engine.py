@@ -1,11 +1,12 @@
 """The projected optimizer: one ``torch.optim.Optimizer`` that composes a projector, a side,
-an update rule, a residual policy and an ``on_refresh`` policy per parameter group.
+an update rule, a residual policy, an ``on_refresh`` policy and the step features
+(:mod:`gradproj.optim.features`) per parameter group.
 
-A group with ``rank`` is *projected*: every ``update_proj_gap`` steps (or, with ``"auto"``, when the
-basis keeps too little of the gradient: :mod:`gradproj.optim.adaptive`) its basis is refreshed
-from the current gradient ``G``; each step the rule runs on ``R = down(G)`` and the weight moves
-by ``-step_size * combine(G, R, u)`` (see :mod:`gradproj.optim.residual`). A group without
-``rank`` runs the rule in full (Adam rules then follow torch.optim.AdamW bit for bit).
+A group with ``rank`` is *projected*: when its refresh schedule says so (every ``update_proj_gap``
+steps by default) its basis is refreshed from the gradient ``G``; each step the rule runs on
+``R = down(G)`` and the weight moves by ``-step_size * combine(G, R, u)`` (see
+:mod:`gradproj.optim.residual`). A group without ``rank`` runs the rule in full (Adam rules then
+follow torch.optim.AdamW bit for bit).
 Weight decay is decoupled and applied in full space: ``p *= 1 - lr * weight_decay``.
 
 Per-parameter state holds tensors, ints and strings only, so ``state_dict()`` loads with
@@ -17,6 +18,7 @@ from __future__ import annotations
 import warnings
 import zlib
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -27,27 +29,17 @@ from ..projection.projectors import Layout, get_projector, layout_of
 from ..projection.sides import project_down, project_up
 from ..rules import make_rule
 from ..rules.base import UpdateRule
-from .adaptive import adaptive, measures, read_checks
+from .component import GradientPolicy, StepPlan, refresh_phases
 from .defaults import PROJECTION_DEFAULTS
 from .fast import FOREACH, FastPath, blocker
+from .features import check_policy, every_component, features_of, policy_defaults, refresh_due
 from .finite import check_dense, first_nonfinite
 from .groups import budget_costs
 from .persistence import Persistent
 from .placement import LOCAL, Local, is_sharded, local, placement_of
 from .precision import BF16_UPDATES, LOW_PRECISION, compute_dtype, widen, working_weight
-from .ranks import auto_rank, plan
-from .spikes import SPIKE_DEFAULTS, check_policy, police, policed
 from .spread import spread_refreshes, spreadable
-from .step import (
-    InBackwardStepping,
-    ProjectedContext,
-    StepProbe,
-    full_step,
-    initial_counters,
-    projected_step,
-    refresh_due,
-    refresh_phases,
-)
+from .step import InBackwardStepping, ProjectedContext, StepProbe, full_step, projected_step
 from .validate import (
     NONFINITE,
     _choice,
@@ -57,10 +49,22 @@ from .validate import (
     check_real,
     sharding_blocker,
 )
-from .weight_norm import normalized
 
 #: mixed into a parameter's seed key for its stochastic rounding (independent of its basis draws)
 _ROUNDING = 0x5EED
+
+
+@dataclass
+class ParamRecord:
+    """What the engine knows of one parameter beyond its state: derived from its group when it is added."""
+
+    name: str  #: its name, or its place in the optimizer (``param_groups[i].params[j]``)
+    seed_key: int  #: the name's CRC-32, mixed into its basis seed
+    group: dict[str, Any]  #: its live group (a scheduler's lr)
+    phase: int = 0  #: steps into each gap it refreshes at (:func:`~gradproj.optim.component.refresh_phases`)
+    fast: bool = False  #: whether the batched fast path may step it
+    costs: tuple[int, int] = (0, 0)  #: its state bytes at rank 1 and per rank (a planned-rank allocator's)
+    placement: Local | None = None  #: where its matrix lives, once asked
 
 
 class ProjectedOptimizer(Persistent):
@@ -78,9 +82,9 @@ class ProjectedOptimizer(Persistent):
             ``"checked"``: the caller has checked every gradient before it calls ``step()``, which then
             reads none of them an extra time (gradproj's trainer skips a step whose global gradient norm
             is not finite, and builds its optimizers so). :meth:`step_parameter` checks either way.
-        projection: may also hold the gradient policy's keys (:data:`~gradproj.optim.spikes.SPIKE_DEFAULTS`:
-            ``spike_policy="stable_spam"``, ``spam_reset_gap``...), which become every group's default,
-            projected or not (:mod:`gradproj.optim.spikes`).
+        projection: may also hold a gradient policy's keys (``spike_policy="stable_spam"``, ``spam_reset_gap``...:
+            :func:`~gradproj.optim.features.policy_defaults`), which become every group's default, projected
+            or not.
         bf16_update: how a bf16 weight's float32 step is rounded back: ``"nearest"``, ``"stochastic"``
             or ``"kahan"`` (a compensation buffer in the state); see :mod:`gradproj.optim.precision`.
             A group may set its own. Weights in float32/float64 are stepped in place either way.
@@ -126,7 +130,7 @@ class ProjectedOptimizer(Persistent):
         _choice("bf16_update", bf16_update, BF16_UPDATES)
         defaults = {**defaults, "bf16_update": bf16_update}
         projection = dict(projection or {})
-        defaults.update({k: projection.pop(k) for k in SPIKE_DEFAULTS if k in projection})  # every group's
+        defaults.update({k: projection.pop(k) for k in policy_defaults() if k in projection})  # every group's
         unknown = set(projection) - set(PROJECTION_DEFAULTS)
         if unknown:
             raise TypeError(f"unknown projection option(s) {sorted(unknown)}; valid: {sorted(PROJECTION_DEFAULTS)}")
@@ -147,29 +151,24 @@ class ProjectedOptimizer(Persistent):
 
     #: what a copy does not carry: tables derived from the groups (rebuilt from them), caches, this step's
     #: scratch, and the helpers attached to this optimizer (their hooks sit on its parameters, not the copy's)
-    _DERIVED: ClassVar[tuple[str, ...]] = (
-        "_fast", "_fast_capable", "_rules", "_param_keys", "_param_names", "_param_groups_of", "_refresh_phases",
-        "_basis_cache", "_placements", "_prepared", "_ranks", "_rank_bytes", "layerwise", "probe",
-    )  # fmt: skip
+    _DERIVED: ClassVar[tuple[str, ...]] = ("_fast", "_rules", "_records", "_basis_cache", "layerwise", "probe")
 
     def _reset_derived(self) -> None:
         """The tables :meth:`add_param_group` fills, empty; no helper attached."""
         self._fast = FastPath(compile=self._compile)
-        self._fast_capable: dict[Tensor, bool] = {}
         self._rules: dict[str, UpdateRule] = {self.rule.name: self.rule}
-        self._param_keys: dict[Tensor, int] = {}
-        self._param_names: dict[Tensor, str] = {}
-        self._param_groups_of: dict[Tensor, dict[str, Any]] = {}
-        self._refresh_phases: dict[Tensor, int] = {}
+        self._records: dict[Tensor, ParamRecord] = {}
         #: what steps the parameters inside backward (:class:`gradproj.layerwise.LayerwiseStepper`), if any
         self.layerwise: InBackwardStepping | None = None
         #: what samples per-layer training dynamics (:class:`gradproj.dynamics.Dynamics`), if any
         self.probe: StepProbe | None = None
         self._basis_cache: dict[Tensor, Bases] = {}
-        self._placements: dict[Tensor, Local] = {}
-        self._prepared: dict[Tensor, dict[str, Tensor]] = {}  # this step's refreshes from other ranks
-        self._ranks: dict[Tensor, int] = {}  # rank="auto": this step's ranks of the matrices that refresh
-        self._rank_bytes: dict[Tensor, tuple[int, int]] = {}  # rank="auto": (base, per rank) bytes of state
+
+    def _point_at_groups(self) -> None:
+        """After torch rebuilt the group dicts (a load): every record follows its live group."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._records[p].group = group
 
     # ----------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -177,8 +176,8 @@ class ProjectedOptimizer(Persistent):
             for key, value in self._projection_defaults.items():
                 param_group.setdefault(key, value)
         merged = {**self.defaults, **param_group}
-        if policed(merged):
-            for key, value in SPIKE_DEFAULTS.items():
+        if features_of(merged).policy.transforms:
+            for key, value in policy_defaults().items():
                 param_group.setdefault(key, self.defaults.get(key, value))
             merged = {**self.defaults, **param_group}
         check_common(merged)
@@ -187,7 +186,7 @@ class ProjectedOptimizer(Persistent):
             "bf16_update", merged.get("bf16_update", "nearest"), BF16_UPDATES
         )  # before torch appends the group, so a bad group leaves no trace
         if "rank" in merged:
-            check_projection(merged, self.rule_of(merged).name)
+            check_projection(merged, self.rule_of(merged))
         super().add_param_group(param_group)
         try:
             self._index_group(self.param_groups[-1], len(self.param_groups) - 1)
@@ -196,31 +195,31 @@ class ProjectedOptimizer(Persistent):
             raise
 
     def _forget(self, group: dict[str, Any]) -> None:
-        """Drop a refused group's parameters from every table keyed by parameter (its refresh phases and state
-        costs too: a group refused by ``foreach=True`` had them recorded)."""
+        """Drop a refused group's parameters from every table keyed by parameter (their records too: a group
+        refused by ``foreach=True`` had them made)."""
         tables = [getattr(self, name) for name in self._DERIVED]
         for table in (t for t in tables if isinstance(t, dict)):
             for p in group["params"]:
                 table.pop(p, None)
 
     def _index_group(self, group: dict[str, Any], index: int) -> None:
-        """Record the group's parameters in the engine's tables (their names, seed keys, refresh phases, state
-        costs and fast-path capability); raises ValueError for a parameter the group cannot step."""
+        """Record the group's parameters (their names, seed keys, refresh phases, state costs and fast-path
+        capability); raises ValueError for a parameter the group cannot step."""
         names = group.get("param_names") or [None] * len(group["params"])
         for j, (p, name) in enumerate(zip(group["params"], names, strict=True)):
             # unnamed parameters are named by their place in the optimizer, so building the same optimizer
             # twice gives the same bases (the seed key is the name's CRC-32), whatever the process did before
             name = name or f"param_groups[{index}].params[{j}]"
             check_real(p, name)
-            self._param_groups_of[p] = group
-            self._param_names[p] = name
-            self._param_keys[p] = zlib.crc32(name.encode())
+            self._records[p] = ParamRecord(name, zlib.crc32(name.encode()), group)
         if "rank" in group:
-            check_matrices(group, [self._param_names[p] for p in group["params"]])
-            if auto_rank(group):
-                self._rank_bytes.update(budget_costs(group, self.rule_of(group).name))
+            check_matrices(group, [self._records[p].name for p in group["params"]])
+            if any(feature.needs_state_costs for feature in features_of(group)):
+                for p, costs in budget_costs(group, self.rule_of(group).name).items():
+                    self._records[p].costs = costs
             phases = refresh_phases(group["refresh_offset"], len(group["params"]), group["update_proj_gap"])
-            self._refresh_phases.update(zip(group["params"], phases, strict=True))
+            for p, phase in zip(group["params"], phases, strict=True):
+                self._records[p].phase = phase
         self._check_fast_path(group)
 
     def _check_fast_path(self, group: dict[str, Any]) -> None:
@@ -230,29 +229,30 @@ class ProjectedOptimizer(Persistent):
             reason = None if self.foreach is False else blocker(p, group, rule)
             if reason is not None and self.foreach:
                 raise ValueError(
-                    f"foreach=True cannot step {self._param_names[p]}: {reason}; use foreach=None or False"
+                    f"foreach=True cannot step {self._records[p].name}: {reason}; use foreach=None or False"
                 )
-            self._fast_capable[p] = self.foreach is not False and reason is None
+            self._records[p].fast = self.foreach is not False and reason is None
 
     # ------------------------------------------------------- public accessors
     def owns(self, p: Tensor) -> bool:
         """Whether ``p`` is one of this optimizer's parameters."""
-        return p in self._param_groups_of
+        return p in self._records
 
     def bases(self, p: Tensor) -> Bases:
         """``(left, right)``: the basis ``p``'s gradient is projected on now (``(None, None)`` before the
         first refresh, or for a parameter without ``rank``)."""
-        if "rank" not in self._param_groups_of[p] or "step" not in self.state[p]:
+        if "rank" not in self._records[p].group or "step" not in self.state[p]:
             return None, None
         cached = self._basis_cache.get(p)  # filled only by projectors that cache; kept in the weight's dtype
         if cached is not None and p.dtype not in LOW_PRECISION:
             return cached
-        return self._context(p).bases()
+        return self.context(p).bases()
 
-    def layout(self, p: Tensor, group: dict[str, Any]) -> Layout:
-        """Shape, effective rank, side, dtype and device of a projected parameter (``rank="auto"``: the rank
-        it takes on this step's refresh, or holds; before its first step, its cap)."""
-        rank = self._ranks.get(p, self.state[p].get("rank")) if auto_rank(group) else None
+    def layout(self, p: Tensor, group: dict[str, Any], plan: StepPlan | None = None) -> Layout:
+        """Shape, effective rank, side, dtype and device of a projected parameter (its rank allocator's: the
+        rank ``plan`` gives it on this step's refresh, or the one it holds; by default the group's)."""
+        planned = None if plan is None else plan.ranks.get(p)
+        rank = features_of(group).allocator.rank(self.state[p], planned)
         return layout_of((int(p.shape[0]), int(p.shape[1])), group, p.dtype, p.device, rank)
 
     def rule_of(self, group: dict[str, Any]) -> UpdateRule:
@@ -266,37 +266,45 @@ class ProjectedOptimizer(Persistent):
         """Where ``p``'s matrix lives: :mod:`gradproj.optim.placement` (FSDP2 rows, or all here)."""
         if not is_sharded(p):
             return LOCAL
-        placement = self._placements.get(p)
-        if placement is None:
-            blocker = sharding_blocker(self._param_groups_of[p], self.rule_of(self._param_groups_of[p]))
+        record = self._records[p]
+        if record.placement is None:
+            blocker = sharding_blocker(record.group, self.rule_of(record.group))
             if blocker is not None:
                 from .registry import fsdp_capable  # the registry imports the presets, which import us
 
                 raise ValueError(
-                    f"{self._param_names[p]}: {blocker}, so it cannot step FSDP2-sharded parameters yet; "
+                    f"{record.name}: {blocker}, so it cannot step FSDP2-sharded parameters yet; "
                     f"use one of {fsdp_capable()}, or DDP"
                 )
-            placement = self._placements[p] = placement_of(p)
-        return placement
+            record.placement = placement_of(p)
+        return record.placement
 
-    def _context(self, p: Tensor, prepared: dict[str, Tensor] | None = None) -> ProjectedContext:
-        group = self._param_groups_of[p]
+    def context(self, p: Tensor, plan: StepPlan | None = None) -> ProjectedContext:
+        """A projected parameter as the step sees it (:class:`~gradproj.optim.step.ProjectedContext`), with what
+        ``plan`` decided for it on this step."""
+        record = self._records[p]
+        group = record.group
         return ProjectedContext(
             compute=compute_dtype(p.dtype) if p.dtype in LOW_PRECISION else None,  # None: no widening
-            name=self._param_names[p],
-            seed_key=self._param_keys[p],
+            name=record.name,
+            seed_key=record.seed_key,
             group=group,
             state=self.state[p],
-            layout=self.layout(p, group),
+            layout=self.layout(p, group, plan),
             projector=get_projector(group["projector"]),
             rule=self.rule_of(group),
             placement=self.placement(p),
             cache=self._basis_cache,
             key=p,
+            features=features_of(group),
             probe=self.probe,
-            prepared=prepared,
-            phase=self._refresh_phases.get(p, 0),
+            prepared=None if plan is None else plan.prepared.get(p),
+            phase=record.phase,
         )
+
+    def state_costs(self, p: Tensor) -> tuple[int, int]:
+        """``p``'s state bytes at rank 1 and per further rank (computed when its group plans its ranks)."""
+        return self._records[p].costs
 
     # ------------------------------------------------------------------- step
     @torch.no_grad()
@@ -308,58 +316,40 @@ class ProjectedOptimizer(Persistent):
                 loss = closure()
         if self.layerwise is not None:  # every parameter was stepped inside backward
             return loss
-        check_dense((p, self._param_names[p]) for g in self.param_groups for p in g["params"])
+        check_dense((p, self._records[p].name) for g in self.param_groups for p in g["params"])
         if self.nonfinite != "checked" and not self._gradients_are_finite():
             return loss
-        for group in self.param_groups:  # before anything reads a gradient: every part sees the policed one
-            for p in group["params"] if policed(group) else ():
-                if p.grad is not None:
-                    self._police(p, group, local(p.grad))
-        self._read_checks()
-        self._prepared = self._spread_refreshes()
-        try:
-            self._allocate_ranks()
-            for group in self.param_groups:
-                batched = []
-                for p in group["params"]:
-                    if p.grad is None:
-                        continue
-                    if self._fast_capable[p] and self._fast.takes(self, p, group):
-                        batched.append(p)
-                    else:
-                        self._step_one(p, group, local(p.grad))
-                if batched:  # each parameter's step is independent of the others': the order does not matter
-                    (self._fast.projected if "rank" in group else self._fast.full)(self, group, batched)
-        finally:
-            self._prepared, self._ranks = {}, {}  # a step that raised leaves nothing for the next one
+        self._transform_gradients()  # before anything reads a gradient: every part sees the transformed one
+        plan = StepPlan(prepared=self._spread_refreshes())
+        self._plan(plan)
+        for group in self.param_groups:
+            batched = []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if self._records[p].fast and self._fast.takes(self, p, group):
+                    batched.append(p)
+                else:
+                    self._step_one(p, group, local(p.grad), plan=plan)
+            if batched:  # each parameter's step is independent of the others': the order does not matter
+                (self._fast.projected if "rank" in group else self._fast.full)(self, group, batched)
         return loss
 
-    def _read_checks(self) -> None:
-        """The last check step's energy shares of every adaptive matrix, read back at once (one sync)."""
-        adaptive_groups = [g for g in self.param_groups if "rank" in g and adaptive(g)]
-        read_checks((self.state[p], g) for g in adaptive_groups for p in g["params"] if "step" in self.state[p])
-
-    def _allocate_ranks(self) -> None:
-        """rank="auto": the ranks of this step's refreshing matrices, and their bases (:func:`ranks.plan`)."""
+    def _transform_gradients(self) -> None:
+        """Every group's gradient policy on its parameters' gradients (those whose policy rewrites them)."""
         for group in self.param_groups:
-            if "rank" not in group or not auto_rank(group):
-                continue
-            params = group["params"]
-            due = [p.grad is not None and refresh_due(self.state[p], group) for p in params]
-            if not any(due):
-                continue
-            matrices, counters = [], []
-            for p, now in zip(params, due, strict=True):
-                ctx = self._context(p)
-                grad = local(p.grad).to(compute_dtype(p.dtype)) if now else None  # as _step_one widens it
-                at_cap = layout_of((int(p.shape[0]), int(p.shape[1])), group, p.dtype, p.device, group["max_rank"])
-                matrices.append((self.state[p], at_cap, grad, *self._rank_bytes[p]))
-                counters.append(self.state[p] if "step" in self.state[p] else initial_counters(ctx))
-            for p, planned in zip(
-                params, plan(get_projector(group["projector"]), group, matrices, counters), strict=True
-            ):
-                if planned is not None:
-                    self._ranks[p], self._prepared[p] = planned
+            policy = features_of(group).policy
+            for p in group["params"] if policy.transforms else ():
+                if p.grad is not None:
+                    self._transform(p, group, policy, local(p.grad))
+
+    def _plan(self, plan: StepPlan) -> None:
+        """Each step feature plans this step for the groups that chose it (all of them at once)."""
+        chosen = [(group, set(map(id, features_of(group)))) for group in self.param_groups if "rank" in group]
+        for feature in every_component():
+            groups = [group for group, ids in chosen if id(feature) in ids]
+            if groups:
+                feature.plan(self, groups, plan)
 
     def _spread_refreshes(self) -> dict[Tensor, dict[str, Tensor]]:
         """This step's due refreshes of row-sharded matrices, each computed on one rank and shared."""
@@ -370,19 +360,19 @@ class ProjectedOptimizer(Persistent):
             for p in group["params"] if "rank" in group else ():
                 if p.grad is None or not is_sharded(p) or not refresh_due(self.state[p], group):
                     continue
-                ctx = self._context(p)
+                ctx = self.context(p)
                 if spreadable(ctx):
                     due.append((p, ctx, local(p.grad).to(compute_dtype(p.dtype))))  # as _step_one widens it
         return spread_refreshes(due)
 
-    def _police(self, p: Tensor, group: dict[str, Any], grad: Tensor) -> None:
-        """The group's gradient policy on ``grad`` (``p``'s local gradient) in place; on a reset step, the
-        rule's moments are zeroed and its bias correction restarts (:mod:`gradproj.optim.spikes`)."""
+    def _transform(self, p: Tensor, group: dict[str, Any], policy: GradientPolicy, grad: Tensor) -> None:
+        """``policy`` on ``grad`` (``p``'s local gradient) in place; when it says so, the rule's moments are
+        zeroed and its bias correction restarts."""
         state = self.state[p]
-        if not police(grad, state, group, self.placement(p)) or "step" not in state:
+        if not policy.transform(grad, state, group, self.placement(p)) or "step" not in state:
             return  # no reset, or nothing accumulated yet
         if "rank" in group:  # the moments of R
-            ctx = self._context(p)
+            ctx = self.context(p)
             with ctx.placement.local_state(state, ctx.low_shape, ctx.replicated) as plain:
                 ctx.rule.reset(plain)
             return
@@ -390,28 +380,41 @@ class ProjectedOptimizer(Persistent):
         with place.local_state(state, place.whole_shape(local(p)), rule.replicated_state) as plain:
             rule.reset(plain)
 
-    def _step_one(self, p: Tensor, group: dict[str, Any], grad: Tensor | None, low: Tensor | None = None) -> None:
+    def _step_one(
+        self,
+        p: Tensor,
+        group: dict[str, Any],
+        grad: Tensor | None,
+        low: Tensor | None = None,
+        plan: StepPlan | None = None,
+    ) -> None:
         """One parameter: the projected step, or the rule in full for a group without ``rank``; a
         low-precision weight is stepped on float32 copies (:mod:`gradproj.optim.precision`)."""
         if p.dtype not in LOW_PRECISION:
-            self._step_weight(p, group, local(p), grad, low)
+            self._step_weight(p, group, local(p), grad, low, plan)
             return
         state, placement, wide = self.state[p], self.placement(p), compute_dtype(p.dtype)
-        seed = derive_seed(group.get("seed", 0), self._param_keys[p], _ROUNDING)
+        seed = derive_seed(group.get("seed", 0), self._records[p].seed_key, _ROUNDING)
 
         def keep(into: dict[str, Any], key: str, value: Tensor) -> None:
             with placement.local_state(into, placement.whole_shape(local(p))) as plain:
                 plain[key] = value
 
         with working_weight(local(p), state, group, seed, local=local, keep=keep) as weight:
-            self._step_weight(p, group, weight, widen(grad, wide), widen(low, wide))
+            self._step_weight(p, group, weight, widen(grad, wide), widen(low, wide), plan)
 
     def _step_weight(
-        self, p: Tensor, group: dict[str, Any], weight: Tensor, grad: Tensor | None, low: Tensor | None
+        self,
+        p: Tensor,
+        group: dict[str, Any],
+        weight: Tensor,
+        grad: Tensor | None,
+        low: Tensor | None,
+        plan: StepPlan | None,
     ) -> None:
         """Step ``weight`` (``p``'s local tensor, or its float32 working copy) in place."""
         if "rank" in group:
-            projected_step(self._context(p, self._prepared.pop(p, None)), weight, grad, low)
+            projected_step(self.context(p, plan), weight, grad, low)
         else:
             assert grad is not None
             full_step(self.rule_of(group), self.placement(p), weight, grad, self.state[p], group)
@@ -420,13 +423,12 @@ class ProjectedOptimizer(Persistent):
     def needs_full_gradient(self, p: Tensor) -> bool:
         """Whether ``p``'s next step needs its full gradient rather than ``project_gradient``'s output:
         groups without ``rank``, Fira/APOLLO residuals (they use ``G`` itself), refresh steps (the new
-        basis is computed from ``G``), the steps an adaptive group measures its share on (it needs ``||G||``),
-        groups with a gradient policy (it clips ``G``'s entries) and weight-normalised groups (the direction's
-        gradient reads ``G``'s rows)."""
-        group = self._param_groups_of[p]
-        if "rank" not in group or group["residual"] != "none" or policed(group) or normalized(group):
+        basis is computed from ``G``) and the steps a step feature reads ``G`` on (a gradient policy rewrites
+        its entries; a refresh schedule may measure it; a reparametrisation may step another tensor)."""
+        group, state = self._records[p].group, self.state[p]
+        if "rank" not in group or group["residual"] != "none" or refresh_due(state, group):
             return True
-        return refresh_due(self.state[p], group) or measures(self.state[p], group)
+        return any(feature.needs_full_gradient(state, group) for feature in features_of(group))
 
     def project_gradient(self, p: Tensor, grad: Tensor) -> Tensor:
         """``down(grad)`` in ``p``'s current basis, in the step's dtype (float32 for bf16 weights); valid
@@ -450,17 +452,18 @@ class ProjectedOptimizer(Persistent):
             raise ValueError("step_parameter needs grad or low")
         if not bool(torch.isfinite(given).all()):
             if self.nonfinite == "raise":
-                raise FloatingPointError(f"non-finite gradient in {self._param_names[p]}")
+                raise FloatingPointError(f"non-finite gradient in {self._records[p].name}")
             return False
-        group = self._param_groups_of[p]
+        name, group = self._records[p].name, self._records[p].group
         if "rank" not in group and low is not None:
-            raise ValueError(f"{self._param_names[p]} is not projected; pass its full gradient")
+            raise ValueError(f"{name} is not projected; pass its full gradient")
         if low is not None and grad is None and self.needs_full_gradient(p):
-            raise ValueError(f"{self._param_names[p]} needs its full gradient this step (see needs_full_gradient)")
-        if policed(group):  # low was projected from the gradient before the policy clipped it
+            raise ValueError(f"{name} needs its full gradient this step (see needs_full_gradient)")
+        policy = features_of(group).policy
+        if policy.transforms:  # low was projected from the gradient before the policy rewrote it
             if low is not None:
-                raise ValueError(f"{self._param_names[p]} has a gradient policy; pass its full gradient, not low")
-            self._police(p, group, local(given))
+                raise ValueError(f"{name} has a gradient policy; pass its full gradient, not low")
+            self._transform(p, group, policy, local(given))
         self._step_one(p, group, grad, low)
         return True
 
@@ -469,7 +472,7 @@ class ProjectedOptimizer(Persistent):
         bad_index = first_nonfinite(params)
         if bad_index is None:
             return True
-        bad = self._param_names[params[bad_index]]
+        bad = self._records[params[bad_index]].name
         message = f"non-finite gradient in {bad}; the step was not applied (no weight or state changed)"
         if self.nonfinite == "raise":
             raise FloatingPointError(message)

@@ -21,9 +21,10 @@ rounded once inside ``addmm_``, a limiter norm from channel norms): about 1e-7 r
 1e-16 in float64. The full-rank groups are ``torch.optim.AdamW(fused=True)`` bit for bit (tested), which
 differs from torch's for-loop AdamW by a few float32 ulps.
 
-A refresh step, an adaptive group's check step (:mod:`gradproj.optim.adaptive`), a step the dynamics
-probe samples, a parameter's first step and everything the fast
-path cannot do (:func:`blocker`) go through the per-parameter step, so every feature keeps its one owner.
+A refresh step, a step a step feature keeps for itself (:meth:`~gradproj.optim.component.Component.skips_fast`),
+a step the dynamics probe samples, a parameter's first step and everything the fast path cannot do
+(:func:`blocker`: a rule without a batched kernel, a feature that declares a ``fast_blocker``) go through
+the per-parameter step, so every feature keeps its one owner.
 
 Example:
     >>> import torch, gradproj
@@ -47,12 +48,11 @@ from ..projection.projectors import get_projector
 from ..projection.sides import project_down
 from ..rules.adam import galore_ratio, galore_step_size, update_moments
 from ..rules.base import UpdateRule, learning_rate
-from .adaptive import measures
+from .features import fast_blocker, features_of, refresh_due
 from .fused_update import step_weight
 from .placement import is_sharded, local
 from .precision import LOW_PRECISION
-from .step import init_full_state, refresh_due
-from .weight_norm import normalized
+from .step import init_full_state
 
 if TYPE_CHECKING:
     from .engine import ProjectedOptimizer
@@ -80,12 +80,13 @@ def blocker(p: Tensor, group: dict[str, Any], rule: UpdateRule) -> str | None:
         return "it is FSDP2-sharded (the fast path steps whole local tensors)"
     if p.dtype in LOW_PRECISION:
         return f"it is {p.dtype}, which steps on a float32 working copy one parameter at a time"
-    if rule.name != "adam":
+    if not rule.fast_kernel:
         return f"its rule {rule.name!r} has no batched step (adam has)"
     if "rank" not in group:
         return None
-    if normalized(group):
-        return "weight_norm=True steps the direction and the magnitude of one matrix at a time"
+    feature = fast_blocker(group)
+    if feature is not None:
+        return feature
     if get_projector(group["projector"]).observes(group):
         return f"projector={group['projector']!r} with tracking observes every step's R"
     return None
@@ -109,8 +110,8 @@ class FastPath:
         state = engine.state[p]
         if refresh_due(state, group):  # the first step too: the for-loop initializes a projected state
             return False
-        if measures(state, group):  # an adaptive group measures its signal in the per-parameter step
-            return False
+        if any(feature.skips_fast(state, group) for feature in features_of(group)):
+            return False  # e.g. a refresh schedule's measurement: the per-parameter step owns it
         return engine.probe is None or not engine.probe.wants(state["step"])
 
     # ------------------------------------------------------------ full rank

@@ -23,12 +23,10 @@ from ..projection.sides import low_rank_shape
 from ..rules import make_rule
 from ..rules.limiter import limiter_bytes
 from ..welore import LowRankLinear
-from . import weight_norm
-from .adaptive import adaptive
 from .defaults import PROJECTION_DEFAULTS
+from .features import features_of
 from .precision import compute_dtype
 from .ranks import auto_rank, cap
-from .spikes import policed, policy_bytes
 
 Target = str | Sequence[str]
 
@@ -154,15 +152,17 @@ def state_bytes(p: torch.Tensor, group: dict[str, Any], rule: str = "adam") -> i
 
     Counts moment tensors (in the step's dtype: float32 for bf16 weights), basis tensors (in the
     weight's dtype) or indices, Alice's tracked covariance and per-channel energies, the growth
-    limiter's scalar, a weight-normalised matrix's four numbers per row, a bf16 weight's kahan compensation
-    buffer and a gradient policy's statistics; plain ints are not counted.
+    limiter's scalar, a bf16 weight's kahan compensation buffer and what the group's step features keep (a
+    gradient policy's statistics, a refresh schedule's signal, a weight-normalised matrix's four numbers per
+    row); plain ints are not counted.
     Matches the tensors a real optimizer allocates (tested).
     """
     from .precision import compensated
 
     wide = compute_dtype(p.dtype)
     buffer = p.numel() * p.element_size() if compensated(p, group) else 0
-    buffer += policy_bytes(wide) if policed(group) else 0  # the gradient policy's statistics
+    features = features_of(group)
+    buffer += features.policy.state_bytes(tuple(p.shape), group, wide)  # every group may run a gradient policy
     if "rank" not in group:
         return make_rule(group.get("rule") or rule).state_bytes(tuple(p.shape), wide) + buffer
     options = {**PROJECTION_DEFAULTS, **group}
@@ -175,8 +175,7 @@ def state_bytes(p: torch.Tensor, group: dict[str, Any], rule: str = "adam") -> i
     extra = limiter if residual in ("fira", "apollo", "alice") else 0
     if residual == "alice":  # the per-channel discarded energy: one number per uncompressed channel
         extra += (shape[1] if layout.side == "left" else shape[0]) * limiter
-    if options["weight_norm"]:  # each row's magnitude, direction norm and the magnitude's two moments
-        extra += weight_norm.state_bytes(shape[0], wide)
+    extra += sum(f.state_bytes(shape, options, wide) for f in (features.schedule, features.reparametrisation))
     return (
         update_rule.state_bytes(low_rank_shape(shape, layout.rank, layout.side), wide, options)
         + floats * p.element_size()
@@ -188,11 +187,11 @@ def state_bytes(p: torch.Tensor, group: dict[str, Any], rule: str = "adam") -> i
 
 def rank_bytes(p: torch.Tensor, group: dict[str, Any], rule: str = "adam") -> tuple[int, int]:
     """``rank="auto"``: ``(base, per_rank)``, so that ``p`` holds ``base + per_rank * r`` bytes of state at rank
-    ``r``: :func:`state_bytes` at that rank, its spectrum (one number per direction up to its cap, in the
-    step's dtype) and, with ``update_proj_gap="auto"``, the refresh signal's two 0-d tensors."""
+    ``r``: :func:`state_bytes` at that rank (a refresh schedule's signal included) and its spectrum (one number
+    per direction up to its cap, in the step's dtype)."""
     one, two = (state_bytes(p, {**group, "rank": r}, rule) for r in (1, 2))
-    item = compute_dtype(p.dtype).itemsize  # the spectrum and the signal are kept in the step's dtype
-    return 2 * one - two + item * (cap_of(p, group) + (2 if adaptive(group) else 0)), two - one
+    item = compute_dtype(p.dtype).itemsize  # the spectrum is kept in the step's dtype
+    return 2 * one - two + item * cap_of(p, group), two - one
 
 
 def budget_costs(group: dict[str, Any], rule: str) -> dict[torch.Tensor, tuple[int, int]]:

@@ -39,13 +39,15 @@ class Persistent(Optimizer):
     _DERIVED: ClassVar[tuple[str, ...]] = ()
     nonfinite_steps: int
     extra_state: dict[str, float | int]
-    _param_groups_of: dict[Tensor, dict[str, Any]]
     _basis_cache: dict[Tensor, Any]
 
     def _reset_derived(self) -> None:
         raise NotImplementedError
 
     def _index_group(self, group: dict[str, Any], index: int) -> None:
+        raise NotImplementedError
+
+    def _point_at_groups(self) -> None:
         raise NotImplementedError
 
     # ---------------------------------------------------------------------------------------- checkpoints
@@ -62,7 +64,7 @@ class Persistent(Optimizer):
         extra = dict(state_dict.pop("gradproj", {}))
         super().load_state_dict(state_dict)
         # torch rebuilt the group dicts: point each parameter at its live group (lr from schedulers)
-        self._param_groups_of = {p: group for group in self.param_groups for p in group["params"]}
+        self._point_at_groups()
         self.nonfinite_steps = int(extra.pop("nonfinite_steps", 0))
         self.extra_state = dict(extra)
         saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])

@@ -37,12 +37,19 @@ import argparse
 import heapq
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from ..projection.projectors import Layout, Projector
+from ..projection.projectors import Layout, Projector, get_projector, layout_of
+from ..rules.base import UpdateRule
+from .component import Engine, RankAllocator, StepPlan
+from .placement import local
+from .precision import compute_dtype
+
+if TYPE_CHECKING:
+    from .step import ProjectedContext
 
 #: the ``rank`` value that turns energy-allocated ranks on
 AUTO_RANK = "auto"
@@ -55,6 +62,94 @@ RANK_DEFAULTS: dict[str, Any] = {
     "max_rank": 256,  # no matrix takes more (nor more than its smaller side)
     "energy_target": 0.99,  # a matrix wants no more rank than keeps this share of its gradient's energy
 }
+
+
+class EnergyRank(RankAllocator):
+    """``rank="auto"``: ranks planned from the gradients' energy within the group's state budget (the module)."""
+
+    name = "energy"
+    value = AUTO_RANK
+    defaults = RANK_DEFAULTS
+    sharding_blocker = "rank='auto' allocates ranks across the whole group on one process"
+    needs_state_costs = True
+
+    def rank(self, state: dict[str, Any], planned: int | None) -> int | None:
+        return planned if planned is not None else state.get("rank")
+
+    def refreshing(self, ctx: ProjectedContext) -> bool:
+        state = ctx.state
+        resizes = state["last_refresh"] >= 0 and state["rank"] != ctx.layout.rank
+        state["rank"] = ctx.layout.rank  # this refresh's allocation
+        return resizes
+
+    def resize(self, ctx: ProjectedContext) -> None:
+        """Truncate or zero-pad the moments to the new rank (``on_refresh`` other than rotate)."""
+        with ctx.placement.local_state(ctx.state, ctx.low_shape, ctx.replicated) as plain:
+            ctx.rule.set_moments(plain, {k: resized(v, ctx.low_shape) for k, v in ctx.rule.moments(plain).items()})
+
+    def plan(self, engine: Engine, groups: Sequence[dict[str, Any]], plan: StepPlan) -> None:
+        """The ranks of this step's refreshing matrices, and their bases (:func:`plan_group`)."""
+        for group in groups:
+            params = group["params"]
+            contexts = [engine.context(p) for p in params]
+            due = [p.grad is not None and ctx.refresh_due() for p, ctx in zip(params, contexts, strict=True)]
+            if not any(due):
+                continue
+            matrices, counters = [], []
+            for p, ctx, now in zip(params, contexts, due, strict=True):
+                grad = local(p.grad).to(compute_dtype(p.dtype)) if now else None  # as the step widens it
+                at_cap = layout_of((int(p.shape[0]), int(p.shape[1])), group, p.dtype, p.device, group["max_rank"])
+                matrices.append((ctx.state, at_cap, grad, *engine.state_costs(p)))
+                counters.append(ctx.state if "step" in ctx.state else ctx.initial_counters())
+            planned = plan_group(get_projector(group["projector"]), group, matrices, counters)
+            for p, one in zip(params, planned, strict=True):
+                if one is not None:
+                    plan.ranks[p], plan.prepared[p] = one
+
+    def check(self, group: dict[str, Any]) -> None:
+        check_rank(group)
+
+    def conflict(self, group: dict[str, Any], rule: UpdateRule | None) -> str | None:
+        """What ``rank="auto"`` does not take yet: a basis whose directions are not ordered by energy, two-sided
+        bases, switching, and residual policies with state shaped by the rank."""
+        if group["projector"] not in RANKED_PROJECTORS:
+            return (
+                f"rank='auto' takes a prefix of a basis ordered by captured energy; projector={group['projector']!r} "
+                f"has no such order (use one of {RANKED_PROJECTORS})"
+            )
+        if group["proj_type"] == "full":
+            return (
+                "rank='auto' allocates one rank per matrix; proj_type='full' projects both sides (use std/left/right)"
+            )
+        if group["switching"]:
+            return "rank='auto' keeps the leading directions; switching=True draws some at random (use switching=False)"
+        if group["residual"] not in ("none", "fira"):
+            return (
+                f"rank='auto' supports residual 'none' and 'fira'; residual={group['residual']!r} is not supported yet"
+            )
+        return None
+
+
+def check_rank(group: dict[str, Any]) -> None:
+    """``rank`` (an int >= 1, or ``"auto"``) and the energy-allocated ranks' keys."""
+    rank = group["rank"]
+    if rank != AUTO_RANK and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"rank={rank!r} is not valid; expected an integer >= 1 or {AUTO_RANK!r}")
+    max_rank = group["max_rank"]
+    if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
+        raise ValueError(f"max_rank={max_rank!r} is not valid; expected an integer >= 1")
+    target = group["energy_target"]
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < target <= 1.0:
+        raise ValueError(
+            f"energy_target={target!r} is not valid; expected a number in (0, 1]: the share of its gradient's energy "
+            "beyond which a matrix takes no more rank"
+        )
+    budget = group["state_budget"]
+    if rank == AUTO_RANK and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise ValueError(
+            f"state_budget={budget!r} is not valid; rank='auto' needs the bytes of optimizer state its matrices may "
+            "hold together, an integer >= 1"
+        )
 
 
 def auto_rank(group: dict[str, Any]) -> bool:
@@ -223,7 +318,7 @@ def parse_budget(text: str) -> int | tuple[float, int | None]:
     )
 
 
-def plan(
+def plan_group(
     projector: Projector,
     group: dict[str, Any],
     matrices: Sequence[tuple[dict[str, Any], Layout, Tensor | None, int, int]],

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -44,6 +45,11 @@ from ..rules import quant
 from .reference_cosmos import cosmos_direction
 from .reference_spikes import stable_spam
 from .reference_weight_norm import normalized_step
+
+#: a rule's literal twin: ``(state, R, cfg, lr) -> (u, step_size)``, keeping its moments under ``"m"`` (first)
+#: and ``"v"`` (second), the keys the twin rotates, resets and reports; a rule added outside gradproj adds its own
+ReferenceRule = Callable[[dict[str, Any], Tensor, dict[str, Any], "float | None"], tuple[Tensor, float]]
+REFERENCE_RULES: dict[str, ReferenceRule] = {}
 
 
 def _basis(g: Tensor, rank: int, side: str, projector: str, seed: int, t: int, cfg: dict[str, Any]):  # type: ignore[no-untyped-def]
@@ -196,6 +202,8 @@ class ReferenceOptimizer:
     def _direction(self, s: dict[str, Any], r: Tensor, w: Tensor, full_rank: bool) -> tuple[Tensor, float]:
         s["k"] += 1
         rule = self.rule if full_rank else (self.cfg["projected_rule"] or self.rule)
+        if rule in REFERENCE_RULES:
+            return REFERENCE_RULES[rule](s, r, self.cfg, self.lr)
         if rule == "racs":
             return self._racs(s, r)
         if rule == "cosmos":

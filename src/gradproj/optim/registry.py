@@ -7,7 +7,7 @@ Hugging Face integration and the test parametrization all read this table; nothi
 methods. :func:`gradproj.optim.build.build_optimizer` turns a method and a model into an optimizer.
 
 Adding a method is one entry here (and, for a new algorithm, its preset in
-:mod:`gradproj.optim.presets`).
+:mod:`gradproj.optim.presets`); from outside gradproj, :func:`register` adds both.
 
 Example:
     >>> get_method("apollo_mini").fixed_rank, get_method("apollo_mini").preset
@@ -275,6 +275,27 @@ _ENTRIES = (
 
 #: Every method by name, in the order tables and ``--help`` list them.
 METHODS: dict[str, Method] = {m.name: m for m in _ENTRIES}
+
+
+def register(method: Method, preset: type[Any] | None = None) -> Method:
+    """Add ``method`` by its name (and ``preset``, the class of a new algorithm, as ``method.preset``): what a
+    method defined outside gradproj needs to be built, trained and tested like ours. Names must be new.
+
+    >>> register(METHODS["galore_adamw"])
+    Traceback (most recent call last):
+    ...
+    ValueError: a method named 'galore_adamw' is registered already
+    """
+    if method.name in METHODS:
+        raise ValueError(f"a method named {method.name!r} is registered already")
+    if preset is not None:
+        if method.preset is None or method.preset in PRESETS:
+            raise ValueError(f"preset name {method.preset!r} is empty or taken; registered: {tuple(PRESETS)}")
+        PRESETS[method.preset] = preset
+    elif method.kind == "preset" and method.preset not in PRESETS:
+        raise ValueError(f"preset {method.preset!r} is not registered; pass its class as preset=")
+    METHODS[method.name] = method
+    return method
 
 
 def fsdp_capable() -> tuple[str, ...]:

@@ -33,15 +33,13 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from ..rules.base import ALL_ROWS, Rows
-
-#: the gradient policies a group may name (``spike_policy``)
-SPIKE_POLICIES = ("none", "stable_spam")
+from .component import GradientPolicy
 
 #: what a group with a policy gets for the keys it does not set (pytorch_optimizer.StableSPAM's defaults;
 #: its ``update_proj_gap`` is our ``spam_reset_gap``, since GaLore's key means the refresh gap here)
@@ -62,11 +60,27 @@ def policed(group: dict[str, Any]) -> bool:
     return group.get("spike_policy", "none") != "none"
 
 
+class StableSpam(GradientPolicy):
+    """Stable-SPAM's AdaClip, AdaGN and moment resets (the module's maths), as a gradient policy."""
+
+    name = value = "stable_spam"
+    transforms = True
+    defaults: ClassVar[dict[str, Any]] = {k: v for k, v in SPIKE_DEFAULTS.items() if k != "spike_policy"}
+
+    def check(self, group: dict[str, Any]) -> None:
+        check_policy(group)
+
+    def transform(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], rows: Rows) -> bool:
+        return police(grad, state, group, rows)
+
+    def state_bytes(self, shape: tuple[int, ...], group: dict[str, Any], dtype: torch.dtype) -> int:
+        return policy_bytes(dtype)
+
+
 def check_policy(group: dict[str, Any]) -> None:
-    """The policy's keys: one clear message naming the bad value and what is valid."""
+    """The policy's keys: one clear message naming the bad value and what is valid (its name is checked
+    against the registry: :func:`gradproj.optim.features.check_policy`)."""
     policy = group.get("spike_policy", "none")
-    if policy not in SPIKE_POLICIES:
-        raise ValueError(f"spike_policy={policy!r} is not valid; expected one of {SPIKE_POLICIES}")
     if policy == "none":
         return
     for key in ("spam_gamma1", "spam_gamma2", "spam_theta"):

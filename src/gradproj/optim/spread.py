@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .placement import RowSharded
-from .step import ProjectedContext, initial_counters
+from .step import ProjectedContext
 
 #: one due refresh: the parameter (its key in the result), its context, this rank's rows of its gradient
 Due = tuple[Any, ProjectedContext, Tensor]
@@ -91,7 +91,7 @@ def _cost(ctx: ProjectedContext) -> int:
 def _view(ctx: ProjectedContext) -> dict[str, Any]:
     """The state a refresh reads (a parameter's first step: its initial counters)."""
     if not ctx.state:
-        return initial_counters(ctx)
+        return ctx.initial_counters()
     return ctx.placement.whole_view(ctx.state, last_basis=ctx.projector.warm_starts)
 
 

@@ -5,16 +5,16 @@ as a function over an explicit context (torch.optim's functional split: the
 Where the matrix lives (one process, FSDP2 rows, ...) is the context's placement
 (:mod:`gradproj.optim.placement`); the step never asks. Per step, for ``W`` (m x n) and its gradient:
 
-1. on the first step and every ``update_proj_gap`` steps (at the matrix's own phase when the group
-   staggers them; or when the basis keeps too little of ``G``, ``update_proj_gap="auto"``:
-   :mod:`gradproj.optim.adaptive`), recompute the basis from the full ``G`` (the projector), and carry
-   the moments into it (``on_refresh``: keep, reset, rotate);
+1. on the first step and whenever the group's refresh schedule says so (every ``update_proj_gap`` steps
+   by default), recompute the basis from the full ``G`` (the projector) at the rank the group's rank
+   allocator gives, and carry the moments into it (``on_refresh``: keep, reset, rotate);
 2. ``R = down(G)``; the rule advances the moments with this process's share of ``R``: ``(u, s)``;
 3. the update is ``combine(G, R, u)`` (GaLore's ``scale * up(u)``, plus Fira's or APOLLO's terms);
 4. decoupled decay ``W *= 1 - lr * weight_decay``, then ``W -= s * update``.
 
-A weight-normalised group (``weight_norm=True``, GradNormLoRP: :mod:`gradproj.optim.weight_norm`) runs
-steps 1-3 on the direction ``v`` of ``W = g v / ||v||`` and its gradient, then steps ``g`` and rebuilds ``W``.
+Step 4 is the group's reparametrisation's (:class:`~gradproj.optim.component.Reparametrisation`): by default
+the weight itself moves; a reparametrised group runs steps 1-3 on another tensor and rebuilds ``W`` from it.
+The step features (:mod:`gradproj.optim.features`) are the context's ``features``; this module names none.
 
 Probes (:class:`StepProbe`, e.g. :class:`gradproj.dynamics.Dynamics`) see refreshes and sampled steps.
 """
@@ -32,10 +32,10 @@ from ..projection.projectors import Layout, Projector
 from ..projection.rotate import rotate_first, rotate_second
 from ..projection.sides import low_rank_shape, project_down
 from ..rules.base import UpdateRule, learning_rate
-from . import adaptive, weight_norm
+from .component import decay
+from .features import Features, refresh_due
 from .placement import Local
 from .precision import widen
-from .ranks import auto_rank, resized
 from .residual import combine, replicated_state
 
 
@@ -83,6 +83,8 @@ class ProjectedContext:
     placement: Local
     cache: dict[Any, Bases]  #: materialized bases kept between refreshes (projectors with ``cache``)
     key: Any  #: this parameter's key in ``cache``
+    #: the step features the parameter's group chose (:func:`gradproj.optim.features.features_of`)
+    features: Features
     probe: StepProbe | None = None
     #: the dtype the step computes in (float32 for bf16 weights; their bases are stored in bf16)
     compute: torch.dtype | None = None
@@ -124,54 +126,21 @@ class ProjectedContext:
         return widen(bases[0], self.compute), widen(bases[1], self.compute)
 
     def refresh_due(self) -> bool:
+        """Whether this step recomputes the basis (:func:`gradproj.optim.features.refresh_due`)."""
         return refresh_due(self.state, self.group)
 
-
-def refresh_due(state: dict[str, Any], group: dict[str, Any]) -> bool:
-    """Whether a parameter with this state refreshes its basis on its next step: on its first step
-    (no state, or no basis yet) and then whenever ``step - refresh_phase`` is a multiple of
-    ``update_proj_gap`` (the phase is 0 unless the group staggers its refreshes), or, for
-    ``update_proj_gap="auto"``, when its signal says so (:func:`gradproj.optim.adaptive.due`)."""
-    if "last_refresh" not in state or state["last_refresh"] < 0:  # a gradient policy's keys may come first
-        return True
-    if adaptive.adaptive(group):
-        return adaptive.due(state, group)
-    return (state["step"] - state.get("refresh_phase", 0)) % group["update_proj_gap"] == 0
-
-
-#: the trainer's ``--refresh-offset``: every matrix at phase 0 (galore-torch's schedule), or spread out
-REFRESH_SCHEDULES = ("aligned", "staggered")
-
-
-def refresh_phases(offset: int | str, count: int, gap: int) -> list[int]:
-    """The refresh phase of each of a group's ``count`` matrices: ``offset`` itself for every one, or,
-    for ``"staggered"``, phases spread evenly over the gap in the group's order (the ``j``-th of
-    ``count`` refreshes ``floor(j * gap / count)`` steps into each gap), so that a step carries at most
-    ``ceil(count / gap)`` refreshes instead of all of them. Every rank builds the same groups, so every
-    rank agrees. An adaptive group (``gap="auto"``) has offset 0: each matrix keeps its own time anyway.
-
-    >>> refresh_phases("staggered", 4, 200), refresh_phases(3, 2, 200)
-    ([0, 50, 100, 150], [3, 3])
-    """
-    if offset == "staggered":
-        return [j * gap // count for j in range(count)]
-    return [int(offset)] * count
-
-
-def initial_counters(ctx: ProjectedContext) -> dict[str, int]:
-    """The step counters, the refresh phase and the basis seed a parameter's state starts with."""
-    seed = derive_seed(ctx.group["seed"], ctx.seed_key)
-    return {"step": 0, "last_refresh": -1, "refresh_phase": ctx.phase, "proj_seed": seed, "refreshes": 0}
+    def initial_counters(self) -> dict[str, int]:
+        """The step counters, the refresh phase and the basis seed the parameter's state starts with."""
+        seed = derive_seed(self.group["seed"], self.seed_key)
+        return {"step": 0, "last_refresh": -1, "refresh_phase": self.phase, "proj_seed": seed, "refreshes": 0}
 
 
 def init_state(ctx: ProjectedContext, weight: Tensor) -> None:
-    """Step counters, the seed, the adaptive refresh's signal and zeroed moments of this process's share of ``R``."""
+    """Step counters, the seed, each step feature's entries and zeroed moments of this process's share of ``R``."""
     state = ctx.state
-    state.update(initial_counters(ctx))
-    if adaptive.adaptive(ctx.group):
-        state.update(adaptive.initial_energy(weight.device))
-    if weight_norm.normalized(ctx.group):
-        weight_norm.init_state(state, weight, ctx.name)
+    state.update(ctx.initial_counters())
+    for feature in ctx.features:
+        feature.init_state(ctx, weight)
     with ctx.placement.local_state(state, ctx.low_shape, ctx.replicated) as plain:
         ctx.rule.init_state(plain, ctx.placement.moment_shape(ctx.layout), weight, full_shape=ctx.low_shape)
 
@@ -180,20 +149,16 @@ def refresh(ctx: ProjectedContext, grad: Tensor, old: Bases) -> Bases:
     """A new basis from the full gradient; the moments follow ``on_refresh``."""
     state, group, place = ctx.state, ctx.group, ctx.placement
     first = state["last_refresh"] < 0
-    resizes = auto_rank(group) and not first and state["rank"] != ctx.layout.rank
-    if auto_rank(group):
-        state["rank"] = ctx.layout.rank  # this refresh's allocation (:mod:`gradproj.optim.ranks`)
+    resizes = ctx.features.allocator.refreshing(ctx)  # whether the allocated rank changed
     state["last_refresh"] = state["step"]
     state["refreshes"] = state.get("refreshes", 0) + 1  # checkpoints from before the counter start at 0
-    if adaptive.adaptive(group):
-        adaptive.refreshed(state)
+    ctx.features.schedule.refreshed(state)
     new = place.after_refresh(state, ctx.layout, fresh_basis(ctx, grad))
     if ctx.projector.cache:
         ctx.cache[ctx.key] = new
     new = ctx.widen(new)
     if resizes and group["on_refresh"] != "rotate":  # rotate maps the moments into the new rank itself
-        with place.local_state(state, ctx.low_shape, ctx.replicated) as plain:
-            ctx.rule.set_moments(plain, {k: resized(v, ctx.low_shape) for k, v in ctx.rule.moments(plain).items()})
+        ctx.features.allocator.resize(ctx)
     if first or group["on_refresh"] == "keep" or not ctx.projector.changes_basis:
         return new
     if group["on_refresh"] == "reset":
@@ -203,11 +168,11 @@ def refresh(ctx: ProjectedContext, grad: Tensor, old: Bases) -> Bases:
     c_left, c_right = place.change_of_basis(old, new)
     with place.local_state(state, ctx.low_shape, ctx.replicated) as plain:
         ctx.projector.rotate_state(plain, c_left, c_right)  # what the projector keeps in R's coordinates
-    with place.moments_for_rotation(ctx.rule, state, ctx.layout) as moments:
-        first_moment = moments.get("first")
-        moments["second"] = rotate_second(moments["second"], c_left, c_right)
-        if first_moment is not None:
-            moments["first"] = rotate_first(first_moment, c_left, c_right)
+    with place.moments_for_rotation(ctx.rule, state, ctx.layout) as moments:  # a rule may keep either or both
+        if "second" in moments:
+            moments["second"] = rotate_second(moments["second"], c_left, c_right)
+        if "first" in moments:
+            moments["first"] = rotate_first(moments["first"], c_left, c_right)
     return new
 
 
@@ -229,16 +194,7 @@ def projected_step(ctx: ProjectedContext, weight: Tensor, grad: Tensor | None, l
     state = ctx.state
     if "step" not in state:
         init_state(ctx, weight)
-    if not weight_norm.normalized(ctx.group):
-        update, step_size = low_rank_update(ctx, weight, grad, low)
-        decay(weight, ctx.group, decay_rate(ctx.rule, ctx.group, step_size))
-        weight.add_(update, alpha=-step_size)
-    else:  # GradNormLoRP: the projected step moves the direction v of W = g v / ||v||; then g, then W
-        assert grad is not None, "a weight-normalised matrix always takes its full gradient (needs_full_gradient)"
-        direction, grad_direction, grad_magnitude = weight_norm.split(weight, grad, state)
-        update, step_size = low_rank_update(ctx, direction, grad_direction, None)
-        direction.add_(update, alpha=-step_size)
-        weight_norm.recompose(weight, direction, grad_magnitude, state, ctx.group, state["step"] + 1)
+    ctx.features.reparametrisation.step(ctx, weight, grad, low, low_rank_update)  # steps 1-3, then 4
     state["step"] += 1
 
 
@@ -260,9 +216,7 @@ def low_rank_update(
                 ctx.probe.refreshed(ctx.name, grad, old, bases, stale)
                 probe = ctx.probe
         low = place.down(grad, bases)  # the whole R (r x n, r x r) or this process's rows of it (m_i x r)
-        if adaptive.measures(state, group):
-            share = adaptive.captured_share(place, place.share(low, layout.side), grad)  # 0-d, on the device
-            adaptive.record(state, share)
+        ctx.features.schedule.observe(ctx, low, grad)
     with place.local_state(state, ctx.low_shape, ctx.replicated) as plain:
         ctx.projector.observe(low, plain, layout, group, place)  # Alice's tracking: the moving average of R R^T
         u, step_size = ctx.rule.direction(place.share(low, layout.side), plain, group, weight, place)
@@ -272,18 +226,6 @@ def low_rank_update(
         # the residual term's norm after the limiter (Fira, APOLLO, Alice's compensation): the limiter's state
         probe.sampled(ctx.name, state["step"], weight, grad, low, update, step_size, phi, state.get("residual_norm"))
     return update, step_size
-
-
-def decay(weight: Tensor, group: dict[str, Any], rate: float) -> None:
-    """Decoupled weight decay ``W *= 1 - rate * weight_decay`` (``rate``: :func:`decay_rate`)."""
-    if group["weight_decay"] != 0:
-        weight.mul_(1 - rate * group["weight_decay"])
-
-
-def decay_rate(rule: UpdateRule, group: dict[str, Any], step_size: float) -> float:
-    """The rate decoupled decay runs at: the group's ``lr``, or for a rule whose step size is relative
-    (Adafactor's ``relative_step``) the step size it computed, as ``transformers.Adafactor`` decays."""
-    return step_size if rule.relative_step(group) else learning_rate(group)
 
 
 def full_step(

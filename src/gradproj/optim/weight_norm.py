@@ -32,18 +32,75 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from ..rules.adam import torch_denom, update_moments
-from ..rules.base import learning_rate
+from ..rules.base import UpdateRule, learning_rate
+from .component import LowRankUpdate, Reparametrisation
+
+if TYPE_CHECKING:
+    from .step import ProjectedContext
 
 #: the state a weight-normalised matrix keeps beside its projected state: ``g``, ``||v||`` and ``g``'s moments
 KEYS = ("magnitude", "direction_norm", "magnitude_exp_avg", "magnitude_exp_avg_sq")
 #: the update rules whose groups may set ``weight_norm=True`` (the magnitude's step reads Adam's betas and eps)
 RULES = ("adam", "adam8bit")
+
+
+class WeightNorm(Reparametrisation):
+    """``weight_norm=True``: GradNormLoRP's ``W = g v / ||v||`` per row, the projected step on ``v`` (the module)."""
+
+    name = "weight_norm"
+    value = True
+    defaults: ClassVar[dict[str, Any]] = {}
+    fast_blocker = "weight_norm=True steps the direction and the magnitude of one matrix at a time"
+    sharding_blocker = "weight_norm=True rebuilds each matrix from its rows' magnitudes on one process"
+
+    def step(
+        self, ctx: ProjectedContext, weight: Tensor, grad: Tensor | None, low: Tensor | None, update: LowRankUpdate
+    ) -> None:
+        """Steps 1-4 of the module: the projected step moves the direction ``v``; then ``g``, then ``W``."""
+        assert grad is not None, "a weight-normalised matrix always takes its full gradient (needs_full_gradient)"
+        direction, grad_direction, grad_magnitude = split(weight, grad, ctx.state)
+        move, step_size = update(ctx, direction, grad_direction, None)
+        direction.add_(move, alpha=-step_size)
+        recompose(weight, direction, grad_magnitude, ctx.state, ctx.group, ctx.state["step"] + 1)
+
+    def needs_full_gradient(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
+        return True  # the direction's gradient reads G's rows
+
+    def init_state(self, ctx: ProjectedContext, weight: Tensor) -> None:
+        init_state(ctx.state, weight, ctx.name)
+
+    def state_bytes(self, shape: tuple[int, ...], group: dict[str, Any], dtype: torch.dtype) -> int:
+        return state_bytes(shape[0], dtype)
+
+    def check(self, group: dict[str, Any]) -> None:
+        if not isinstance(group["weight_norm"], bool):
+            raise ValueError(f"weight_norm={group['weight_norm']!r} is not valid; expected True or False")
+
+    def conflict(self, group: dict[str, Any], rule: UpdateRule | None) -> str | None:
+        """GaLore on the direction of a weight-normalised matrix: no residual policy on it, no ranks planned from
+        ``G`` (the direction has its own gradient), and a rule with Adam's betas and eps for the magnitude."""
+        if group["residual"] != "none":
+            return (
+                f"weight_norm=True runs GaLore's step on each row's direction; residual={group['residual']!r} on the "
+                "direction is not built (use residual='none')"
+            )
+        if group.get("rank") == "auto":
+            return (
+                "weight_norm=True is not supported with rank='auto' (its ranks are planned from G, not from the "
+                "direction's gradient; use an integer rank)"
+            )
+        if rule is not None and rule.name not in RULES:
+            return (
+                f"weight_norm=True steps each row's magnitude with Adam's betas and eps; the {rule.name} rule has none "
+                f"(use one of {RULES}: GradNormLoRP, GradNormLoRP8bit)"
+            )
+        return None
 
 
 def normalized(group: dict[str, Any]) -> bool:

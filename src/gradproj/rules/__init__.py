@@ -1,4 +1,11 @@
-"""Update rules that see only the (projected) gradient: Adam, 8-bit Adam, Adafactor, RACS, COSMOS."""
+"""Update rules that see only the (projected) gradient: Adam, 8-bit Adam, Adafactor, RACS, COSMOS.
+
+Example:
+    >>> RULES
+    ('adam', 'adam8bit', 'adafactor', 'racs', 'cosmos')
+    >>> make_rule("racs").shardable
+    True
+"""
 
 from .adafactor import Adafactor
 from .adam import Adam
@@ -7,22 +14,26 @@ from .base import UpdateRule
 from .cosmos import Cosmos
 from .racs import RACS
 
-RULES = ("adam", "adam8bit", "adafactor", "racs", "cosmos")
+#: every rule by name; a new rule is its module and one entry here (or :func:`register_rule`)
+REGISTRY: dict[str, type[UpdateRule]] = {cls.name: cls for cls in (Adam, Adam8bit, Adafactor, RACS, Cosmos)}
+RULES = tuple(REGISTRY)
 
 
 def make_rule(name: str) -> UpdateRule:
     """Build a rule by name; the error lists the valid names."""
-    if name == "adam":
-        return Adam()
-    if name == "adam8bit":
-        return Adam8bit()
-    if name == "adafactor":
-        return Adafactor()
-    if name == "racs":
-        return RACS()
-    if name == "cosmos":
-        return Cosmos()
-    raise ValueError(f"rule={name!r} is not one of {RULES}")
+    if name not in REGISTRY:
+        raise ValueError(f"rule={name!r} is not one of {tuple(REGISTRY)}")
+    return REGISTRY[name]()
 
 
-__all__ = ["RACS", "RULES", "Adafactor", "Adam", "Adam8bit", "Cosmos", "UpdateRule", "make_rule"]
+def register_rule(cls: type[UpdateRule]) -> type[UpdateRule]:
+    """Add a rule to :data:`REGISTRY` under its ``name`` (usable as a class decorator); the name must be new."""
+    if not cls.name or cls.name in REGISTRY:
+        raise ValueError(f"rule name {cls.name!r} is empty or taken; registered: {tuple(REGISTRY)}")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+__all__ = [
+    "RACS", "REGISTRY", "RULES", "Adafactor", "Adam", "Adam8bit", "Cosmos", "UpdateRule", "make_rule", "register_rule",
+]  # fmt: skip

@@ -74,6 +74,7 @@ class Adam(UpdateRule):
     """Adam moments in the dtype of the gradient they follow."""
 
     name = "adam"
+    fast_kernel = True
 
     def init_state(
         self, state: dict[str, Any], shape: tuple[int, ...], like: Tensor, full_shape: tuple[int, ...] | None = None

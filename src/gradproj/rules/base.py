@@ -75,6 +75,14 @@ class UpdateRule:
     #: whether the rule reads the group's ``rank`` itself (COSMOS keeps its own basis; with the identity
     #: projector, the rank is otherwise unused)
     uses_rank = False
+    #: whether the engine's batched fast path has this rule's step (:mod:`gradproj.optim.fast`: Adam's)
+    fast_kernel = False
+    #: why the rule cannot step FSDP2 rows when the basis rotates its state (None: it can)
+    rotation_unshardable_because: str | None = None
+
+    def conflict(self, group: dict[str, Any]) -> str | None:
+        """Why a projected ``group`` running this rule has options the rule does not take, or None."""
+        return None
 
     def relative_step(self, group: dict[str, Any]) -> bool:
         """Whether the step size this rule computes for ``group`` is relative to the weight's scale rather than

@@ -91,6 +91,27 @@ class Cosmos(UpdateRule):
     unshardable_because = "its basis' QR and the Newton-Schulz iterations read the whole matrix"
     uses_rank = True
 
+    def conflict(self, group: dict[str, Any]) -> str | None:
+        """COSMOS keeps its own one-sided basis of a fixed rank and steps the whole matrix."""
+        if group["projector"] != "identity":
+            return (
+                f"rule='cosmos' tracks its own basis and steps all of G; projector={group['projector']!r} would "
+                "project G first (use projector='identity')"
+            )
+        if group.get("rank") == "auto":
+            return "rule='cosmos' keeps a basis of a fixed rank; rank='auto' is not supported (use an integer rank)"
+        if group.get("update_proj_gap") == "auto" or group["switching"]:
+            what = "update_proj_gap='auto'" if group.get("update_proj_gap") == "auto" else "switching=True"
+            return f"rule='cosmos' moves its basis by one QR every step; {what} does not apply (leave it unset)"
+        if group["proj_type"] == "full":
+            return "rule='cosmos' needs a one-sided basis; proj_type='full' projects both sides (use std/left/right)"
+        if group["residual"] != "none":
+            return (
+                f"rule='cosmos' handles the rest of the momentum itself (Muon); residual={group['residual']!r} "
+                "would add a second one (use residual='none')"
+            )
+        return None
+
     def init_state(
         self, state: dict[str, Any], shape: tuple[int, ...], like: Tensor, full_shape: tuple[int, ...] | None = None
     ) -> None:

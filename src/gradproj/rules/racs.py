@@ -61,6 +61,7 @@ class RACS(UpdateRule):
 
     name = "racs"
     replicated_state = ("col_sq",)  # one number per column: every process's rows share it
+    rotation_unshardable_because = "the racs rule refits its row and column scalings from all rows at a rotation"
 
     def init_state(
         self, state: dict[str, Any], shape: tuple[int, ...], like: Tensor, full_shape: tuple[int, ...] | None = None
