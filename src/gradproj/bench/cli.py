@@ -9,6 +9,7 @@ from typing import Any
 
 from ..optim.adaptive import parse_gap
 from ..train.config import AUTOCAST
+from ..train.flags import flag_type
 
 EPILOG = """examples:
   gradproj bench quality --lr-matrix 1e-3,3e-3,1e-2 --out runs/sweep      # every method, lr sweep
@@ -57,7 +58,10 @@ def add_run_options(
     p.add_argument("--seq-len", type=int, default=seq, help=f"tokens per sequence (default {seq})")
     p.add_argument("--rank", type=int, default=rank, help=f"projection rank of attention/MLP matrices (default {rank})")
     p.add_argument(
-        "--gap", type=parse_gap, default=gap, help=f"update_proj_gap: steps between refreshes, or auto (default {gap})"
+        "--gap",
+        type=flag_type(parse_gap),
+        default=gap,
+        help=f"update_proj_gap: steps between refreshes, or auto (default {gap})",
     )
     p.add_argument("--seed", type=int, default=0, help="model and data seed, shared by every method (default 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")

@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import typing
 from collections.abc import Callable
@@ -52,6 +51,8 @@ def _optim_args() -> dict[str, Callable[[str], Any]]:
 
 #: ``optim_args`` keys and how to read them: ``rank``, ``update_proj_gap``, ``scale``, ``proj_type``, ...
 OPTIM_ARGS: dict[str, Callable[[str], Any]] = _optim_args()
+#: the keys read by a parser of the field's own (its errors say what is valid)
+_WORDED = frozenset(f.name for f in dataclasses.fields(OptimizerSpec) if f.metadata.get("parse") is not None)
 
 
 def parse_optim_args(text: str | None) -> dict[str, Any]:
@@ -74,9 +75,9 @@ def parse_optim_args(text: str | None) -> dict[str, Any]:
             raise ValueError(f"optim_args item {item.strip()!r} is not KEY=VALUE with KEY in {', '.join(OPTIM_ARGS)}")
         try:
             out[key] = OPTIM_ARGS[key](value.strip())
-        except argparse.ArgumentTypeError as error:  # a parser of its own words its message
-            raise ValueError(f"optim_args {key}: {error}") from None
-        except ValueError:
+        except ValueError as error:  # a parser of its own words its message; int() and float() do not
+            if key in _WORDED:
+                raise ValueError(f"optim_args {key}: {error}") from None
             raise ValueError(f"optim_args {key}={value.strip()!r}: expected {OPTIM_ARGS[key].__name__}") from None
     return out
 

@@ -46,7 +46,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -73,7 +72,7 @@ ADAPTIVE_DEFAULTS: dict[str, Any] = {
 
 
 def parse_gap(text: str) -> int | str:
-    """``--update-proj-gap``: a number of steps, or ``auto``.
+    """An ``update_proj_gap`` written as text: a number of steps, or ``auto`` (ValueError names the text).
 
     >>> parse_gap("200"), parse_gap("auto")
     (200, 'auto')
@@ -85,7 +84,7 @@ def parse_gap(text: str) -> int | str:
     except ValueError:
         gap = 0
     if gap < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not valid; expected an integer >= 1 or {AUTO!r}")
+        raise ValueError(f"{text!r} is not valid; expected an integer >= 1 or {AUTO!r}")
     return gap
 
 

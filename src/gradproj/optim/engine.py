@@ -73,7 +73,7 @@ class ProjectedOptimizer(Persistent):
     Args:
         params: parameters or groups; groups with ``rank`` are projected.
         defaults: the rule's hyper-parameters (``lr``, ``betas``, ``eps``, ``weight_decay``...).
-        rule: a name of :data:`gradproj.rules.RULES` (``"adam"``, ``"adam8bit"``, ``"adafactor"``, ``"racs"``);
+        rule: a name of :data:`gradproj.rules.REGISTRY` (``"adam"``, ``"adam8bit"``, ``"adafactor"``, ...);
             a group may run another on its ``R`` with its own ``rule`` key.
         projection: overrides of :data:`PROJECTION_DEFAULTS` for projected groups.
         nonfinite: ``"skip"`` (default) drops a step whose gradients contain NaN/Inf, leaving
@@ -82,7 +82,7 @@ class ProjectedOptimizer(Persistent):
             ``"checked"``: the caller has checked every gradient before it calls ``step()``, which then
             reads none of them an extra time (gradproj's trainer skips a step whose global gradient norm
             is not finite, and builds its optimizers so). :meth:`step_parameter` checks either way.
-        projection: may also hold a gradient policy's keys (``spike_policy="stable_spam"``, ``spam_reset_gap``...:
+        projection: may also hold a gradient policy's keys (its name and options:
             :func:`~gradproj.optim.features.policy_defaults`), which become every group's default, projected
             or not.
         bf16_update: how a bf16 weight's float32 step is rounded back: ``"nearest"``, ``"stochastic"``
@@ -256,7 +256,7 @@ class ProjectedOptimizer(Persistent):
         return layout_of((int(p.shape[0]), int(p.shape[1])), group, p.dtype, p.device, rank)
 
     def rule_of(self, group: dict[str, Any]) -> UpdateRule:
-        """The rule a group runs: its own ``rule`` (RACS's matrices) or the optimizer's."""
+        """The rule a group runs: its own ``rule`` key (a preset whose matrices run another rule) or the optimizer's."""
         name = group.get("rule") or self.rule.name
         if name not in self._rules:
             self._rules[name] = make_rule(name)

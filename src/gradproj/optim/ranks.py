@@ -33,7 +33,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import heapq
 import re
 from collections.abc import Sequence
@@ -42,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..projection.projectors import Layout, Projector, get_projector, layout_of
+from ..projection.projectors import RANKED, Layout, Projector, get_projector, layout_of
 from ..rules.base import UpdateRule
 from .component import Engine, RankAllocator, StepPlan
 from .placement import local
@@ -53,8 +52,6 @@ if TYPE_CHECKING:
 
 #: the ``rank`` value that turns energy-allocated ranks on
 AUTO_RANK = "auto"
-#: projectors whose basis directions are ordered by the energy they keep, so a prefix is a smaller basis
-RANKED_PROJECTORS = ("svd", "rsvd")
 
 #: the keys a ``rank="auto"`` group adds (with their defaults, filled into every projected group)
 RANK_DEFAULTS: dict[str, Any] = {
@@ -112,10 +109,10 @@ class EnergyRank(RankAllocator):
     def conflict(self, group: dict[str, Any], rule: UpdateRule | None) -> str | None:
         """What ``rank="auto"`` does not take yet: a basis whose directions are not ordered by energy, two-sided
         bases, switching, and residual policies with state shaped by the rank."""
-        if group["projector"] not in RANKED_PROJECTORS:
+        if group["projector"] not in RANKED:
             return (
                 f"rank='auto' takes a prefix of a basis ordered by captured energy; projector={group['projector']!r} "
-                f"has no such order (use one of {RANKED_PROJECTORS})"
+                f"has no such order (use one of {RANKED})"
             )
         if group["proj_type"] == "full":
             return (
@@ -276,7 +273,7 @@ def resized(moment: Tensor, shape: tuple[int, int]) -> Tensor:
 
 
 def parse_rank(text: str) -> int | str:
-    """``--rank``: a number, or ``auto``.
+    """A ``rank`` written as text: a number, or ``auto`` (ValueError names the text).
 
     >>> parse_rank("64"), parse_rank("auto")
     (64, 'auto')
@@ -288,7 +285,7 @@ def parse_rank(text: str) -> int | str:
     except ValueError:
         rank = 0
     if rank < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not valid; expected an integer >= 1 or {AUTO_RANK!r}")
+        raise ValueError(f"{text!r} is not valid; expected an integer >= 1 or {AUTO_RANK!r}")
     return rank
 
 

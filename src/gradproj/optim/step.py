@@ -218,12 +218,12 @@ def low_rank_update(
         low = place.down(grad, bases)  # the whole R (r x n, r x r) or this process's rows of it (m_i x r)
         ctx.features.schedule.observe(ctx, low, grad)
     with place.local_state(state, ctx.low_shape, ctx.replicated) as plain:
-        ctx.projector.observe(low, plain, layout, group, place)  # Alice's tracking: the moving average of R R^T
+        ctx.projector.observe(low, plain, layout, group, place)  # a tracking projector's running statistics
         u, step_size = ctx.rule.direction(place.share(low, layout.side), plain, group, weight, place)
         u = place.gather(u, layout.side, (low.shape[0], low.shape[1]))  # shaped like low
         update, phi = combine(grad, low, u, bases, layout.side, group, plain, shape=layout.shape, rows=place)  # m_i x n
     if probe is not None:
-        # the residual term's norm after the limiter (Fira, APOLLO, Alice's compensation): the limiter's state
+        # the residual term's norm after the limiter (a residual policy's): the limiter's state
         probe.sampled(ctx.name, state["step"], weight, grad, low, update, step_size, phi, state.get("residual_norm"))
     return update, step_size
 

@@ -51,9 +51,6 @@ from .bases import (
 )
 from .sides import resolve_side
 
-PROJECTORS = ("svd", "rsvd", "eigh", "dct", "random", "identity")
-#: projectors whose basis has leading directions, so a refresh can switch (keep some, draw the rest)
-SWITCHABLE = ("svd", "rsvd", "eigh", "dct")
 #: Alice's default share of leading directions a switching refresh keeps: the paper's 40 of 256
 LEADING_SHARE = 40 / 256
 
@@ -116,6 +113,10 @@ class Projector:
     reads_gradient = True
     #: whether a refresh reads the last basis (the eigh projector warm-starts from it)
     warm_starts = False
+    #: whether the basis has leading directions, so a refresh can switch (keep some, draw the rest)
+    switchable = True
+    #: whether the basis' directions are ordered by the energy they keep, so a prefix is a smaller basis
+    ranked = False
 
     def refresh(self, grad: Tensor, state: dict[str, Any], layout: Layout, group: dict[str, Any]) -> Bases:
         """Compute a new basis from ``grad``, store it in ``state`` and return it materialized."""
@@ -180,6 +181,7 @@ class _StoredBasis(Projector):
 
 class SVDProjector(_StoredBasis):
     name = "svd"
+    ranked = True
 
     def _compute(self, grad: Tensor, state: dict[str, Any], layout: Layout, group: dict[str, Any]) -> Bases:
         return svd_basis(grad, layout.rank, layout.side)
@@ -187,6 +189,7 @@ class SVDProjector(_StoredBasis):
 
 class RSVDProjector(_StoredBasis):
     name = "rsvd"
+    ranked = True
 
     def _compute(self, grad: Tensor, state: dict[str, Any], layout: Layout, group: dict[str, Any]) -> Bases:
         return rsvd_basis(
@@ -229,6 +232,7 @@ class DCTProjector(Projector):
 
 class RandomProjector(Projector):
     name = "random"
+    switchable = False
     cache = True
     reads_gradient = False
 
@@ -300,6 +304,7 @@ class IdentityProjector(Projector):
     """No projection: ``R = G`` (RACS steps the whole matrix); keeps nothing."""
 
     name = "identity"
+    switchable = False
     changes_basis = False
     reads_gradient = False
 
@@ -313,15 +318,21 @@ class IdentityProjector(Projector):
         return 0, 0
 
 
-_REGISTRY: dict[str, Projector] = {
+#: every projector by name; a new projector is its class and one entry here
+REGISTRY: dict[str, Projector] = {
     p.name: p
     for p in (SVDProjector(), RSVDProjector(), EighProjector(), DCTProjector(), RandomProjector(), IdentityProjector())
 }
+PROJECTORS = tuple(REGISTRY)
+#: projectors whose basis has leading directions, so a refresh can switch (keep some, draw the rest)
+SWITCHABLE = tuple(name for name, p in REGISTRY.items() if p.switchable)
+#: projectors whose directions are ordered by the energy they keep (a prefix is a smaller basis: rank="auto")
+RANKED = tuple(name for name, p in REGISTRY.items() if p.ranked)
 
 
 def get_projector(name: str) -> Projector:
     """Look up a projector by name; the error lists the valid names."""
     try:
-        return _REGISTRY[name]
+        return REGISTRY[name]
     except KeyError:
         raise ValueError(f"projector={name!r} is not one of {PROJECTORS}") from None

@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from typing import Any
 
 from ..options import meta, resolve
@@ -54,13 +55,37 @@ def _add_fields(groups: dict[str, Any], cls: type, defaults: Any, prefix: str, p
             options["action"] = "store_false" if default else "store_true"
         else:
             flag = info["flag"] or f"--{name}"
-            options["type"], options["metavar"] = info.get("parse") or kind, f.name.upper()
+            options["type"], options["metavar"] = (
+                flag_type(info["parse"]) if info.get("parse") else kind,
+                f.name.upper(),
+            )
             choices = resolve(info["choices"])
             if choices is not None:
                 options["choices"], options["metavar"] = choices, None
             if default is not None and "(default" not in text:  # a help may say the default in its own words
                 text += f" (default {default})"
         groups[info["group"]].add_argument(flag, help=text.replace("%", "%%"), **options)
+
+
+def flag_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` as an argparse ``type``: its ValueError's own words become the flag's error (argparse would
+    otherwise print ``invalid parse_gap value``).
+
+    >>> from gradproj.optim.adaptive import parse_gap
+    >>> flag_type(parse_gap)("0")
+    Traceback (most recent call last):
+    ...
+    argparse.ArgumentTypeError: '0' is not valid; expected an integer >= 1 or 'auto'
+    """
+
+    def read(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    read.__name__ = parse.__name__
+    return read
 
 
 def _scalar(hint: Any) -> type:
