@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import sys
 import warnings
 from typing import Any
 
@@ -15,6 +16,10 @@ from gradproj.optim.fast import blocker
 from gradproj.optim.validate import ON_REFRESH, combination_error
 from gradproj.projection import PROJECTORS
 from gradproj.rules import make_rule
+
+# tests/toy_method.py registers a method when imported: only tests/test_toy_method.py's subprocess loads it (as a
+# plugin, which also collects tests/toy_trains.py); never this process, whose registries it would change
+collect_ignore = ["toy_method.py"] + ([] if "toy_method" in sys.modules else ["toy_trains.py"])
 
 # Every enumeration comes from its owner: a projector, preset or on_refresh policy added there is
 # covered by the contract and twin suites with no edit here.

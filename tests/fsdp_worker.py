@@ -20,7 +20,7 @@ from gradproj.optim.placement import RowSharded
 from gradproj.optim.registry import METHODS
 from gradproj.optim.validate import combination_error, sharding_blocker
 from gradproj.projection import PROJECTORS
-from gradproj.projection.projectors import _REGISTRY
+from gradproj.projection.projectors import REGISTRY
 from gradproj.rules import Adam, make_rule
 
 STEPS, GLOBAL_BATCH, GAP = 7, 8, 3
@@ -132,7 +132,7 @@ REFRESHES: dict[str, int] = {}
 
 def count_refreshes() -> None:
     """Count every projector's refresh computations on this process (into REFRESHES)."""
-    for projector in _REGISTRY.values():
+    for projector in REGISTRY.values():
         compute = projector.refresh
 
         def counted(*args: Any, _compute: Any = compute, _name: str = projector.name, **kwargs: Any) -> Any:

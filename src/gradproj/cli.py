@@ -19,21 +19,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from types import ModuleType
 
-from .bench.cli import add_parsers as add_bench_parsers
-from .bench.cli import run as run_bench
-from .compress_cli import add_parser as add_compress_parser
-from .compress_cli import run as run_compress
-from .memory_cli import add_parser as add_memory_parser
-from .memory_cli import run as run_memory
-from .report import add_parser as add_report_parser
-from .report import run as run_report
-from .train.cli import add_parsers as add_train_parsers
-from .train.cli import run as run_training
-from .train.export import add_parser as add_export_parser
-from .train.export import run as run_export
-from .train.generate import add_parser as add_generate_parser
-from .train.generate import run as run_generate
+from . import compress_cli, memory_cli, report
+from .bench import cli as bench_cli
+from .train import cli as train_cli
+from .train import export, generate
+
+#: every subcommand's module, in ``--help``'s order: each adds its parsers (``add_parsers``) and runs them
+#: (``run``); a new command is its module and one entry here
+COMMANDS: tuple[ModuleType, ...] = (train_cli, memory_cli, export, compress_cli, generate, bench_cli, report)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,31 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Each subcommand has its own --help. Data is fetched once from PyPI and cached in ~/.cache/gradproj.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_train_parsers(sub)
-    add_memory_parser(sub)
-    add_export_parser(sub)
-    add_compress_parser(sub)
-    add_generate_parser(sub)
-    add_bench_parsers(sub)
-    add_report_parser(sub)
+    for module in COMMANDS:
+        before = set(sub.choices)
+        module.add_parsers(sub)
+        for name in set(sub.choices) - before:
+            sub.choices[name].set_defaults(run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("pretrain", "finetune"):
-        return run_training(args)
-    if args.command == "memory":
-        return run_memory(args)
-    if args.command == "report":
-        return run_report(args)
-    if args.command == "export":
-        return run_export(args)
-    if args.command == "generate":
-        return run_generate(args)
-    if args.command == "compress":
-        return run_compress(args)
-    return run_bench(args)
+    return int(args.run(args))
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def heldout_perplexity(model: nn.Module, tokenizer_folder: str, data: str | None
     return math.exp(min(mean, 50.0))
 
 
-def add_parser(sub: Any) -> None:
+def add_parsers(sub: Any) -> None:
     p = sub.add_parser(
         "compress",
         help="compress a causal LM with WeLore's non-uniform ranks (or one rank fraction) to a share of its size",

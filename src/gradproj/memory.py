@@ -39,14 +39,19 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from .optim.groups import ATTENTION_AND_MLP, target_weights
+from .architectures import build_causal_lm, check_rank, default_rank, root_parameters
+from .optim.build import OptimizerSpec, build_optimizer
+from .optim.engine import ProjectedOptimizer
+from .optim.external import lora_rank
+from .optim.groups import ATTENTION_AND_MLP, group_state_bytes, state_bytes, target_weights
 from .optim.precision import WEIGHT_DTYPES as DTYPES
+from .optim.ranks import auto_rank
 from .optim.registry import baseline_methods, get_method
 
 
@@ -119,8 +124,6 @@ class Setup:
 
 def meta_model(setup: Setup) -> nn.Module:
     """The model on the meta device, in the setup's dtype: shapes without memory."""
-    from .train.models import build_causal_lm
-
     if setup.dtype not in DTYPES:
         raise ValueError(f"dtype={setup.dtype!r} is not one of {', '.join(DTYPES)}")
     with torch.device("meta"):
@@ -139,11 +142,6 @@ def _rows(p: torch.Tensor, setup: Setup) -> float:
 
 def optimizer_state_bytes(model: nn.Module, setup: Setup, method: str) -> int:
     """Exact state bytes of the optimizer the trainer builds for ``method`` (a registry name)."""
-    from .optim.build import build_optimizer
-    from .optim.engine import ProjectedOptimizer
-    from .optim.groups import group_state_bytes, state_bytes
-    from .optim.ranks import auto_rank
-
     optimizer = build_optimizer(model, _spec(model, setup, method), bf16_update=_rounding(setup, method))
     total = 0.0
     for group in optimizer.param_groups:
@@ -164,10 +162,6 @@ def _rounding(setup: Setup, method: str) -> str:
 
 
 def _spec(model: nn.Module, setup: Setup, method: str) -> Any:
-    from dataclasses import replace
-
-    from .optim.build import OptimizerSpec
-    from .train.models import default_rank
 
     if setup.optim is not None:
         spec = replace(setup.optim, name=method).at_default_rank(default_rank(model))
@@ -215,9 +209,7 @@ def weight_bytes(model: nn.Module, setup: Setup) -> int:
 
 
 def gathered_root_bytes(model: nn.Module) -> int:
-    """Bytes of the root FSDP2 unit's weights, whole (:func:`gradproj.train.sharded.root_parameters`)."""
-    from .train.sharded import root_parameters
-
+    """Bytes of the root FSDP2 unit's weights, whole (:func:`gradproj.architectures.root_parameters`)."""
     return sum(p.numel() * p.element_size() for p in root_parameters(model))
 
 
@@ -270,8 +262,6 @@ def lora_plan(model: nn.Module, setup: Setup, activations: int, method: str) -> 
     """LoRA as the bench builds it (:func:`gradproj.optim.external.lora_rank`: the rank whose Adam state
     matches GaLore's) on the same targets (peft defaults: float32 adapters, AdamW on them, everything
     else frozen). Activations are taken equal to full training's (not modelled)."""
-    from .optim.external import lora_rank
-    from .train.models import default_rank
 
     rank = lora_rank(_spec(model, setup, "galore_adamw").fixed_rank_twin(default_rank(model)).rank)
     targets = target_weights(model, setup.target_modules or ATTENTION_AND_MLP).values()
@@ -306,8 +296,6 @@ def plan_setup(setup: Setup) -> list[MemoryPlan]:
     model = meta_model(setup)
     spec = _spec(model, setup, setup.optimizer)
     if spec.projected and spec.method.fixed_rank is None and isinstance(spec.rank, int):
-        from .train.models import check_rank
-
         check_rank(model, spec.target_modules, spec.rank)
     methods = (setup.optimizer, *(b.name for b in baseline_methods() if b.name != setup.optimizer))
     return [plan_model(model, setup, method) for method in methods]

@@ -25,7 +25,7 @@ tensors autograd saves in transformers' LLaMA code. Every training run records t
 what it measured (summary.json, "memory"); docs/SCALE.md shows them side by side."""
 
 
-def add_parser(sub: Any) -> None:
+def add_parsers(sub: Any) -> None:
     from .train.config import SCALE, PretrainConfig
     from .train.flags import add_config_flags
 
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from .train.config import PretrainConfig
     from .train.flags import given
 
-    flags = {k: v for k, v in given(args).items() if k not in ("command", "world_size", "json")}
+    flags = {k: v for k, v in given(args).items() if k not in ("world_size", "json")}
     try:
         setup = Setup.from_config(PretrainConfig.from_dict(flags), world_size=args.world_size)
         plans = plan_setup(setup)

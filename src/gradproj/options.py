@@ -118,3 +118,31 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def count_or(word: str, name: str) -> Callable[[str], int | str]:
+    """A parser of a setting written as text: an integer >= 1, or ``word`` (``update_proj_gap``'s and ``rank``'s
+    ``"auto"``); its ValueError names the text and what is valid. ``name`` is the parser's (argparse's messages).
+
+    >>> parse = count_or("auto", "parse_gap")
+    >>> parse("200"), parse("auto"), parse.__name__
+    (200, 'auto', 'parse_gap')
+    >>> parse("0")
+    Traceback (most recent call last):
+    ...
+    ValueError: '0' is not valid; expected an integer >= 1 or 'auto'
+    """
+
+    def parse(text: str) -> int | str:
+        if text == word:
+            return word
+        try:
+            count = int(text)
+        except ValueError:
+            count = 0
+        if count < 1:
+            raise ValueError(f"{text!r} is not valid; expected an integer >= 1 or {word!r}")
+        return count
+
+    parse.__name__ = name
+    return parse

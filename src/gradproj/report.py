@@ -319,7 +319,7 @@ def render(runs: list[Run]) -> str:
     )
 
 
-def add_parser(sub: Any) -> None:
+def add_parsers(sub: Any) -> None:
     p = sub.add_parser(
         "report",
         help="HTML page of a run's loss and training dynamics (overlay several runs to compare)",

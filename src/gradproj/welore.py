@@ -145,6 +145,9 @@ class LowRankLinear(nn.Module):
     """A linear layer stored as two factors, ``y = x down^T up^T + bias``: a low-rank component under
     fine-tuning. :func:`merge` turns it back into an ``nn.Linear``."""
 
+    #: the two matrices :func:`gradproj.param_groups` projects (each on its own) in place of one weight
+    projected_weights = ("up", "down")
+
     def __init__(self, up: Tensor, down: Tensor, bias: Tensor | None) -> None:
         super().__init__()
         self.up = nn.Parameter(up)  # m x k

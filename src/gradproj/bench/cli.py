@@ -319,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"wrote {path}")
         return 0
     if args.bench == "docs":
-        from .tables import update_document
+        from .blocks import update_document
 
         before, after = update_document(args.document)
         if args.check:

@@ -1,9 +1,6 @@
 """Benchmark records (JSON lines) to Markdown: the side-by-side table, the hardware and versions line,
-and the generated blocks of ``docs/BENCHMARKS.md``.
-
-A generated block sits between ``<!-- bench:KIND FILE -->`` and ``<!-- /bench -->``; ``FILE`` is a
-record file relative to the document. :func:`update_document` rewrites every block from its records,
-so the published numbers are always the committed records' (a test checks the two agree).
+and the record helpers every table module shares (the generated blocks of ``docs/BENCHMARKS.md``:
+:mod:`gradproj.bench.blocks`).
 
 Example:
     >>> records = [
@@ -20,16 +17,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any
 
 from ..optim.registry import METHODS
-from .refresh import format_rows
 
 #: The record file inside a bench's output folder (beside its run folders).
 RECORDS = "records.jsonl"
-_BLOCK = re.compile(r"(<!-- bench:(\w+) (\S+) -->\n)(.*?)(<!-- /bench -->)", re.DOTALL)
 
 
 def read_records(paths: list[Path]) -> list[dict[str, Any]]:
@@ -140,86 +134,3 @@ def overhead_table(records: list[dict[str, Any]]) -> str:
             f"{100 * r['overhead']:+.1f}% |"
         )
     return "\n".join(lines)
-
-
-#: the kinds of generated block a document may hold (``<!-- bench:KIND records/FILE.jsonl -->``)
-BLOCK_KINDS = (
-    "quality",
-    "refresh",
-    "environment",
-    "overhead",
-    "seeds",
-    "verdict",
-    "pareto",
-    "speed",
-    "optimizer_step",
-    "precision",
-    "memory",
-    "comm",
-    "spread",
-    "sft",
-    "adaptive",
-    "adaptive_verdict",
-    "policy",
-    "policy_verdict",
-    "welore",
-    "welore_finetune",
-)
-
-
-def render_block(kind: str, records: list[dict[str, Any]]) -> str:
-    """The Markdown of one generated block."""
-    if kind == "quality":
-        return table(records)
-    if kind == "refresh":
-        return format_rows(records)
-    if kind == "environment":
-        return environment_line(records)
-    if kind == "overhead":
-        return overhead_table(records)
-    if kind in ("precision", "memory"):
-        from .precision import memory_table, precision_table
-
-        return precision_table(records) if kind == "precision" else memory_table(records)
-    if kind in ("seeds", "verdict", "pareto"):
-        from .seeds import pareto_table, seeds_table, verdict
-
-        tables = {"seeds": seeds_table, "verdict": verdict, "pareto": pareto_table}
-        return tables[kind](records)
-    if kind in ("speed", "optimizer_step"):
-        from .speed import optimizer_step_table, speed_table
-
-        return speed_table(records) if kind == "speed" else optimizer_step_table(records)
-    if kind == "sft":
-        from .sft import sft_table
-
-        return sft_table(records)
-    if kind in ("comm", "spread"):
-        from .comm import comm_table, spread_table
-
-        return comm_table(records) if kind == "comm" else spread_table(records)
-    if kind in ("adaptive", "adaptive_verdict"):
-        from .adaptive import adaptive_table, adaptive_verdict
-
-        return adaptive_table(records) if kind == "adaptive" else adaptive_verdict(records)
-    if kind in ("policy", "policy_verdict"):
-        from .policy import policy_table, policy_verdict
-
-        return policy_table(records) if kind == "policy" else policy_verdict(records)
-    if kind in ("welore", "welore_finetune"):
-        from .welore import compression_table, finetune_table
-
-        return compression_table(records) if kind == "welore" else finetune_table(records)
-    raise ValueError(f"unknown block kind {kind!r}; valid: {BLOCK_KINDS}")
-
-
-def update_document(path: Path) -> tuple[str, str]:
-    """The document's text and the text with every generated block rebuilt from its records."""
-    text = path.read_text()
-
-    def rebuild(match: re.Match[str]) -> str:
-        opening, kind, source = match.group(1), match.group(2), match.group(3)
-        records = read_records([path.parent / source])
-        return f"{opening}{render_block(kind, records)}\n{match.group(5)}"
-
-    return text, _BLOCK.sub(rebuild, text)

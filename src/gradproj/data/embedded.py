@@ -87,3 +87,23 @@ def minilm_path() -> Path:
         Path(tmp).rename(target)  # atomic: a half-extracted folder is never seen as complete
         Path(tmp).mkdir()  # TemporaryDirectory cleans up the (now empty) name
     return target
+
+
+#: the share of each label a classification split holds out
+HELD_OUT_FRACTION = 0.2
+
+
+def stratified_split(data: LabelledTexts, fraction: float = HELD_OUT_FRACTION) -> tuple[list[int], list[int]]:
+    """Indices (train, held-out): per label, the ``fraction`` of examples with the smallest text hash.
+
+    The split depends only on the texts, never on a seed, so every run holds out the same articles.
+    Held-out indices come in hash order, so any prefix (``--eval-examples``) mixes the labels.
+    """
+    digest = [hashlib.sha1(text.encode()).hexdigest() for text in data.texts]
+    train, held = [], []
+    for label in range(len(data.labels)):
+        members = sorted((i for i, t in enumerate(data.targets) if t == label), key=digest.__getitem__)
+        cut = max(1, round(fraction * len(members)))
+        held += members[:cut]
+        train += members[cut:]
+    return sorted(train), sorted(held, key=digest.__getitem__)

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from ..options import count_or
 from ..rules.base import AllRows, UpdateRule
 from .component import RefreshSchedule
 
@@ -71,21 +72,8 @@ ADAPTIVE_DEFAULTS: dict[str, Any] = {
 }
 
 
-def parse_gap(text: str) -> int | str:
-    """An ``update_proj_gap`` written as text: a number of steps, or ``auto`` (ValueError names the text).
-
-    >>> parse_gap("200"), parse_gap("auto")
-    (200, 'auto')
-    """
-    if text == AUTO:
-        return AUTO
-    try:
-        gap = int(text)
-    except ValueError:
-        gap = 0
-    if gap < 1:
-        raise ValueError(f"{text!r} is not valid; expected an integer >= 1 or {AUTO!r}")
-    return gap
+#: an ``update_proj_gap`` written as text: a number of steps, or ``auto``
+parse_gap = count_or(AUTO, "parse_gap")
 
 
 class AdaptiveGap(RefreshSchedule):

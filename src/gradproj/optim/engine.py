@@ -15,10 +15,8 @@ Per-parameter state holds tensors, ints and strings only, so ``state_dict()`` lo
 
 from __future__ import annotations
 
-import warnings
 import zlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -26,19 +24,18 @@ from torch import Tensor
 
 from ..projection.bases import Bases, derive_seed
 from ..projection.projectors import Layout, get_projector, layout_of
-from ..projection.sides import project_down, project_up
 from ..rules import make_rule
 from ..rules.base import UpdateRule
 from .component import GradientPolicy, StepPlan, refresh_phases
 from .defaults import PROJECTION_DEFAULTS
 from .fast import FOREACH, FastPath, blocker
-from .features import check_policy, every_component, features_of, policy_defaults, refresh_due
-from .finite import check_dense, first_nonfinite
+from .features import check_policy, every_component, features_of, policy_defaults
+from .finite import check_dense
 from .groups import budget_costs
-from .persistence import Persistent
+from .one_at_a_time import OneAtATime, ParamRecord
 from .placement import LOCAL, Local, is_sharded, local, placement_of
 from .precision import BF16_UPDATES, LOW_PRECISION, compute_dtype, widen, working_weight
-from .spread import spread_refreshes, spreadable
+from .spread import due_refreshes, spread_refreshes
 from .step import InBackwardStepping, ProjectedContext, StepProbe, full_step, projected_step
 from .validate import (
     NONFINITE,
@@ -54,26 +51,13 @@ from .validate import (
 _ROUNDING = 0x5EED
 
 
-@dataclass
-class ParamRecord:
-    """What the engine knows of one parameter beyond its state: derived from its group when it is added."""
-
-    name: str  #: its name, or its place in the optimizer (``param_groups[i].params[j]``)
-    seed_key: int  #: the name's CRC-32, mixed into its basis seed
-    group: dict[str, Any]  #: its live group (a scheduler's lr)
-    phase: int = 0  #: steps into each gap it refreshes at (:func:`~gradproj.optim.component.refresh_phases`)
-    fast: bool = False  #: whether the batched fast path may step it
-    costs: tuple[int, int] = (0, 0)  #: its state bytes at rank 1 and per rank (a planned-rank allocator's)
-    placement: Local | None = None  #: where its matrix lives, once asked
-
-
-class ProjectedOptimizer(Persistent):
+class ProjectedOptimizer(OneAtATime):
     """The engine behind every preset. Prefer the presets (:class:`gradproj.GaLoreAdamW`, ...).
 
     Args:
         params: parameters or groups; groups with ``rank`` are projected.
         defaults: the rule's hyper-parameters (``lr``, ``betas``, ``eps``, ``weight_decay``...).
-        rule: a name of :data:`gradproj.rules.REGISTRY` (``"adam"``, ``"adam8bit"``, ``"adafactor"``, ...);
+        rule: a name of :data:`gradproj.rules.REGISTRY` (``"adam"``, ...);
             a group may run another on its ``R`` with its own ``rule`` key.
         projection: overrides of :data:`PROJECTION_DEFAULTS` for projected groups.
         nonfinite: ``"skip"`` (default) drops a step whose gradients contain NaN/Inf, leaving
@@ -270,11 +254,9 @@ class ProjectedOptimizer(Persistent):
         if record.placement is None:
             blocker = sharding_blocker(record.group, self.rule_of(record.group))
             if blocker is not None:
-                from .registry import fsdp_capable  # the registry imports the presets, which import us
-
                 raise ValueError(
-                    f"{record.name}: {blocker}, so it cannot step FSDP2-sharded parameters yet; "
-                    f"use one of {fsdp_capable()}, or DDP"
+                    f"{record.name}: {blocker}, so it cannot step FSDP2-sharded parameters yet; change that option "
+                    "or use DDP (gradproj.optim.registry.fsdp_capable() lists the methods that can)"
                 )
             record.placement = placement_of(p)
         return record.placement
@@ -320,7 +302,7 @@ class ProjectedOptimizer(Persistent):
         if self.nonfinite != "checked" and not self._gradients_are_finite():
             return loss
         self._transform_gradients()  # before anything reads a gradient: every part sees the transformed one
-        plan = StepPlan(prepared=self._spread_refreshes())
+        plan = StepPlan(prepared=spread_refreshes(due_refreshes(self)) if self.spread else {})
         self._plan(plan)
         for group in self.param_groups:
             batched = []
@@ -350,20 +332,6 @@ class ProjectedOptimizer(Persistent):
             groups = [group for group, ids in chosen if id(feature) in ids]
             if groups:
                 feature.plan(self, groups, plan)
-
-    def _spread_refreshes(self) -> dict[Tensor, dict[str, Tensor]]:
-        """This step's due refreshes of row-sharded matrices, each computed on one rank and shared."""
-        if not self.spread:
-            return {}
-        due = []
-        for group in self.param_groups:
-            for p in group["params"] if "rank" in group else ():
-                if p.grad is None or not is_sharded(p) or not refresh_due(self.state[p], group):
-                    continue
-                ctx = self.context(p)
-                if spreadable(ctx):
-                    due.append((p, ctx, local(p.grad).to(compute_dtype(p.dtype))))  # as _step_one widens it
-        return spread_refreshes(due)
 
     def _transform(self, p: Tensor, group: dict[str, Any], policy: GradientPolicy, grad: Tensor) -> None:
         """``policy`` on ``grad`` (``p``'s local gradient) in place; when it says so, the rule's moments are
@@ -418,64 +386,3 @@ class ProjectedOptimizer(Persistent):
         else:
             assert grad is not None
             full_step(self.rule_of(group), self.placement(p), weight, grad, self.state[p], group)
-
-    # ------------------------------------------------- one parameter at a time
-    def needs_full_gradient(self, p: Tensor) -> bool:
-        """Whether ``p``'s next step needs its full gradient rather than ``project_gradient``'s output:
-        groups without ``rank``, Fira/APOLLO residuals (they use ``G`` itself), refresh steps (the new
-        basis is computed from ``G``) and the steps a step feature reads ``G`` on (a gradient policy rewrites
-        its entries; a refresh schedule may measure it; a reparametrisation may step another tensor)."""
-        group, state = self._records[p].group, self.state[p]
-        if "rank" not in group or group["residual"] != "none" or refresh_due(state, group):
-            return True
-        return any(feature.needs_full_gradient(state, group) for feature in features_of(group))
-
-    def project_gradient(self, p: Tensor, grad: Tensor) -> Tensor:
-        """``down(grad)`` in ``p``'s current basis, in the step's dtype (float32 for bf16 weights); valid
-        when :meth:`needs_full_gradient` is False. Linear, so projected micro-batch gradients can be
-        summed instead of full ones."""
-        wide = compute_dtype(p.dtype)
-        return project_down(grad.to(wide), *(widen(b, wide) for b in self.bases(p)))
-
-    def lift_gradient(self, p: Tensor, low: Tensor) -> Tensor:
-        """``up(low)``: the full-shape gradient whose projection is ``low`` (no scale applied)."""
-        return project_up(low, *(widen(b, low.dtype) for b in self.bases(p)))
-
-    @torch.no_grad()
-    def step_parameter(self, p: Tensor, grad: Tensor | None = None, *, low: Tensor | None = None) -> bool:
-        """Step ``p`` alone with its full ``grad``, or with ``low = project_gradient(p, G)`` summed over
-        micro-batches. Used by layer-wise (in-backward) stepping; ``step()`` is this for every
-        parameter. A non-finite gradient skips ``p`` (returns False; nothing changes) or raises.
-        """
-        given = grad if low is None else low
-        if given is None:
-            raise ValueError("step_parameter needs grad or low")
-        if not bool(torch.isfinite(given).all()):
-            if self.nonfinite == "raise":
-                raise FloatingPointError(f"non-finite gradient in {self._records[p].name}")
-            return False
-        name, group = self._records[p].name, self._records[p].group
-        if "rank" not in group and low is not None:
-            raise ValueError(f"{name} is not projected; pass its full gradient")
-        if low is not None and grad is None and self.needs_full_gradient(p):
-            raise ValueError(f"{name} needs its full gradient this step (see needs_full_gradient)")
-        policy = features_of(group).policy
-        if policy.transforms:  # low was projected from the gradient before the policy rewrote it
-            if low is not None:
-                raise ValueError(f"{name} has a gradient policy; pass its full gradient, not low")
-            self._transform(p, group, policy, local(given))
-        self._step_one(p, group, grad, low)
-        return True
-
-    def _gradients_are_finite(self) -> bool:
-        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        bad_index = first_nonfinite(params)
-        if bad_index is None:
-            return True
-        bad = self._records[params[bad_index]].name
-        message = f"non-finite gradient in {bad}; the step was not applied (no weight or state changed)"
-        if self.nonfinite == "raise":
-            raise FloatingPointError(message)
-        self.nonfinite_steps += 1
-        warnings.warn(f"{message}; skipped steps so far: {self.nonfinite_steps}", RuntimeWarning, stacklevel=3)
-        return False

@@ -13,11 +13,13 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from .placement import all_finite, is_sharded, local
+from .placement import is_sharded, local, shard_group
 
 
 def first_nonfinite(params: Sequence[Tensor]) -> int | None:
@@ -50,3 +52,11 @@ def check_dense(named: Iterable[tuple[Tensor, str]]) -> None:
                 f"{name} has a sparse gradient ({p.grad.layout}), which is not supported: use a dense embedding "
                 "(sparse=False) or torch.optim.SparseAdam for it"
             )
+
+
+def all_finite(flags: Tensor, sharded: list[Any]) -> bool:
+    """Whether every rank's gradients are finite (one all-reduce when any parameter is sharded)."""
+    ok = flags.all().to(torch.int32).reshape(1).cpu()
+    if sharded:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=shard_group(sharded[0]))
+    return bool(ok[0])

@@ -22,7 +22,6 @@ from ..projection.projectors import get_projector, layout_of
 from ..projection.sides import low_rank_shape
 from ..rules import make_rule
 from ..rules.limiter import limiter_bytes
-from ..welore import LowRankLinear
 from .defaults import PROJECTION_DEFAULTS
 from .features import features_of
 from .precision import compute_dtype
@@ -50,11 +49,21 @@ def _matches(module_name: str, target: Target) -> bool:
     return any(_matches_entry(module_name, entry) for entry in target)
 
 
+def _matrices(module: nn.Module) -> tuple[str, ...]:
+    """The names of the matrices a linear module holds: ``weight`` for ``nn.Linear``, what a module declares as
+    ``projected_weights``, none for the rest."""
+    declared: tuple[str, ...] | None = getattr(module, "projected_weights", None)
+    if declared is not None:
+        return declared
+    return ("weight",) if isinstance(module, nn.Linear) else ()
+
+
 def target_weights(
     model: nn.Module, target: Target = ATTENTION_AND_MLP, exclude: Sequence[str] = DEFAULT_EXCLUDE
 ) -> dict[str, torch.Tensor]:
     """The 2-D ``weight`` of every ``nn.Linear`` whose qualified name matches ``target``, by parameter name; a
-    low-rank component under fine-tuning (:class:`gradproj.welore.LowRankLinear`) gives its two factors.
+    module that declares the matrices it stands for as ``projected_weights`` (a low-rank component under
+    fine-tuning, :class:`gradproj.welore.LowRankLinear`: its two factors) gives those.
 
     Raises:
         ValueError: naming every list entry (or the pattern) that matches no linear module outside
@@ -63,7 +72,7 @@ def target_weights(
     linears = {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, (nn.Linear, LowRankLinear)) and not any(re.search(pattern, name) for pattern in exclude)
+        if _matrices(module) and not any(re.search(pattern, name) for pattern in exclude)
     }
     if isinstance(target, str):
         entries, unmatched = [target], [] if any(_matches(n, target) for n in linears) else [target]
@@ -81,8 +90,7 @@ def target_weights(
     for name, module in linears.items():
         if _matches(name, target):
             prefix = f"{name}." if name else ""
-            factors = ("up", "down") if isinstance(module, LowRankLinear) else ("weight",)
-            weights.update({prefix + f: getattr(module, f) for f in factors})
+            weights.update({prefix + f: getattr(module, f) for f in _matrices(module)})
     return weights
 
 

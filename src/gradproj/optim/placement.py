@@ -58,6 +58,7 @@ from ..projection.projectors import Layout, Projector
 from ..projection.rotate import change_of_basis
 from ..projection.sides import low_rank_shape, project_down
 from ..rules.base import AllRows
+from ..rules.quant import absmax_numel
 
 try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -363,8 +364,6 @@ class RowSharded(Local):
         """A moment (this rank's rows of ``shape``) or its 8-bit absmax (one float per 256 elements of
         each rank's flattened rows, concatenated) as this rank's ``Shard(0)`` of one DTensor."""
         if absmax:
-            from ..rules.quant import absmax_numel
-
             per_row = math.prod(shape[1:])
             shares = [row_chunk(shape[0], k, self.world) for k in range(self.world)]
             shape = (sum(absmax_numel((share.stop - share.start) * per_row) for share in shares),)
@@ -386,14 +385,6 @@ def shard_group(p: Any) -> Any:
 def _replicated(t: Any) -> bool:
     """Whether ``t`` is a DTensor that every rank holds whole."""
     return is_sharded(t) and all(isinstance(p, Replicate) for p in t.placements)
-
-
-def all_finite(flags: Tensor, sharded: list[Any]) -> bool:
-    """Whether every rank's gradients are finite (one all-reduce when any parameter is sharded)."""
-    ok = flags.all().to(torch.int32).reshape(1).cpu()
-    if sharded:
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=shard_group(sharded[0]))
-    return bool(ok[0])
 
 
 def placement_of(p: Tensor) -> Local:

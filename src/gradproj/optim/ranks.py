@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from ..options import count_or
 from ..projection.projectors import RANKED, Layout, Projector, get_projector, layout_of
 from ..rules.base import UpdateRule
 from .component import Engine, RankAllocator, StepPlan
@@ -272,21 +273,8 @@ def resized(moment: Tensor, shape: tuple[int, int]) -> Tensor:
     return out
 
 
-def parse_rank(text: str) -> int | str:
-    """A ``rank`` written as text: a number, or ``auto`` (ValueError names the text).
-
-    >>> parse_rank("64"), parse_rank("auto")
-    (64, 'auto')
-    """
-    if text == AUTO_RANK:
-        return AUTO_RANK
-    try:
-        rank = int(text)
-    except ValueError:
-        rank = 0
-    if rank < 1:
-        raise ValueError(f"{text!r} is not valid; expected an integer >= 1 or {AUTO_RANK!r}")
-    return rank
+#: a ``rank`` written as text: a number, or ``auto``
+parse_rank = count_or(AUTO_RANK, "parse_rank")
 
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*(b|kb|mb|gb|kib|mib|gib)?\s*$", re.IGNORECASE)

@@ -43,6 +43,7 @@ from ..projection.projectors import leading_count
 from ..projection.sides import resolve_side
 from ..rules import quant
 from .reference_cosmos import cosmos_direction
+from .reference_ranks import auto_basis, greedy
 from .reference_spikes import stable_spam
 from .reference_weight_norm import normalized_step
 
@@ -95,27 +96,6 @@ def _switched(basis: tuple, rank: int, seed: int, t: int, cfg: dict[str, Any]) -
         None if left is None else switch_basis(left, keep, switch),
         None if right is None else switch_basis(right.T, keep, derive_seed(switch, 2)).T,
     )
-
-
-def _greedy(
-    spectra: list[list[float]], per: list[int], base: list[int], budget: int, target: float, caps: list[int]
-) -> list[int]:
-    """Rank 1 each, then every further unit ``(i, k)`` by ``spectra[i][k] / per[i]`` (ties: the earlier
-    matrix), taken if matrix ``i`` holds rank ``k`` and it fits, up to ``min(caps[i], demand)``."""
-    ranks, left = [1] * len(spectra), budget - sum(b + p for b, p in zip(base, per, strict=True))
-    units = []
-    for i, shares in enumerate(spectra):
-        total, want = 0.0, len(shares)
-        for k, share in enumerate(shares):
-            total += share
-            if total >= target * (1 - 1e-12):
-                want = k + 1
-                break
-        units += [(-shares[k] / per[i], i, k) for k in range(1, min(want, caps[i]))]
-    for _, i, k in sorted(units):
-        if ranks[i] == k and per[i] <= left:
-            ranks[i], left = k + 1, left - per[i]
-    return ranks
 
 
 def _mm(a: Tensor | None, b: Tensor, c: Tensor | None) -> Tensor:
@@ -322,30 +302,13 @@ class ReferenceOptimizer:
                 kept = (r * r).sum(1) if side == "left" else (r * r).sum(0)
                 self.state[i]["cap_basis"], self.state[i]["spectrum"] = basis, kept / (g * g).sum()
         spectra = [state["spectrum"].tolist() for state in self.state]
-        targets = _greedy(spectra, per, base, c["state_budget"], c["energy_target"], [len(x) for x in spectra])
+        targets = greedy(spectra, per, base, c["state_budget"], c["energy_target"], [len(x) for x in spectra])
         others = sum(base[i] + per[i] * self.state[i]["rank"] for i in range(n) if not due[i])
         mine = [i for i in range(n) if due[i]]
-        ranks = _greedy([spectra[i] for i in mine], [per[i] for i in mine], [base[i] for i in mine],
+        ranks = greedy([spectra[i] for i in mine], [per[i] for i in mine], [base[i] for i in mine],
                         c["state_budget"] - others, c["energy_target"], [targets[i] for i in mine])  # fmt: skip
         for i, rank in zip(mine, ranks, strict=True):
             self.state[i]["new_rank"] = rank
-
-    def _auto_basis(self, s: dict[str, Any], side: str) -> tuple[int, tuple[Tensor | None, Tensor | None]]:
-        """This refresh's rank and basis (the first ``rank`` directions of the one at the cap); the moments
-        of ``keep`` truncated or zero-padded to it."""
-        rank, (left, right) = s.pop("new_rank"), s.pop("cap_basis")
-        if self.cfg["on_refresh"] == "keep" and "rank" in s:
-            for key in ("m", "v"):
-                old = s[key]
-                new = torch.zeros((rank, old.shape[1]) if side == "left" else (old.shape[0], rank), dtype=old.dtype)
-                keep = min(rank, s["rank"])
-                if side == "left":
-                    new[:keep] = old[:keep]
-                else:
-                    new[:, :keep] = old[:, :keep]
-                s[key] = new
-        s["rank"] = rank
-        return rank, (None if left is None else left[:, :rank], None if right is None else right[:rank])
 
     def _projected(self, w: Tensor, g: Tensor, s: dict[str, Any], seed: int, phase: int) -> tuple[Tensor, float]:
         c = self.cfg
@@ -357,7 +320,7 @@ class ReferenceOptimizer:
             s["last"] = s["t"]
             new: tuple[Tensor | None, ...]
             if c["rank"] == "auto":
-                rank, new = self._auto_basis(s, side)
+                rank, new = auto_basis(s, side, self.cfg["on_refresh"])
             elif c["projector"] == "eigh":
                 top = _eigenbasis(g, rank, side, s, c["track_beta"])
                 new = (top, None) if side == "left" else (None, top.T)

@@ -32,7 +32,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .placement import RowSharded
+from .features import refresh_due
+from .placement import RowSharded, is_sharded, local
+from .precision import compute_dtype
 from .step import ProjectedContext
 
 #: one due refresh: the parameter (its key in the result), its context, this rank's rows of its gradient
@@ -44,6 +46,20 @@ def spreadable(ctx: ProjectedContext) -> bool:
     over more than one rank whose projector reads the gradient."""
     place = ctx.placement
     return isinstance(place, RowSharded) and place.world > 1 and ctx.projector.reads_gradient
+
+
+def due_refreshes(engine: Any) -> list[Due]:
+    """This step's due refreshes of row-sharded matrices that :func:`spreadable` admits, in the groups' order
+    (the same on every rank); ``engine``: the :class:`~gradproj.optim.engine.ProjectedOptimizer`."""
+    due = []
+    for group in engine.param_groups:
+        for p in group["params"] if "rank" in group else ():
+            if p.grad is None or not is_sharded(p) or not refresh_due(engine.state[p], group):
+                continue
+            ctx = engine.context(p)
+            if spreadable(ctx):
+                due.append((p, ctx, local(p.grad).to(compute_dtype(p.dtype))))  # as the step widens it
+    return due
 
 
 def spread_refreshes(due: list[Due]) -> dict[Any, dict[str, Tensor]]:

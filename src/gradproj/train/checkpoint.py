@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import TrainConfig, upgrade
+from ..folders import error_reason
+from .run_config import TrainConfig, upgrade
 
 PATTERN = re.compile(r"^step-(\d{8})$")
 FILES = ("model.safetensors", "optimizer.pt", "trainer.pt", "meta.json")
@@ -35,12 +36,6 @@ FILES = ("model.safetensors", "optimizer.pt", "trainer.pt", "meta.json")
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt, or does not fit the run resuming from it."""
-
-
-def error_reason(error: Exception) -> str:
-    """The first line of an underlying error: enough to say why, short enough for one line."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def _fsync_dir(path: Path) -> None:

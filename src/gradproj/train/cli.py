@@ -67,7 +67,7 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str | None]:
     """The run's config: the flags given, over the saved settings when resuming (the one resume
     path, :func:`gradproj.train.checkpoint.resume_config`, which the trainer also goes through)."""
     cls: type[TrainConfig] = PretrainConfig if args.command == "pretrain" else FinetuneConfig
-    flags = {k: v for k, v in given(args).items() if k not in ("command", "resume")}
+    flags = {k: v for k, v in given(args).items() if k != "resume"}
     if args.resume:
         from .checkpoint import resume_config
 

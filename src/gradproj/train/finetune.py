@@ -11,7 +11,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,13 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.embedded import LabelledTexts, load_bbc_news, minilm_path
+from ..data.embedded import load_bbc_news, minilm_path, stratified_split
 from .config import FinetuneConfig
 from .export import label_names
 from .loop import Trainer
 from .models import quiet_transformers
 from .parallel import rank_zero_first
 from .progress import RunResult
+from .sft import CausalLMTask
 from .text import _permutation
 
 #: GLUE task -> (text columns, validation split, F1 reported as well).
@@ -39,7 +39,6 @@ GLUE: dict[str, tuple[tuple[str, ...], str, bool]] = {
     "rte": (("sentence1", "sentence2"), "validation", False),
     "wnli": (("sentence1", "sentence2"), "validation", False),
 }
-HELD_OUT_FRACTION = 0.2
 
 
 @dataclass
@@ -52,22 +51,6 @@ class Examples:
 
     def __len__(self) -> int:
         return int(self.labels.numel())
-
-
-def stratified_split(data: LabelledTexts, fraction: float = HELD_OUT_FRACTION) -> tuple[list[int], list[int]]:
-    """Indices (train, held-out): per label, the ``fraction`` of examples with the smallest text hash.
-
-    The split depends only on the texts, never on a seed, so every run holds out the same articles.
-    Held-out indices come in hash order, so any prefix (``--eval-examples``) mixes the labels.
-    """
-    digest = [hashlib.sha1(text.encode()).hexdigest() for text in data.texts]
-    train, held = [], []
-    for label in range(len(data.labels)):
-        members = sorted((i for i, t in enumerate(data.targets) if t == label), key=digest.__getitem__)
-        cut = max(1, round(fraction * len(members)))
-        held += members[:cut]
-        train += members[cut:]
-    return sorted(train), sorted(held, key=digest.__getitem__)
 
 
 def _glue(task: str) -> tuple[list[Any], list[int], list[Any], list[int], list[str]]:
@@ -212,8 +195,6 @@ def finetune(config: FinetuneConfig, *, resume: str | Path | None = None) -> Run
 def make_task(config: FinetuneConfig) -> Any:
     """The task ``config.task`` names: causal-LM fine-tuning, or sequence classification."""
     if config.task == "causal-lm":
-        from .sft import CausalLMTask
-
         return CausalLMTask(config)
     if config.data is not None:
         raise ValueError(

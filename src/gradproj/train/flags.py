@@ -101,10 +101,16 @@ def _scalar(hint: Any) -> type:
     return str
 
 
+#: what ``gradproj``'s top-level parser puts in every namespace (the command's name and what runs it): no setting
+COMMAND_KEYS = ("command", "run")
+
+
 def given(args: argparse.Namespace) -> dict[str, Any]:
     """The flags actually given, as a nested config dict (``optim.lr`` -> ``{"optim": {"lr": ...}}``)."""
     out: dict[str, Any] = {}
     for dest, value in vars(args).items():
+        if dest in COMMAND_KEYS:
+            continue
         *parents, last = dest.split(".")
         node = out
         for parent in parents:

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint import error_reason
-from .export import SAMPLING, model_folder
+from ..folders import error_reason, model_folder
+from .export import SAMPLING
 from .models import pretrained_causal_lm
 
 
@@ -61,7 +61,7 @@ def complete(
     return str(prompt + tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
 
 
-def add_parser(sub: Any) -> None:
+def add_parsers(sub: Any) -> None:
     p = sub.add_parser(
         "generate",
         help="continue a prompt with a trained (or any Hugging Face) causal LM",

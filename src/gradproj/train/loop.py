@@ -12,7 +12,7 @@ import signal
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from ..dynamics import Dynamics
 from ..layerwise import LayerwiseStepper, attach_layerwise
 from ..memory import Setup
 from ..optim.build import build_optimizer, reference_rank
-from ..optim.placement import is_sharded, local_bytes
+from ..optim.placement import is_sharded
 from ..optim.precision import WEIGHT_DTYPES
 from .checkpoint import (
     CheckpointError,
@@ -32,7 +32,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig, upgrade
-from .logs import RunLogger, allocated_ranks, basis_refreshes, environment, gradient_policy, optimizer_state_bytes
+from .logs import RunLogger, environment, gradient_policy
 from .memory_check import StepMemoryMeter, planned, preflight
 from .models import check_rank, default_rank, enable_activation_checkpointing
 from .parallel import Parallel
@@ -49,27 +49,14 @@ from .progress import (
     schedule_note,
 )
 from .sharded_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
+from .summary import run_summary
+from .task import Task
 
 __all__ = ["Task", "Trainer"]
 
 
 def _sum(counts: dict[str, int | None]) -> int:
     return sum(v for k, v in counts.items() if v is not None and k != "peak")
-
-
-class Task(Protocol):
-    """What a kind of training supplies to the loop."""
-
-    kind: str  # "pretrain" | "finetune": the run folder's prefix
-    unit: str  # what a batch is counted in for throughput: "tokens" | "examples"
-
-    def build_model(self) -> nn.Module: ...
-    def batch(self, position: int, size: int) -> dict[str, torch.Tensor]: ...
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
-    def count(self, batch: dict[str, torch.Tensor]) -> int: ...
-    def evaluate(self, model: nn.Module) -> dict[str, float]: ...
-    def describe(self) -> dict[str, Any]: ...
-    def export_tokenizer(self) -> Any: ...  # a transformers tokenizer, saved next to the exported model
 
 
 class Trainer:
@@ -164,7 +151,7 @@ class Trainer:
             bar.close()
             logger.write_dynamics(self.dynamics.drain() if self.dynamics else [])
             logger.close()
-        summary = self._summary(model, progress, final, losses, optimizer)
+        summary = run_summary(self, model, progress, final, losses, optimizer)
         summary["model_dir"] = self._export(model, last)
         summary["seconds"] = time.perf_counter() - started
         if main:
@@ -400,47 +387,3 @@ class Trainer:
         finally:
             for signum, old in previous.items():
                 signal.signal(signum, old)
-
-    def _summary(
-        self,
-        model: nn.Module,
-        progress: Progress,
-        final: dict[str, float],
-        losses: list[float],
-        optimizer: torch.optim.Optimizer,
-    ) -> dict[str, Any]:
-        finite = [x for x in losses[-10:] if math.isfinite(x)]
-        return {
-            "run_dir": str(self.run_dir),
-            "model_name": str(getattr(self.config, "model", None) or self.task.describe().get("model", "")),
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "rank": self.rank,  # the rank the optimizer uses; None for the full-rank baselines
-            "steps": progress.step,
-            f"{self.task.unit}_seen": progress.seen,
-            "skipped_steps": progress.skipped,
-            "final_train_loss": sum(finite) / len(finite) if finite else math.nan,
-            "final_train_loss_steps": len(finite),  # the steps of this session it averages (up to 10)
-            "eval": final,
-            "optimizer_state_bytes": optimizer_state_bytes(optimizer),
-            "basis_refreshes": basis_refreshes(optimizer),  # {"refreshes", "matrices"}, or None
-            "allocated_ranks": allocated_ranks(optimizer, self.reference_rank),  # rank auto, or None
-            "gradient_policy": gradient_policy(optimizer),  # {"clipped", "resets", "tensors"}, or None
-            "layerwise": self.stepper is not None,
-            # layer-wise: the most gradient bytes alive at once; standard: every gradient, held until the step
-            "gradient_bytes": self.stepper.peak_gradient_bytes
-            if self.stepper is not None
-            else sum(local_bytes(p) for p in model.parameters() if p.requires_grad),
-            "weight_bytes": sum(local_bytes(p) for p in model.parameters()),  # this rank's (a shard under --fsdp)
-            "world_size": self.parallel.world,
-            "global_batch": self.config.global_batch,
-            **self.task.describe(),
-            **({"dynamics": self.dynamics.summary()} if self.dynamics is not None else {}),
-            "dtype": self.config.dtype,
-            "bf16_update": self.config.weight_update if self.config.dtype == "bf16" else None,
-            "memory": {
-                "planned": self.planned,
-                "measured": self.memory.measured if self.memory is not None else {},
-                "measured_step": self.memory.step if self.memory is not None else None,
-                "device": str(self.parallel.device(self.config.device)),
-            },
-        }

@@ -23,12 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.embedded import load_bbc_news
+from ..data.embedded import load_bbc_news, stratified_split
+from ..folders import error_reason, model_folder
 from ..welore import factorize
-from .checkpoint import error_reason
 from .config import FinetuneConfig
-from .export import model_folder
-from .finetune import stratified_split
 from .models import pretrained_causal_lm, quiet_transformers, welore_ranks_of
 from .sft_data import IGNORE, Pair, answer_text, bbc_pairs, chat_template_of, read_jsonl, tokenize_pairs
 from .text import _permutation

@@ -24,36 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated blocks: the classes transformers lists in ``_no_split_modules`` (the unit
-    it never splits across devices), e.g. ``LlamaDecoderLayer`` or ``BertLayer``."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    blocks = [m for m in model.modules() if type(m).__name__ in names and m is not model]
-    if not blocks:
-        raise ValueError(
-            f"--fsdp: {type(model).__name__} names no transformer block class (transformers' _no_split_modules is "
-            f"{sorted(names) or 'empty'}), so it cannot be sharded block by block; drop --fsdp"
-        )
-    return blocks
-
-
-def _untied_input_embeddings(model: nn.Module) -> nn.Module | None:
-    """The input embeddings, unless they share their weight with the head (then the root holds both)."""
-    embed: Any = getattr(model, "get_input_embeddings", lambda: None)()
-    head: Any = getattr(model, "get_output_embeddings", lambda: None)()
-    if embed is None or (head is not None and head.weight is embed.weight):
-        return None
-    return embed  # type: ignore[no-any-return]
-
-
-def root_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters :func:`shard_model` leaves to the root unit: those outside every transformer
-    block and the (untied) input embeddings, i.e. the final norm and the head of a causal LM. FSDP2
-    keeps the root's weights gathered from its forward to the end of backward."""
-    units = [*transformer_blocks(model), _untied_input_embeddings(model)]
-    inside = {id(p) for unit in units if unit is not None for p in unit.parameters()}
-    return [p for p in model.parameters() if id(p) not in inside]
+from ..architectures import transformer_blocks, untied_input_embeddings
 
 
 def device_mesh(device: torch.device, replicate: int = 1) -> Any:
@@ -83,7 +54,7 @@ def shard_model(model: nn.Module, device: torch.device, replicate: int = 1) -> n
     mesh = device_mesh(device, replicate)
     dtype = next(model.parameters()).dtype
     policy = MixedPrecisionPolicy(reduce_dtype=torch.float32 if dtype != torch.float32 else None)
-    embed = _untied_input_embeddings(model)
+    embed = untied_input_embeddings(model)
     for unit in [*([embed] if embed is not None else []), *transformer_blocks(model)]:
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
