@@ -49,9 +49,9 @@ from ..projection.sides import project_down
 from ..rules.adam import galore_ratio, galore_step_size, update_moments
 from ..rules.base import UpdateRule, learning_rate
 from .features import fast_blocker, features_of, refresh_due
-from .fused_update import step_weight
 from .placement import is_sharded, local
 from .precision import LOW_PRECISION
+from .residuals import step_weight
 from .step import init_full_state
 
 if TYPE_CHECKING:

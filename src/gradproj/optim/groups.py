@@ -26,6 +26,7 @@ from .defaults import PROJECTION_DEFAULTS
 from .features import features_of
 from .precision import compute_dtype
 from .ranks import auto_rank, cap
+from .residuals import RESIDUALS
 
 Target = str | Sequence[str]
 
@@ -178,11 +179,7 @@ def state_bytes(p: torch.Tensor, group: dict[str, Any], rule: str = "adam") -> i
     shape = (int(p.shape[0]), int(p.shape[1]))
     layout = layout_of(shape, options, p.dtype, p.device)
     floats, ints = get_projector(options["projector"]).state_numel(layout, options)
-    limiter = limiter_bytes(wide)
-    residual = options["residual"]
-    extra = limiter if residual in ("fira", "apollo", "alice") else 0
-    if residual == "alice":  # the per-channel discarded energy: one number per uncompressed channel
-        extra += (shape[1] if layout.side == "left" else shape[0]) * limiter
+    extra = RESIDUALS[options["residual"]].state_bytes(shape, layout.side, limiter_bytes(wide))
     extra += sum(f.state_bytes(shape, options, wide) for f in (features.schedule, features.reparametrisation))
     return (
         update_rule.state_bytes(low_rank_shape(shape, layout.rank, layout.side), wide, options)

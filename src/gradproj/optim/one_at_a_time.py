@@ -28,6 +28,7 @@ from .finite import first_nonfinite
 from .persistence import Persistent
 from .placement import Local, local
 from .precision import compute_dtype, widen
+from .residuals import RESIDUALS
 
 
 @dataclass
@@ -60,7 +61,7 @@ class OneAtATime(Persistent):
         basis is computed from ``G``) and the steps a step feature reads ``G`` on (a gradient policy rewrites
         its entries; a refresh schedule may measure it; a reparametrisation may step another tensor)."""
         group, state = self._records[p].group, self.state[p]
-        if "rank" not in group or group["residual"] != "none" or refresh_due(state, group):
+        if "rank" not in group or RESIDUALS[group["residual"]].reads_gradient or refresh_due(state, group):
             return True
         return any(feature.needs_full_gradient(state, group) for feature in features_of(group))
 

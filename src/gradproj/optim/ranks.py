@@ -47,6 +47,7 @@ from ..rules.base import UpdateRule
 from .component import Engine, RankAllocator, StepPlan
 from .placement import local
 from .precision import compute_dtype
+from .residuals import RESIDUALS
 
 if TYPE_CHECKING:
     from .step import ProjectedContext
@@ -121,10 +122,9 @@ class EnergyRank(RankAllocator):
             )
         if group["switching"]:
             return "rank='auto' keeps the leading directions; switching=True draws some at random (use switching=False)"
-        if group["residual"] not in ("none", "fira"):
-            return (
-                f"rank='auto' supports residual 'none' and 'fira'; residual={group['residual']!r} is not supported yet"
-            )
+        if not RESIDUALS[group["residual"]].resizable:
+            resizable = tuple(name for name, policy in RESIDUALS.items() if policy.resizable)
+            return f"rank='auto' supports residual {resizable}; residual={group['residual']!r} is not supported yet"
         return None
 
 

@@ -1,4 +1,5 @@
-"""What happens to the part of the gradient the basis does not capture.
+"""What happens to the part of the gradient the basis does not capture: the maths of each residual policy
+(the policies themselves, their capabilities and registry: :mod:`gradproj.optim.residuals`).
 
 ``none`` (GaLore)
     update = scale * up(u)
@@ -42,7 +43,6 @@ from ..rules.base import ALL_ROWS, Rows
 from ..rules.limiter import TINY as _TINY
 from ..rules.limiter import Norm, growth_divisor, limit_growth, local_norm
 
-RESIDUALS = ("none", "fira", "apollo", "alice")
 SCALE_TYPES = ("channel", "tensor")
 #: floor of Alice's per-channel discarded energy (the paper's and pytorch_optimizer's)
 ENERGY_FLOOR = 1e-8
@@ -67,7 +67,8 @@ def norm_ratio(u: Tensor, low: Tensor, side: str, scale_type: str, norm: Norm = 
 def scaling_factor(
     grad_shape: tuple[int, ...], low: Tensor, u: Tensor, side: str, group: dict[str, Any], norm: Norm = local_norm
 ) -> Tensor:
-    """Fira's or APOLLO's ``phi`` (per channel or per tensor) for a gradient of ``grad_shape`` (the whole matrix)."""
+    """Fira's or APOLLO's ``phi`` (per channel or per tensor) for a gradient of ``grad_shape`` (the whole matrix):
+    APOLLO's (``group["residual"] == "apollo"``) in the norm of its Gaussian projection."""
     phi = norm_ratio(u, low, side, group["scale_type"], norm)
     if group["residual"] != "apollo":
         return phi
@@ -79,50 +80,42 @@ def scaling_factor(
     return phi / ((compressed / rank) ** 0.5 if side != "full" else (numel / low.numel()) ** 0.5)
 
 
-def replicated_state(group: dict[str, Any], side: str) -> tuple[str, ...]:
-    """The policy's state keys that every process keeps whole under a row split (FSDP2): Alice's
-    per-column energy of a left basis (a right basis' channels are the weight's rows, split like them)."""
-    return ("compensation_sq",) if group["residual"] == "alice" and side == "left" else ()
+def galore_update(low: Tensor, u: Tensor, bases: tuple[Tensor | None, Tensor | None], group: dict[str, Any]) -> Tensor:
+    """GaLore's ``scale * up(u)`` (m x n), scaled in the low-rank space."""
+    return project_up((u * group["scale"]).to(low.dtype), *bases)
 
 
-def combine(
-    grad: Tensor | None,
+def fira_update(
+    grad: Tensor,
     low: Tensor,
     u: Tensor,
     bases: tuple[Tensor | None, Tensor | None],
     side: str,
     group: dict[str, Any],
     state: dict[str, Any],
-    *,
-    shape: tuple[int, int] | None = None,
-    rows: Rows = ALL_ROWS,
-) -> tuple[Tensor, Tensor | None]:
-    """The full-space update direction for one projected parameter (before ``-step_size``), and Fira's or
-    APOLLO's scaling factor ``phi`` (None for GaLore), which probes report.
+    shape: tuple[int, ...],
+    norm: Norm,
+) -> tuple[Tensor, Tensor]:
+    """Fira's ``scale * up(u) + limit(phi * (G - up(R)))`` (m x n) and its ``phi``."""
+    phi = scaling_factor(shape, low, u, side, group, norm)
+    residual = discarded(grad, low, *bases).mul_(phi.to(grad.dtype))
+    return galore_update(low, u, bases, group).add_(limit_growth(residual, state, group["growth_limit"], norm)), phi
 
-    ``grad`` may be None for the plain GaLore update (``residual="none"``), which needs only ``low``.
-    ``shape`` is the whole matrix's (default ``grad``'s) and ``rows`` the placement's sums, for a process
-    that holds only rows of ``grad`` (FSDP2; see :mod:`gradproj.optim.placement`).
-    """
-    kind, norm = group["residual"], rows.norm
-    left, right = bases
-    if kind != "none" and grad is None:
-        raise ValueError(f"residual={kind!r} needs the full gradient")
-    if kind == "apollo":
-        assert grad is not None
-        phi = scaling_factor(shape or tuple(grad.shape), low, u, side, group, norm)
-        update = limit_growth(grad * phi.to(grad.dtype), state, group["growth_limit"], norm)  # a fresh tensor
-        return update.mul_(group["scale"] ** 0.5), phi
-    if kind == "alice":
-        assert grad is not None
-        return alice_update(grad, low, u, bases, side, group, state, shape=shape, rows=rows)
-    update = project_up((u * group["scale"]).to(low.dtype), left, right)  # scaled in the low-rank space
-    if kind != "fira":
-        return update, None
-    assert grad is not None
-    phi = scaling_factor(shape or tuple(grad.shape), low, u, side, group, norm)
-    residual = discarded(grad, low, left, right).mul_(phi.to(grad.dtype))
-    return update.add_(limit_growth(residual, state, group["growth_limit"], norm)), phi
+
+def apollo_update(
+    grad: Tensor,
+    low: Tensor,
+    u: Tensor,
+    side: str,
+    group: dict[str, Any],
+    state: dict[str, Any],
+    shape: tuple[int, ...],
+    norm: Norm,
+) -> tuple[Tensor, Tensor]:
+    """APOLLO's ``sqrt(scale) * limit(phi * G)`` (m x n, a fresh tensor) and its ``phi``."""
+    phi = scaling_factor(shape, low, u, side, group, norm)
+    update = limit_growth(grad * phi.to(grad.dtype), state, group["growth_limit"], norm)
+    return update.mul_(group["scale"] ** 0.5), phi
 
 
 def discarded(grad: Tensor, low: Tensor, left: Tensor | None, right: Tensor | None) -> Tensor:

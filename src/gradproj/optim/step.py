@@ -36,7 +36,7 @@ from .component import decay
 from .features import Features, refresh_due
 from .placement import Local
 from .precision import widen
-from .residual import combine, replicated_state
+from .residuals import combine, replicated_state
 
 
 class StepProbe(Protocol):

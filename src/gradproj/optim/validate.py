@@ -19,7 +19,8 @@ from ..rules.base import UpdateRule
 from .features import check_projected as check_projected_keys
 from .features import feature_conflict
 from .features import sharding_blocker as feature_sharding_blocker
-from .residual import RESIDUALS, SCALE_TYPES
+from .residual import SCALE_TYPES
+from .residuals import RESIDUALS
 
 ON_REFRESH = ("keep", "reset", "rotate")
 NONFINITE = ("skip", "raise", "checked")
@@ -81,7 +82,7 @@ def check_projection(group: dict[str, Any], rule: UpdateRule | None = None) -> N
     _choice("proj_type", group["proj_type"], PROJ_TYPES)
     _choice("projector", group["projector"], PROJECTORS)
     _choice("on_refresh", group["on_refresh"], ON_REFRESH)
-    _choice("residual", group["residual"], RESIDUALS)
+    _choice("residual", group["residual"], tuple(RESIDUALS))
     _choice("scale_type", group["scale_type"], SCALE_TYPES)
     _float_at_least("growth_limit", group["growth_limit"], 1.0)
     _int_at_least("oversample", group["oversample"], 0)
@@ -139,12 +140,9 @@ def combination_error(group: dict[str, Any], rule: UpdateRule | None = None) -> 
             f"switching=True needs a basis with leading directions; projector={projector!r} has none "
             f"(use one of {SWITCHABLE}, or switching=False)"
         )
-    if group["proj_type"] == "full" and (projector == "eigh" or group["residual"] == "alice"):
-        what = "projector='eigh'" if projector == "eigh" else "residual='alice'"
-        return f"{what} needs a one-sided basis; proj_type='full' projects both sides (use std/left/right)"
-    if group["residual"] == "alice" and projector == "identity":
-        return "residual='alice' compensates what a basis discards; projector='identity' discards nothing"
-    return feature_conflict(group, rule)
+    if group["proj_type"] == "full" and projector == "eigh":
+        return "projector='eigh' needs a one-sided basis; proj_type='full' projects both sides (use std/left/right)"
+    return RESIDUALS[group["residual"]].conflict(group) or feature_conflict(group, rule)
 
 
 def sharding_blocker(group: dict[str, Any], rule: UpdateRule) -> str | None:
