@@ -7,9 +7,9 @@ Alg. 4 with update clipping), Adam with 8-bit states (a quantize/dequantize roun
 every moment update), Alice's tracking, switching and compensation and RACS (Gong et al. 2025,
 Alg. 1-3), COSMOS (Liu et al. 2025, Alg. 1: :mod:`gradproj.optim.reference_cosmos`), GradNormLoRP
 (Huang et al. 2025: GaLore on the direction of ``w = g v / ||v||``, both kept as parameters), and the three
-``on_refresh`` policies. The SVD basis is the twin's own
-``torch.linalg.svd``; the rsvd, dct and random bases come from the same pure functions as the engine
-(:mod:`gradproj.projection.bases`), as do switching's seeded draws; those have their own identity tests.
+``on_refresh`` policies. The bases are the twins' own (:mod:`gradproj.optim.reference_bases`: the SVD by
+``torch.linalg.svd``, the DCT by its formula, random bases and switching's draws from the seed, 8-bit states
+through bitsandbytes itself), all but the randomized SVD, whose singular vectors' signs LAPACK leaves open.
 
 Example:
     >>> import torch
@@ -30,18 +30,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..projection.bases import (
-    dct_indices,
-    dct_matrix,
-    derive_seed,
-    random_bases,
-    rsvd_basis,
-    switch_basis,
-    switch_indices,
+from ..projection.bases import rsvd_basis
+from .reference_bases import (
+    dct,
+    dct_columns,
+    eight_bit,
+    leading,
+    mix,
+    random_pair,
+    side_of,
+    switched,
+    switched_columns,
 )
-from ..projection.projectors import leading_count
-from ..projection.sides import resolve_side
-from ..rules import quant
 from .reference_cosmos import cosmos_direction
 from .reference_ranks import auto_basis, greedy
 from .reference_spikes import stable_spam
@@ -58,18 +58,18 @@ def _basis(g: Tensor, rank: int, side: str, projector: str, seed: int, t: int, c
         u, _, vh = torch.linalg.svd(g.to(torch.float64 if g.dtype == torch.float64 else torch.float32), False)
         return (u[:, :rank] if side in ("left", "full") else None), (vh[:rank] if side in ("right", "full") else None)
     if projector == "rsvd":
-        return rsvd_basis(
-            g, rank, side, seed=derive_seed(seed, t), oversample=cfg["oversample"], power_iters=cfg["power_iters"]
+        return rsvd_basis(  # the engine's (see reference_bases: LAPACK's signs)
+            g, rank, side, seed=mix(seed, t), oversample=cfg["oversample"], power_iters=cfg["power_iters"]
         )
     if projector == "random":
-        return random_bases(derive_seed(seed, t), tuple(g.shape), rank, side, g.dtype)  # type: ignore[arg-type]
-    il, ir = dct_indices(g, rank, side)
+        return random_pair(mix(seed, t), tuple(g.shape), rank, side, g.dtype)  # type: ignore[arg-type]
+    il, ir = dct_columns(g, rank, side)
     if cfg.get("switching"):
-        switch = derive_seed(derive_seed(seed, t), 3)
-        il = None if il is None else switch_indices(il, g.shape[0], leading_count(cfg, rank), switch)
-        ir = None if ir is None else switch_indices(ir, g.shape[1], leading_count(cfg, rank), derive_seed(switch, 2))
-    left = dct_matrix(g.shape[0], g.dtype)[:, il] if il is not None else None
-    right = dct_matrix(g.shape[1], g.dtype)[:, ir].T if ir is not None else None
+        switch = mix(mix(seed, t), 3)
+        il = None if il is None else switched_columns(il, g.shape[0], leading(cfg, rank), switch)
+        ir = None if ir is None else switched_columns(ir, g.shape[1], leading(cfg, rank), mix(switch, 2))
+    left = dct(g.shape[0], g.dtype)[:, il] if il is not None else None
+    right = dct(g.shape[1], g.dtype)[:, ir].T if ir is not None else None
     return left, right
 
 
@@ -90,11 +90,11 @@ def _eigenbasis(g: Tensor, rank: int, side: str, s: dict[str, Any], beta: float)
 
 def _switched(basis: tuple, rank: int, seed: int, t: int, cfg: dict[str, Any]) -> tuple:  # type: ignore[type-arg]
     """Keep the leading directions, draw the rest from the complement (the engine's seeded draw)."""
-    switch, keep = derive_seed(derive_seed(seed, t), 3), leading_count(cfg, rank)
+    switch, keep = mix(mix(seed, t), 3), leading(cfg, rank)
     left, right = basis
     return (
-        None if left is None else switch_basis(left, keep, switch),
-        None if right is None else switch_basis(right.T, keep, derive_seed(switch, 2)).T,
+        None if left is None else switched(left, keep, switch),
+        None if right is None else switched(right.T, keep, mix(switch, 2)).T,
     )
 
 
@@ -131,7 +131,7 @@ class ReferenceOptimizer:
         """What 8-bit state keeps of ``x``: a quantize/dequantize round trip."""
         if not self._quantized(x):
             return x
-        return quant.dequantize(*quant.quantize(x, signed=signed), signed=signed).to(x.dtype)
+        return eight_bit(x, signed)
 
     def _adam(self, s: dict[str, Any], r: Tensor, full_rank: bool) -> tuple[Tensor, float]:
         b1, b2 = self.cfg["betas"]
@@ -289,7 +289,7 @@ class ReferenceOptimizer:
             return
         per, base = [], []
         for i, g in enumerate(grads):
-            side = resolve_side(c["proj_type"], tuple(g.shape))
+            side = side_of(c["proj_type"], tuple(g.shape))
             (m, k), cap = g.shape, min(c["max_rank"], *g.shape)
             basis_dim, other_dim = (m, k) if side == "left" else (k, m)
             item = g.element_size()
@@ -312,7 +312,7 @@ class ReferenceOptimizer:
 
     def _projected(self, w: Tensor, g: Tensor, s: dict[str, Any], seed: int, phase: int) -> tuple[Tensor, float]:
         c = self.cfg
-        side = resolve_side(c["proj_type"], tuple(g.shape))
+        side = side_of(c["proj_type"], tuple(g.shape))
         rank = min(c["rank"], *g.shape) if c["rank"] != "auto" else s.get("rank", 0)
         if c["projector"] == "identity":  # RACS: R is G
             rank, side, s["basis"] = min(g.shape), "none", (None, None)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..projection.sides import resolve_side
+from .reference_bases import side_of
 
 
 def ns5(x: Tensor) -> Tensor:
@@ -44,7 +44,7 @@ def cosmos_direction(s: dict[str, Any], g: Tensor, cfg: dict[str, Any]) -> Tenso
     """``NORM(A + gamma B)`` for gradient ``g`` (``m x n``); ``s["k"]`` is this step's count (from 1)."""
     b1, b2 = cfg["betas"]
     tb, t = cfg["track_beta"], s["k"]
-    left = resolve_side(cfg["proj_type"], tuple(g.shape)) == "left"
+    left = side_of(cfg["proj_type"], tuple(g.shape)) == "left"
     rank = min(cfg["rank"], *g.shape)
     cov = g @ g.T if left else g.T @ g  # the covariance of the compressed dimension
     s["M"] = b1 * s.get("M", torch.zeros_like(g)) + (1 - b1) * g
