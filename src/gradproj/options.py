@@ -105,6 +105,34 @@ def check(obj: Any, *, skip: tuple[str, ...] = ()) -> None:
             raise ValueError(f"{f.name}={value!r} is not valid; expected a number > {info['above']:g}")
 
 
+def defaults_of(cls: type) -> dict[str, Any]:
+    """``{field: default}`` of a dataclass of options (what a group gets for the keys it leaves out)."""
+    return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
+def view(cls: type, values: Mapping[str, Any]) -> Any:
+    """The typed, validated view of ``values`` (a parameter group) as the options dataclass ``cls``."""
+    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+
+
+def given_option(source: type, name: str, *, prefix: str, group: str) -> Any:
+    """A field of a configuration that hands ``source``'s option ``name`` on: None (``source``'s default then
+    applies), the same help (after ``prefix``, with the default), the same bounds. What the command line, the
+    Hugging Face ``optim_args`` and the planner accept is generated so from each component's options.
+
+    >>> from dataclasses import dataclass
+    >>> @dataclass(frozen=True)
+    ... class Knobs:
+    ...     gap: int = option(10, help="steps between checks", minimum=1)
+    >>> given_option(Knobs, "gap", prefix="auto: ", group="optimizer").metadata["help"]
+    'auto: steps between checks (default 10)'
+    """
+    found = {f.name: f for f in dataclasses.fields(source)}[name]
+    info = found.metadata
+    help_text = f"{prefix}{resolve(info['help'])} (default {found.default})"
+    return option(None, help=help_text, minimum=info["minimum"], above=info["above"], group=group)
+
+
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested option dicts as ``{"optim.lr": ...}``: how resume compares configs and names fields.
 

@@ -32,7 +32,7 @@ from ..train.loop import Trainer
 from ..train.pretrain import PretrainTask
 from ..train.progress import Callback, NonFiniteError
 from ..train.text import PretrainData, prepare_pretrain_data
-from .timing import MemoryMeter, StepClock, timed_refreshes
+from .timing import MemoryMeter, StepClock, refresh_target, timed_refreshes
 
 #: Small LLaMA shapes that learn real text quickly (see ``gradproj.train.models.LLAMA_SHAPES``).
 MODELS = ("llama-1m", "llama-5m", "llama-20m")
@@ -116,7 +116,7 @@ def run(
     clock = StepClock(config.device)
     callbacks = [clock] if turn is None else [turn[0], clock, turn[1]]
     trainer = Trainer(config, PretrainTask(config, data), callbacks=callbacks)
-    with timed_refreshes(method.refresh, config.device) as refreshes:
+    with timed_refreshes(refresh_target(method), config.device) as refreshes:
         try:
             result = trainer.run()
             val_loss, history, summary = result.final_eval["loss"], result.progress.history, result.summary

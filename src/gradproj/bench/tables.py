@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..optim.registry import METHODS
+from .timing import refresh_target
 
 #: The record file inside a bench's output folder (beside its run folders).
 RECORDS = "records.jsonl"
@@ -83,7 +84,7 @@ def _mib(value: float | None) -> str:
 
 def _refresh(r: dict[str, Any]) -> str:
     method = METHODS.get(r["method"])
-    if r.get("refreshes") is None or (method is not None and method.refresh is None):
+    if r.get("refreshes") is None or (method is not None and refresh_target(method) is None):
         return "n/a"
     return f"{r['refresh_seconds']:.2f} ({r['refreshes']})"
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ..optim.registry import Method
 from ..train.progress import Callback
 
 
@@ -79,6 +80,32 @@ class RefreshClock:
 
     seconds: float = 0.0
     calls: int = 0
+
+
+#: (module, class or "", function) that recomputes a basis: ours (a module-level function: no class), ours under
+#: rank="auto" (the SVD at the cap happens before the step), and each peer package's projector
+_OURS = ("gradproj.optim.step", "", "refresh")
+_OURS_AUTO_RANK = ("gradproj.optim.ranks", "", "basis_at_cap")
+_PEERS = {
+    "galore-torch": ("galore_torch.galore_projector", "GaLoreProjector", "get_orthogonal_matrix"),
+    "fira": ("fira.gradient_projection", "GradientProjector", "get_orthogonal_matrix"),
+    "apollo-torch": ("apollo_torch.random_projector", "GradientProjector", "get_orthogonal_matrix"),
+}
+
+
+def refresh_target(method: Method) -> tuple[str, str, str] | None:
+    """What the bench times as ``method``'s basis refreshes (:func:`timed_refreshes`), or None: a method without
+    a basis (full rank, the identity projector) or a peer whose refresh is not one function.
+
+    >>> from gradproj.optim.registry import METHODS
+    >>> refresh_target(METHODS["galore_adamw"])[2], refresh_target(METHODS["racs"]), refresh_target(METHODS["fira"])[1]
+    ('refresh', None, 'GradientProjector')
+    """
+    if method.kind == "peer":
+        return _PEERS.get(method.package or "")
+    if method.kind != "preset" or not method.projected or method.default_option("projector") == "identity":
+        return None
+    return _OURS_AUTO_RANK if method.fixed_rank == "auto" else _OURS
 
 
 @contextlib.contextmanager

@@ -47,12 +47,13 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from ..options import count_or
+from ..options import count_or, defaults_of, option, view
 from ..rules.base import AllRows, UpdateRule
 from .component import RefreshSchedule
 
@@ -62,14 +63,52 @@ if TYPE_CHECKING:
 #: the ``update_proj_gap`` value that turns adaptive refresh on
 AUTO = "auto"
 
+
+def _count(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key}={value!r} is not valid; expected an integer >= 1")
+
+
+@dataclass(frozen=True)
+class AdaptiveOptions:
+    """An adaptive group's options: the settings of the best of our first measurements (docs/ALGORITHMS.md);
+    ``max_gap`` is the fixed schedule's default gap. Validated on construction (each error names the value).
+
+    >>> AdaptiveOptions(min_gap=50, max_gap=20)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: min_gap=50 > max_gap=20; an adaptive refresh waits at least min_gap and at most max_gap steps ...
+    """
+
+    min_gap: int = option(10, help="fewest steps between two refreshes", minimum=1)
+    max_gap: int = option(200, help="most steps between two refreshes", minimum=1)
+    energy_threshold: float = option(
+        0.9,
+        help="refresh once the basis keeps less than this fraction of the energy share it kept on the step after "
+        "its refresh, in (0, 1)",
+        above=0,
+    )
+    check_every: int = option(10, help="measure the kept share every this many steps", minimum=1)
+
+    def __post_init__(self) -> None:
+        _count("min_gap", self.min_gap)
+        _count("max_gap", self.max_gap)
+        if self.min_gap > self.max_gap:
+            raise ValueError(
+                f"min_gap={self.min_gap} > max_gap={self.max_gap}; an adaptive refresh waits at least min_gap and "
+                "at most max_gap steps (use min_gap <= max_gap)"
+            )
+        _count("check_every", self.check_every)
+        threshold = self.energy_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
+            raise ValueError(
+                f"energy_threshold={threshold!r} is not valid; expected a number in (0, 1): the share of the fresh "
+                "basis' captured energy below which a matrix refreshes"
+            )
+
+
 #: the keys an adaptive group adds (with their defaults, filled into every projected group)
-ADAPTIVE_DEFAULTS: dict[str, Any] = {
-    # the settings of the best of our first measurements (docs/ALGORITHMS.md); max_gap is the fixed default gap
-    "min_gap": 10,  # never refresh sooner than this many steps after the last refresh
-    "max_gap": 200,  # always refresh after this many
-    "energy_threshold": 0.9,  # refresh once the kept share falls below this fraction of the fresh basis' share
-    "check_every": 10,  # measure the share on every check_every-th step (and read it back on the next)
-}
+ADAPTIVE_DEFAULTS: dict[str, Any] = defaults_of(AdaptiveOptions)
 
 
 #: an ``update_proj_gap`` written as text: a number of steps, or ``auto``
@@ -81,7 +120,7 @@ class AdaptiveGap(RefreshSchedule):
 
     name = "adaptive"
     value = AUTO
-    defaults = ADAPTIVE_DEFAULTS
+    options_type = AdaptiveOptions
 
     def due(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
         return due(state, group)
@@ -124,21 +163,7 @@ def check_gap(group: dict[str, Any]) -> None:
     gap = group["update_proj_gap"]
     if gap != AUTO and (isinstance(gap, bool) or not isinstance(gap, int) or gap < 1):
         raise ValueError(f"update_proj_gap={gap!r} is not valid; expected an integer >= 1 or {AUTO!r}")
-    for key in ("min_gap", "max_gap", "check_every"):
-        value = group[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{key}={value!r} is not valid; expected an integer >= 1")
-        if key == "max_gap" and group["min_gap"] > group["max_gap"]:
-            raise ValueError(
-                f"min_gap={group['min_gap']} > max_gap={group['max_gap']}; an adaptive refresh waits at least "
-                "min_gap and at most max_gap steps (use min_gap <= max_gap)"
-            )
-    threshold = group["energy_threshold"]
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
-        raise ValueError(
-            f"energy_threshold={threshold!r} is not valid; expected a number in (0, 1): the share of the fresh "
-            "basis' captured energy below which a matrix refreshes"
-        )
+    view(AdaptiveOptions, group)
     if gap == AUTO and group["refresh_offset"] != 0:
         raise ValueError(
             f"refresh_offset={group['refresh_offset']!r} applies to a fixed update_proj_gap; with 'auto' each "
@@ -176,7 +201,8 @@ def measures(state: dict[str, Any], group: dict[str, Any]) -> bool:
     step, last = state["step"], state["last_refresh"]
     if step == last + 1:
         return True
-    return step > last + 1 and (step + 1) % group["check_every"] == 0 and step + 1 - last >= group["min_gap"]
+    options = view(AdaptiveOptions, group)
+    return step > last + 1 and (step + 1) % options.check_every == 0 and step + 1 - last >= options.min_gap
 
 
 def refreshed(state: dict[str, Any]) -> None:
@@ -197,10 +223,10 @@ def record(state: dict[str, Any], share: Tensor) -> None:
 
 def due(state: dict[str, Any], group: dict[str, Any]) -> bool:
     """Whether an adaptive matrix (past its first refresh) refreshes on this step."""
-    since = state["step"] - state["last_refresh"]
-    if since >= group["max_gap"]:
+    since, options = state["step"] - state["last_refresh"], view(AdaptiveOptions, group)
+    if since >= options.max_gap:
         return True
-    if since < group["min_gap"]:
+    if since < options.min_gap:
         return False
     if state.get("energy_unread"):
         read_one(state, group)  # the engine has read every check of the step at once before this
@@ -221,5 +247,5 @@ def read_checks(pending: Iterable[tuple[dict[str, Any], dict[str, Any]]]) -> Non
     for pairs in by_device.values():
         ratios = torch.stack([s["energy_now"] / s["energy_ref"].clamp_min(1e-30) for s, _ in pairs]).tolist()
         for (state, group), ratio in zip(pairs, ratios, strict=True):
-            state["refresh_pending"] = int(ratio < group["energy_threshold"])
+            state["refresh_pending"] = int(ratio < view(AdaptiveOptions, group).energy_threshold)
             state["energy_unread"] = 0

@@ -13,8 +13,9 @@ feature's name. The registries are in :mod:`gradproj.optim.features`.
 
 A component declares, as class attributes: the keys it adds with their defaults (``defaults``), why the
 batched fast path can never step its groups (``fast_blocker``), why FSDP2 rows cannot run it
-(``sharding_blocker``) and whether it needs the group's per-rank state costs (``needs_state_costs``); and as
-methods: its keys' checks (``check``), what it does not combine with (``conflict``), whether a step needs
+(``sharding_blocker``) and whether it needs the group's per-rank state costs (``needs_state_costs``); its options
+as a frozen dataclass (``options_type``: the keys' types, defaults, bounds and help); and as methods: its keys'
+checks (``check``), what it does not combine with (``conflict``), whether a step needs
 the full gradient or the per-parameter path (``needs_full_gradient``, ``skips_fast``), the state it starts
 (``init_state``) and its bytes (``state_bytes``), and what it plans before the step (``plan``).
 
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from torch import Tensor
 
+from ..options import defaults_of, view
 from ..rules.base import UpdateRule, learning_rate
 
 if TYPE_CHECKING:
@@ -69,8 +71,21 @@ class Component:
     #: default is chosen whenever no other is)
     key: ClassVar[str] = ""
     value: ClassVar[Any] = None
-    #: the group keys it adds, with their defaults (filled into every group its kind applies to)
+    #: its options: a frozen dataclass whose fields are the group keys it adds (documented, with their defaults and
+    #: bounds); a configuration's fields for them are generated from it (:func:`gradproj.options.given_option`)
+    options_type: ClassVar[type | None] = None
+    #: the group keys it adds, with their defaults (filled into every group its kind applies to): its options'
     defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.options_type is not None:
+            cls.defaults = defaults_of(cls.options_type)
+
+    def options(self, group: dict[str, Any]) -> Any:
+        """The group's options as this component's typed view (validated), or None for a component without any."""
+        return None if self.options_type is None else view(self.options_type, group)
+
     #: why the batched fast path can never step its groups (None: it can, between the component's own steps)
     fast_blocker: ClassVar[str | None] = None
     #: why FSDP2 row-sharded parameters cannot run it yet (None: they can)

@@ -36,12 +36,13 @@ from __future__ import annotations
 import heapq
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from ..options import count_or
+from ..options import count_or, defaults_of, option, view
 from ..projection.projectors import RANKED, Layout, Projector, get_projector, layout_of
 from ..rules.base import UpdateRule
 from .component import Engine, RankAllocator, StepPlan
@@ -55,12 +56,37 @@ if TYPE_CHECKING:
 #: the ``rank`` value that turns energy-allocated ranks on
 AUTO_RANK = "auto"
 
+
+@dataclass(frozen=True)
+class RankOptions:
+    """A ``rank="auto"`` group's options. ``state_budget`` is required there (bytes; the trainer also takes a
+    fraction of a fixed rank's state: :func:`parse_budget`).
+
+    >>> RankOptions(energy_target=1.5)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: energy_target=1.5 is not valid; expected a number in (0, 1]: ...
+    """
+
+    state_budget: int | None = option(None, help="bytes of optimizer state the group's matrices may hold together")
+    max_rank: int = option(256, help="most rank one matrix takes (nor more than its smaller side)", minimum=1)
+    energy_target: float = option(
+        0.99, help="a matrix takes no more rank than keeps this share of its gradient's energy, in (0, 1]", above=0
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_rank, bool) or not isinstance(self.max_rank, int) or self.max_rank < 1:
+            raise ValueError(f"max_rank={self.max_rank!r} is not valid; expected an integer >= 1")
+        target = self.energy_target
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < target <= 1.0:
+            raise ValueError(
+                f"energy_target={target!r} is not valid; expected a number in (0, 1]: the share of its gradient's "
+                "energy beyond which a matrix takes no more rank"
+            )
+
+
 #: the keys a ``rank="auto"`` group adds (with their defaults, filled into every projected group)
-RANK_DEFAULTS: dict[str, Any] = {
-    "state_budget": None,  # bytes of optimizer state the group's matrices may hold together (required)
-    "max_rank": 256,  # no matrix takes more (nor more than its smaller side)
-    "energy_target": 0.99,  # a matrix wants no more rank than keeps this share of its gradient's energy
-}
+RANK_DEFAULTS: dict[str, Any] = defaults_of(RankOptions)
 
 
 class EnergyRank(RankAllocator):
@@ -68,7 +94,7 @@ class EnergyRank(RankAllocator):
 
     name = "energy"
     value = AUTO_RANK
-    defaults = RANK_DEFAULTS
+    options_type = RankOptions
     sharding_blocker = "rank='auto' allocates ranks across the whole group on one process"
     needs_state_costs = True
 
@@ -133,15 +159,7 @@ def check_rank(group: dict[str, Any]) -> None:
     rank = group["rank"]
     if rank != AUTO_RANK and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank={rank!r} is not valid; expected an integer >= 1 or {AUTO_RANK!r}")
-    max_rank = group["max_rank"]
-    if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
-        raise ValueError(f"max_rank={max_rank!r} is not valid; expected an integer >= 1")
-    target = group["energy_target"]
-    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < target <= 1.0:
-        raise ValueError(
-            f"energy_target={target!r} is not valid; expected a number in (0, 1]: the share of its gradient's energy "
-            "beyond which a matrix takes no more rank"
-        )
+    view(RankOptions, group)
     budget = group["state_budget"]
     if rank == AUTO_RANK and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
         raise ValueError(

@@ -55,8 +55,6 @@ class Method:
     variant_of: str | None = None  #: a bench variant of this method (fixed options, no CLI name of its own)
     demo: bool = False  #: one of ``gradproj demo``'s methods
     baseline: bool = False  #: set beside every plan by ``gradproj memory``
-    #: (module, class or "", function) that recomputes a basis, timed by the bench
-    refresh: tuple[str, str, str] | None = None
     #: a peer that steps only the targeted matrices; torch's AdamW steps the rest (as the Alice/RACS paper does)
     adamw_on_rest: bool = False
     supports_layerwise: bool = True  #: can step inside backward (gradproj.layerwise)
@@ -132,11 +130,6 @@ class Method:
         return self.cls.split(":")[0] if self.kind == "peer" and self.cls else None
 
 
-_OURS = ("gradproj.optim.step", "", "refresh")  # a module-level function: no class
-_OURS_AUTO_RANK = ("gradproj.optim.ranks", "", "basis_at_cap")  # rank auto: the SVD happens before the step
-_GALORE_TORCH = ("galore_torch.galore_projector", "GaLoreProjector", "get_orthogonal_matrix")
-_FIRA = ("fira.gradient_projection", "GradientProjector", "get_orthogonal_matrix")
-_APOLLO = ("apollo_torch.random_projector", "GradientProjector", "get_orthogonal_matrix")
 _GALORE_KEYS = {"rank": "rank", "update_proj_gap": "update_proj_gap", "scale": "scale", "proj_type": "proj_type"}
 _PEER = {"kind": "peer", "supports_layerwise": False, "resumable": False}
 _FULL_PEER = {**_PEER, "projected": False, "lr": 1e-3}
@@ -166,20 +159,18 @@ _ENTRIES = (
         lr=1e-3,
         baseline=True,
     ),
-    Method(name="galore_adamw", kind="preset", summary="GaLore", preset="galore_adamw", demo=True, refresh=_OURS,
+    Method(name="galore_adamw", kind="preset", summary="GaLore", preset="galore_adamw", demo=True,
            eight_bit="galore_adamw8bit"),
-    Method(name="galore_adamw8bit", kind="preset", summary="GaLore, 8-bit moments", preset="galore_adamw8bit",
-           refresh=_OURS),
+    Method(name="galore_adamw8bit", kind="preset", summary="GaLore, 8-bit moments", preset="galore_adamw8bit"),
     Method(
         name="galore_adafactor",
         kind="preset",
         summary="GaLore around Adafactor, fixed lr (relative_step and scale_parameter off)",
         preset="galore_adafactor",
         constructor={"relative_step": False, "scale_parameter": False},
-        refresh=_OURS,
     ),
-    Method(name="fira_adamw", kind="preset", summary="Fira", preset="fira_adamw", lr=3e-3, demo=True, refresh=_OURS),
-    Method(name="apollo_adamw", kind="preset", summary="APOLLO", preset="apollo_adamw", refresh=_OURS),
+    Method(name="fira_adamw", kind="preset", summary="Fira", preset="fira_adamw", lr=3e-3, demo=True),
+    Method(name="apollo_adamw", kind="preset", summary="APOLLO", preset="apollo_adamw"),
     Method(
         name="apollo_mini",
         kind="preset",
@@ -189,57 +180,54 @@ _ENTRIES = (
         scale=128.0,
         lr=3e-3,
         demo=True,
-        refresh=_OURS,
     ),
     Method(name="alice", kind="preset", summary="Alice: tracked eigenbasis, switching, compensation",
-           preset="alice", lr=3e-3, other_lr=3e-2, refresh=_OURS),
+           preset="alice", lr=3e-3, other_lr=3e-2),
     Method(name="alice0", kind="preset", summary="Alice-0: Alice without tracking", preset="alice0", lr=3e-3,
-           other_lr=3e-2, refresh=_OURS),
+           other_lr=3e-2),
     Method(name="racs", kind="preset", summary="RACS: row- and column-scaled SGD on the matrices", preset="racs",
            lr=3e-2, other_lr=3e-2),
     Method(name="cosmos", kind="preset", summary="COSMOS: SOAP in a tracked leading subspace, Muon on the rest",
            preset="cosmos", lr=1e-3, other_lr=3e-2),
     Method(name="gradnorm_lorp", kind="preset",
            summary="GradNormLoRP: GaLore on the direction of each weight-normalised row", preset="gradnorm_lorp",
-           refresh=_OURS, eight_bit="gradnorm_lorp8bit"),
-    Method(name="gradnorm_lorp8bit", kind="preset", summary="GradNormLoRP, 8-bit moments", preset="gradnorm_lorp8bit",
-           refresh=_OURS),
+           eight_bit="gradnorm_lorp8bit"),
+    Method(name="gradnorm_lorp8bit", kind="preset", summary="GradNormLoRP, 8-bit moments", preset="gradnorm_lorp8bit"),
     # bench variants: a method above with one option fixed
     *(
         Method(name=f"galore_adamw+{v}", kind="preset", summary=f"GaLore, {k}={v}", preset="galore_adamw",
-               group_options={k: v}, variant_of="galore_adamw", refresh=_OURS)
+               group_options={k: v}, variant_of="galore_adamw")
         for k, v in (("projector", "rsvd"), ("projector", "dct"), ("projector", "random"), ("on_refresh", "rotate"),
                      ("refresh_offset", "staggered"), ("update_proj_gap", "auto"))
     ),
     Method(name="galore_adamw+auto_rank", kind="preset", summary="GaLore, rank=auto (the state of --rank)",
-           preset="galore_adamw", group_options={"rank": "auto"}, variant_of="galore_adamw", refresh=_OURS_AUTO_RANK),
+           preset="galore_adamw", group_options={"rank": "auto"}, variant_of="galore_adamw"),
     Method(name="galore_adamw+auto+auto_rank", kind="preset", summary="GaLore, rank=auto and update_proj_gap=auto",
            preset="galore_adamw", group_options={"rank": "auto", "update_proj_gap": "auto"},
-           variant_of="galore_adamw", refresh=_OURS_AUTO_RANK),
+           variant_of="galore_adamw"),
     Method(name="alice+auto", kind="preset", summary="Alice, update_proj_gap=auto", preset="alice",
-           group_options={"update_proj_gap": "auto"}, variant_of="alice", lr=3e-3, other_lr=3e-2, refresh=_OURS),
+           group_options={"update_proj_gap": "auto"}, variant_of="alice", lr=3e-3, other_lr=3e-2),
     # Stable-SPAM's gradient policy (gradproj.optim.spikes) on a method: every group's gradients
     Method(name="adamw+stable_spam", kind="preset", summary="AdamW (the engine's), spike_policy=stable_spam",
            preset="galore_adamw", constructor={"eps": 1e-8, "spike_policy": "stable_spam"}, projected=False, lr=1e-3,
            variant_of="adamw"),
     Method(name="galore_adamw8bit+stable_spam", kind="preset", summary="GaLore 8-bit, spike_policy=stable_spam",
-           preset="galore_adamw8bit", constructor={"spike_policy": "stable_spam"}, variant_of="galore_adamw8bit",
-           refresh=_OURS),
+           preset="galore_adamw8bit", constructor={"spike_policy": "stable_spam"}, variant_of="galore_adamw8bit"),
     Method(name="alice+stable_spam", kind="preset", summary="Alice, spike_policy=stable_spam", preset="alice",
-           constructor={"spike_policy": "stable_spam"}, variant_of="alice", lr=3e-3, other_lr=3e-2, refresh=_OURS),
+           constructor={"spike_policy": "stable_spam"}, variant_of="alice", lr=3e-3, other_lr=3e-2),
     Method(name="adamw+loop", kind="torch", summary="torch.optim.AdamW, for-loop (torch's default on a CPU)",
            cls="torch.optim:AdamW", constructor={"eps": 1e-8, "fused": False, "foreach": False}, projected=False,
            lr=1e-3, variant_of="adamw", supports_layerwise=False),
     Method(name="galore_adamw+loop", kind="preset", summary="GaLore, foreach=False (the per-parameter step)",
-           preset="galore_adamw", constructor={"foreach": False}, variant_of="galore_adamw", refresh=_OURS),
+           preset="galore_adamw", constructor={"foreach": False}, variant_of="galore_adamw"),
     Method(name="galore_adamw+compile", kind="preset", summary="GaLore, compile=True (the fast path compiled)",
-           preset="galore_adamw", constructor={"compile": True}, variant_of="galore_adamw", refresh=_OURS),
+           preset="galore_adamw", constructor={"compile": True}, variant_of="galore_adamw"),
     Method(name="fira_adamw+loop", kind="preset", summary="Fira, foreach=False (the per-parameter step)",
-           preset="fira_adamw", constructor={"foreach": False}, variant_of="fira_adamw", lr=3e-3, refresh=_OURS),
+           preset="fira_adamw", constructor={"foreach": False}, variant_of="fira_adamw", lr=3e-3),
     Method(name="apollo_adamw+loop", kind="preset", summary="APOLLO, foreach=False (the per-parameter step)",
-           preset="apollo_adamw", constructor={"foreach": False}, variant_of="apollo_adamw", refresh=_OURS),
+           preset="apollo_adamw", constructor={"foreach": False}, variant_of="apollo_adamw"),
     Method(name="fira_adamw+rotate", kind="preset", summary="Fira, on_refresh=rotate", preset="fira_adamw",
-           group_options={"on_refresh": "rotate"}, variant_of="fira_adamw", lr=3e-3, refresh=_OURS),
+           group_options={"on_refresh": "rotate"}, variant_of="fira_adamw", lr=3e-3),
     # peers
     Method(name="adamw8bit-bnb", summary="bitsandbytes AdamW8bit", cls="bitsandbytes.optim:AdamW8bit",
            package="bitsandbytes", **_FULL_PEER),  # type: ignore[arg-type]
@@ -248,14 +236,14 @@ _ENTRIES = (
     Method(name="lora-peft", kind="lora", summary="peft LoRA, rank/2, alpha 2r", package="peft", lr=1e-2,
            baseline=True, supports_layerwise=False),
     Method(name="galore-torch", summary="galore-torch GaLoreAdamW", cls="galore_torch:GaLoreAdamW",
-           package="galore-torch", peer_keys=_GALORE_KEYS, scale=0.25, refresh=_GALORE_TORCH,
+           package="galore-torch", peer_keys=_GALORE_KEYS, scale=0.25,
            **_PEER),  # type: ignore[arg-type]
     Method(name="fira", summary="fira FiraAdamW", cls="fira:FiraAdamW", package="fira",
-           peer_keys={**_GALORE_KEYS, "scale": "alpha"}, scale=1.0, lr=3e-3, refresh=_FIRA,
+           peer_keys={**_GALORE_KEYS, "scale": "alpha"}, scale=1.0, lr=3e-3,
            **_PEER),  # type: ignore[arg-type]
     Method(name="apollo-torch", summary="apollo-torch APOLLOAdamW", cls="apollo_torch:APOLLOAdamW",
            package="apollo-torch", peer_keys=_GALORE_KEYS, group_options={"proj": "random", "scale_type": "channel"},
-           scale=1.0, refresh=_APOLLO, **_PEER),  # type: ignore[arg-type]
+           scale=1.0, **_PEER),  # type: ignore[arg-type]
     Method(name="alice-pytorch-optimizer", summary="pytorch_optimizer Alice on the matrices, AdamW on the rest",
            cls="pytorch_optimizer:Alice", package="pytorch-optimizer", adamw_on_rest=True, scale=0.3, lr=3e-3,
            other_lr=3e-2,
@@ -269,8 +257,7 @@ _ENTRIES = (
            cls="pytorch_optimizer:StableSPAM", package="pytorch-optimizer", **_FULL_PEER),  # type: ignore[arg-type]
     Method(name="apollo-torch-mini", summary="apollo-torch APOLLOAdamW, rank 1, tensor-wise",
            cls="apollo_torch:APOLLOAdamW", package="apollo-torch", peer_keys=_GALORE_KEYS,
-           group_options={"rank": 1, "proj": "random", "scale_type": "tensor"}, scale=128.0, lr=3e-3,
-           refresh=_APOLLO, **_PEER),  # type: ignore[arg-type]
+           group_options={"rank": 1, "proj": "random", "scale_type": "tensor"}, scale=128.0, lr=3e-3, **_PEER),  # type: ignore[arg-type]
 )  # fmt: skip
 
 #: Every method by name, in the order tables and ``--help`` list them.

@@ -16,17 +16,17 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..options import check, option
+from ..options import check, given_option, option
 from ..projection.projectors import PROJECTORS
 from ..projection.sides import PROJ_TYPES
-from .adaptive import ADAPTIVE_DEFAULTS, check_gap, parse_gap
+from .adaptive import ADAPTIVE_DEFAULTS, AdaptiveOptions, check_gap, parse_gap
 from .component import REFRESH_SCHEDULES
 from .defaults import PROJECTION_DEFAULTS
 from .features import POLICIES, check_policy
 from .groups import ATTENTION_AND_MLP, Target
-from .ranks import AUTO_RANK, RANK_DEFAULTS, check_rank, parse_budget, parse_rank
+from .ranks import AUTO_RANK, RankOptions, check_rank, parse_budget, parse_rank
 from .registry import Method, get_method, trainer_methods
-from .spikes import SPIKE_DEFAULTS
+from .spikes import SPIKE_DEFAULTS, StableSpamOptions
 from .validate import ON_REFRESH
 
 #: Rank of a projected method when none is given (galore-torch's default); the trainer gives hidden / 4.
@@ -81,17 +81,9 @@ class OptimizerSpec:
         "have used; 0.75x@128: at rank 128)",
         group="optimizer",
     )
-    max_rank: int | None = option(
-        None, help=f"rank auto: most rank one matrix takes (default {RANK_DEFAULTS['max_rank']})", minimum=1,
-        group="optimizer",
-    )  # fmt: skip
-    energy_target: float | None = option(
-        None,
-        help="rank auto: a matrix takes no more rank than keeps this share of its gradient's energy, in (0, 1] "
-        f"(default {RANK_DEFAULTS['energy_target']})",
-        above=0,
-        group="optimizer",
-    )
+    # the step features' options, generated from their components' options (their help, default and bounds)
+    max_rank: int | None = given_option(RankOptions, "max_rank", prefix="rank auto: ", group="optimizer")
+    energy_target: float | None = given_option(RankOptions, "energy_target", prefix="rank auto: ", group="optimizer")
     update_proj_gap: int | str = option(
         200,
         help="steps between basis refreshes, or auto: each matrix refreshes when its basis keeps less than "
@@ -99,27 +91,12 @@ class OptimizerSpec:
         parse=parse_gap,
         group="optimizer",
     )
-    min_gap: int | None = option(
-        None, help=f"auto: fewest steps between two refreshes (default {ADAPTIVE_DEFAULTS['min_gap']})", minimum=1,
-        group="optimizer",
-    )  # fmt: skip
-    max_gap: int | None = option(
-        None, help=f"auto: most steps between two refreshes (default {ADAPTIVE_DEFAULTS['max_gap']})", minimum=1,
-        group="optimizer",
-    )  # fmt: skip
-    energy_threshold: float | None = option(
-        None,
-        help="auto: refresh once the basis keeps less than this fraction of the energy share it kept on the step "
-        f"after its refresh, in (0, 1) (default {ADAPTIVE_DEFAULTS['energy_threshold']})",
-        above=0,
-        group="optimizer",
+    min_gap: int | None = given_option(AdaptiveOptions, "min_gap", prefix="auto: ", group="optimizer")
+    max_gap: int | None = given_option(AdaptiveOptions, "max_gap", prefix="auto: ", group="optimizer")
+    energy_threshold: float | None = given_option(
+        AdaptiveOptions, "energy_threshold", prefix="auto: ", group="optimizer"
     )
-    check_every: int | None = option(
-        None,
-        help=f"auto: measure the kept share every this many steps (default {ADAPTIVE_DEFAULTS['check_every']})",
-        minimum=1,
-        group="optimizer",
-    )
+    check_every: int | None = given_option(AdaptiveOptions, "check_every", prefix="auto: ", group="optimizer")
     scale: float | None = option(None, help=_scale_help, above=0, group="optimizer")
     projector: str | None = option(None, help=_projector_help, choices=PROJECTORS, group="optimizer")
     proj_type: str = option(
@@ -150,22 +127,16 @@ class OptimizerSpec:
         choices=tuple(POLICIES),
         group="optimizer",
     )
-    spam_reset_gap: int | None = option(
-        None, help=f"stable_spam: steps between moment resets, 0 never (default {SPIKE_DEFAULTS['spam_reset_gap']})",
-        minimum=0, group="optimizer",
-    )  # fmt: skip
-    spam_theta: float | None = option(
-        None, help=f"stable_spam: decay of the maxima's mean, the clipping threshold, in [0, 1) "
-        f"(default {SPIKE_DEFAULTS['spam_theta']})", minimum=0, group="optimizer",
-    )  # fmt: skip
-    spam_gamma1: float | None = option(
-        None, help="stable_spam: decay of the gradient norm's mean, in [0, 1) "
-        f"(default {SPIKE_DEFAULTS['spam_gamma1']})", minimum=0, group="optimizer",
-    )  # fmt: skip
-    spam_gamma2: float | None = option(
-        None, help="stable_spam: decay of the squared gradient norm's mean, in [0, 1) "
-        f"(default {SPIKE_DEFAULTS['spam_gamma2']})", minimum=0, group="optimizer",
-    )  # fmt: skip
+    spam_reset_gap: int | None = given_option(
+        StableSpamOptions, "spam_reset_gap", prefix="stable_spam: ", group="optimizer"
+    )
+    spam_theta: float | None = given_option(StableSpamOptions, "spam_theta", prefix="stable_spam: ", group="optimizer")
+    spam_gamma1: float | None = given_option(
+        StableSpamOptions, "spam_gamma1", prefix="stable_spam: ", group="optimizer"
+    )
+    spam_gamma2: float | None = given_option(
+        StableSpamOptions, "spam_gamma2", prefix="stable_spam: ", group="optimizer"
+    )
     weight_decay: float = option(0.0, help="decoupled weight decay", minimum=0, group="optimizer")
     target_modules: Target = option(
         ATTENTION_AND_MLP,

@@ -33,23 +33,48 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..options import defaults_of, option, view
 from ..rules.base import ALL_ROWS, Rows
 from .component import GradientPolicy
 
-#: what a group with a policy gets for the keys it does not set (pytorch_optimizer.StableSPAM's defaults;
-#: its ``update_proj_gap`` is our ``spam_reset_gap``, since GaLore's key means the refresh gap here)
-SPIKE_DEFAULTS: dict[str, Any] = {
-    "spike_policy": "none",
-    "spam_gamma1": 0.7,  # decay of the gradient norm's mean
-    "spam_gamma2": 0.9,  # decay of the squared gradient norm's mean
-    "spam_theta": 0.999,  # decay of the largest entry's mean (the clipping threshold)
-    "spam_reset_gap": 1000,  # steps between resets of the rule's moments; 0: never
-}
+
+def _fraction(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{key}={value!r} is not valid; expected a number in [0, 1)")
+
+
+@dataclass(frozen=True)
+class StableSpamOptions:
+    """Stable-SPAM's options: pytorch_optimizer.StableSPAM's defaults (its ``update_proj_gap`` is our
+    ``spam_reset_gap``, since GaLore's key means the refresh gap here).
+
+    >>> StableSpamOptions(spam_reset_gap=-1)
+    Traceback (most recent call last):
+    ...
+    ValueError: spam_reset_gap=-1 is not valid; expected an integer >= 0 (0: never reset)
+    """
+
+    spam_gamma1: float = option(0.7, help="decay of the gradient norm's mean, in [0, 1)", minimum=0)
+    spam_gamma2: float = option(0.9, help="decay of the squared gradient norm's mean, in [0, 1)", minimum=0)
+    spam_theta: float = option(0.999, help="decay of the maxima's mean, the clipping threshold, in [0, 1)", minimum=0)
+    spam_reset_gap: int = option(1000, help="steps between moment resets, 0 never", minimum=0)
+
+    def __post_init__(self) -> None:
+        for key in ("spam_gamma1", "spam_gamma2", "spam_theta"):
+            _fraction(key, getattr(self, key))
+        gap = self.spam_reset_gap
+        if isinstance(gap, bool) or not isinstance(gap, int) or gap < 0:
+            raise ValueError(f"spam_reset_gap={gap!r} is not valid; expected an integer >= 0 (0: never reset)")
+
+
+#: what a group with a policy gets for the keys it does not set (its name, and Stable-SPAM's options)
+SPIKE_DEFAULTS: dict[str, Any] = {"spike_policy": "none", **defaults_of(StableSpamOptions)}
 
 #: the state keys the policy adds to a parameter's state
 STATE_KEYS = ("spam_step", "spam_max", "spam_norm", "spam_norm_sq", "spam_clipped", "spam_resets")
@@ -65,7 +90,7 @@ class StableSpam(GradientPolicy):
 
     name = value = "stable_spam"
     transforms = True
-    defaults: ClassVar[dict[str, Any]] = {k: v for k, v in SPIKE_DEFAULTS.items() if k != "spike_policy"}
+    options_type = StableSpamOptions
 
     def check(self, group: dict[str, Any]) -> None:
         check_policy(group)
@@ -83,13 +108,7 @@ def check_policy(group: dict[str, Any]) -> None:
     policy = group.get("spike_policy", "none")
     if policy == "none":
         return
-    for key in ("spam_gamma1", "spam_gamma2", "spam_theta"):
-        value = group[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-            raise ValueError(f"{key}={value!r} is not valid; expected a number in [0, 1)")
-    gap = group["spam_reset_gap"]
-    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 0:
-        raise ValueError(f"spam_reset_gap={gap!r} is not valid; expected an integer >= 0 (0: never reset)")
+    view(StableSpamOptions, group)
     if "eps" not in group or isinstance(group["eps"], (tuple, list)):
         raise ValueError(
             f"spike_policy={policy!r} needs an Adam-style group (one eps to rescale its moments by); "

@@ -140,8 +140,9 @@ def combination_error(group: dict[str, Any], rule: UpdateRule | None = None) -> 
             f"switching=True needs a basis with leading directions; projector={projector!r} has none "
             f"(use one of {SWITCHABLE}, or switching=False)"
         )
-    if group["proj_type"] == "full" and projector == "eigh":
-        return "projector='eigh' needs a one-sided basis; proj_type='full' projects both sides (use std/left/right)"
+    if group["proj_type"] == "full" and not get_projector(projector).two_sided:
+        sides = "proj_type='full' projects both sides (use std/left/right)"
+        return f"projector={projector!r} needs a one-sided basis; {sides}"
     return RESIDUALS[group["residual"]].conflict(group) or feature_conflict(group, rule)
 
 

@@ -117,6 +117,8 @@ class Projector:
     switchable = True
     #: whether the basis' directions are ordered by the energy they keep, so a prefix is a smaller basis
     ranked = False
+    #: whether it can project both sides at once (``proj_type="full"``)
+    two_sided = True
 
     def refresh(self, grad: Tensor, state: dict[str, Any], layout: Layout, group: dict[str, Any]) -> Bases:
         """Compute a new basis from ``grad``, store it in ``state`` and return it materialized."""
@@ -254,6 +256,7 @@ class EighProjector(_StoredBasis):
     """Alice's tracked eigenbasis (one-sided bases only)."""
 
     name = "eigh"
+    two_sided = False  # it tracks the covariance of one side
     replicated_state = ("tracked_cov",)
     warm_starts = True
 
