@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import Tensor
@@ -37,6 +38,29 @@ from .residual import alice_update, apollo_update, discarded, fira_update, galor
 _ONE_SIDED = ("left", "right")
 
 
+@dataclass
+class Inputs:
+    """One projected parameter's step as a residual policy sees it: its gradient (this process's rows; None where
+    the policy does not read it), ``R``, the rule's direction ``u``, the basis and its side, the group's options,
+    the parameter's state and the whole matrix's shape, and the placement's sums over rows."""
+
+    grad: Tensor | None
+    low: Tensor
+    u: Tensor
+    bases: Bases
+    side: str
+    group: dict[str, Any]
+    state: dict[str, Any]
+    shape: tuple[int, ...]
+    rows: Rows = ALL_ROWS
+
+    @property
+    def full(self) -> Tensor:
+        """The gradient, which a policy that reads it always gets."""
+        assert self.grad is not None
+        return self.grad
+
+
 class Residual:
     """``none``: GaLore's ``scale * up(u)``; the base of every policy (each default: no state, no refusal)."""
 
@@ -48,37 +72,14 @@ class Residual:
     #: whether its state is independent of the rank, so that a rank allocator may change the rank
     resizable: ClassVar[bool] = True
 
-    def combine(
-        self,
-        grad: Tensor | None,
-        low: Tensor,
-        u: Tensor,
-        bases: Bases,
-        side: str,
-        group: dict[str, Any],
-        state: dict[str, Any],
-        shape: tuple[int, ...],
-        rows: Rows,
-    ) -> tuple[Tensor, Tensor | None]:
+    def combine(self, x: Inputs) -> tuple[Tensor, Tensor | None]:
         """The full-space update (before ``-step_size``) and the scaling factor ``phi`` probes report (or None)."""
-        return galore_update(low, u, bases, group), None
+        return galore_update(x.low, x.u, x.bases, x.group), None
 
-    def fused_step(
-        self,
-        weight: Tensor,
-        grad: Tensor,
-        low: Tensor,
-        u: Tensor,
-        bases: Bases,
-        side: str,
-        group: dict[str, Any],
-        state: dict[str, Any],
-        keep: float,
-        step_size: float,
-    ) -> bool:
-        """``weight <- keep * weight - step_size * combine(...)`` in fewer passes, if this policy has a fused form
-        for ``side``; returns whether it stepped (``u`` is scaled in place)."""
-        lift_into(weight, u.mul_(group["scale"]), bases, keep, -step_size)
+    def fused_step(self, weight: Tensor, x: Inputs, keep: float, step_size: float) -> bool:
+        """``weight <- keep * weight - step_size * combine(x)`` in fewer passes, if this policy has a fused form for
+        ``x.side``; returns whether it stepped (``x.u`` is scaled in place)."""
+        lift_into(weight, x.u.mul_(x.group["scale"]), x.bases, keep, -step_size)
         return True
 
     def state_bytes(self, shape: tuple[int, int], side: str, limiter: int) -> int:
@@ -100,40 +101,16 @@ class Fira(Residual):
     name = "fira"
     reads_gradient = limited = True
 
-    def combine(
-        self,
-        grad: Tensor | None,
-        low: Tensor,
-        u: Tensor,
-        bases: Bases,
-        side: str,
-        group: dict[str, Any],
-        state: dict[str, Any],
-        shape: tuple[int, ...],
-        rows: Rows,
-    ) -> tuple[Tensor, Tensor | None]:
-        assert grad is not None
-        return fira_update(grad, low, u, bases, side, group, state, shape, rows.norm)
+    def combine(self, x: Inputs) -> tuple[Tensor, Tensor | None]:
+        return fira_update(x.full, x.low, x.u, x.bases, x.side, x.group, x.state, x.shape, x.rows.norm)
 
-    def fused_step(
-        self,
-        weight: Tensor,
-        grad: Tensor,
-        low: Tensor,
-        u: Tensor,
-        bases: Bases,
-        side: str,
-        group: dict[str, Any],
-        state: dict[str, Any],
-        keep: float,
-        step_size: float,
-    ) -> bool:
-        if side not in _ONE_SIDED:
+    def fused_step(self, weight: Tensor, x: Inputs, keep: float, step_size: float) -> bool:
+        if x.side not in _ONE_SIDED:
             return False
-        phi = scaling_factor(tuple(grad.shape), low, u, side, group)  # of u before its scale
-        residual = discarded(grad, low, *bases)  # G - up(R), m x n
-        w = limited(residual, phi, side, state, group)
-        lift_into(weight, u.mul_(group["scale"]), bases, keep, -step_size)
+        phi = scaling_factor(x.shape, x.low, x.u, x.side, x.group)  # of u before its scale
+        residual = discarded(x.full, x.low, *x.bases)  # G - up(R), m x n
+        w = limited(residual, phi, x.side, x.state, x.group)
+        lift_into(weight, x.u.mul_(x.group["scale"]), x.bases, keep, -step_size)
         weight.addcmul_(residual, w.to(weight.dtype), value=-step_size)  # m x n, w per channel
         return True
 
@@ -145,40 +122,16 @@ class Apollo(Residual):
     reads_gradient = limited = True
     resizable = False
 
-    def combine(
-        self,
-        grad: Tensor | None,
-        low: Tensor,
-        u: Tensor,
-        bases: Bases,
-        side: str,
-        group: dict[str, Any],
-        state: dict[str, Any],
-        shape: tuple[int, ...],
-        rows: Rows,
-    ) -> tuple[Tensor, Tensor | None]:
-        assert grad is not None
-        return apollo_update(grad, low, u, side, group, state, shape, rows.norm)
+    def combine(self, x: Inputs) -> tuple[Tensor, Tensor | None]:
+        return apollo_update(x.full, x.low, x.u, x.side, x.group, x.state, x.shape, x.rows.norm)
 
-    def fused_step(
-        self,
-        weight: Tensor,
-        grad: Tensor,
-        low: Tensor,
-        u: Tensor,
-        bases: Bases,
-        side: str,
-        group: dict[str, Any],
-        state: dict[str, Any],
-        keep: float,
-        step_size: float,
-    ) -> bool:
-        if side not in _ONE_SIDED:
+    def fused_step(self, weight: Tensor, x: Inputs, keep: float, step_size: float) -> bool:
+        if x.side not in _ONE_SIDED:
             return False
-        phi = scaling_factor(tuple(grad.shape), low, u, side, group)
-        w = limited(grad, phi, side, state, group) * group["scale"] ** 0.5
+        phi = scaling_factor(x.shape, x.low, x.u, x.side, x.group)
+        w = limited(x.full, phi, x.side, x.state, x.group) * x.group["scale"] ** 0.5
         decay_only(weight, keep)
-        weight.addcmul_(grad, w.to(weight.dtype), value=-step_size)  # m x n, w per channel
+        weight.addcmul_(x.full, w.to(weight.dtype), value=-step_size)  # m x n, w per channel
         return True
 
 
@@ -189,22 +142,11 @@ class AliceCompensation(Residual):
     reads_gradient = limited = True
     resizable = False
 
-    def combine(
-        self,
-        grad: Tensor | None,
-        low: Tensor,
-        u: Tensor,
-        bases: Bases,
-        side: str,
-        group: dict[str, Any],
-        state: dict[str, Any],
-        shape: tuple[int, ...],
-        rows: Rows,
-    ) -> tuple[Tensor, Tensor | None]:
-        assert grad is not None
-        return alice_update(grad, low, u, bases, side, group, state, shape=shape, rows=rows)  # type: ignore[arg-type]
+    def combine(self, x: Inputs) -> tuple[Tensor, Tensor | None]:
+        shape = (int(x.shape[0]), int(x.shape[1]))
+        return alice_update(x.full, x.low, x.u, x.bases, x.side, x.group, x.state, shape=shape, rows=x.rows)
 
-    def fused_step(self, *args: Any, **kwargs: Any) -> bool:
+    def fused_step(self, weight: Tensor, x: Inputs, keep: float, step_size: float) -> bool:
         return False
 
     def state_bytes(self, shape: tuple[int, int], side: str, limiter: int) -> int:
@@ -246,7 +188,7 @@ def combine(
     if policy.reads_gradient and grad is None:
         raise ValueError(f"residual={policy.name!r} needs the full gradient")
     whole = shape or (tuple(grad.shape) if grad is not None else ())
-    return policy.combine(grad, low, u, bases, side, group, state, whole, rows)
+    return policy.combine(Inputs(grad, low, u, bases, side, group, state, whole, rows))
 
 
 def step_weight(
@@ -265,7 +207,7 @@ def step_weight(
     """``weight <- keep * weight - step_size * combine(grad, low, u)``: the policy's fused form where it has one,
     else :func:`combine`, decay and add; ``u`` is the rule's direction before ``scale``."""
     policy = RESIDUALS[group["residual"]]
-    if policy.fused_step(weight, grad, low, u, bases, side, group, state, keep, step_size):
+    if policy.fused_step(weight, Inputs(grad, low, u, bases, side, group, state, tuple(grad.shape)), keep, step_size):
         return
     update, _ = combine(grad, low, u, bases, side, group, state)
     decay_only(weight, keep)
