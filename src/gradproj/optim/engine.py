@@ -327,11 +327,13 @@ class ProjectedOptimizer(OneAtATime):
 
     def _plan(self, plan: StepPlan) -> None:
         """Each step feature plans this step for the groups that chose it (all of them at once)."""
-        chosen = [(group, set(map(id, features_of(group)))) for group in self.param_groups if "rank" in group]
-        for feature in every_component():
-            groups = [group for group, ids in chosen if id(feature) in ids]
-            if groups:
-                feature.plan(self, groups, plan)
+        planned: dict[int, tuple[Any, list[dict[str, Any]]]] = {}  # by component, in the groups' order
+        for group in self.param_groups:
+            for feature in features_of(group).planners if "rank" in group else ():
+                planned.setdefault(id(feature), (feature, []))[1].append(group)
+        for feature in every_component():  # in the registries' order: a schedule's plan before an allocator's
+            if id(feature) in planned:
+                feature.plan(self, planned[id(feature)][1], plan)
 
     def _transform(self, p: Tensor, group: dict[str, Any], policy: GradientPolicy, grad: Tensor) -> None:
         """``policy`` on ``grad`` (``p``'s local gradient) in place; when it says so, the rule's moments are

@@ -110,7 +110,7 @@ class FastPath:
         state = engine.state[p]
         if refresh_due(state, group):  # the first step too: the for-loop initializes a projected state
             return False
-        if any(feature.skips_fast(state, group) for feature in features_of(group)):
+        if any(feature.skips_fast(state, group) for feature in features_of(group).fast_skippers):
             return False  # e.g. a refresh schedule's measurement: the per-parameter step owns it
         return engine.probe is None or not engine.probe.wants(state["step"])
 

@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from ..rules.base import UpdateRule
@@ -52,19 +52,50 @@ def chosen(kind: dict[str, Kind], group: dict[str, Any]) -> Kind:
 
 @dataclass(frozen=True)
 class Features:
-    """The components one group runs."""
+    """The components one group runs, and those of them that take part in each of the step's questions (the
+    ones that override the base's answer), so that the step asks only those."""
 
     policy: GradientPolicy
     schedule: RefreshSchedule
     allocator: RankAllocator
     reparametrisation: Reparametrisation
+    #: the components that may keep a step off the fast path, read the full gradient, or plan the step
+    fast_skippers: tuple[Component, ...] = field(init=False)
+    gradient_readers: tuple[Component, ...] = field(init=False)
+    planners: tuple[Component, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        def overriding(name: str) -> tuple[Component, ...]:
+            return tuple(c for c in self if getattr(type(c), name) is not getattr(Component, name))
+
+        object.__setattr__(self, "fast_skippers", overriding("skips_fast"))
+        object.__setattr__(self, "gradient_readers", overriding("needs_full_gradient"))
+        object.__setattr__(self, "planners", overriding("plan"))
 
     def __iter__(self) -> Iterator[Component]:
         return iter((self.policy, self.schedule, self.allocator, self.reparametrisation))
 
 
+#: the group keys that choose the components, one per kind
+_SELECTORS = (GradientPolicy.key, RefreshSchedule.key, RankAllocator.key, Reparametrisation.key)
+#: what each combination of those keys' values chose (the step asks several times per parameter)
+_CHOSEN: dict[tuple[Any, ...], Features] = {}
+
+
 def features_of(group: dict[str, Any]) -> Features:
     """What ``group`` runs (a group without ``rank`` runs only its policy: the others are the defaults)."""
+    key = tuple(group.get(selector) for selector in _SELECTORS)
+    try:
+        return _CHOSEN[key]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable value, which the group's checks refuse: choose without remembering
+        return _choose(group)
+    features = _CHOSEN[key] = _choose(group)
+    return features
+
+
+def _choose(group: dict[str, Any]) -> Features:
     return Features(
         chosen(POLICIES, group), chosen(SCHEDULES, group), chosen(ALLOCATORS, group), chosen(REPARAMETRISATIONS, group)
     )
@@ -127,4 +158,4 @@ def refresh_due(state: dict[str, Any], group: dict[str, Any]) -> bool:
     or no basis yet), then when its group's schedule says so."""
     if "last_refresh" not in state or state["last_refresh"] < 0:  # a gradient policy's keys may come first
         return True
-    return chosen(SCHEDULES, group).due(state, group)
+    return features_of(group).schedule.due(state, group)

@@ -63,7 +63,7 @@ class OneAtATime(Persistent):
         group, state = self._records[p].group, self.state[p]
         if "rank" not in group or RESIDUALS[group["residual"]].reads_gradient or refresh_due(state, group):
             return True
-        return any(feature.needs_full_gradient(state, group) for feature in features_of(group))
+        return any(feature.needs_full_gradient(state, group) for feature in features_of(group).gradient_readers)
 
     def project_gradient(self, p: Tensor, grad: Tensor) -> Tensor:
         """``down(grad)`` in ``p``'s current basis, in the step's dtype (float32 for bf16 weights); valid
