@@ -133,8 +133,8 @@ class ProjectedOptimizer(OneAtATime):
         self._reset_derived()
         super().__init__(params, defaults)
 
-    #: what a copy does not carry: tables derived from the groups (rebuilt from them), caches, this step's
-    #: scratch, and the helpers attached to this optimizer (their hooks sit on its parameters, not the copy's)
+    #: what a copy does not carry: the records derived from the groups (rebuilt from them), caches, and the
+    #: helpers attached to this optimizer (their hooks sit on its parameters, not the copy's)
     _DERIVED: ClassVar[tuple[str, ...]] = ("_fast", "_rules", "_records", "_basis_cache", "layerwise", "probe")
 
     def _reset_derived(self) -> None:

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..options import count_or, defaults_of, option, view
+from ..options import count_or, option, view
 from ..projection.projectors import RANKED, Layout, Projector, get_projector, layout_of
 from ..rules.base import UpdateRule
 from .component import Engine, RankAllocator, StepPlan
@@ -83,10 +83,6 @@ class RankOptions:
                 f"energy_target={target!r} is not valid; expected a number in (0, 1]: the share of its gradient's "
                 "energy beyond which a matrix takes no more rank"
             )
-
-
-#: the keys a ``rank="auto"`` group adds (with their defaults, filled into every projected group)
-RANK_DEFAULTS: dict[str, Any] = defaults_of(RankOptions)
 
 
 class EnergyRank(RankAllocator):

@@ -33,6 +33,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,11 +42,34 @@ from torch import Tensor
 from ..projection.sides import project_up
 from ..rules.base import ALL_ROWS, Rows
 from ..rules.limiter import TINY as _TINY
-from ..rules.limiter import Norm, growth_divisor, limit_growth, local_norm
+from ..rules.limiter import Norm, growth_divisor, local_norm
 
 SCALE_TYPES = ("channel", "tensor")
 #: floor of Alice's per-channel discarded energy (the paper's and pytorch_optimizer's)
 ENERGY_FLOOR = 1e-8
+
+
+@dataclass
+class Inputs:
+    """One projected parameter's step as a residual policy sees it: its gradient (this process's rows; None where
+    the policy does not read it), ``R``, the rule's direction ``u``, the basis and its side, the group's options,
+    the parameter's state and the whole matrix's shape, and the placement's sums over rows."""
+
+    grad: Tensor | None
+    low: Tensor
+    u: Tensor
+    bases: tuple[Tensor | None, Tensor | None]
+    side: str
+    group: dict[str, Any]
+    state: dict[str, Any]
+    shape: tuple[int, ...]
+    rows: Rows = ALL_ROWS
+
+    @property
+    def full(self) -> Tensor:
+        """The gradient, which a policy that reads it always gets."""
+        assert self.grad is not None
+        return self.grad
 
 
 def norm_ratio(u: Tensor, low: Tensor, side: str, scale_type: str, norm: Norm = local_norm) -> Tensor:
@@ -85,39 +109,6 @@ def galore_update(low: Tensor, u: Tensor, bases: tuple[Tensor | None, Tensor | N
     return project_up((u * group["scale"]).to(low.dtype), *bases)
 
 
-def fira_update(
-    grad: Tensor,
-    low: Tensor,
-    u: Tensor,
-    bases: tuple[Tensor | None, Tensor | None],
-    side: str,
-    group: dict[str, Any],
-    state: dict[str, Any],
-    shape: tuple[int, ...],
-    norm: Norm,
-) -> tuple[Tensor, Tensor]:
-    """Fira's ``scale * up(u) + limit(phi * (G - up(R)))`` (m x n) and its ``phi``."""
-    phi = scaling_factor(shape, low, u, side, group, norm)
-    residual = discarded(grad, low, *bases).mul_(phi.to(grad.dtype))
-    return galore_update(low, u, bases, group).add_(limit_growth(residual, state, group["growth_limit"], norm)), phi
-
-
-def apollo_update(
-    grad: Tensor,
-    low: Tensor,
-    u: Tensor,
-    side: str,
-    group: dict[str, Any],
-    state: dict[str, Any],
-    shape: tuple[int, ...],
-    norm: Norm,
-) -> tuple[Tensor, Tensor]:
-    """APOLLO's ``sqrt(scale) * limit(phi * G)`` (m x n, a fresh tensor) and its ``phi``."""
-    phi = scaling_factor(shape, low, u, side, group, norm)
-    update = limit_growth(grad * phi.to(grad.dtype), state, group["growth_limit"], norm)
-    return update.mul_(group["scale"] ** 0.5), phi
-
-
 def discarded(grad: Tensor, low: Tensor, left: Tensor | None, right: Tensor | None) -> Tensor:
     """``G - up(R)``, the part of the gradient the basis leaves out, as a fresh tensor (m x n; one
     allocation for a one-sided basis)."""
@@ -128,18 +119,7 @@ def discarded(grad: Tensor, low: Tensor, left: Tensor | None, right: Tensor | No
     return grad - project_up(low, left, right)
 
 
-def alice_update(
-    grad: Tensor,
-    low: Tensor,
-    u: Tensor,
-    bases: tuple[Tensor | None, Tensor | None],
-    side: str,
-    group: dict[str, Any],
-    state: dict[str, Any],
-    *,
-    shape: tuple[int, int] | None = None,
-    rows: Rows = ALL_ROWS,
-) -> tuple[Tensor, Tensor]:
+def alice_update(x: Inputs) -> tuple[Tensor, Tensor]:
     """Alice's update ``scale * (up(u) + compensation_scale * limit(C))`` (m x n) and its per-channel
     factor ``sqrt(d - r) / sqrt(p)``, with one matmul and two passes over ``G``.
 
@@ -147,9 +127,11 @@ def alice_update(
     The basis is orthonormal, so ``C``'s norm follows from the channel energies already at hand
     (``||C||^2 = sum_j f_j^2 (||G_:j||^2 - ||R_:j||^2)``), and with ``w = scale * compensation_scale *
     f / limiter`` the update folds into ``w G + P (scale u - w R)`` (left; right: ``G w + (scale u - R w) Q``):
-    ``C`` is never formed. ``grad`` may be this process's rows of a matrix of ``shape`` (FSDP2): sums over rows go
-    through ``rows.total``.
+    ``C`` is never formed. ``x.grad`` may be this process's rows of a matrix of ``x.shape`` (FSDP2): sums over rows
+    go through ``x.rows.total``.
     """
+    grad, low, u, bases, side, group, state, rows = x.full, x.low, x.u, x.bases, x.side, x.group, x.state, x.rows
+    shape = x.shape
     if side not in ("left", "right"):
         raise ValueError(f"residual='alice' needs a one-sided basis; got side {side!r} (use proj_type std/left/right)")
     compressed = 0 if side == "left" else 1  # energies sum over the compressed dimension
@@ -163,7 +145,7 @@ def alice_update(
     if p is None:
         p = state["compensation_sq"] = torch.zeros_like(energy)
     p.lerp_(energy, 1 - group["compensation_beta"]).clamp_min_(ENERGY_FLOOR)
-    discarded = (shape or tuple(grad.shape))[compressed] - low.shape[compressed]  # d - r, of the whole matrix
+    discarded = shape[compressed] - low.shape[compressed]  # d - r, of the whole matrix
     factor = discarded**0.5 / p.sqrt()  # per channel
     square = factor.square().mul_(energy.clamp_min(0)).sum()  # ||C||^2
     if side == "right":  # channels are rows: other processes hold the rest

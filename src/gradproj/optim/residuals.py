@@ -24,41 +24,24 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import Tensor
 
 from ..projection.bases import Bases
 from ..rules.base import ALL_ROWS, Rows
+from ..rules.limiter import limit_growth
 from .fused_update import decay_only, lift_into, limited
-from .residual import alice_update, apollo_update, discarded, fira_update, galore_update, scaling_factor
+from .residual import Inputs, alice_update, discarded, galore_update, scaling_factor
 
 #: the sides whose channels (columns of a left basis' ``R``, rows of a right one's) the fused forms scale
 _ONE_SIDED = ("left", "right")
 
 
-@dataclass
-class Inputs:
-    """One projected parameter's step as a residual policy sees it: its gradient (this process's rows; None where
-    the policy does not read it), ``R``, the rule's direction ``u``, the basis and its side, the group's options,
-    the parameter's state and the whole matrix's shape, and the placement's sums over rows."""
-
-    grad: Tensor | None
-    low: Tensor
-    u: Tensor
-    bases: Bases
-    side: str
-    group: dict[str, Any]
-    state: dict[str, Any]
-    shape: tuple[int, ...]
-    rows: Rows = ALL_ROWS
-
-    @property
-    def full(self) -> Tensor:
-        """The gradient, which a policy that reads it always gets."""
-        assert self.grad is not None
-        return self.grad
+def _channel_phi(x: Inputs) -> Tensor | None:
+    """Fira's or APOLLO's ``phi`` on one process's whole matrix, for a fused form; None for a basis without a
+    side whose channels it scales (two-sided, the identity), which the fused forms leave to ``combine``."""
+    return scaling_factor(x.shape, x.low, x.u, x.side, x.group) if x.side in _ONE_SIDED else None
 
 
 class Residual:
@@ -102,12 +85,15 @@ class Fira(Residual):
     reads_gradient = limited = True
 
     def combine(self, x: Inputs) -> tuple[Tensor, Tensor | None]:
-        return fira_update(x.full, x.low, x.u, x.bases, x.side, x.group, x.state, x.shape, x.rows.norm)
+        phi = scaling_factor(x.shape, x.low, x.u, x.side, x.group, x.rows.norm)
+        residual = discarded(x.full, x.low, *x.bases).mul_(phi.to(x.full.dtype))
+        limited_residual = limit_growth(residual, x.state, x.group["growth_limit"], x.rows.norm)
+        return galore_update(x.low, x.u, x.bases, x.group).add_(limited_residual), phi
 
     def fused_step(self, weight: Tensor, x: Inputs, keep: float, step_size: float) -> bool:
-        if x.side not in _ONE_SIDED:
+        phi = _channel_phi(x)  # of u before its scale
+        if phi is None:
             return False
-        phi = scaling_factor(x.shape, x.low, x.u, x.side, x.group)  # of u before its scale
         residual = discarded(x.full, x.low, *x.bases)  # G - up(R), m x n
         w = limited(residual, phi, x.side, x.state, x.group)
         lift_into(weight, x.u.mul_(x.group["scale"]), x.bases, keep, -step_size)
@@ -123,12 +109,14 @@ class Apollo(Residual):
     resizable = False
 
     def combine(self, x: Inputs) -> tuple[Tensor, Tensor | None]:
-        return apollo_update(x.full, x.low, x.u, x.side, x.group, x.state, x.shape, x.rows.norm)
+        phi = scaling_factor(x.shape, x.low, x.u, x.side, x.group, x.rows.norm)
+        update = limit_growth(x.full * phi.to(x.full.dtype), x.state, x.group["growth_limit"], x.rows.norm)
+        return update.mul_(x.group["scale"] ** 0.5), phi  # a fresh tensor
 
     def fused_step(self, weight: Tensor, x: Inputs, keep: float, step_size: float) -> bool:
-        if x.side not in _ONE_SIDED:
+        phi = _channel_phi(x)
+        if phi is None:
             return False
-        phi = scaling_factor(x.shape, x.low, x.u, x.side, x.group)
         w = limited(x.full, phi, x.side, x.state, x.group) * x.group["scale"] ** 0.5
         decay_only(weight, keep)
         weight.addcmul_(x.full, w.to(weight.dtype), value=-step_size)  # m x n, w per channel
@@ -143,8 +131,7 @@ class AliceCompensation(Residual):
     resizable = False
 
     def combine(self, x: Inputs) -> tuple[Tensor, Tensor | None]:
-        shape = (int(x.shape[0]), int(x.shape[1]))
-        return alice_update(x.full, x.low, x.u, x.bases, x.side, x.group, x.state, shape=shape, rows=x.rows)
+        return alice_update(x)
 
     def fused_step(self, weight: Tensor, x: Inputs, keep: float, step_size: float) -> bool:
         return False

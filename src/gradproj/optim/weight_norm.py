@@ -103,11 +103,6 @@ class WeightNorm(Reparametrisation):
         return None
 
 
-def normalized(group: dict[str, Any]) -> bool:
-    """Whether ``group``'s matrices are weight-normalised (``weight_norm=True``)."""
-    return bool(group.get("weight_norm", False))
-
-
 def init_state(state: dict[str, Any], weight: Tensor, name: str) -> None:
     """``g = ||v|| = ||W||`` per row (``v`` starts as ``W`` itself, as ``torch.nn.utils.parametrizations.weight_norm``
     does) and zeroed moments of ``g``; a zero row has no direction, so it is refused."""
