@@ -105,6 +105,24 @@ def check(obj: Any, *, skip: tuple[str, ...] = ()) -> None:
             raise ValueError(f"{f.name}={value!r} is not valid; expected a number > {info['above']:g}")
 
 
+def integer_at_least(key: str, value: Any, low: int) -> None:
+    """Refuse ``value`` for setting ``key`` unless it is an int (not a bool) >= ``low``, naming both.
+
+    >>> integer_at_least("min_gap", 0, 1)
+    Traceback (most recent call last):
+    ...
+    ValueError: min_gap=0 is not valid; expected an integer >= 1
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{key}={value!r} is not valid; expected an integer >= {low}")
+
+
+def fraction(key: str, value: Any) -> None:
+    """Refuse ``value`` for setting ``key`` unless it is a number (not a bool) in [0, 1), naming both."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{key}={value!r} is not valid; expected a number in [0, 1)")
+
+
 def defaults_of(cls: type) -> dict[str, Any]:
     """``{field: default}`` of a dataclass of options (what a group gets for the keys it leaves out)."""
     return {f.name: f.default for f in dataclasses.fields(cls)}

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..options import count_or, defaults_of, option, view
+from ..options import count_or, defaults_of, integer_at_least, option, view
 from ..rules.base import AllRows, UpdateRule
 from .component import RefreshSchedule
 
@@ -62,11 +62,6 @@ if TYPE_CHECKING:
 
 #: the ``update_proj_gap`` value that turns adaptive refresh on
 AUTO = "auto"
-
-
-def _count(key: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{key}={value!r} is not valid; expected an integer >= 1")
 
 
 @dataclass(frozen=True)
@@ -91,14 +86,14 @@ class AdaptiveOptions:
     check_every: int = option(10, help="measure the kept share every this many steps", minimum=1)
 
     def __post_init__(self) -> None:
-        _count("min_gap", self.min_gap)
-        _count("max_gap", self.max_gap)
+        integer_at_least("min_gap", self.min_gap, 1)
+        integer_at_least("max_gap", self.max_gap, 1)
         if self.min_gap > self.max_gap:
             raise ValueError(
                 f"min_gap={self.min_gap} > max_gap={self.max_gap}; an adaptive refresh waits at least min_gap and "
                 "at most max_gap steps (use min_gap <= max_gap)"
             )
-        _count("check_every", self.check_every)
+        integer_at_least("check_every", self.check_every, 1)
         threshold = self.energy_threshold
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
             raise ValueError(

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from torch import Tensor
 
-from ..options import defaults_of, view
+from ..options import defaults_of
 from ..rules.base import UpdateRule, learning_rate
 
 if TYPE_CHECKING:
@@ -81,10 +81,6 @@ class Component:
         super().__init_subclass__(**kwargs)
         if cls.options_type is not None:
             cls.defaults = defaults_of(cls.options_type)
-
-    def options(self, group: dict[str, Any]) -> Any:
-        """The group's options as this component's typed view (validated), or None for a component without any."""
-        return None if self.options_type is None else view(self.options_type, group)
 
     #: why the batched fast path can never step its groups (None: it can, between the component's own steps)
     fast_blocker: ClassVar[str | None] = None

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..options import count_or, option, view
+from ..options import count_or, integer_at_least, option, view
 from ..projection.projectors import RANKED, Layout, Projector, get_projector, layout_of
 from ..rules.base import UpdateRule
 from .component import Engine, RankAllocator, StepPlan
@@ -75,8 +75,7 @@ class RankOptions:
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_rank, bool) or not isinstance(self.max_rank, int) or self.max_rank < 1:
-            raise ValueError(f"max_rank={self.max_rank!r} is not valid; expected an integer >= 1")
+        integer_at_least("max_rank", self.max_rank, 1)
         target = self.energy_target
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < target <= 1.0:
             raise ValueError(

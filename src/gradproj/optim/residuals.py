@@ -193,10 +193,10 @@ def step_weight(
 ) -> None:
     """``weight <- keep * weight - step_size * combine(grad, low, u)``: the policy's fused form where it has one,
     else :func:`combine`, decay and add; ``u`` is the rule's direction before ``scale``."""
-    policy = RESIDUALS[group["residual"]]
-    if policy.fused_step(weight, Inputs(grad, low, u, bases, side, group, state, tuple(grad.shape)), keep, step_size):
+    policy, x = RESIDUALS[group["residual"]], Inputs(grad, low, u, bases, side, group, state, tuple(grad.shape))
+    if policy.fused_step(weight, x, keep, step_size):
         return
-    update, _ = combine(grad, low, u, bases, side, group, state)
+    update, _ = policy.combine(x)
     decay_only(weight, keep)
     weight.add_(update, alpha=-step_size)
 

@@ -39,14 +39,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..options import defaults_of, option, view
+from ..options import defaults_of, fraction, option, view
 from ..rules.base import ALL_ROWS, Rows
 from .component import GradientPolicy
-
-
-def _fraction(key: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{key}={value!r} is not valid; expected a number in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -67,7 +62,7 @@ class StableSpamOptions:
 
     def __post_init__(self) -> None:
         for key in ("spam_gamma1", "spam_gamma2", "spam_theta"):
-            _fraction(key, getattr(self, key))
+            fraction(key, getattr(self, key))
         gap = self.spam_reset_gap
         if isinstance(gap, bool) or not isinstance(gap, int) or gap < 0:
             raise ValueError(f"spam_reset_gap={gap!r} is not valid; expected an integer >= 0 (0: never reset)")

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..options import fraction, integer_at_least
 from ..projection.projectors import PROJECTORS, SWITCHABLE, get_projector
 from ..projection.sides import PROJ_TYPES
 from ..rules import REGISTRY as RULE_REGISTRY
@@ -29,11 +30,6 @@ NONFINITE = ("skip", "raise", "checked")
 def _choice(key: str, value: Any, valid: Sequence[Any]) -> None:
     if value not in valid:
         raise ValueError(f"{key}={value!r} is not valid; expected one of {tuple(valid)}")
-
-
-def _int_at_least(key: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{key}={value!r} is not valid; expected an integer >= {low}")
 
 
 def _float_at_least(key: str, value: Any, low: float, *, strict: bool = False) -> None:
@@ -85,18 +81,13 @@ def check_projection(group: dict[str, Any], rule: UpdateRule | None = None) -> N
     _choice("residual", group["residual"], tuple(RESIDUALS))
     _choice("scale_type", group["scale_type"], SCALE_TYPES)
     _float_at_least("growth_limit", group["growth_limit"], 1.0)
-    _int_at_least("oversample", group["oversample"], 0)
-    _int_at_least("power_iters", group["power_iters"], 0)
-    _int_at_least("seed", group["seed"], 0)
+    integer_at_least("oversample", group["oversample"], 0)
+    integer_at_least("power_iters", group["power_iters"], 0)
+    integer_at_least("seed", group["seed"], 0)
     _check_alice_keys(group)
     error = combination_error(group, rule)
     if error is not None:
         raise ValueError(error)
-
-
-def _fraction(key: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{key}={value!r} is not valid; expected a number in [0, 1)")
 
 
 def _check_alice_keys(group: dict[str, Any]) -> None:
@@ -105,14 +96,14 @@ def _check_alice_keys(group: dict[str, Any]) -> None:
         if not isinstance(group[key], bool):
             raise ValueError(f"{key}={group[key]!r} is not valid; expected True or False")
     if group["leading_basis"] is not None:
-        _int_at_least("leading_basis", group["leading_basis"], 1)
+        integer_at_least("leading_basis", group["leading_basis"], 1)
         if isinstance(group["rank"], int) and group["leading_basis"] > group["rank"]:
             raise ValueError(
                 f"leading_basis={group['leading_basis']} exceeds rank={group['rank']}; a switching refresh keeps "
                 "at most rank leading directions (use leading_basis <= rank, or None for 40/256 of the rank)"
             )
-    _fraction("track_beta", group["track_beta"])
-    _fraction("compensation_beta", group["compensation_beta"])
+    fraction("track_beta", group["track_beta"])
+    fraction("compensation_beta", group["compensation_beta"])
     _float_at_least("compensation_scale", group["compensation_scale"], 0.0)
     _float_at_least("muon_scale", group["muon_scale"], 0.0)
     if group["rule"] is not None:
