@@ -29,7 +29,7 @@ from ..rules.base import UpdateRule
 from .component import GradientPolicy, StepPlan, refresh_phases
 from .defaults import PROJECTION_DEFAULTS
 from .fast import FOREACH, FastPath, blocker
-from .features import check_policy, every_component, features_of, policy_defaults
+from .features import check_policy, every_component, features_of, policy_defaults, refresh_due
 from .finite import check_dense
 from .groups import budget_costs
 from .one_at_a_time import OneAtATime, ParamRecord
@@ -283,6 +283,10 @@ class ProjectedOptimizer(OneAtATime):
             prepared=None if plan is None else plan.prepared.get(p),
             phase=record.phase,
         )
+
+    def refresh_due(self, p: Tensor) -> bool:
+        """Whether ``p``'s next step recomputes its basis (:func:`gradproj.optim.features.refresh_due`)."""
+        return refresh_due(self.state[p], self._records[p].group)
 
     def state_costs(self, p: Tensor) -> tuple[int, int]:
         """``p``'s state bytes at rank 1 and per further rank (computed when its group plans its ranks)."""

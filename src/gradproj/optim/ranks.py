@@ -111,10 +111,10 @@ class EnergyRank(RankAllocator):
         """The ranks of this step's refreshing matrices, and their bases (:func:`plan_group`)."""
         for group in groups:
             params = group["params"]
-            contexts = [engine.context(p) for p in params]
-            due = [p.grad is not None and ctx.refresh_due() for p, ctx in zip(params, contexts, strict=True)]
+            due = [p.grad is not None and engine.refresh_due(p) for p in params]
             if not any(due):
-                continue
+                continue  # most steps: no context is built
+            contexts = [engine.context(p) for p in params]
             matrices, counters = [], []
             for p, ctx, now in zip(params, contexts, due, strict=True):
                 grad = local(p.grad).to(compute_dtype(p.dtype)) if now else None  # as the step widens it
