@@ -45,6 +45,15 @@ CASES: dict[str, dict[str, Any]] = {
     # GradNormLoRP reads G's rows (full exchange); every rank rebuilds the same weight from the same state
     "gradnorm_low_rank": {"preset": "gradnorm", "low_rank": True},
     "gradnorm_layerwise_accum": {"preset": "gradnorm", "layerwise": True, "accum": 2},
+    # Muon orthogonalizes the same reduced momentum on every rank; the subspace one exchanges R between refreshes
+    "muon": {"preset": "muon", "low_rank": True},
+    "subspace_muon_layerwise_low_rank_accum": {
+        "preset": "subspace_muon",
+        "layerwise": True,
+        "low_rank": True,
+        "accum": 2,
+    },
+    "scale": {"preset": "scale"},
 }
 #: Stable-SPAM with a reset inside the short run
 SPAM = {"spike_policy": "stable_spam", "spam_reset_gap": 3}
@@ -58,6 +67,9 @@ PRESETS = {
     "alice": gradproj.Alice,
     "racs": gradproj.RACS,
     "gradnorm": gradproj.GradNormLoRP,
+    "muon": gradproj.Muon,
+    "subspace_muon": gradproj.SubspaceMuon,
+    "scale": gradproj.SCALE,
 }
 
 

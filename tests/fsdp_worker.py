@@ -73,6 +73,8 @@ CASES["galore8bit_big_spam"] = {
     **CASES["galore8bit_big"],
     "options": {"on_refresh": "rotate", **CASES["galore_spam"]["options"]},
 }
+# SCALE's embedding scaling (over rows: the column sums are all-reduced) and its head's momentum
+CASES["scale_columns_momentum"] = {"method": "scale", "options": {"norm_dim": 0, "momentum": 0.9}}
 IN_FEATURES = {"small": 12, "big": 32}
 
 

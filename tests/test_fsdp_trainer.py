@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 import fsdp_train_worker as worker
+from gradproj.optim.registry import METHODS
 from test_distributed import torchrun
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
@@ -56,6 +57,8 @@ def test_fsdp_equals_one_process_on_the_same_global_batch(method_runs: Path, tmp
     assert main(["pretrain", *argv]) == 0
     # bf16: two ranks' bf16 gradients, reduced in float32, are not one process's bf16 gradient of the batch
     tolerance = 2e-2 if "bf16" in options else 1e-5  # checkpointing recomputes the same forward: exact maths
+    if METHODS[method].group_options.get("ns_dtype") == "bfloat16":  # the Muon family's iterations round to
+        tolerance = 1e-3  # bf16 the momentum of a gradient reduced in another order: a last-bit change shows
     assert _losses(method_runs / run) == pytest.approx(_losses(single), rel=tolerance)
     sharded, whole = _summary(method_runs / run), _summary(single)
     assert sharded["global_batch"] == whole["global_batch"] == 8 and sharded["world_size"] == 2

@@ -24,6 +24,9 @@ PRESETS = {
     "alice0": (gradproj.Alice0, {"leading_basis": 1}),
     "racs": (gradproj.RACS, {}),
     "gradnorm_lorp": (gradproj.GradNormLoRP, {}),
+    "muon": (gradproj.Muon, {}),
+    "subspace_muon": (gradproj.SubspaceMuon, {}),
+    "scale": (gradproj.SCALE, {"momentum": 0.9}),
 }
 
 
@@ -87,7 +90,9 @@ def test_layerwise_equals_standard_step_for_step(preset: str) -> None:
     assert all(p.grad is None for p in layerwise.parameters())
 
 
-@pytest.mark.parametrize("preset", ["galore", "galore-rsvd-rotate", "fira", "apollo", "alice", "racs", "gradnorm_lorp"])
+@pytest.mark.parametrize(
+    "preset", ["galore", "galore-rsvd-rotate", "fira", "apollo", "alice", "racs", "gradnorm_lorp", "subspace_muon"]
+)
 @pytest.mark.parametrize("accum", [2, 4])
 def test_k_micro_batches_equal_one_batch_of_k_times_b(preset: str, accum: int) -> None:
     """7 steps with gap 3 cross two refreshes: refresh steps accumulate full, others low rank."""

@@ -15,12 +15,16 @@ from gradproj.rules import REGISTRY, make_rule
 SHAPE = (12, 8)
 
 
+#: options that make a rule keep the moments these tests carry (SCALE's matrices keep none: its head's momentum)
+WITH_MOMENTS = {"colnorm": {"momentum": 0.9}}
+
+
 def _group(rule: str) -> dict[str, Any]:
     """The group of the first preset whose matrices run ``rule`` (its options and hyper-parameters, rank 2)."""
     for preset in gradproj.PRESETS.values():
         if (preset.projection_defaults()["rule"] or preset.RULE) == rule:
             w = torch.nn.Parameter(torch.zeros(SHAPE, dtype=torch.float64))
-            return dict(preset([{"params": [w], "rank": 2}]).param_groups[0])
+            return dict(preset([{"params": [w], "rank": 2, **WITH_MOMENTS.get(rule, {})}]).param_groups[0])
     raise AssertionError(f"no preset runs the {rule} rule")
 
 

@@ -25,6 +25,7 @@ from .refresh import format_rows
 from .seeds import pareto_table, seeds_table, verdict
 from .sft import sft_table
 from .speed import optimizer_step_table, speed_table
+from .state_classes import lead_verdict, state_class_table
 from .tables import environment_line, overhead_table, read_records, table
 from .welore import compression_table, finetune_table
 
@@ -39,6 +40,8 @@ BLOCKS: dict[str, Callable[[Records], str]] = {
     "seeds": seeds_table,
     "verdict": verdict,
     "pareto": pareto_table,
+    "state_classes": state_class_table,
+    "lead": lead_verdict,
     "speed": speed_table,
     "optimizer_step": optimizer_step_table,
     "precision": precision_table,

@@ -3,9 +3,10 @@
 from .defaults import PROJECTION_DEFAULTS
 from .engine import ProjectedOptimizer
 from .groups import format_summary, param_groups, state_bytes, summarize
+from .muon_presets import SCALE, Muon, Muon8bit, SubspaceMuon
+from .preset_table import PRESETS
 from .presets import (
     COSMOS,
-    PRESETS,
     RACS,
     Alice,
     Alice0,
@@ -23,6 +24,7 @@ __all__ = [
     "PRESETS",
     "PROJECTION_DEFAULTS",
     "RACS",
+    "SCALE",
     "APOLLOAdamW",
     "Alice",
     "Alice0",
@@ -32,7 +34,10 @@ __all__ = [
     "GaLoreAdamW8bit",
     "GradNormLoRP",
     "GradNormLoRP8bit",
+    "Muon",
+    "Muon8bit",
     "ProjectedOptimizer",
+    "SubspaceMuon",
     "format_summary",
     "param_groups",
     "state_bytes",

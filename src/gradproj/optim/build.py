@@ -26,7 +26,7 @@ from .external import lora_optimizer, peer_optimizer
 from .fast import fused_adamw_supported
 from .groups import param_groups
 from .precision import LOW_PRECISION
-from .presets import PRESETS
+from .preset_table import PRESETS
 from .ranks import AUTO_RANK, parse_budget
 from .spec import DEFAULT_RANK, OptimizerSpec, reference_rank
 
@@ -112,6 +112,8 @@ def _groups(model: nn.Module, spec: OptimizerSpec, *, summary: bool, names: bool
     groups[0]["lr"] = spec.matrix_lr
     for group in groups[1:]:
         group["lr"] = spec.rest_lr
+    if spec.projected and spec.method.own_groups:
+        groups = own_groups(model, groups, spec.method.own_groups)
     if summary:
         from .groups import format_summary
 
@@ -123,6 +125,40 @@ def _groups(model: nn.Module, spec: OptimizerSpec, *, summary: bool, names: bool
         for group in groups:
             group.pop("param_names", None)
     return groups
+
+
+def own_groups(
+    model: nn.Module, groups: list[dict[str, Any]], roles: dict[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """``groups`` with the model's output head and input embedding (the keys of ``roles``: ``"head"``,
+    ``"embedding"``; a tied pair counts as the head) taken from the rest into projected groups of their own:
+    the matrices' options and rate, then the role's options (SCALE's).
+
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+    ...                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    >>> split = own_groups(model, param_groups(model, rank=4), {"head": {"momentum": 0.9}, "embedding": {}})
+    >>> [g["param_names"] for g in split[1:3]], split[1]["momentum"], split[1]["rank"]
+    ([['lm_head.weight'], ['model.embed_tokens.weight']], 0.9, 4)
+    """
+    getters = {"head": "get_output_embeddings", "embedding": "get_input_embeddings"}
+    named = {id(p): name for g in groups[1:] for p, name in zip(g["params"], g.get("param_names", ()), strict=False)}
+    matrices = {k: v for k, v in groups[0].items() if k not in ("params", "param_names")}
+    own: list[dict[str, Any]] = []
+    for role, options in roles.items():
+        module = getattr(model, getters[role], lambda: None)()
+        weight = getattr(module, "weight", None)
+        if weight is None or any(weight is g["params"][0] for g in own):
+            continue
+        names = {"param_names": [named[id(weight)]]} if id(weight) in named else {}
+        own.append({**matrices, "params": [weight], **names, **options})
+    taken = {id(g["params"][0]) for g in own}
+    for group in groups[1:]:
+        keep = [i for i, p in enumerate(group["params"]) if id(p) not in taken]
+        group["params"] = [group["params"][i] for i in keep]
+        if "param_names" in group:
+            group["param_names"] = [group["param_names"][i] for i in keep]
+    return [groups[0], *own, *(g for g in groups[1:] if g["params"])]
 
 
 def budget_bytes(spec: OptimizerSpec, group: dict[str, Any]) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..rules import rule_defaults
 from .features import projected_defaults
 
 #: Defaults filled into every group that has ``rank`` (and only those).
@@ -35,7 +36,9 @@ PROJECTION_DEFAULTS: dict[str, Any] = {
     "bias_correction": True,  # Adam rules' bias correction in the low-rank space (Alice: off)
     "rule": None,  # the rule of this group's R (None: the optimizer's; RACS: "racs", COSMOS: "cosmos")
     "muon_scale": 0.2,  # rule="cosmos": gamma, the weight of the Muon step on the rest of the momentum
-    "nesterov": False,  # rule="cosmos": Nesterov's momentum (the authors' code) instead of the paper's M
+    "nesterov": False,  # rule="cosmos"/"muon": Nesterov's momentum (COSMOS's paper: off; the Muon presets: on)
+    # the rules' own keys (options_type): muon's momentum, ns_steps, adjust_lr_fn, ns_dtype; colnorm's norm_dim
+    **rule_defaults(),
     # the step features' keys (optim/features.py): refresh_offset, weight_norm (GradNormLoRP), update_proj_gap="auto"'s
     # min_gap, max_gap, energy_threshold, check_every, rank="auto"'s state_budget, max_rank, energy_target
     **projected_defaults(),

@@ -59,6 +59,7 @@ from ..projection.rotate import change_of_basis
 from ..projection.sides import low_rank_shape, project_down
 from ..rules.base import AllRows
 from ..rules.quant import absmax_numel
+from .whole_matrix import on_one_rank
 
 try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -296,6 +297,9 @@ class RowSharded(Local):
         x = x.clone()  # the caller's partial sum stays as it was
         dist.all_reduce(x, group=self.group)
         return x
+
+    def whole(self, x: Tensor, rows: int, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        return on_one_rank(x, rows, fn, self.group, self.rank, self.world)
 
     def maximum(self, x: Tensor) -> Tensor:
         x = x.clone()

@@ -325,19 +325,3 @@ class GaLoreAdafactor(ProjectedOptimizer):
         }
         options = engine_options(nonfinite, bf16_update, foreach, compile)
         super().__init__(params, defaults, rule=self.RULE, projection={**self.PROJECTION, **projection}, **options)
-
-
-#: Every preset by the name the CLI and configs use.
-PRESETS: dict[str, Any] = {  # name -> preset class; each takes its own keywords (lr, betas, ...)
-    "galore_adamw": GaLoreAdamW,
-    "galore_adamw8bit": GaLoreAdamW8bit,
-    "galore_adafactor": GaLoreAdafactor,
-    "fira_adamw": FiraAdamW,
-    "apollo_adamw": APOLLOAdamW,
-    "alice": Alice,
-    "alice0": Alice0,
-    "racs": RACS,
-    "cosmos": COSMOS,
-    "gradnorm_lorp": GradNormLoRP,
-    "gradnorm_lorp8bit": GradNormLoRP8bit,
-}

@@ -43,6 +43,7 @@ from .reference_bases import (
     switched_columns,
 )
 from .reference_cosmos import cosmos_direction
+from .reference_muon import colnorm_twin, muon_twin
 from .reference_ranks import auto_basis, greedy
 from .reference_spikes import stable_spam
 from .reference_weight_norm import normalized_step
@@ -50,7 +51,7 @@ from .reference_weight_norm import normalized_step
 #: a rule's literal twin: ``(state, R, cfg, lr) -> (u, step_size)``, keeping its moments under ``"m"`` (first)
 #: and ``"v"`` (second), the keys the twin rotates, resets and reports; a rule added outside gradproj adds its own
 ReferenceRule = Callable[[dict[str, Any], Tensor, dict[str, Any], "float | None"], tuple[Tensor, float]]
-REFERENCE_RULES: dict[str, ReferenceRule] = {}
+REFERENCE_RULES: dict[str, ReferenceRule] = {"muon": muon_twin, "muon8bit": muon_twin, "colnorm": colnorm_twin}
 
 
 def _basis(g: Tensor, rank: int, side: str, projector: str, seed: int, t: int, cfg: dict[str, Any]):  # type: ignore[no-untyped-def]
@@ -119,7 +120,8 @@ class ReferenceOptimizer:
             "af_eps": (1e-30, 1e-3), "clip_threshold": 1.0, "decay_rate": -0.8, "beta1": None,
             "scale_parameter": True, "relative_step": True, "warmup_init": False, "spike_policy": "none",
             "spam_gamma1": 0.7, "spam_gamma2": 0.9, "spam_theta": 0.999, "spam_reset_gap": 1000,
-            "muon_scale": 0.2, "nesterov": False, "weight_norm": False, **cfg,
+            "muon_scale": 0.2, "nesterov": False, "weight_norm": False, "momentum": 0.95, "ns_steps": 5,
+            "adjust_lr_fn": "match_rms_adamw", "ns_dtype": None, "norm_dim": 1, **cfg,
         }  # fmt: skip
         self.state: list[dict[str, Any]] = [{"t": 0, "k": 0} for _ in params]
 

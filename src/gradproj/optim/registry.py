@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .presets import PRESETS
+from .preset_table import PRESETS
 
 Kind = Literal["preset", "torch", "peer", "lora"]
 
@@ -60,6 +60,9 @@ class Method:
     supports_layerwise: bool = True  #: can step inside backward (gradproj.layerwise)
     eight_bit: str | None = None  #: the same method with 8-bit moments (what the pre-flight check may suggest)
     resumable: bool = True  #: its state dict loads with ``weights_only=True`` (exact resume)
+    #: the model's output head and input embedding (``"head"``, ``"embedding"``) moved from the rest into projected
+    #: groups of their own with these options, at the matrices' rate (SCALE's head momentum and embedding scaling)
+    own_groups: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def peer(self) -> bool:
@@ -133,6 +136,7 @@ class Method:
 _GALORE_KEYS = {"rank": "rank", "update_proj_gap": "update_proj_gap", "scale": "scale", "proj_type": "proj_type"}
 _PEER = {"kind": "peer", "supports_layerwise": False, "resumable": False}
 _FULL_PEER = {**_PEER, "projected": False, "lr": 1e-3}
+_BF16_NS = {"ns_dtype": "bfloat16"}
 
 # Learning rates: the best of the per-group sweep on Shakespeare (docs/BENCHMARKS.md, llama-5m); the
 # GaLore paper uses 1e-2 for GaLore and 1e-3 for AdamW everywhere.
@@ -193,6 +197,16 @@ _ENTRIES = (
            summary="GradNormLoRP: GaLore on the direction of each weight-normalised row", preset="gradnorm_lorp",
            eight_bit="gradnorm_lorp8bit"),
     Method(name="gradnorm_lorp8bit", kind="preset", summary="GradNormLoRP, 8-bit moments", preset="gradnorm_lorp8bit"),
+    # the Muon family runs its Newton-Schulz iterations in bfloat16, as torch.optim.Muon does
+    Method(name="muon", kind="preset", summary="Muon: orthogonalized Nesterov momentum (torch.optim.Muon's step)",
+           preset="muon", group_options=_BF16_NS, lr=3e-3, other_lr=3e-2, eight_bit="muon8bit"),
+    Method(name="muon8bit", kind="preset", summary="Muon, 8-bit momentum", preset="muon8bit", group_options=_BF16_NS,
+           lr=3e-3, other_lr=3e-2),
+    Method(name="subspace_muon", kind="preset", summary="Muon in GaLore's rank-r basis (r x n momentum)",
+           preset="subspace_muon", group_options=_BF16_NS, lr=3e-3, other_lr=3e-2),
+    Method(name="scale", kind="preset", summary="SCALE: column-normalized SGD, momentum on the head only",
+           preset="scale", lr=1e-3, other_lr=3e-2,
+           own_groups={"head": {"momentum": 0.9}, "embedding": {"norm_dim": 0}}),
     # bench variants: a method above with one option fixed
     *(
         Method(name=f"galore_adamw+{v}", kind="preset", summary=f"GaLore, {k}={v}", preset="galore_adamw",
@@ -253,6 +267,9 @@ _ENTRIES = (
            cls="pytorch_optimizer:RACS", package="pytorch-optimizer", adamw_on_rest=True, scale=0.05, lr=1e-3,
            other_lr=3e-2,
            peer_keys={"scale": "alpha"}, **_PEER),  # type: ignore[arg-type]
+    Method(name="muon-torch", summary="torch.optim.Muon on the matrices (bf16 Newton-Schulz), AdamW on the rest",
+           cls="torch.optim:Muon", adamw_on_rest=True, group_options={"adjust_lr_fn": "match_rms_adamw"}, lr=3e-3,
+           other_lr=3e-2, **_PEER),  # type: ignore[arg-type]
     Method(name="stable-spam-pytorch-optimizer", summary="pytorch_optimizer StableSPAM (AdamW with Stable-SPAM)",
            cls="pytorch_optimizer:StableSPAM", package="pytorch-optimizer", **_FULL_PEER),  # type: ignore[arg-type]
     Method(name="apollo-torch-mini", summary="apollo-torch APOLLOAdamW, rank 1, tensor-wise",

@@ -19,6 +19,9 @@ from typing import Any
 from ..options import check, given_option, option
 from ..projection.projectors import PROJECTORS
 from ..projection.sides import PROJ_TYPES
+from ..rules import check_rule_options, rule_defaults
+from ..rules.colnorm import ColumnNormOptions
+from ..rules.muon import MuonOptions
 from .adaptive import ADAPTIVE_DEFAULTS, AdaptiveOptions, check_gap, parse_gap
 from .component import REFRESH_SCHEDULES
 from .defaults import PROJECTION_DEFAULTS
@@ -137,6 +140,12 @@ class OptimizerSpec:
     spam_gamma2: float | None = given_option(
         StableSpamOptions, "spam_gamma2", prefix="stable_spam: ", group="optimizer"
     )
+    # the rules' own options (muon's, SCALE's colnorm), generated from their options
+    momentum: float | None = given_option(MuonOptions, "momentum", prefix="muon, scale: ", group="optimizer")
+    ns_steps: int | None = given_option(MuonOptions, "ns_steps", prefix="muon: ", group="optimizer")
+    adjust_lr_fn: str | None = given_option(MuonOptions, "adjust_lr_fn", prefix="muon: ", group="optimizer")
+    ns_dtype: str | None = given_option(MuonOptions, "ns_dtype", prefix="muon: ", group="optimizer")
+    norm_dim: int | None = given_option(ColumnNormOptions, "norm_dim", prefix="scale: ", group="optimizer")
     weight_decay: float = option(0.0, help="decoupled weight decay", minimum=0, group="optimizer")
     target_modules: Target = option(
         ATTENTION_AND_MLP,
@@ -149,6 +158,7 @@ class OptimizerSpec:
         check(self, skip=("name",))
         options = {**PROJECTION_DEFAULTS, **self.group_options(), "state_budget": 1}  # bytes resolved at build
         check_gap(options)  # the engine's own checks, before any build
+        check_rule_options(options)
         if self.rank is not None:
             check_rank({**options, "rank": self.rank})
         if self.state_budget is not None:
@@ -226,7 +236,8 @@ class OptimizerSpec:
         return {k: getattr(self, k) for k in SPIKE_DEFAULTS if getattr(self, k) is not None}
 
     def group_options(self) -> dict[str, Any]:
-        """Options of the projected group, in our key names, the method's fixed ones winning."""
+        """Options of the projected group, in our key names, the method's fixed ones winning (but over the rules'
+        own options, which the method sets as its defaults: the Muon family's bfloat16 iterations)."""
         scale = self.scale if self.scale is not None else self.method.default_scale()
         projector = self.projector if self.projector is not None else self.method.default_option("projector")
         options = {
@@ -240,12 +251,13 @@ class OptimizerSpec:
         for key in (*ADAPTIVE_DEFAULTS, "max_rank", "energy_target"):  # given ones only: the engine fills in the rest
             if getattr(self, key) is not None:
                 options[key] = getattr(self, key)
+        rule_options = {key: getattr(self, key) for key in rule_defaults() if getattr(self, key) is not None}
         if self.leading_basis is not None:
             options["leading_basis"] = self.leading_basis
         if self.method.kind == "peer":  # a peer's fixed options are in its own key names: _peer adds them
-            return options
+            return {**options, **rule_options}
         fixed = {k: v for k, v in self.method.group_options.items() if k != "rank"}
-        return {**options, **fixed}
+        return {**options, **fixed, **rule_options}
 
 
 def reference_rank(spec: OptimizerSpec, default: int) -> int | None:

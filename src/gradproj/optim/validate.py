@@ -15,7 +15,7 @@ from ..options import fraction, integer_at_least
 from ..projection.projectors import PROJECTORS, SWITCHABLE, get_projector
 from ..projection.sides import PROJ_TYPES
 from ..rules import REGISTRY as RULE_REGISTRY
-from ..rules import make_rule
+from ..rules import check_rule_options, make_rule
 from ..rules.base import UpdateRule
 from .features import check_projected as check_projected_keys
 from .features import feature_conflict
@@ -108,6 +108,7 @@ def _check_alice_keys(group: dict[str, Any]) -> None:
     _float_at_least("muon_scale", group["muon_scale"], 0.0)
     if group["rule"] is not None:
         _choice("rule", group["rule"], tuple(RULE_REGISTRY))
+    check_rule_options(group)
 
 
 def combination_error(group: dict[str, Any], rule: UpdateRule | None = None) -> str | None:

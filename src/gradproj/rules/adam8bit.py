@@ -26,6 +26,7 @@ class Adam8bit(Adam):
     """:class:`Adam` whose moments are stored as ``uint8`` codes plus per-block absmax."""
 
     name = "adam8bit"
+    quantized = QUANTIZED
     fast_kernel = False  # its moments are codes: the fast path's elementwise Adam does not read them
 
     def __init__(self, min_8bit_size: int = MIN_8BIT_SIZE) -> None:

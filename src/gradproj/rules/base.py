@@ -8,6 +8,7 @@ moments have seen, so that ``on_refresh="reset"`` restarts bias correction too.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -32,6 +33,10 @@ class Rows(Protocol):
         """``x``, a maximum over this process's rows, maximized over the rows every process holds."""
         ...
 
+    def whole(self, x: Tensor, rows: int, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        """This process's rows of ``fn`` of the whole ``rows``-row matrix of which it holds ``x``."""
+        ...
+
 
 class AllRows:
     """Every row is on this process: sums are already whole."""
@@ -44,6 +49,9 @@ class AllRows:
 
     def maximum(self, x: Tensor) -> Tensor:
         return x
+
+    def whole(self, x: Tensor, rows: int, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        return fn(x)
 
 
 ALL_ROWS = AllRows()
@@ -79,6 +87,12 @@ class UpdateRule:
     fast_kernel = False
     #: why the rule cannot step FSDP2 rows when the basis rotates its state (None: it can)
     rotation_unshardable_because: str | None = None
+    #: state keys stored as 8-bit codes (``<key>_codes`` and ``<key>_absmax``) and whether their map is signed:
+    #: what a checkpoint re-sharded to another world size quantizes again
+    quantized: dict[str, bool] = {}  # noqa: RUF012 (read-only)
+    #: the frozen dataclass of the group keys this rule reads beyond Adam's (None: none); its defaults join
+    #: every projected group's (:data:`gradproj.optim.defaults.PROJECTION_DEFAULTS`) and it validates them
+    options_type: type | None = None
 
     def conflict(self, group: dict[str, Any]) -> str | None:
         """Why a projected ``group`` running this rule has options the rule does not take, or None."""

@@ -45,29 +45,9 @@ from torch import Tensor
 from ..projection.bases import top_eigenvectors, working_dtype
 from ..projection.sides import resolve_side
 from .base import ALL_ROWS, Rows, UpdateRule, learning_rate
+from .orthogonal import newton_schulz
 
-#: Muon's quintic Newton-Schulz coefficients (Jordan et al. 2024), as COSMOS uses them
-NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
-NS_STEPS = 5
 TINY = 1e-7  #: added to Frobenius norms before dividing (the authors' ``eps`` of their normalizations)
-
-
-def newton_schulz(x: Tensor, steps: int = NS_STEPS) -> Tensor:
-    """The approximate polar factor of ``x`` (``a x b``): ``x / ||x||`` then ``steps`` quintic iterations,
-    on the wide orientation so that the Gram matrix is the small one; in ``x``'s dtype.
-
-    >>> import torch
-    >>> s = torch.linalg.svdvals(newton_schulz(torch.randn(8, 3, dtype=torch.float64)))
-    >>> bool(((s > 0.6) & (s < 1.2)).all())   # singular values pushed towards 1 (Muon's band, not exactly 1)
-    True
-    """
-    a, b, c = NS_COEFFICIENTS
-    tall = x.shape[0] > x.shape[1]
-    y = (x.t() if tall else x) / (x.norm() + TINY)  # singular values <= 1
-    for _ in range(steps):
-        gram = y @ y.t()
-        y = a * y + (b * gram + c * gram @ gram) @ y
-    return y.t() if tall else y
 
 
 def unit_rms(x: Tensor) -> Tensor:
@@ -139,7 +119,7 @@ class Cosmos(UpdateRule):
         m_low = basis.t() @ m  # r x o
         denom = (second.to(work) / (1 - beta2**step)).sqrt_().add_(group["eps"])
         subspace = basis @ (m_low / denom)  # A, d x o
-        rest = unit_rms(newton_schulz(torch.addmm(m, basis, m_low, alpha=-1)))  # B, d x o
+        rest = unit_rms(newton_schulz(torch.addmm(m, basis, m_low, alpha=-1), eps=TINY, add_eps=True))  # B, d x o
         u = unit_rms(subspace.add_(rest, alpha=group["muon_scale"]))
         return (u if side == "left" else u.t()).to(grad.dtype), learning_rate(group)
 

@@ -279,10 +279,9 @@ def requantize(state: dict[str, Tensor], base: str, codes: Tensor, absmax: Tenso
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     from ..optim.placement import local, row_chunk
-    from ..rules import quant
-    from ..rules.adam8bit import QUANTIZED
+    from ..rules import quant, quantized_keys
 
-    signed = QUANTIZED[base.rsplit(".", 1)[1]]
+    signed = quantized_keys()[base.rsplit(".", 1)[1]]
     whole_codes, whole_absmax = state[f"{base}_codes"], state[f"{base}_absmax"]
     rows, per_row = whole_codes.shape[0], math.prod(whole_codes.shape[1:])
     parts, start = [], 0
