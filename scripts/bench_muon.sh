@@ -20,9 +20,13 @@ if [[ $WHAT == sweep || $WHAT == all ]]; then
   $GP bench quality $SWEEP --methods muon,scale --lr-matrix 1e-3,3e-3,1e-2,3e-2 --out "$OUT/sweep-a" &
   $GP bench quality $SWEEP --methods muon-torch,subspace_muon --lr-matrix 1e-3,3e-3,1e-2,3e-2 --out "$OUT/sweep-b" &
   wait
+  # SCALE was best at the grid's lowest rate: two lower ones
+  $GP bench quality $SWEEP --methods scale --lr-matrix 3e-4 --out "$OUT/sweep-c" &
+  $GP bench quality $SWEEP --methods scale --lr-matrix 1e-4 --out "$OUT/sweep-c2" &
+  wait
 fi
 if [[ $WHAT == seeds || $WHAT == all ]]; then
-  LR_FROM="$OUT/sweep-a $OUT/sweep-b $RECORDS"
+  LR_FROM="$OUT/sweep-a $OUT/sweep-b $OUT/sweep-c $OUT/sweep-c2 $RECORDS"
   for s in $SEEDS; do
     $GP bench quality $COMMON --steps 1000 --eval-every 250 --seed "$s" --lr-from $LR_FROM \
       --methods muon-torch,muon,cosmos,scale --out "$OUT/seeds-a" &   # COSMOS's step is twice the others'

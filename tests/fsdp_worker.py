@@ -15,6 +15,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 import gradproj
+from gradproj.optim import placement, whole_matrix
 from gradproj.optim.build import OptimizerSpec, build_optimizer
 from gradproj.optim.placement import RowSharded
 from gradproj.optim.registry import METHODS
@@ -22,6 +23,7 @@ from gradproj.optim.validate import combination_error, sharding_blocker
 from gradproj.projection import PROJECTORS
 from gradproj.projection.projectors import REGISTRY
 from gradproj.rules import Adam, make_rule
+from gradproj.rules import muon as muon_rule
 
 STEPS, GLOBAL_BATCH, GAP = 7, 8, 3
 FULL = {"proj_type": "full", "projector": "rsvd"}
@@ -74,6 +76,8 @@ CASES["galore8bit_big_spam"] = {
     "options": {"on_refresh": "rotate", **CASES["galore_spam"]["options"]},
 }
 # SCALE's embedding scaling (over rows: the column sums are all-reduced) and its head's momentum
+# Muon on the whole matrices (identity): orthogonalized on one rank each, spread over the ranks after the first step
+CASES["muon"] = {"method": "muon", "options": {"ns_dtype": None}}
 CASES["scale_columns_momentum"] = {"method": "scale", "options": {"norm_dim": 0, "momentum": 0.9}}
 IN_FEATURES = {"small": 12, "big": 32}
 
@@ -149,6 +153,18 @@ def count_refreshes() -> None:
         return all_gather(self, grad)
 
     RowSharded.full_gradient = counted_gather  # type: ignore[method-assign]
+    iterate, one_by_one = muon_rule.newton_schulz, whole_matrix.on_one_rank
+
+    def counted_iterations(*args: Any, **kwargs: Any) -> torch.Tensor:
+        REFRESHES["orthogonalizations"] = REFRESHES.get("orthogonalizations", 0) + 1
+        return iterate(*args, **kwargs)
+
+    def counted_one_by_one(*args: Any, **kwargs: Any) -> torch.Tensor:
+        REFRESHES["one_by_one"] = REFRESHES.get("one_by_one", 0) + 1
+        return one_by_one(*args, **kwargs)
+
+    muon_rule.newton_schulz = counted_iterations  # type: ignore[assignment]
+    placement.on_one_rank = counted_one_by_one  # type: ignore[assignment]
 
 
 def run_case(name: str, rank: int, world: int, spread: bool = True) -> dict[str, Any]:
@@ -171,9 +187,8 @@ def run_case(name: str, rank: int, world: int, spread: bool = True) -> dict[str,
         is_dtensor(v) for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim()
     )
     quantized = any("exp_avg_codes" in s for s in opt.state.values())
-    counts = torch.tensor(
-        [sum(n for k, n in REFRESHES.items() if k != "full_gradient"), REFRESHES.get("full_gradient", 0)]
-    )
+    ours = ("full_gradient", "orthogonalizations", "one_by_one")
+    counts = torch.tensor([sum(n for k, n in REFRESHES.items() if k not in ours), *(REFRESHES.get(k, 0) for k in ours)])
     everyone_counts = [torch.zeros_like(counts) for _ in range(world)]
     dist.all_gather(everyone_counts, counts)
     return {
@@ -183,6 +198,8 @@ def run_case(name: str, rank: int, world: int, spread: bool = True) -> dict[str,
         "quantized": quantized,
         "refreshes": [int(t[0]) for t in everyone_counts],
         "gradient_all_gathers": [int(t[1]) for t in everyone_counts],
+        "orthogonalizations": [int(t[2]) for t in everyone_counts],  # Newton-Schulz runs on each rank
+        "one_by_one": [int(t[3]) for t in everyone_counts],  # matrices gathered alone (not spread)
     }
 
 
@@ -215,6 +232,7 @@ def main(argv: list[str]) -> int:
     count_refreshes()
     results: dict[str, Any] = {name: run_case(name, rank, world) for name in CASES}
     results["svd_unspread"] = run_case("svd", rank, world, spread=False)
+    results["muon_unspread"] = run_case("muon", rank, world, spread=False)
     results["adafactor_error"] = unsupported_rule_error()
     if rank == 0:
         torch.save(results, args.out)

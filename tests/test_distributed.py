@@ -138,6 +138,16 @@ def test_fsdp2_spreads_each_refresh_over_the_ranks(fsdp_results: dict[str, Any],
         assert torch.equal(fsdp_results["svd"]["weights"][key], value)
 
 
+def test_fsdp2_spreads_muons_orthogonalizations_over_the_ranks(fsdp_results: dict[str, Any]) -> None:
+    # two matrices, 7 steps: the first step creates the state and gathers each matrix alone (one per rank); the
+    # next 6 are computed ahead, one matrix on each rank at the same time: 7 iterations per rank either way
+    spread, alone = fsdp_results["muon"], fsdp_results["muon_unspread"]
+    assert spread["orthogonalizations"] == alone["orthogonalizations"] == [7, 7]
+    assert spread["one_by_one"] == [2, 2] and alone["one_by_one"] == [14, 14]
+    for key, value in alone["weights"].items():  # the same bits either way, and one process's (the case above)
+        assert torch.equal(spread["weights"][key], value)
+
+
 def test_fsdp2_seeded_bases_gather_no_gradient(fsdp_results: dict[str, Any]) -> None:
     assert fsdp_results["random"]["gradient_all_gathers"] == [0, 0]
     assert fsdp_results["random"]["refreshes"] == [6, 6]  # rebuilt from its seed on every rank: nothing to share

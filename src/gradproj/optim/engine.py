@@ -36,6 +36,7 @@ from .one_at_a_time import OneAtATime, ParamRecord
 from .placement import LOCAL, Local, is_sharded, local, placement_of
 from .precision import BF16_UPDATES, LOW_PRECISION, compute_dtype, widen, working_weight
 from .spread import due_refreshes, spread_refreshes
+from .spread_whole import due_whole, spread_whole
 from .step import InBackwardStepping, ProjectedContext, StepProbe, full_step, projected_step
 from .validate import (
     NONFINITE,
@@ -307,6 +308,7 @@ class ProjectedOptimizer(OneAtATime):
             return loss
         self._transform_gradients()  # before anything reads a gradient: every part sees the transformed one
         plan = StepPlan(prepared=spread_refreshes(due_refreshes(self)) if self.spread else {})
+        spread_whole(due_whole(self) if self.spread else [])  # whole-matrix directions, each on one rank
         self._plan(plan)
         for group in self.param_groups:
             batched = []

@@ -175,6 +175,7 @@ class RowSharded(Local):
         shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
         self.rows = slice(offset[0], offset[0] + shape[0])
         self.shape = tuple(int(s) for s in p.shape)
+        self.prepared: Tensor | None = None  #: this step's ``whole`` result, computed ahead (spread_whole)
 
     def whole_shape(self, weight: Tensor) -> tuple[int, ...]:
         return self.shape
@@ -299,7 +300,8 @@ class RowSharded(Local):
         return x
 
     def whole(self, x: Tensor, rows: int, fn: Callable[[Tensor], Tensor]) -> Tensor:
-        return on_one_rank(x, rows, fn, self.group, self.rank, self.world)
+        prepared, self.prepared = self.prepared, None
+        return prepared if prepared is not None else on_one_rank(x, rows, fn, self.group, self.rank, self.world)
 
     def maximum(self, x: Tensor) -> Tensor:
         x = x.clone()

@@ -67,7 +67,7 @@ def spread_refreshes(due: list[Due]) -> dict[Any, dict[str, Tensor]]:
     every rank), each computed by one rank and broadcast; keyed by the parameter."""
     prepared: dict[Any, dict[str, Tensor]] = {}
     pending: list[Any] = []
-    for round_ in _rounds(due):
+    for round_ in rounds(due):
         whole = [_rows(ctx).gather_to(grad, owner) for owner, (_, ctx, grad) in enumerate(round_)]
         views = [_view(ctx) for _, ctx, _ in round_]  # collective if the projector warm-starts
         for owner, (key, ctx, _) in enumerate(round_):
@@ -80,7 +80,7 @@ def spread_refreshes(due: list[Due]) -> dict[Any, dict[str, Tensor]]:
     return prepared
 
 
-def _rounds(due: list[Due]) -> Iterator[list[Due]]:
+def rounds(due: list[Due]) -> Iterator[list[Due]]:
     """``due`` by shard group (in order of first appearance), largest refresh first, in rounds of ``world``;
     the snake order gives each rank the largest matrix of every other round."""
     by_group: dict[int, list[Due]] = {}

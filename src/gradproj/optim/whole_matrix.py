@@ -3,10 +3,10 @@ one rank, the function runs there on the whole matrix, exactly as one process wo
 receives its rows of the result (``dist.gather``, then ``dist.scatter``: each rank sends and receives its
 rows once; only the owner holds the whole matrix, and only while it computes).
 
-Owners are dealt round-robin over the shard group's ranks in stepping order (the same order on every rank,
-so every rank agrees on each matrix's owner): no rank holds more than its share of the matrices. The matrices
-are orthogonalized one after another, each on its owner while the others wait: the step's time is a single
-process's, its memory a shard's plus one matrix on the owner.
+Here one matrix at a time: owners are dealt round-robin over the shard group's ranks in stepping order (the
+same order on every rank, so every rank agrees on each matrix's owner), and the others wait while it computes.
+That is the path of a parameter's first step and of matrices whose ``R`` is projected first; the others are
+computed ahead, several ranks at once (:mod:`gradproj.optim.spread_whole`), with :func:`scatter_rows` from here.
 
 Example (one process: the function on the matrix itself):
     >>> import torch
@@ -46,11 +46,21 @@ def on_one_rank(x: Tensor, rows: int, fn: Callable[[Tensor], Tensor], group: Any
     src = dist.get_global_rank(group, owner)
     parts = [torch.empty_like(mine) for _ in range(world)] if rank == owner else None
     dist.gather(mine, parts, dst=src, group=group)
-    pieces = None
-    if parts is not None:
-        whole = torch.cat(parts)[:rows]  # FSDP2's chunks are ceil(rows / world) each, the last ones short
-        result = fn(whole).to(x.dtype)  # rows x ...
-        pieces = list(torch.cat([result, result.new_zeros((block * world - rows, *result.shape[1:]))]).split(block))
-    out = torch.empty_like(mine)
-    dist.scatter(out, pieces, src=src, group=group)
+    result = fn(torch.cat(parts)[:rows]).to(x.dtype) if parts is not None else None  # FSDP2's chunks: short last
+    out, work = scatter_rows(result, rows, x, group, owner, world)
+    work.wait()
     return out[: x.shape[0]]
+
+
+def scatter_rows(
+    result: Tensor | None, rows: int, like: Tensor, group: Any, owner: int, world: int
+) -> tuple[Tensor, Any]:
+    """Start sending each rank its FSDP2 row chunk of ``result`` (the whole ``rows x ...`` matrix, on ``owner``;
+    None elsewhere); returns the buffer this rank receives into (padded to the chunk size) and the work."""
+    block = math.ceil(rows / world)
+    out = like.new_empty((block, *like.shape[1:]))
+    pieces = None
+    if result is not None:
+        pieces = list(torch.cat([result, result.new_zeros((block * world - rows, *result.shape[1:]))]).split(block))
+    src = dist.get_global_rank(group, owner)
+    return out, dist.scatter(out, pieces, src=src, group=group, async_op=True)

@@ -117,6 +117,14 @@ class UpdateRule:
         rows of a whole gradient; ``rows`` completes sums over rows."""
         raise NotImplementedError
 
+    def whole_input(
+        self, grad: Tensor, state: dict[str, Any], group: dict[str, Any]
+    ) -> tuple[Tensor, Callable[[Tensor], Tensor]] | None:
+        """The matrix of which the next :meth:`direction` takes a function of the whole (``rows.whole``), and that
+        function, computed without advancing any state; None for a rule that reads no whole matrix. FSDP2 computes
+        it ahead for several matrices at once, each on another rank (:mod:`gradproj.optim.spread_whole`)."""
+        return None
+
     def apply_full(
         self, param: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any], rows: Rows = ALL_ROWS
     ) -> None:

@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,16 +98,24 @@ def lr_ratio(adjust_lr_fn: str, shape: tuple[int, ...]) -> float:
     return math.sqrt(max(1, a / b))
 
 
+def nesterov(grad: Tensor, buffer: Tensor, group: dict[str, Any]) -> Tensor:
+    """The matrix Muon orthogonalizes, from the advanced ``buffer``: ``lerp(G, B, momentum)``, or ``B`` itself."""
+    return grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
+
+
+def orthogonalize(group: dict[str, Any]) -> Callable[[Tensor], Tensor]:
+    """The group's Newton-Schulz iterations, as a function of a whole matrix."""
+    dtype = getattr(torch, group["ns_dtype"]) if group["ns_dtype"] is not None else None
+    return lambda whole: newton_schulz(whole, int(group["ns_steps"]), dtype=dtype)
+
+
 def orthogonalized(
     grad: Tensor, buffer: Tensor, group: dict[str, Any], rows: Rows, whole_rows: int
 ) -> tuple[Tensor, float]:
     """Advance ``buffer`` with ``grad`` in place (this process's rows of the ``whole_rows``-row matrix); return
     this process's rows of the orthogonalized (Nesterov) momentum, and the step size."""
-    momentum = group["momentum"]
-    buffer.lerp_(grad, 1 - momentum)
-    update = grad.lerp(buffer, momentum) if group["nesterov"] else buffer
-    dtype = getattr(torch, group["ns_dtype"]) if group["ns_dtype"] is not None else None
-    u = rows.whole(update, whole_rows, lambda whole: newton_schulz(whole, int(group["ns_steps"]), dtype=dtype))
+    buffer.lerp_(grad, 1 - group["momentum"])
+    u = rows.whole(nesterov(grad, buffer, group), whole_rows, orthogonalize(group))
     return u, learning_rate(group) * lr_ratio(group["adjust_lr_fn"], (whole_rows, int(grad.shape[1])))
 
 
@@ -128,6 +137,12 @@ class Muon(UpdateRule):
     ) -> tuple[Tensor, float]:
         state["moment_step"] += 1
         return orthogonalized(grad, state["momentum_buffer"], group, rows, state["whole_rows"])
+
+    def whole_input(
+        self, grad: Tensor, state: dict[str, Any], group: dict[str, Any]
+    ) -> tuple[Tensor, Callable[[Tensor], Tensor]] | None:
+        buffer = state["momentum_buffer"].lerp(grad, 1 - group["momentum"])  # what direction's lerp_ will hold
+        return nesterov(grad, buffer, group), orthogonalize(group)
 
     def moments(self, state: dict[str, Any]) -> dict[str, Tensor]:
         return {"first": state["momentum_buffer"]}
@@ -166,6 +181,14 @@ class Muon8bit(Muon):
         u, step_size = orthogonalized(grad.float(), buffer, group, rows, state["whole_rows"])
         self.set_moments(state, {"first": buffer})
         return u.to(grad.dtype), step_size
+
+    def whole_input(
+        self, grad: Tensor, state: dict[str, Any], group: dict[str, Any]
+    ) -> tuple[Tensor, Callable[[Tensor], Tensor]] | None:
+        if "momentum_buffer" in state:
+            return super().whole_input(grad, state, group)
+        buffer = self.moments(state)["first"].lerp_(grad.float(), 1 - group["momentum"])  # a dequantized copy
+        return nesterov(grad.float(), buffer, group), orthogonalize(group)
 
     def moments(self, state: dict[str, Any]) -> dict[str, Tensor]:
         if "momentum_buffer" in state:
