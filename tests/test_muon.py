@@ -160,3 +160,33 @@ def test_the_family_steps_fsdp2_so_the_fsdp_suites_run_it() -> None:
     must be among them (Muon's momentum is orthogonalized whole on one rank, SCALE's scaling is row-local or
     all-reduced), or those suites would silently skip them."""
     assert {"muon", "muon8bit", "subspace_muon", "scale"} <= set(fsdp_capable())
+
+
+def test_the_trainer_builds_torchs_muon_and_ours_on_the_same_matrices_at_the_same_rates() -> None:
+    """The bench's peer (torch.optim.Muon on the targeted matrices, AdamW on the rest) and our muon method from one
+    spec: the same parameter split and rates, and runs that stay together (torch's AdamW kernel on the rest is its
+    for-each one, ours the fused one: not bitwise, within 1e-5 after 5 steps)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gradproj.optim.external import Joined
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
+    models, optimizers = [], []
+    for name in ("muon-torch", "muon"):
+        torch.manual_seed(0)
+        models.append(LlamaForCausalLM(config))
+        optimizers.append(build_optimizer(models[-1], OptimizerSpec(name=name, lr=1e-2, other_lr=3e-2, rank=4)))
+    peer, ours = optimizers
+    assert isinstance(peer, Joined) and isinstance(peer.optimizers[0], torch.optim.Muon)
+    assert [len(g["params"]) for g in peer.param_groups] == [len(g["params"]) for g in ours.param_groups] == [7, 5]
+    assert sorted(g["lr"] for g in peer.param_groups) == sorted(g["lr"] for g in ours.param_groups)
+    assert peer.optimizers[0].param_groups[0]["adjust_lr_fn"] == ours.param_groups[0]["adjust_lr_fn"]
+    for _ in range(5):
+        ids = torch.randint(0, 64, (2, 8))
+        for model, opt in zip(models, optimizers, strict=True):
+            model.zero_grad()
+            model(ids, labels=ids).loss.backward()
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)

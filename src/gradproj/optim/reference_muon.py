@@ -13,7 +13,7 @@ Example:
     >>> cfg = {"momentum": 0.0, "norm_dim": 1}
     >>> u, s = colnorm_twin({}, torch.tensor([[3.0, 4.0]], dtype=torch.float64), cfg, 0.1)
     >>> [round(x, 4) for x in u.flatten().tolist()], s     # the row over its RMS, sqrt(12.5)
-    [0.8485, 1.1314]
+    ([0.8485, 1.1314], 0.1)
 """
 
 from __future__ import annotations
