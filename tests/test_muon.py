@@ -190,3 +190,13 @@ def test_the_trainer_builds_torchs_muon_and_ours_on_the_same_matrices_at_the_sam
             opt.step()
     for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_the_muon_peer_takes_the_momentum_and_iterations_given() -> None:
+    model = _model()
+    spec = OptimizerSpec(name="muon-torch", momentum=0.8, ns_steps=3, target_modules=["0", "2"], rank=4)
+    peer = build_optimizer(model, spec).optimizers[0]  # type: ignore[attr-defined]
+    group = peer.param_groups[0]
+    assert (group["momentum"], group["ns_steps"], group["adjust_lr_fn"]) == (0.8, 3, "match_rms_adamw")
+    default = build_optimizer(_model(), OptimizerSpec(name="muon-torch", target_modules=["0", "2"], rank=4))
+    assert default.optimizers[0].param_groups[0]["momentum"] == 0.95  # type: ignore[attr-defined]  # torch's

@@ -35,7 +35,7 @@ def peer_optimizer(spec: OptimizerSpec, groups: list[dict[str, Any]]) -> torch.o
         assert isinstance(rank, int)  # rank auto is refused for peers
         ours = {**spec.group_options(), "rank": rank}
         ours["leading_basis"] = leading_count(ours, rank)
-        keys = {theirs: ours[key] for key, theirs in method.peer_keys.items()}
+        keys = {theirs: ours[key] for key, theirs in method.peer_keys.items() if key in ours}  # rule keys: if given
         groups[0] = {"params": groups[0]["params"], "lr": spec.matrix_lr, **keys, **method.group_options}
         groups.reverse()  # the peers' own examples list the unprojected group first
     with warnings.catch_warnings():

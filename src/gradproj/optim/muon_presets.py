@@ -18,13 +18,12 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any, ClassVar
 
-from .presets import Betas, GaLoreAdamW
+from .presets import TorchAdamWDefaults
 
 
-class Muon(GaLoreAdamW):
+class Muon(TorchAdamWDefaults):
     """Muon (Jordan et al. 2024; Moonshot's RMS-matched step, Liu et al. 2025): on every matrix with ``rank``,
     Nesterov momentum (0.95) orthogonalized by five Newton-Schulz iterations, step ``lr * 0.2 sqrt(max(m, n))``,
     decoupled decay; AdamW (``betas``, ``eps``) on the other groups, as torch.optim.Muon's docs prescribe. With
@@ -34,33 +33,6 @@ class Muon(GaLoreAdamW):
     """
 
     PROJECTION: ClassVar[dict[str, Any]] = {"projector": "identity", "rule": "muon", "scale": 1.0, "nesterov": True}
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: Betas = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        *,
-        nonfinite: str = "skip",
-        bf16_update: str = "nearest",
-        foreach: bool | None = None,
-        compile: bool = False,
-        **projection: Any,
-    ) -> None:
-        super().__init__(
-            params,
-            lr,
-            betas,
-            eps,
-            weight_decay,
-            nonfinite=nonfinite,
-            bf16_update=bf16_update,
-            foreach=foreach,
-            compile=compile,
-            **projection,
-        )
 
 
 class Muon8bit(Muon):

@@ -174,14 +174,9 @@ class Alice0(Alice):
     PROJECTION: ClassVar[dict[str, Any]] = {**Alice.PROJECTION, "track_beta": 0.0}
 
 
-class RACS(GaLoreAdamW):
-    """RACS (Gong et al., 2025, Alg. 1): row- and column-scaled SGD on every matrix with ``rank``
-    (the rank itself is unused: RACS keeps one number per row and per column, no basis), AdamW on
-    the other groups. ``scale`` is the paper's ``alpha`` (0.05), ``growth_limit`` its ``gamma``,
-    ``betas[0]`` its ``beta``. See :mod:`gradproj.rules.racs`.
-    """
-
-    PROJECTION: ClassVar[dict[str, Any]] = {"projector": "identity", "rule": "racs", "scale": 0.05}
+class TorchAdamWDefaults(GaLoreAdamW):
+    """A preset whose groups without ``rank`` run AdamW at torch.optim.AdamW's defaults (``lr=1e-3``,
+    ``eps=1e-8``), as the papers of the methods that step whole matrices otherwise (RACS, Muon) prescribe."""
 
     def __init__(
         self,
@@ -209,6 +204,16 @@ class RACS(GaLoreAdamW):
             compile=compile,
             **projection,
         )
+
+
+class RACS(TorchAdamWDefaults):
+    """RACS (Gong et al., 2025, Alg. 1): row- and column-scaled SGD on every matrix with ``rank``
+    (the rank itself is unused: RACS keeps one number per row and per column, no basis), AdamW on
+    the other groups. ``scale`` is the paper's ``alpha`` (0.05), ``growth_limit`` its ``gamma``,
+    ``betas[0]`` its ``beta``. See :mod:`gradproj.rules.racs`.
+    """
+
+    PROJECTION: ClassVar[dict[str, Any]] = {"projector": "identity", "rule": "racs", "scale": 0.05}
 
 
 class COSMOS(Alice):

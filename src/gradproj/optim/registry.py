@@ -269,7 +269,8 @@ _ENTRIES = (
            peer_keys={"scale": "alpha"}, **_PEER),  # type: ignore[arg-type]
     Method(name="muon-torch", summary="torch.optim.Muon on the matrices (bf16 Newton-Schulz), AdamW on the rest",
            cls="torch.optim:Muon", adamw_on_rest=True, group_options={"adjust_lr_fn": "match_rms_adamw"}, lr=3e-3,
-           other_lr=3e-2, **_PEER),  # type: ignore[arg-type]
+           other_lr=3e-2, peer_keys={"momentum": "momentum", "ns_steps": "ns_steps"},
+           **_PEER),  # type: ignore[arg-type]
     Method(name="stable-spam-pytorch-optimizer", summary="pytorch_optimizer StableSPAM (AdamW with Stable-SPAM)",
            cls="pytorch_optimizer:StableSPAM", package="pytorch-optimizer", **_FULL_PEER),  # type: ignore[arg-type]
     Method(name="apollo-torch-mini", summary="apollo-torch APOLLOAdamW, rank 1, tensor-wise",
