@@ -13,6 +13,10 @@ Example:
     >>> records += [rec("muon", s, 95.0 + s, 28) for s in range(3)]
     >>> lead_verdict(records).split("; ")[1]
     "beyond the seeds' spread (gap 3.00): a 3% lead, shown."
+    >>> lead_verdict(records[:1] + records[3:4]).split("; ")[1]      # one seed each: no claim
+    'one seed: no spread to compare with: no 3% claim.'
+    >>> state_class_table(records).splitlines()[2].split(" | ")[2:5]
+    ['muon (28.00 MiB)', '96.00 (95.00 - 97.00)', 'adamw (40.00 MiB)']
 """
 
 from __future__ import annotations
@@ -80,7 +84,10 @@ def lead_verdict(records: list[dict[str, Any]]) -> str:
         mine, theirs = statistics.fmean(ours[2]), statistics.fmean(ppls)
         lead, gap = 1 - mine / theirs, min(ppls) - max(ours[2])
         spread = f"beyond the seeds' spread (gap {gap:.2f})" if gap > 0 else "within the seeds' spread"
-        shown = "a 3% lead, shown" if lead >= MARGIN and gap > 0 and len(ppls) > 1 else "no 3% claim"
+        if len(ppls) < 2 or len(ours[2]) < 2:
+            spread = "one seed: no spread to compare with"
+        seeded = len(ppls) > 1 and len(ours[2]) > 1
+        shown = "a 3% lead, shown" if lead >= MARGIN and gap > 0 and seeded else "no 3% claim"
         lines.append(
             f"{name} ({state:.2f} MiB): our best at no more state, {ours[0]} ({ours[1]:.2f} MiB), "
             f"{'leads' if lead >= 0 else 'trails'} by {abs(100 * lead):.1f}% ({mine:.2f} vs {theirs:.2f}); "
