@@ -85,6 +85,7 @@ def check_projection(group: dict[str, Any], rule: UpdateRule | None = None) -> N
     integer_at_least("power_iters", group["power_iters"], 0)
     integer_at_least("seed", group["seed"], 0)
     _check_alice_keys(group)
+    check_rule_options(group)  # every rule's own keys, through its options
     error = combination_error(group, rule)
     if error is not None:
         raise ValueError(error)
@@ -108,7 +109,6 @@ def _check_alice_keys(group: dict[str, Any]) -> None:
     _float_at_least("muon_scale", group["muon_scale"], 0.0)
     if group["rule"] is not None:
         _choice("rule", group["rule"], tuple(RULE_REGISTRY))
-    check_rule_options(group)
 
 
 def combination_error(group: dict[str, Any], rule: UpdateRule | None = None) -> str | None:

@@ -46,13 +46,13 @@ from torch import Tensor
 from ..options import check, fraction, integer_at_least, option
 from . import quant
 from .adam import _numel
+from .adam8bit import MIN_8BIT_SIZE
 from .base import ALL_ROWS, Rows, UpdateRule, learning_rate
 from .orthogonal import newton_schulz
 
 #: how the step size follows the matrix's shape (torch.optim.Muon's ``adjust_lr_fn`` values)
 ADJUST_LR = ("match_rms_adamw", "original")
 NS_DTYPES = ("bfloat16", "float16", "float32", "float64")
-MIN_8BIT_SIZE = 4096  #: buffers of fewer elements stay float32 (as 8-bit Adam's moments)
 
 
 @dataclass(frozen=True)
@@ -164,12 +164,10 @@ class Muon8bit(Muon):
     def init_state(
         self, state: dict[str, Any], shape: tuple[int, ...], like: Tensor, full_shape: tuple[int, ...] | None = None
     ) -> None:
-        if _numel(full_shape or shape) < MIN_8BIT_SIZE:  # the whole buffer's size decides (FSDP2 rows alike)
-            super().init_state(state, shape, like, full_shape)  # a small buffer: Muon's, in the step's dtype
-            return
-        state["moment_step"], state["whole_rows"] = 0, int((full_shape or shape)[0])
-        quant._functional()  # fail at construction, not mid-training, if bitsandbytes is missing
-        self.set_moments(state, {"first": torch.zeros(shape, dtype=torch.float32, device=like.device)})
+        super().init_state(state, shape, like, full_shape)  # a small buffer stays Muon's, in the step's dtype
+        if _numel(full_shape or shape) >= MIN_8BIT_SIZE:  # the whole buffer's size decides (FSDP2 rows alike)
+            quant._functional()  # fail at construction, not mid-training, if bitsandbytes is missing
+            self.set_moments(state, {"first": state.pop("momentum_buffer").float()})
 
     def direction(
         self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], param: Tensor, rows: Rows = ALL_ROWS
